@@ -1,0 +1,42 @@
+# Two commands: `make quickstart` (set up + run the main job on the embedded model) and `make test`.
+# A second run reuses .venv and starts in seconds.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# llama-cpp-python's default native build can crash with "Illegal instruction" on CPUs whose
+# extensions (e.g. AMX) differ from what the build probes; a portable build avoids it.
+# Override with e.g. `make quickstart CMAKE_ARGS="-DGGML_NATIVE=ON"` (or -DGGML_CUDA=on).
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export CMAKE_ARGS
+# pip caches the built wheel; a non-default CMAKE_ARGS must not reuse the default build.
+PIP_NO_CACHE := $(if $(filter -DGGML_NATIVE=OFF,$(CMAKE_ARGS)),,--no-cache-dir)
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed-local-dev
+
+.PHONY: quickstart test lint bench setup clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install $(PIP_NO_CACHE) -c constraints.txt -e '.[local,dev]'
+	touch $@
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/cai run recipes/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check cai_async backends tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/engine_bench.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,50 @@
+"""Model backends for cai-async: the ``Backend`` protocol, its request/result types, the error tree and
+a registry that imports backends lazily by name (``openai``, ``llamacpp``)."""
+
+from backends.errors import (
+    BackendError,
+    BudgetExceeded,
+    CaiError,
+    ConfigError,
+    PermanentError,
+    RateLimited,
+    TransientError,
+    redact,
+)
+from backends.registry import BackendSettings, Secret, available_backends, create_backend, register_backend
+from backends.scoring import normalize_choice_logprobs
+from backends.types import (
+    Backend,
+    ChatRequest,
+    ChatResult,
+    Message,
+    RateLimitInfo,
+    ScoreRequest,
+    ScoreResult,
+    Usage,
+)
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendSettings",
+    "BudgetExceeded",
+    "CaiError",
+    "ChatRequest",
+    "ChatResult",
+    "ConfigError",
+    "Message",
+    "PermanentError",
+    "RateLimitInfo",
+    "RateLimited",
+    "ScoreRequest",
+    "ScoreResult",
+    "Secret",
+    "TransientError",
+    "Usage",
+    "available_backends",
+    "create_backend",
+    "normalize_choice_logprobs",
+    "redact",
+    "register_backend",
+]

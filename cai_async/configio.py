@@ -1,0 +1,94 @@
+"""Typed configuration from defaults → YAML/JSON/TOML file → command-line overrides, with clear errors."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from backends.errors import ConfigError
+
+__all__ = ["apply_overrides", "load_config", "read_mapping", "validate"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, JSON or TOML file holding a mapping; errors name the file and say what is wrong."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix == ".json":
+            data = json.loads(text)
+        elif file.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid {file.suffix.lstrip('.') or 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a nested mapping."""
+    result: dict[str, Any] = json.loads(json.dumps(data, default=str))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        parts = key.split(".")
+        node = result
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return result
+
+
+def validate(model: type[M], data: Mapping[str, Any], *, source: str = "config") -> M:
+    """Validate ``data`` into ``model``; every problem is listed with its key path."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            message = "unknown key (check the spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {where}: {message}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def load_config(
+    model: type[M], path: str | Path | None = None, overrides: Iterable[str] = (), *, section: str | None = None
+) -> M:
+    """Defaults → file (optionally one ``section`` of it) → overrides, validated into ``model``."""
+    data: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        data = read_mapping(path)
+        source = str(path)
+        if section is not None:
+            data = data.get(section) or {}
+    data = apply_overrides(data, overrides)
+    return validate(model, data, source=source)

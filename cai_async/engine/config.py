@@ -1,0 +1,123 @@
+"""Typed engine configuration: endpoints, groups by role, retries, circuit breaker, cache, budget."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from backends.errors import ConfigError
+from backends.registry import BackendSettings, Secret
+
+__all__ = ["BreakerConfig", "CacheConfig", "EndpointConfig", "EngineConfig", "RetryConfig"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EndpointConfig(_Strict):
+    """One model endpoint. Holds the *name* of the API-key variable, never the key."""
+
+    name: str = ""
+    backend: str = "openai"
+    model: str = ""
+    base_url: str = ""
+    api_key_env: str | None = None
+    rpm: float | None = Field(default=None, gt=0, description="requests/minute; unset: learned from headers")
+    tpm: float | None = Field(default=None, gt=0, description="tokens/minute; unset: learned from headers")
+    learn_limits: bool = True
+    max_concurrency: int = Field(default=64, ge=1)
+    weight: float = Field(default=1.0, gt=0)
+    price_in: float = Field(default=0.0, ge=0, description="USD per million input tokens")
+    price_out: float = Field(default=0.0, ge=0, description="USD per million output tokens")
+    timeout_s: float = Field(default=120.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def settings(self) -> BackendSettings:
+        """Backend settings with the API key read from the environment (never stored in config)."""
+        key = ""
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env, "")
+            if not key:
+                raise ConfigError(
+                    f"endpoint {self.name!r}: the environment variable {self.api_key_env} (api_key_env) "
+                    f"is not set; export {self.api_key_env}=... before running"
+                )
+        return BackendSettings(
+            endpoint=self.name,
+            model=self.model,
+            base_url=self.base_url,
+            api_key=Secret(key),
+            timeout_s=self.timeout_s,
+            options=dict(self.options),
+        )
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """Price of a call in USD."""
+        return (prompt_tokens * self.price_in + completion_tokens * self.price_out) / 1_000_000
+
+
+class RetryConfig(_Strict):
+    """Retry policy: exponential backoff with jitter, ``Retry-After`` honoured, attempt and time caps."""
+
+    max_attempts: int = Field(default=8, ge=1)
+    max_time_s: float = Field(default=600.0, gt=0)
+    initial_s: float = Field(default=0.25, ge=0)
+    max_wait_s: float = Field(default=30.0, ge=0)
+
+
+class BreakerConfig(_Strict):
+    """Circuit breaker: after ``failures`` consecutive failures an endpoint cools off for ``cooloff_s``."""
+
+    failures: int = Field(default=5, ge=1)
+    cooloff_s: float = Field(default=15.0, ge=0)
+
+
+class CacheConfig(_Strict):
+    """Persistent request cache (SQLite, WAL); ``path`` defaults to ``<run dir>/cache.sqlite``."""
+
+    enabled: bool = True
+    path: str | None = None
+
+
+class EngineConfig(_Strict):
+    """The engine: endpoint groups by role (``policy``, ``critic``…) and shared policies."""
+
+    groups: dict[str, list[EndpointConfig]] = Field(default_factory=dict)
+    max_concurrency: int = Field(default=256, ge=1)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    budget_usd: float | None = Field(default=None, gt=0)
+    progress: Literal["auto", "rich", "plain", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _name_endpoints(self) -> EngineConfig:
+        seen: set[str] = set()
+        for role, endpoints in self.groups.items():
+            if not endpoints:
+                raise ValueError(f"group {role!r} has no endpoints")
+            for index, endpoint in enumerate(endpoints):
+                if not endpoint.name:
+                    endpoint.name = f"{role}-{index}" if len(endpoints) > 1 else role
+                if endpoint.name in seen:
+                    raise ValueError(f"endpoint name {endpoint.name!r} is used twice")
+                seen.add(endpoint.name)
+        return self
+
+    def group(self, role: str) -> list[EndpointConfig]:
+        """Endpoints of ``role``; ``critic`` falls back to ``policy`` when not configured."""
+        if role in self.groups:
+            return self.groups[role]
+        if role == "critic" and "policy" in self.groups:
+            return self.groups["policy"]
+        raise ConfigError(
+            f"no endpoint group {role!r} is configured; add engine.groups.{role} "
+            f"(configured: {', '.join(sorted(self.groups)) or 'none'})"
+        )
+
+    def public_dict(self) -> dict[str, Any]:
+        """The configuration as plain data, safe to write to disk (it holds no secrets by design)."""
+        return self.model_dump(mode="json")

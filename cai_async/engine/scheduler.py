@@ -1,0 +1,311 @@
+"""The engine: fans chat and scoring calls across endpoint groups with limits, retries, cache and accounting."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar, overload
+
+import anyio
+
+from backends.errors import BackendError, BudgetExceeded, CaiError, RateLimited, TransientError
+from backends.registry import create_backend
+from backends.types import Backend, ChatRequest, ChatResult, ScoreRequest, ScoreResult, Usage
+from cai_async.engine.accounting import Accounting
+from cai_async.engine.cache import RequestCache, request_key
+from cai_async.engine.config import EngineConfig
+from cai_async.engine.pool import EndpointState, choose_endpoint
+from cai_async.engine.retry import retry_policy
+
+__all__ = ["BatchReport", "Engine", "estimate_tokens"]
+
+log = logging.getLogger("cai_async.engine")
+
+T = TypeVar("T")
+R = TypeVar("R")
+Request = ChatRequest | ScoreRequest
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def estimate_tokens(request: Request) -> int:
+    """Tokens a call will use, estimated before sending it (~4 characters a token, plus the output cap)."""
+    prompt = sum(len(m["content"]) // 4 + 4 for m in request.messages)
+    return prompt + (request.max_tokens if isinstance(request, ChatRequest) else 1)
+
+
+@dataclass
+class BatchReport(Generic[T]):
+    """How a :meth:`Engine.run_batch` ended."""
+
+    submitted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    stopped: str | None = None
+    """Why scheduling stopped early (budget), or ``None`` when every item was handled."""
+
+
+def _to_cache(result: ChatResult | ScoreResult) -> dict[str, Any]:
+    base = {
+        "model": result.model,
+        "endpoint": result.endpoint,
+        "latency_s": result.latency_s,
+        "prompt_tokens": result.usage.prompt_tokens,
+        "completion_tokens": result.usage.completion_tokens,
+    }
+    if isinstance(result, ChatResult):
+        return {**base, "text": result.text, "finish_reason": result.finish_reason}
+    return {**base, "probs": result.probs, "method": result.method}
+
+
+def _from_cache(kind: str, data: dict[str, Any]) -> ChatResult | ScoreResult:
+    usage = Usage(prompt_tokens=data["prompt_tokens"], completion_tokens=data["completion_tokens"])
+    common = {"model": data["model"], "endpoint": data["endpoint"], "latency_s": data["latency_s"], "usage": usage}
+    if kind == "chat":
+        return ChatResult(text=data["text"], finish_reason=data["finish_reason"], cached=True, **common)
+    return ScoreResult(probs=data["probs"], method=data["method"], cached=True, **common)
+
+
+class Engine:
+    """Schedules calls over endpoint groups. Use as ``async with Engine(config) as engine: ...``.
+
+    ``run_dir`` holds the request cache (``cache.sqlite``) unless ``config.cache.path`` says otherwise.
+    ``backends`` injects ready backend objects by endpoint name (tests, custom code); ``sleep`` and ``clock``
+    replace time for tests.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        run_dir: str | Path | None = None,
+        backends: dict[str, Backend] | None = None,
+        sleep: Sleep = anyio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.accounting = Accounting()
+        self._run_dir = Path(run_dir) if run_dir is not None else None
+        self._injected = dict(backends or {})
+        self._sleep = sleep
+        self._clock = clock
+        self._endpoints: dict[str, EndpointState] = {}
+        self._groups: dict[str, list[EndpointState]] = {}
+        self._cache: RequestCache | None = None
+        self._global: anyio.CapacityLimiter | None = None
+        self._retry = retry_policy(config.retry, sleep=sleep)
+
+    @property
+    def cache(self) -> RequestCache | None:
+        return self._cache
+
+    async def __aenter__(self) -> Engine:
+        self._global = anyio.CapacityLimiter(self.config.max_concurrency)
+        try:
+            for role, endpoints in self.config.groups.items():
+                states = []
+                for endpoint in endpoints:
+                    state = self._endpoints.get(endpoint.name)
+                    if state is None:
+                        backend = self._injected.get(endpoint.name) or create_backend(
+                            endpoint.backend, endpoint.settings()
+                        )
+                        state = EndpointState(
+                            endpoint, backend, self.config.breaker, sleep=self._sleep, clock=self._clock
+                        )
+                        self._endpoints[endpoint.name] = state
+                    states.append(state)
+                self._groups[role] = states
+            if self.config.cache.enabled:
+                path = self.config.cache.path
+                if path is None:
+                    path = str((self._run_dir or Path(".")) / "cache.sqlite")
+                self._cache = RequestCache(path)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every backend and the cache."""
+        with anyio.CancelScope(shield=True):
+            for state in self._endpoints.values():
+                await state.backend.aclose()
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+    def group(self, role: str) -> list[EndpointState]:
+        """Live endpoints of a role; ``critic`` falls back to ``policy``."""
+        if role in self._groups:
+            return self._groups[role]
+        names = [e.name for e in self.config.group(role)]
+        return [self._endpoints[name] for name in names]
+
+    async def chat(self, role: str, request: ChatRequest) -> ChatResult:
+        """One chat completion through the ``role`` group."""
+        result = await self._call(role, "chat", request)
+        assert isinstance(result, ChatResult)
+        return result
+
+    async def score(self, role: str, request: ScoreRequest) -> ScoreResult:
+        """Choice probabilities through the ``role`` group."""
+        result = await self._call(role, "score", request)
+        assert isinstance(result, ScoreResult)
+        return result
+
+    def _check_budget(self) -> None:
+        budget = self.config.budget_usd
+        if budget is not None and self.accounting.cost_usd >= budget:
+            raise BudgetExceeded(
+                f"budget of ${budget:.2f} reached (spent ${self.accounting.cost_usd:.4f}); no new calls are "
+                "scheduled. Raise engine.budget_usd and rerun: finished calls come back from the cache for free"
+            )
+
+    @overload
+    async def _call(self, role: str, kind: Literal["chat"], request: ChatRequest) -> ChatResult | ScoreResult: ...
+    @overload
+    async def _call(self, role: str, kind: Literal["score"], request: ScoreRequest) -> ChatResult | ScoreResult: ...
+
+    async def _call(self, role: str, kind: Literal["chat", "score"], request: Any) -> ChatResult | ScoreResult:
+        endpoints = self.group(role)
+        normalized = request.to_key()
+        keys: dict[str, str] = {}
+        if self._cache is not None:
+            for endpoint in endpoints:
+                model = endpoint.config.model or endpoint.name
+                if model not in keys:
+                    keys[model] = request_key(model, normalized)
+                    hit = self._cache.get(keys[model])
+                    if hit is not None:
+                        self.accounting.cache_hits += 1
+                        self.accounting.endpoint(hit.get("endpoint") or endpoint.name).cache_hits += 1
+                        return _from_cache(kind, hit)
+        self._check_budget()
+        assert self._global is not None, "use the engine inside 'async with Engine(...)'"
+        estimated = estimate_tokens(request)
+        async with self._global:
+            attempt_no = 0
+            async for attempt in self._retry.copy():
+                with attempt:
+                    attempt_no += 1
+                    result, state = await self._attempt(endpoints, kind, request, estimated, attempt_no > 1)
+        if self._cache is not None:
+            model = state.config.model or state.name
+            key = keys.get(model) or request_key(model, normalized)
+            self._cache.put(key, kind=kind, model=model, result=_to_cache(result))
+        return result
+
+    async def _attempt(
+        self, endpoints: list[EndpointState], kind: str, request: Any, estimated: int, is_retry: bool
+    ) -> tuple[ChatResult | ScoreResult, EndpointState]:
+        state = await choose_endpoint(endpoints, sleep=self._sleep, clock=self._clock)
+        stats = self.accounting.endpoint(state.name)
+        if is_retry:
+            stats.retries += 1
+        state.inflight += 1
+        try:
+            async with state.capacity:
+                await state.limits.acquire(estimated)
+                try:
+                    result: ChatResult | ScoreResult
+                    if kind == "chat":
+                        result = await state.backend.chat(request)
+                    else:
+                        result = await state.backend.score(request)
+                except BackendError as exc:
+                    state.limits.answered()
+                    stats.failures += 1
+                    if isinstance(exc, RateLimited):
+                        stats.rate_limited += 1
+                        fallback = min(self.config.retry.max_wait_s, self.config.retry.initial_s * 4)
+                        state.limits.on_rate_limited(exc.retry_after, max(fallback, 0.5))
+                    elif isinstance(exc, TransientError):
+                        state.record_failure()
+                    log.debug("call failed on %s: %s", state.name, exc)
+                    raise
+        finally:
+            state.inflight -= 1
+        state.limits.answered()
+        state.record_success()
+        usage = result.usage
+        state.limits.on_success(result.rate_limit, estimated, usage.total_tokens)
+        stats.calls += 1
+        stats.prompt_tokens += usage.prompt_tokens
+        stats.completion_tokens += usage.completion_tokens
+        stats.cost_usd += state.config.cost(usage.prompt_tokens, usage.completion_tokens)
+        stats.add_latency(result.latency_s)
+        return result, state
+
+    async def run_batch(
+        self,
+        items: Iterable[T] | AsyncIterable[T],
+        call: Callable[[T], Awaitable[R]],
+        *,
+        on_result: Callable[[T, R | CaiError], Awaitable[None] | None],
+        total: int | None = None,
+        concurrency: int | None = None,
+    ) -> BatchReport[T]:
+        """Run ``call`` over ``items`` with a fixed pool of workers (memory stays bounded however many
+        items there are). Each outcome, a result or the ``CaiError`` that ended it, goes to ``on_result``
+        as soon as it is known. A reached budget stops scheduling and is reported in ``stopped``."""
+        workers = concurrency or self.config.max_concurrency
+        report: BatchReport[T] = BatchReport()
+        self.accounting.total = total
+        send, receive = anyio.create_memory_object_stream[T](0)
+        stop = anyio.Event()
+
+        async def produce() -> None:
+            async with send:
+                if isinstance(items, AsyncIterable):
+                    async for item in items:
+                        if stop.is_set():
+                            return
+                        await send.send(item)
+                        report.submitted += 1
+                else:
+                    for item in items:
+                        if stop.is_set():
+                            return
+                        await send.send(item)
+                        report.submitted += 1
+
+        async def work() -> None:
+            async for item in receive:
+                outcome: R | CaiError
+                try:
+                    outcome = await call(item)
+                except CaiError as exc:
+                    outcome = exc
+                    if isinstance(exc, BudgetExceeded):
+                        report.stopped = str(exc)
+                        stop.set()
+                if isinstance(outcome, CaiError):
+                    report.failed += 1
+                    self.accounting.failed += 1
+                else:
+                    report.succeeded += 1
+                    self.accounting.done += 1
+                maybe = on_result(item, outcome)
+                if inspect.isawaitable(maybe):
+                    await maybe
+
+        async with receive, anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            for _ in range(workers):
+                tg.start_soon(work)
+        return report
+
+    def summary(self) -> dict[str, Any]:
+        """Accounting snapshot plus learned limits per endpoint."""
+        snap = self.accounting.snapshot()
+        snap["limits"] = {
+            name: {"rpm": state.limits.rpm, "tpm": state.limits.tpm} for name, state in self._endpoints.items()
+        }
+        return snap

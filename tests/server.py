@@ -1,0 +1,292 @@
+"""An OpenAI-compatible test server with fault injection, for tests and bench/.
+
+Real HTTP on 127.0.0.1 (aiohttp). Deterministic answers; configurable latency; RPM/TPM limits answered by
+429 with ``Retry-After`` and ``x-ratelimit-*`` headers; 5xx answers and dropped connections at given
+rates; ``logprobs``/``top_logprobs`` for choice scoring, with an optional planted preference.
+
+Per-request faults are planted with markers in the last user message: ``@@status:NNN@@``,
+``@@malformed@@``, ``@@nochoices@@``, ``@@empty@@``, ``@@nologprobs@@``, ``@@drop@@``.
+
+Run: ``python -m tests.server --port 0 --latency-ms 200`` (prints ``PORT <n>`` when ready).
+Control: ``GET /stats``, ``POST /reset``, ``POST /config`` (JSON with any :class:`ServerConfig` field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import math
+import random
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+__all__ = ["ServerConfig", "build_app", "main"]
+
+_MARKER = re.compile(r"@@(\w+)(?::(\d+))?@@")
+
+
+@dataclass
+class ServerConfig:
+    """Behaviour of the test server; every field can be changed at run time through ``POST /config``."""
+
+    latency_ms: float = 0.0
+    rpm: int = 0
+    tpm: int = 0
+    send_rate_headers: bool = True
+    error_rate: float = 0.0
+    drop_rate: float = 0.0
+    api_key: str = ""
+    prefer: str = ""  # "A" or "B": plant a position preference in logprobs
+    seed: int = 0
+    model: str = "test-model"
+
+
+class _Bucket:
+    """Continuous token bucket: ``per_minute`` refilled evenly, burst of one second's worth."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    def take(self, amount: float) -> float:
+        """Take ``amount``; return 0 on success, else seconds until it would fit."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= amount:
+            self.tokens -= amount
+            return 0.0
+        return (amount - self.tokens) / self.rate
+
+    def remaining(self) -> int:
+        return int(self.tokens)
+
+
+def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    return sum(len(str(m.get("content", ""))) // 4 + 4 for m in messages)
+
+
+class _State:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.stats: Counter[str] = Counter()
+        self.seen: Counter[str] = Counter()
+        self.rpm_bucket = _Bucket(config.rpm) if config.rpm else None
+        self.tpm_bucket = _Bucket(config.tpm) if config.tpm else None
+
+    def reconfigure(self, changes: dict[str, Any]) -> None:
+        names = {f.name for f in fields(ServerConfig)}
+        unknown = set(changes) - names
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        for key, value in changes.items():
+            setattr(self.config, key, value)
+        self.rng = random.Random(self.config.seed)
+        self.rpm_bucket = _Bucket(self.config.rpm) if self.config.rpm else None
+        self.tpm_bucket = _Bucket(self.config.tpm) if self.config.tpm else None
+
+    def rate_headers(self) -> dict[str, str]:
+        if not self.config.send_rate_headers:
+            return {}
+        headers: dict[str, str] = {}
+        if self.rpm_bucket:
+            headers["x-ratelimit-limit-requests"] = str(self.config.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(self.rpm_bucket.remaining())
+            headers["x-ratelimit-reset-requests"] = f"{1.0 / self.rpm_bucket.rate:.3f}s"
+        if self.tpm_bucket:
+            headers["x-ratelimit-limit-tokens"] = str(self.config.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(self.tpm_bucket.remaining())
+            headers["x-ratelimit-reset-tokens"] = f"{1.0 / self.tpm_bucket.rate:.3f}s"
+        return headers
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def _answer_text(messages: list[dict[str, Any]], seed: Any) -> str:
+    last = str(messages[-1].get("content", "")) if messages else ""
+    digest = hashlib.sha256(orjson.dumps([messages, seed])).hexdigest()[:8]
+    return f"Reply {digest} to: {last[:60]}"
+
+
+def _choice_logprobs(messages: list[dict[str, Any]], prefer: str, top: int) -> list[dict[str, Any]]:
+    if prefer in ("A", "B"):
+        p_first = 0.9
+        first, second = prefer, ("B" if prefer == "A" else "A")
+    else:
+        digest = hashlib.sha256(orjson.dumps(messages)).digest()
+        p_first = 0.05 + 0.9 * digest[0] / 255.0
+        first, second = "A", "B"
+    entries = [
+        {"token": first, "logprob": math.log(p_first * 0.95)},
+        {"token": second, "logprob": math.log((1 - p_first) * 0.95)},
+        {"token": " the", "logprob": math.log(0.05)},
+    ]
+    entries.sort(key=lambda e: -float(e["logprob"]))
+    return entries[: max(1, top)]
+
+
+def build_app(config: ServerConfig) -> web.Application:
+    """The aiohttp application; ``app["state"]`` holds config and statistics."""
+    state = _State(config)
+    app = web.Application()
+    app["state"] = state
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        cfg = state.config
+        state.stats["requests"] += 1
+        if cfg.api_key and request.headers.get("Authorization") != f"Bearer {cfg.api_key}":
+            state.stats["401"] += 1
+            return _json({"error": {"message": "Incorrect API key provided", "type": "auth"}}, status=401)
+        try:
+            body = orjson.loads(await request.read())
+            messages = list(body["messages"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return _json({"error": {"message": "bad request body"}}, status=400)
+        key = hashlib.sha256(orjson.dumps([messages, body.get("seed"), body.get("logprobs")])).hexdigest()
+        last = str(messages[-1].get("content", "")) if messages else ""
+        markers = {name: value for name, value in _MARKER.findall(last)}
+        max_tokens = int(body.get("max_tokens") or 16)
+        if state.rpm_bucket is not None:
+            wait = state.rpm_bucket.take(1.0)
+            if wait > 0:
+                state.stats["429"] += 1
+                return _json(
+                    {"error": {"message": "Rate limit reached for requests", "type": "requests"}},
+                    status=429,
+                    headers={"Retry-After": f"{wait:.3f}", **state.rate_headers()},
+                )
+        if state.tpm_bucket is not None:
+            wait = state.tpm_bucket.take(float(_prompt_tokens(messages) + max_tokens))
+            if wait > 0:
+                state.stats["429"] += 1
+                return _json(
+                    {"error": {"message": "Rate limit reached for tokens", "type": "tokens"}},
+                    status=429,
+                    headers={"Retry-After": f"{wait:.3f}", **state.rate_headers()},
+                )
+        if cfg.latency_ms:
+            await asyncio.sleep(cfg.latency_ms / 1000.0)
+        if "drop" in markers or (cfg.drop_rate and state.rng.random() < cfg.drop_rate):
+            state.stats["dropped"] += 1
+            assert request.transport is not None
+            request.transport.abort()
+            raise ConnectionResetError("dropped by test server")
+        if "status" in markers:
+            status = int(markers["status"])
+            state.stats[str(status)] += 1
+            return _json({"error": {"message": f"planted status {status}"}}, status=status)
+        if cfg.error_rate and state.rng.random() < cfg.error_rate:
+            state.stats["5xx"] += 1
+            return _json({"error": {"message": "internal error (injected)"}}, status=503)
+        if "malformed" in markers:
+            return web.Response(body=b'{"choices": [', status=200, content_type="application/json")
+        if "nochoices" in markers:
+            return _json({"id": "x", "object": "chat.completion", "choices": []})
+        text = "" if "empty" in markers else _answer_text(messages, body.get("seed"))
+        prompt_tokens = _prompt_tokens(messages)
+        completion_tokens = min(max_tokens, len(text.split()))
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "stop" if completion_tokens < max_tokens else "length",
+        }
+        if body.get("logprobs") and "nologprobs" not in markers:
+            top = int(body.get("top_logprobs") or 1)
+            entries = _choice_logprobs(messages, cfg.prefer, top)
+            choice["message"]["content"] = entries[0]["token"]
+            choice["logprobs"] = {"content": [{**entries[0], "top_logprobs": entries}]}
+        state.stats["ok"] += 1
+        state.seen[key] += 1
+        return _json(
+            {
+                "id": f"chatcmpl-{key[:12]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model") or cfg.model,
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            },
+            headers=state.rate_headers(),
+        )
+
+    async def stats(_: web.Request) -> web.Response:
+        repeats = sum(count - 1 for count in state.seen.values() if count > 1)
+        return _json({**state.stats, "unique": len(state.seen), "repeats": repeats, "config": asdict(state.config)})
+
+    async def reset(_: web.Request) -> web.Response:
+        state.stats.clear()
+        state.seen.clear()
+        return _json({"ok": True})
+
+    async def configure(request: web.Request) -> web.Response:
+        try:
+            state.reconfigure(orjson.loads(await request.read()))
+        except ValueError as exc:
+            return _json({"error": {"message": str(exc)}}, status=400)
+        return _json(asdict(state.config))
+
+    async def models(_: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [{"id": state.config.model, "object": "model"}]})
+
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/reset", reset)
+    app.router.add_post("/config", configure)
+    return app
+
+
+async def _serve(config: ServerConfig, host: str, port: int) -> None:
+    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=True)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096)
+    await site.start()
+    server = site._server
+    assert server is not None
+    bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    print(f"PORT {bound}", flush=True)
+    while True:
+        await asyncio.sleep(3600)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: ``python -m tests.server``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        else:
+            kind = {"float": float, "int": int}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=f.default)
+    args = parser.parse_args(argv)
+    config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
+        sys.exit("the test server only binds loopback addresses")
+    try:
+        asyncio.run(_serve(config, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
