@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 
 from backends.errors import ConfigError, PermanentError
 from backends.registry import BackendSettings
@@ -206,9 +207,10 @@ class LlamaCppBackend:
             prefix += 1
         llama.n_tokens = prefix
         llama.eval(tokens[prefix:])
-        logits = llama.scores[llama.n_tokens - 1]
+        # Only the last position has logits when logits_all=False; read them straight from the context.
+        logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)).astype(np.float64)
         peak = float(logits.max())
-        log_norm = peak + math.log(float(sum(math.exp(float(x) - peak) for x in logits)))
+        log_norm = peak + math.log(float(np.exp(logits - peak).sum()))
         candidates = self._candidates(loaded, request.choices)
         logprobs = {variant: float(logits[token]) - log_norm for token, variant in candidates.items()}
         return ScoreResult(

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from backends.errors import BackendError, PermanentError, RateLimited, TransientError, redact
+from backends.errors import BackendError, ConfigError, PermanentError, RateLimited, TransientError, redact
 from backends.registry import BackendSettings
 from backends.scoring import normalize_choice_logprobs
 from backends.types import ChatRequest, ChatResult, RateLimitInfo, ScoreRequest, ScoreResult, Usage
@@ -103,10 +103,9 @@ class OpenAIBackend:
 
     def __init__(self, settings: BackendSettings) -> None:
         if not settings.base_url:
-            raise PermanentError(
+            raise ConfigError(
                 f"endpoint {settings.endpoint!r}: the openai backend needs base_url "
-                "(e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1)",
-                endpoint=settings.endpoint,
+                "(e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1)"
             )
         self.name = settings.endpoint
         self.model = settings.model

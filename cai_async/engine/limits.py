@@ -79,6 +79,7 @@ class EndpointLimits:
         self._probe_taken = not self.learn
         self._done_times: deque[float] = deque(maxlen=2048)
         self._since_429 = 0
+        self._last_cut = -1e9
 
     @property
     def rpm(self) -> float | None:
@@ -146,9 +147,13 @@ class EndpointLimits:
         if not self.learn:
             return
         now = self._clock()
+        if now - self._last_cut < 1.0:
+            return  # one cut per second: the 429s of calls already in flight say the same thing
+        self._last_cut = now
         recent = [t for t in self._done_times if now - t <= 10.0]
-        observed_per_min = len(recent) / 10.0 * 60.0 if recent else 60.0
-        current = self.requests.per_minute if self.requests else observed_per_min * 2
+        span = max(1.0, now - recent[0]) if recent else 1.0
+        observed_per_min = len(recent) / span * 60.0 if recent else 60.0
+        current = self.requests.per_minute if self.requests else observed_per_min
         target = max(6.0, min(current, observed_per_min) * 0.5)
         if self.requests is None:
             self.requests = TokenBucket(target, clock=self._clock)

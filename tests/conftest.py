@@ -1,0 +1,109 @@
+"""Shared fixtures: the OpenAI-compatible test server (a real HTTP server on 127.0.0.1, in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+class TestServer:
+    """Handle on a running ``tests.server`` process."""
+
+    __test__ = False
+
+    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
+        self.process = process
+        self.port = port
+        self.root = f"http://127.0.0.1:{port}"
+        self.base_url = f"{self.root}/v1"
+
+    def _post(self, path: str, data: dict[str, Any]) -> Any:
+        req = urllib.request.Request(
+            self.root + path, data=json.dumps(data).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def configure(self, **changes: Any) -> Any:
+        return self._post("/config", changes)
+
+    def reset(self) -> None:
+        self._post("/reset", {})
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.root + "/stats", timeout=10) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+
+
+def start_server(*args: str) -> TestServer:
+    """Start ``python -m tests.server`` and wait for its port."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.server", "--port", "0", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("PORT "):
+        process.kill()
+        raise RuntimeError(f"test server did not start: {line!r}")
+    return TestServer(process, int(line.split()[1]))
+
+
+_DEFAULTS = {
+    "latency_ms": 0.0, "rpm": 0, "tpm": 0, "send_rate_headers": True, "error_rate": 0.0,
+    "drop_rate": 0.0, "api_key": "", "prefer": "", "seed": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def _server_process() -> Iterator[TestServer]:
+    server = start_server()
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def server(_server_process: TestServer) -> TestServer:
+    """The shared test server, reset to default behaviour and empty statistics."""
+    _server_process.configure(**_DEFAULTS)
+    _server_process.reset()
+    return _server_process
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """Environment for running the ``cai`` CLI in a subprocess."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """aiohttp needs asyncio."""
+    return "asyncio"

@@ -1,0 +1,158 @@
+"""The openai backend over real HTTP against the fault-injecting test server."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends import (
+    BackendSettings,
+    ChatRequest,
+    PermanentError,
+    RateLimited,
+    ScoreRequest,
+    Secret,
+    TransientError,
+    create_backend,
+)
+from backends.openai_http import OpenAIBackend, parse_duration, parse_rate_limit_headers, parse_retry_after
+from tests.conftest import TestServer
+
+pytestmark = pytest.mark.anyio
+
+USER = [{"role": "user", "content": "Say hello"}]
+
+
+def backend(server: TestServer, **options: object) -> OpenAIBackend:
+    b = create_backend("openai", BackendSettings(endpoint="t", model="m", base_url=server.base_url, options=dict(options)))
+    assert isinstance(b, OpenAIBackend)
+    return b
+
+
+async def test_chat_returns_text_usage_and_rate_headers(server: TestServer) -> None:
+    server.configure(rpm=6000, tpm=1_000_000)
+    b = backend(server)
+    try:
+        result = await b.chat(ChatRequest(USER, max_tokens=50, seed=3))
+    finally:
+        await b.aclose()
+    assert result.text.startswith("Reply ") and "Say hello" in result.text
+    assert result.finish_reason == "stop"
+    assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
+    assert result.rate_limit is not None
+    assert result.rate_limit.limit_requests == 6000 and result.rate_limit.limit_tokens == 1_000_000
+    assert result.endpoint == "t" and result.latency_s > 0
+
+
+async def test_score_reads_top_logprobs_normalized(server: TestServer) -> None:
+    server.configure(prefer="B")
+    b = backend(server)
+    try:
+        result = await b.score(ScoreRequest(USER))
+    finally:
+        await b.aclose()
+    assert result.method == "logprobs"
+    assert result.probs["B"] == pytest.approx(0.9)
+    assert sum(result.probs.values()) == pytest.approx(1.0)
+
+
+async def test_no_logprobs_is_a_clear_error_or_sampled_fallback(server: TestServer) -> None:
+    request = ScoreRequest([{"role": "user", "content": "pick @@nologprobs@@"}])
+    b = backend(server)
+    with pytest.raises(PermanentError, match="score_fallback"):
+        await b.score(request)
+    await b.aclose()
+    b = backend(server, score_fallback="sample", score_samples=4)
+    try:
+        # The server's plain chat answer does not name a choice: the sampled fallback says so.
+        with pytest.raises(PermanentError, match="sampled answers"):
+            await b.score(request)
+    finally:
+        await b.aclose()
+
+
+@pytest.mark.parametrize(
+    ("marker", "error", "pattern"),
+    [
+        ("@@malformed@@", PermanentError, "invalid JSON"),
+        ("@@nochoices@@", PermanentError, "no choices"),
+        ("@@status:400@@", PermanentError, "rejected \\(400\\)"),
+        ("@@status:404@@", PermanentError, "check base_url and the model"),
+        ("@@status:503@@", TransientError, "server error 503"),
+        ("@@status:408@@", TransientError, "server error 408"),
+        ("@@drop@@", TransientError, "connection dropped"),
+    ],
+)
+async def test_bad_answers_translate_to_the_error_tree(
+    server: TestServer, marker: str, error: type[Exception], pattern: str
+) -> None:
+    b = backend(server)
+    try:
+        with pytest.raises(error, match=pattern):
+            await b.chat(ChatRequest([{"role": "user", "content": f"x {marker}"}]))
+    finally:
+        await b.aclose()
+
+
+async def test_429_carries_retry_after(server: TestServer) -> None:
+    server.configure(rpm=60)  # one request a second, burst of one
+    b = backend(server)
+    try:
+        await b.chat(ChatRequest(USER))
+        with pytest.raises(RateLimited) as info:
+            await b.chat(ChatRequest(USER))
+    finally:
+        await b.aclose()
+    assert info.value.retry_after is not None and 0 < info.value.retry_after <= 1.0
+
+
+async def test_unreachable_endpoint_is_transient_with_hint(free_port: int) -> None:
+    b = create_backend("openai", BackendSettings(endpoint="dead", base_url=f"http://127.0.0.1:{free_port}/v1"))
+    try:
+        with pytest.raises(TransientError, match="cannot connect.*is the server running"):
+            await b.chat(ChatRequest(USER))
+    finally:
+        await b.aclose()
+
+
+async def test_wrong_key_never_leaks(server: TestServer) -> None:
+    server.configure(api_key="right-key-000")
+    secret = "sk-wrong-SECRET-123456"
+    b = create_backend(
+        "openai", BackendSettings(endpoint="t", base_url=server.base_url, api_key=Secret(secret))
+    )
+    try:
+        with pytest.raises(PermanentError) as info:
+            await b.chat(ChatRequest(USER))
+    finally:
+        await b.aclose()
+    assert "authentication failed (401)" in str(info.value)
+    assert secret not in str(info.value) and secret not in repr(info.value)
+    assert secret not in repr(b)
+    assert secret not in repr(BackendSettings(endpoint="t", api_key=Secret(secret)))
+
+
+def test_header_parsing() -> None:
+    assert parse_duration("6m0s") == 360.0
+    assert parse_duration("20ms") == pytest.approx(0.02)
+    assert parse_duration("1h2m3.5s") == pytest.approx(3723.5)
+    assert parse_duration("0.5") == 0.5
+    assert parse_duration("soon") is None
+    assert parse_retry_after({"retry-after-ms": "1500"}) == 1.5
+    assert parse_retry_after({"retry-after": "2"}) == 2.0
+    assert parse_retry_after({}) is None
+    info = parse_rate_limit_headers(
+        {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499",
+         "x-ratelimit-reset-requests": "120ms", "x-ratelimit-limit-tokens": "30000"}
+    )
+    assert info is not None and info.limit_requests == 500 and info.remaining_requests == 499
+    assert info.reset_requests_s == pytest.approx(0.12) and info.limit_tokens == 30000
+    assert parse_rate_limit_headers({}) is None
+
+
+def test_missing_base_url_and_unknown_backend_are_config_errors() -> None:
+    from backends import ConfigError
+
+    with pytest.raises(ConfigError, match="needs base_url"):
+        create_backend("openai", BackendSettings(endpoint="x"))
+    with pytest.raises(ConfigError, match="unknown backend 'nope'.*llamacpp, openai"):
+        create_backend("nope", BackendSettings(endpoint="x"))
