@@ -32,7 +32,8 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         else:
             data = yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{file}: not valid {file.suffix.lstrip('.') or 'YAML'}: {exc}") from None
+        kind = {".json": "JSON", ".toml": "TOML"}.get(file.suffix, "YAML")
+        raise ConfigError(f"{file}: not valid {kind}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

