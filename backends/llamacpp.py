@@ -86,7 +86,7 @@ class LlamaCppBackend:
         self.model_name = self.path.stem if model in ("", "embedded") else model
         options = settings.options
         self._n_ctx = int(options.get("n_ctx", 2048))
-        self._n_threads = int(options.get("n_threads", os.cpu_count() or 1))
+        self._n_threads = int(options["n_threads"]) if "n_threads" in options else None
         self._score_method = str(options.get("score_method", "logits"))
         if self._score_method not in ("logits", "logprobs"):
             raise ConfigError(f"endpoint {self.name!r}: score_method must be 'logits' or 'logprobs'")

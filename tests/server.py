@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import logging
 import math
 import random
 import re
@@ -262,8 +263,7 @@ async def _serve(config: ServerConfig, host: str, port: int) -> None:
     assert server is not None
     bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     print(f"PORT {bound}", flush=True)
-    while True:
-        await asyncio.sleep(3600)
+    await asyncio.Event().wait()  # serve until the process is stopped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(flag, type=kind, default=f.default)
     args = parser.parse_args(argv)
     config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # planted drops are not server errors
     if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
         sys.exit("the test server only binds loopback addresses")
     try:

@@ -120,3 +120,16 @@ def test_kill_9_mid_run_loses_nothing_and_repays_little(tmp_path: Path, server: 
     stats = server.stats()
     assert stats["unique"] == n
     assert stats["repeats"] <= kills * concurrency  # at most the calls in flight at each kill were paid again
+
+
+def test_precedence_defaults_then_yaml_then_flags(tmp_path: Path) -> None:
+    import yaml
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+    shown = yaml.safe_load(cai("config", str(recipe)).stdout)
+    assert shown["engine"]["max_concurrency"] == 4  # from the YAML (default is 256)
+    assert shown["engine"]["retry"]["max_attempts"] == 8  # a default
+    assert shown["generate"]["input"].endswith("cai_async/data/quickstart_prompts.jsonl")
+    assert Path(shown["generate"]["input"]).is_file()  # resolved against the recipe's folder
+    shown = yaml.safe_load(cai("config", str(recipe), "--set", "engine.max_concurrency=8").stdout)
+    assert shown["engine"]["max_concurrency"] == 8  # the flag wins

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from backends import (
@@ -228,7 +229,7 @@ class _CountingBackend:
     async def chat(self, request: ChatRequest) -> ChatResult:
         self.active += 1
         self.peak = max(self.peak, self.active)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         self.active -= 1
         return ChatResult(text="ok", finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=1))
 
@@ -293,7 +294,7 @@ async def test_missing_key_variable_is_a_clear_config_error(server: TestServer, 
     from backends import ConfigError
 
     cfg = config(endpoint(server, api_key_env="CAI_TEST_UNSET_VARIABLE"))
-    with pytest.raises(ConfigError, match="CAI_TEST_UNSET_VARIABLE.*is not set"):
+    with pytest.raises(ConfigError, match=r"CAI_TEST_UNSET_VARIABLE.*is not set"):
         async with Engine(cfg, run_dir=tmp_path):
             pass
 

@@ -23,7 +23,8 @@ USER = [{"role": "user", "content": "Say hello"}]
 
 
 def backend(server: TestServer, **options: object) -> OpenAIBackend:
-    b = create_backend("openai", BackendSettings(endpoint="t", model="m", base_url=server.base_url, options=dict(options)))
+    settings = BackendSettings(endpoint="t", model="m", base_url=server.base_url, options=dict(options))
+    b = create_backend("openai", settings)
     assert isinstance(b, OpenAIBackend)
     return b
 
@@ -108,7 +109,7 @@ async def test_429_carries_retry_after(server: TestServer) -> None:
 async def test_unreachable_endpoint_is_transient_with_hint(free_port: int) -> None:
     b = create_backend("openai", BackendSettings(endpoint="dead", base_url=f"http://127.0.0.1:{free_port}/v1"))
     try:
-        with pytest.raises(TransientError, match="cannot connect.*is the server running"):
+        with pytest.raises(TransientError, match=r"cannot connect.*is the server running"):
             await b.chat(ChatRequest(USER))
     finally:
         await b.aclose()
@@ -154,5 +155,5 @@ def test_missing_base_url_and_unknown_backend_are_config_errors() -> None:
 
     with pytest.raises(ConfigError, match="needs base_url"):
         create_backend("openai", BackendSettings(endpoint="x"))
-    with pytest.raises(ConfigError, match="unknown backend 'nope'.*llamacpp, openai"):
+    with pytest.raises(ConfigError, match=r"unknown backend 'nope'.*llamacpp, openai"):
         create_backend("nope", BackendSettings(endpoint="x"))

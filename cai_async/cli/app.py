@@ -197,7 +197,7 @@ def cache_clear(run_dir: Annotated[Path, typer.Argument(help="Run directory.")])
     cache.close()
 
 
-class CaiError_(CaiError):  # noqa: N801 - CLI-local user error
+class CaiError_(CaiError):
     """A user error found by the CLI itself."""
 
 

@@ -9,7 +9,14 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 import anyio
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from cai_async.engine import Engine, plain_progress
 

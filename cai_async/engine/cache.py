@@ -36,7 +36,9 @@ class RequestCache:
                 " result BLOB NOT NULL, created REAL NOT NULL)"
             )
         except sqlite3.DatabaseError as exc:
-            raise ConfigError(f"request cache {self.path}: cannot open ({exc}); delete it or pick another path") from None
+            raise ConfigError(
+                f"request cache {self.path}: cannot open ({exc}); delete it or pick another path"
+            ) from None
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored result for ``key``, or ``None``."""

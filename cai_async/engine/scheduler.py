@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, overload
 
 import anyio
+from tenacity import Future, RetryCallState, stop_after_attempt, stop_after_delay
 
 from backends.errors import BackendError, BudgetExceeded, CaiError, RateLimited, TransientError
 from backends.registry import create_backend
@@ -19,7 +20,7 @@ from cai_async.engine.accounting import Accounting
 from cai_async.engine.cache import RequestCache, request_key
 from cai_async.engine.config import EngineConfig
 from cai_async.engine.pool import EndpointState, choose_endpoint
-from cai_async.engine.retry import retry_policy
+from cai_async.engine.retry import retry_policy, retry_wait
 
 __all__ = ["BatchReport", "Engine", "estimate_tokens"]
 
@@ -191,16 +192,35 @@ class Engine:
         assert self._global is not None, "use the engine inside 'async with Engine(...)'"
         estimated = estimate_tokens(request)
         async with self._global:
-            attempt_no = 0
-            async for attempt in self._retry.copy():
-                with attempt:
-                    attempt_no += 1
-                    result, state = await self._attempt(endpoints, kind, request, estimated, attempt_no > 1)
+            try:
+                # Fast path: most calls succeed first time and skip tenacity's per-attempt bookkeeping.
+                result, state = await self._attempt(endpoints, kind, request, estimated, False)
+            except (RateLimited, TransientError) as first:
+                result, state = await self._retry_after(first, endpoints, kind, request, estimated)
         if self._cache is not None:
             model = state.config.model or state.name
             key = keys.get(model) or request_key(model, normalized)
             self._cache.put(key, kind=kind, model=model, result=_to_cache(result))
         return result
+
+    async def _retry_after(
+        self, first: BackendError, endpoints: list[EndpointState], kind: str, request: Any, estimated: int
+    ) -> tuple[ChatResult | ScoreResult, EndpointState]:
+        """Retry a call whose first attempt failed, under the tenacity policy (attempt 1 already spent)."""
+        if self.config.retry.max_attempts <= 1:
+            raise first
+        started = time.monotonic()
+        state = RetryCallState(self._retry, fn=None, args=(), kwargs={})
+        state.outcome = Future.construct(1, first, True)
+        await self._sleep(retry_wait(self.config.retry)(state))
+        retrying = self._retry.copy(
+            stop=stop_after_attempt(self.config.retry.max_attempts - 1)
+            | stop_after_delay(max(0.0, self.config.retry.max_time_s - (time.monotonic() - started))),
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(endpoints, kind, request, estimated, True)
+        raise first  # pragma: no cover - tenacity re-raises the last error itself
 
     async def _attempt(
         self, endpoints: list[EndpointState], kind: str, request: Any, estimated: int, is_retry: bool
