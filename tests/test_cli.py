@@ -133,3 +133,27 @@ def test_precedence_defaults_then_yaml_then_flags(tmp_path: Path) -> None:
     assert Path(shown["generate"]["input"]).is_file()  # resolved against the recipe's folder
     shown = yaml.safe_load(cai("config", str(recipe), "--set", "engine.max_concurrency=8").stdout)
     assert shown["engine"]["max_concurrency"] == 8  # the flag wins
+
+
+def test_ctrl_c_keeps_finished_rows_and_cache_commands(tmp_path: Path, server: TestServer) -> None:
+    server.configure(latency_ms=50)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "ctrl-c question {i}"}}\n' for i in range(300)))
+    run_dir = tmp_path / "run"
+    args = [*CAI, "generate", "--input", str(prompts), "--base-url", server.base_url, "--model", "m",
+            "--run-dir", str(run_dir), "--progress", "rich", "--max-concurrency", "8",
+            "--set", "generate.shard_rows=1000"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert "rerun the same command to resume" in err
+    kept = read_shards(run_dir / "generate")
+    assert 0 < kept.height < 300  # rows finished before Ctrl-C were flushed although no shard was full
+    stats = cai("cache", "stats", str(run_dir))
+    cached = int(stats.stdout.split(": ")[1].split()[0])
+    assert cached >= kept.height
+    cleared = cai("cache", "clear", str(run_dir))
+    assert f"cleared {cached} cached calls" in cleared.stdout
+    assert "0 cached calls" in cai("cache", "stats", str(run_dir)).stdout

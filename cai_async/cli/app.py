@@ -90,7 +90,11 @@ def _run(recipe_obj: Any) -> None:
     from cai_async.recipes import run_recipe
 
     mode = recipe_obj.engine.progress
-    summary = anyio.run(lambda: run_recipe(recipe_obj, progress=lambda e: progress_display(e, mode)))
+    try:
+        summary = anyio.run(lambda: run_recipe(recipe_obj, progress=lambda e: progress_display(e, mode)))
+    except KeyboardInterrupt:
+        console.print("interrupted: finished results are kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
     stage = summary["stages"].get("generate")
     run_dir = Path(summary["run_dir"])
     if stage is not None:
