@@ -43,8 +43,9 @@ class Outcome:
         mark = " (extrapolated)" if self.extrapolated else ""
         ratio = f"{self.wall_s / ideal_s:6.2f}" if ideal_s > 0 else "     -"
         return (
-            f"  {self.name:<26} wall {self.wall_s:8.2f}s  x ideal {ratio}  "
-            f"req/s {self.n / self.wall_s:8.1f}  req/CPU-s {rps_cpu:8.1f}  429s {self.r429:5d}  lost {self.lost:4d}{mark}"
+            f"  {self.name:<30} wall {self.wall_s:8.2f}s  x ideal {ratio}  "
+            f"req/s {self.n / self.wall_s:8.1f}  req/CPU-s {rps_cpu:8.1f}  "
+            f"429s {self.r429:5d}  lost {self.lost:4d}{mark}"
         )
 
 
@@ -96,6 +97,33 @@ async def run_gather(server: TestServer, n: int, conc: int, tag: str) -> Outcome
     return Outcome("gather(AsyncOpenAI)", wall, cpu, n, lost, server.stats().get("429", 0))
 
 
+async def run_raw_aiohttp(server: TestServer, n: int, conc: int, tag: str) -> Outcome:
+    """The floor: bare aiohttp workers with no limits, retries, cache or accounting (not a product)."""
+    import aiohttp
+    import orjson
+
+    server.reset()
+    queue = list(reversed(_requests(n, tag + "-raw")))
+    lost = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def worker() -> None:
+            nonlocal lost
+            while queue:
+                body = orjson.dumps({"model": "m", "messages": queue.pop(), "max_tokens": 16})
+                try:
+                    async with session.post(server.base_url + "/chat/completions", data=body,
+                                            headers={"Content-Type": "application/json"}) as resp:
+                        orjson.loads(await resp.read())
+                        lost += resp.status != 200
+                except aiohttp.ClientError:
+                    lost += 1
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Outcome("raw aiohttp (floor, no retry)", wall, cpu, n, lost, server.stats().get("429", 0))
+
+
 def run_sequential(server: TestServer, n: int, sample: int, tag: str) -> Outcome:
     from openai import OpenAI
 
@@ -126,6 +154,7 @@ async def scenario(server: TestServer, name: str, ideal: float, n: int, conc: in
         rows.append(outcome)
     gather = await run_gather(server, n, conc, name)
     rows.append(gather)
+    rows.append(await run_raw_aiohttp(server, n, conc, name))
     if seq_sample:
         rows.append(run_sequential(server, n, seq_sample, name))
     for row in rows:
