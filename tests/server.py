@@ -160,21 +160,15 @@ def build_app(config: ServerConfig) -> web.Application:
         last = str(messages[-1].get("content", "")) if messages else ""
         markers = {name: value for name, value in _MARKER.findall(last)}
         max_tokens = int(body.get("max_tokens") or 16)
-        if state.rpm_bucket is not None:
-            wait = state.rpm_bucket.take(1.0)
+        for bucket, amount, kind in (
+            (state.rpm_bucket, 1.0, "requests"),
+            (state.tpm_bucket, float(_prompt_tokens(messages) + max_tokens), "tokens"),
+        ):
+            wait = bucket.take(amount) if bucket is not None else 0.0
             if wait > 0:
                 state.stats["429"] += 1
                 return _json(
-                    {"error": {"message": "Rate limit reached for requests", "type": "requests"}},
-                    status=429,
-                    headers={"Retry-After": f"{wait:.3f}", **state.rate_headers()},
-                )
-        if state.tpm_bucket is not None:
-            wait = state.tpm_bucket.take(float(_prompt_tokens(messages) + max_tokens))
-            if wait > 0:
-                state.stats["429"] += 1
-                return _json(
-                    {"error": {"message": "Rate limit reached for tokens", "type": "tokens"}},
+                    {"error": {"message": f"Rate limit reached for {kind}", "type": kind}},
                     status=429,
                     headers={"Retry-After": f"{wait:.3f}", **state.rate_headers()},
                 )

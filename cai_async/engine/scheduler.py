@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, overload
@@ -68,6 +68,15 @@ def _from_cache(kind: str, data: dict[str, Any]) -> ChatResult | ScoreResult:
     if kind == "chat":
         return ChatResult(text=data["text"], finish_reason=data["finish_reason"], cached=True, **common)
     return ScoreResult(probs=data["probs"], method=data["method"], cached=True, **common)
+
+
+async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 class Engine:
@@ -283,18 +292,11 @@ class Engine:
 
         async def produce() -> None:
             async with send:
-                if isinstance(items, AsyncIterable):
-                    async for item in items:
-                        if stop.is_set():
-                            return
-                        await send.send(item)
-                        report.submitted += 1
-                else:
-                    for item in items:
-                        if stop.is_set():
-                            return
-                        await send.send(item)
-                        report.submitted += 1
+                async for item in _aiter(items):
+                    if stop.is_set():
+                        return
+                    await send.send(item)
+                    report.submitted += 1
 
         async def work() -> None:
             async for item in receive:
