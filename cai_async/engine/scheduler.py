@@ -6,6 +6,8 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, overload
@@ -30,6 +32,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 Request = ChatRequest | ScoreRequest
 Sleep = Callable[[float], Awaitable[None]]
+
+
+_BOUNDED: ContextVar[bool] = ContextVar("cai_engine_bounded", default=False)
 
 
 def estimate_tokens(request: Request) -> int:
@@ -200,7 +205,8 @@ class Engine:
         self._check_budget()
         assert self._global is not None, "use the engine inside 'async with Engine(...)'"
         estimated = estimate_tokens(request)
-        async with self._global:
+        limiter = nullcontext() if _BOUNDED.get() else self._global
+        async with limiter:
             try:
                 # Fast path: most calls succeed first time and skip tenacity's per-attempt bookkeeping.
                 result, state = await self._attempt(endpoints, kind, request, estimated, False)
@@ -299,6 +305,8 @@ class Engine:
                     report.submitted += 1
 
         async def work() -> None:
+            if workers <= self.config.max_concurrency:
+                _BOUNDED.set(True)  # the worker pool already bounds concurrency: skip the global limiter
             async for item in receive:
                 outcome: R | CaiError
                 try:
