@@ -22,7 +22,7 @@ import numpy as np
 from backends.errors import ConfigError, PermanentError
 from backends.registry import BackendSettings
 from backends.scoring import normalize_choice_logprobs
-from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult, Usage
+from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult, Usage, plain_messages
 
 __all__ = ["EMBEDDED_MODEL_FILE", "LlamaCppBackend", "check_gguf", "embedded_model_path"]
 
@@ -136,7 +136,7 @@ class LlamaCppBackend:
         start = time.perf_counter()
         try:
             answer = loaded.llama.create_chat_completion(
-                messages=[{"role": m["role"], "content": m["content"]} for m in request.messages],
+                messages=plain_messages(request.messages),
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,
@@ -168,7 +168,7 @@ class LlamaCppBackend:
 
     # -- scoring ----------------------------------------------------------------------------------------
     def _prompt_tokens(self, loaded: _Loaded, request: ScoreRequest) -> list[int]:
-        formatted = loaded.formatter(messages=[{"role": m["role"], "content": m["content"]} for m in request.messages])
+        formatted = loaded.formatter(messages=plain_messages(request.messages))
         text = formatted.prompt + request.answer_prefix
         tokens: list[int] = loaded.llama.tokenize(
             text.encode("utf-8"), add_bos=not getattr(formatted, "added_special", False), special=True

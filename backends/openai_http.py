@@ -18,7 +18,15 @@ import orjson
 from backends.errors import BackendError, ConfigError, PermanentError, RateLimited, TransientError, redact
 from backends.registry import BackendSettings
 from backends.scoring import normalize_choice_logprobs
-from backends.types import ChatRequest, ChatResult, RateLimitInfo, ScoreRequest, ScoreResult, Usage
+from backends.types import (
+    ChatRequest,
+    ChatResult,
+    RateLimitInfo,
+    ScoreRequest,
+    ScoreResult,
+    Usage,
+    plain_messages,
+)
 
 __all__ = ["OpenAIBackend", "parse_duration", "parse_rate_limit_headers", "parse_retry_after"]
 
@@ -85,10 +93,6 @@ def parse_rate_limit_headers(headers: Any) -> RateLimitInfo | None:
         remaining_tokens=_int_header(headers, "x-ratelimit-remaining-tokens"),
         reset_tokens_s=parse_duration(headers.get("x-ratelimit-reset-tokens")),
     )
-
-
-def _messages(messages: Any) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 class OpenAIBackend:
@@ -221,7 +225,7 @@ class OpenAIBackend:
     async def chat(self, request: ChatRequest) -> ChatResult:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": _messages(request.messages),
+            "messages": plain_messages(request.messages),
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -247,7 +251,7 @@ class OpenAIBackend:
         )
 
     def _score_messages(self, request: ScoreRequest) -> tuple[list[dict[str, str]], dict[str, Any]]:
-        messages = _messages(request.messages)
+        messages = plain_messages(request.messages)
         extra: dict[str, Any] = {}
         if request.answer_prefix and self._prefill:
             messages.append({"role": "assistant", "content": request.answer_prefix})

@@ -15,10 +15,16 @@ __all__ = [
     "ScoreRequest",
     "ScoreResult",
     "Usage",
+    "plain_messages",
 ]
 
 Message = Mapping[str, str]
 """A chat message: ``{"role": "system"|"user"|"assistant", "content": "..."}``."""
+
+
+def plain_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """The messages as plain ``{"role", "content"}`` dicts (extra keys dropped), as sent and hashed."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,7 +54,7 @@ class ChatRequest:
         """The normalized form used for cache keys (no endpoint, no secrets)."""
         return {
             "kind": "chat",
-            "messages": [{"role": m["role"], "content": m["content"]} for m in self.messages],
+            "messages": plain_messages(self.messages),
             "max_tokens": self.max_tokens,
             "temperature": round(self.temperature, 6),
             "top_p": round(self.top_p, 6),
@@ -69,7 +75,7 @@ class ScoreRequest:
     def to_key(self) -> dict[str, Any]:
         return {
             "kind": "score",
-            "messages": [{"role": m["role"], "content": m["content"]} for m in self.messages],
+            "messages": plain_messages(self.messages),
             "choices": list(self.choices),
             "answer_prefix": self.answer_prefix,
         }

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
 from tenacity import Future, RetryCallState, stop_after_attempt, stop_after_delay
@@ -182,11 +182,6 @@ class Engine:
                 f"budget of ${budget:.2f} reached (spent ${self.accounting.cost_usd:.4f}); no new calls are "
                 "scheduled. Raise engine.budget_usd and rerun: finished calls come back from the cache for free"
             )
-
-    @overload
-    async def _call(self, role: str, kind: Literal["chat"], request: ChatRequest) -> ChatResult | ScoreResult: ...
-    @overload
-    async def _call(self, role: str, kind: Literal["score"], request: ScoreRequest) -> ChatResult | ScoreResult: ...
 
     async def _call(self, role: str, kind: Literal["chat", "score"], request: Any) -> ChatResult | ScoreResult:
         endpoints = self.group(role)
