@@ -11,7 +11,7 @@ export CMAKE_ARGS
 # pip caches the built wheel; a non-default CMAKE_ARGS must not reuse the default build.
 PIP_NO_CACHE := $(if $(filter -DGGML_NATIVE=OFF,$(CMAKE_ARGS)),,--no-cache-dir)
 PIP := $(BIN)/python -m pip
-STAMP := $(VENV)/.installed-local-dev
+STAMP := $(VENV)/.installed-local-train-dev
 
 .PHONY: quickstart test lint bench setup clean
 
@@ -20,7 +20,7 @@ $(BIN)/python:
 	$(PIP) install -q --upgrade pip
 
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) install $(PIP_NO_CACHE) -c constraints.txt -e '.[local,dev]'
+	$(PIP) install $(PIP_NO_CACHE) -c constraints.txt -e '.[local,train,dev]'
 	touch $@
 
 setup: $(STAMP)

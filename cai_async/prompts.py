@@ -1,72 +1,155 @@
-"""Read prompts from JSONL, JSON, CSV or Parquet, with the prompt column named in config."""
+"""Read prompts from JSONL, JSON, CSV, Parquet or a saved Hugging Face dataset, with the column named in config.
+
+A prompt cell is a single user turn (text), a conversation (a list of ``{role, content}`` ending with a user
+turn), or an hh-rlhf style transcript (``"\\n\\nHuman: …\\n\\nAssistant: …"``)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import polars as pl
 
 from backends.errors import ConfigError
 
-__all__ = ["PromptRow", "load_prompts", "prompt_id"]
+__all__ = ["PromptRow", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
 @dataclass(frozen=True, slots=True)
 class PromptRow:
-    """One input prompt with a stable id (from the id column, else a hash of the text)."""
+    """One input: a stable id, the conversation (ending with a user turn) and, optionally, a given response."""
 
     id: str
     prompt: str
+    """The last user turn."""
+    messages: tuple[dict[str, str], ...] = ()
+    """The whole conversation; a single prompt is one user turn."""
+    response: str | None = None
+    """A response the user already has (``response_column``); then no initial call is made."""
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [dict(m) for m in self.messages] or [{"role": "user", "content": self.prompt}]
 
 
-def prompt_id(text: str) -> str:
-    """Stable id of a prompt text."""
+def prompt_id(content: str | list[dict[str, str]]) -> str:
+    """Stable id of a prompt text or conversation."""
+    text = content if isinstance(content, str) else json.dumps(content, sort_keys=True, ensure_ascii=False)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _read(path: Path) -> pl.DataFrame:
-    suffixes = "".join(path.suffixes[-2:])
-    try:
-        if path.suffix == ".parquet":
-            return pl.read_parquet(path)
-        if path.suffix == ".csv":
-            return pl.read_csv(path)
-        if path.suffix in (".jsonl", ".ndjson") or suffixes == ".jsonl.gz":
-            return pl.read_ndjson(path)
-        if path.suffix == ".json":
-            return pl.read_json(path)
-    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read prompts ({exc})") from None
-    raise ConfigError(f"{path}: unsupported prompt file type; use .jsonl, .json, .csv or .parquet")
+def parse_conversation(value: Any) -> list[dict[str, str]] | None:
+    """A prompt cell as chat turns, or ``None`` when it holds no usable text."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        if value.startswith("\n\nHuman:"):
+            parts = _HH_TURN.split(value)[1:]
+            turns = [
+                {"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[::2], parts[1::2], strict=True)
+            ]
+            while turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+                turns.pop()
+            return turns or None
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        turns = [{"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in value]
+        if any(t["role"] not in ("system", "user", "assistant") for t in turns):
+            raise ValueError("roles must be system, user or assistant")
+        return turns
+    return None
 
 
-def load_prompts(path: str | Path, *, column: str = "prompt", id_column: str | None = None) -> list[PromptRow]:
-    """Prompts from a file; errors name the file and the missing column."""
+def _read_hf_saved(path: Path, split: str | None) -> pl.DataFrame:
+    """A dataset written by ``datasets``' ``save_to_disk`` (Arrow stream files), read without ``datasets``."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        chosen = split or ("train" if "train" in splits else splits[0])
+        if chosen not in splits:
+            raise ConfigError(f"{path}: no split {chosen!r} (splits: {', '.join(splits)}); set split")
+        path = path / chosen
+    state = json.loads((path / "state.json").read_text())
+    files = [path / item["filename"] for item in state["_data_files"]]
+    return pl.concat([pl.read_ipc_stream(f) for f in files], how="diagonal_relaxed")
+
+
+def read_table(path: str | Path, *, split: str | None = None) -> pl.DataFrame:
+    """Any supported prompt file as a frame; errors name the file and say what to fix."""
     file = Path(path)
-    if not file.is_file():
+    if file.is_dir():
+        if not (file / "state.json").is_file() and not (file / "dataset_dict.json").is_file():
+            raise ConfigError(f"{file}: a folder must be a saved Hugging Face dataset (save_to_disk)")
+    elif not file.is_file():
         raise ConfigError(f"{file}: prompt file not found")
-    if file.stat().st_size == 0:
+    elif file.stat().st_size == 0:
         raise ConfigError(f"{file}: prompt file is empty")
-    frame = _read(file)
+    name = file.name.removesuffix(".gz")
+    try:
+        if file.is_dir():
+            return _read_hf_saved(file, split)
+        if name.endswith(".parquet"):
+            return pl.read_parquet(file)
+        if name.endswith(".csv"):
+            return pl.read_csv(file)
+        if name.endswith((".jsonl", ".ndjson")):
+            return pl.read_ndjson(file)
+        if name.endswith(".json"):
+            return pl.read_json(file)
+    except (pl.exceptions.PolarsError, OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{file}: cannot read prompts ({type(exc).__name__}: {exc})") from None
+    raise ConfigError(f"{file}: unsupported prompt file type; use .jsonl, .json, .csv, .parquet or a dataset folder")
+
+
+def load_prompts(
+    path: str | Path,
+    *,
+    column: str = "prompt",
+    id_column: str | None = None,
+    response_column: str | None = None,
+    split: str | None = None,
+    last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip",
+) -> list[PromptRow]:
+    """Prompts from a file; errors name the file and the missing column. Rows without text are skipped;
+    repeated ids keep their first row. A conversation that ends with an assistant turn (an hh-rlhf transcript,
+    say) is skipped, has that turn dropped, or has it taken ``as_response`` (the initial response)."""
+    file = Path(path)
+    frame = read_table(file, split=split)
     if frame.is_empty():
         raise ConfigError(f"{file}: prompt file has no rows")
-    if column not in frame.columns:
-        raise ConfigError(f"{file}: no column {column!r} (columns: {', '.join(frame.columns)}); set prompt_column")
-    if id_column is not None and id_column not in frame.columns:
-        raise ConfigError(f"{file}: no id column {id_column!r} (columns: {', '.join(frame.columns)})")
+    for what, name in (("prompt", column), ("id", id_column), ("response", response_column)):
+        if name is not None and name not in frame.columns:
+            raise ConfigError(
+                f"{file}: no {what} column {name!r} (columns: {', '.join(frame.columns)}); set {what}_column"
+            )
     rows: list[PromptRow] = []
     seen: set[str] = set()
-    for record in frame.iter_rows(named=True):
-        text = record[column]
-        if not isinstance(text, str) or not text.strip():
+    for index, record in enumerate(frame.iter_rows(named=True)):
+        try:
+            turns = parse_conversation(record[column])
+        except ValueError as exc:
+            raise ConfigError(f"{file}: row {index}, column {column!r}: {exc}") from None
+        given = None
+        if turns is not None and turns[-1]["role"] == "assistant" and last_assistant_turn != "skip":
+            last = turns.pop()
+            given = last["content"] if last_assistant_turn == "as_response" else None
+        if not turns or turns[-1]["role"] != "user":
             continue
-        row_id = str(record[id_column]) if id_column else prompt_id(text)
+        row_id = str(record[id_column]) if id_column else prompt_id(turns if len(turns) > 1 else turns[0]["content"])
         if row_id in seen:
             continue
         seen.add(row_id)
-        rows.append(PromptRow(id=row_id, prompt=text))
+        response = record[response_column] if response_column else given
+        rows.append(PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
+                              response=str(response) if response is not None else None))
     if not rows:
-        raise ConfigError(f"{file}: column {column!r} holds no non-empty text")
+        raise ConfigError(
+            f"{file}: column {column!r} holds no usable prompt (text, or turns ending with a user turn); for "
+            "conversations that end with an assistant turn, set last_assistant_turn to drop or as_response"
+        )
     return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -10,12 +11,18 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_async.configio import apply_overrides, load_config, validate
+from cai_async.constitution_io import builtin_constitutions
 from cai_async.engine import Engine, EngineConfig
+from cai_async.exports import conversations_with_response, write_sl_exports
+from cai_async.prompts import load_prompts
 from cai_async.stages.generate import GenerateConfig, GenerateReport, run_generate
+from cai_async.stages.sl import SLConfig, SLReport, run_sl
+from cai_async.store import read_shards
 
 __all__ = ["Recipe", "load_recipe", "run_recipe"]
 
@@ -28,16 +35,28 @@ class Recipe(BaseModel):
     run_dir: str = "runs/default"
     engine: EngineConfig = Field(default_factory=EngineConfig)
     generate: GenerateConfig | None = None
+    sl: SLConfig | None = None
+
+
+def _resolve(base: Path, value: str) -> str:
+    if not value or Path(value).is_absolute() or value in builtin_constitutions():
+        return value
+    return os.path.normpath(base / value)
 
 
 def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recipe:
-    """Defaults → recipe file → ``key=value`` overrides. Relative input paths written in the file resolve
-    against the file's folder; ``run_dir`` stays relative to where the command runs."""
+    """Defaults → recipe file → ``key=value`` overrides. Relative file paths written in the recipe (inputs,
+    constitution) resolve against the recipe's folder; ``run_dir`` stays relative to where the command runs."""
     recipe = load_config(Recipe, path)
-    if path is not None and recipe.generate is not None and recipe.generate.input:
-        candidate = Path(recipe.generate.input)
-        if not candidate.is_absolute():
-            recipe.generate.input = os.path.normpath(Path(path).parent / candidate)
+    if path is not None:
+        base = Path(path).parent
+        if recipe.generate is not None:
+            recipe.generate.input = _resolve(base, recipe.generate.input)
+        if recipe.sl is not None:
+            recipe.sl.input = _resolve(base, recipe.sl.input)
+            recipe.sl.constitution = _resolve(base, recipe.sl.constitution)
+            if recipe.sl.export.helpful is not None:
+                recipe.sl.export.helpful.input = _resolve(base, recipe.sl.export.helpful.input)
     if overrides:
         recipe = validate(Recipe, apply_overrides(recipe.model_dump(mode="json"), overrides), source=str(path))
     return recipe
@@ -47,6 +66,47 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
     tmp.replace(path)
+
+
+def _report(report: GenerateReport | SLReport) -> dict[str, Any]:
+    data = {
+        "total": report.total,
+        "skipped_already_done": report.skipped,
+        "written": report.written,
+        "failed": report.failed,
+        "failures": report.failures[:50],
+        "stopped": report.stopped,
+        "seconds": round(report.seconds, 3),
+    }
+    if isinstance(report, SLReport):
+        data.update(ok=report.ok, errors=report.errors)
+    return data
+
+
+async def run_sl_stage(engine: Engine, config: SLConfig, run_dir: Path) -> dict[str, Any]:
+    """Chains into ``sl/``, helpfulness responses into ``helpful/`` when the mix needs them, then exports."""
+    report = _report(await run_sl(engine, config, run_dir / "sl", run_id=run_dir.name))
+    helpful = config.export.helpful
+    helpful_rows = None
+    chains = read_shards(run_dir / "sl")
+    if helpful is not None:
+        finished = chains.filter(pl.col("status") == "ok").height if not chains.is_empty() else 0
+        needed = max(1, math.ceil(helpful.ratio / (1 - helpful.ratio) * finished))
+        limit = min(helpful.limit or needed, needed)
+        if helpful.response_column is None:
+            generated = await run_generate(engine, GenerateConfig(
+                input=helpful.input, prompt_column=helpful.prompt_column, id_column=helpful.id_column,
+                limit=limit, max_tokens=helpful.max_tokens, seed=config.seed, role=config.policy_role,
+            ), run_dir / "helpful")
+            report["helpful"] = _report(generated)
+            frame = read_shards(run_dir / "helpful")
+        else:
+            rows = load_prompts(helpful.input, column=helpful.prompt_column, id_column=helpful.id_column,
+                                response_column=helpful.response_column)[:limit]
+            frame = pl.DataFrame([{"id": r.id, "messages": r.conversation(), "response": r.response} for r in rows])
+        helpful_rows = conversations_with_response(frame)
+    report["exports"] = write_sl_exports(run_dir, chains, config.export, helpful_rows)
+    return report
 
 
 async def run_recipe(
@@ -67,16 +127,10 @@ async def run_recipe(
         try:
             async with display:
                 if recipe.generate is not None:
-                    report: GenerateReport = await run_generate(engine, recipe.generate, run_dir / "generate")
-                    summary["stages"]["generate"] = {
-                        "total": report.total,
-                        "skipped_already_done": report.skipped,
-                        "written": report.written,
-                        "failed": report.failed,
-                        "failures": report.failures[:50],
-                        "stopped": report.stopped,
-                        "seconds": round(report.seconds, 3),
-                    }
+                    report = await run_generate(engine, recipe.generate, run_dir / "generate")
+                    summary["stages"]["generate"] = _report(report)
+                if recipe.sl is not None:
+                    summary["stages"]["sl"] = await run_sl_stage(engine, recipe.sl, run_dir)
         finally:
             summary["engine"] = engine.summary()
             summary["finished"] = time.time()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 
@@ -35,8 +36,10 @@ def _shards(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _SHARD.match(p.name))
 
 
-def read_shards(directory: str | Path, *, unique_by: str | None = "id") -> pl.DataFrame:
-    """All shards of a directory as one frame; rows repeated by ``unique_by`` keep their first copy."""
+def read_shards(
+    directory: str | Path, *, unique_by: str | None = "id", keep: Literal["first", "last"] = "first"
+) -> pl.DataFrame:
+    """All shards of a directory as one frame; rows repeated by ``unique_by`` keep their ``keep`` copy."""
     files = _shards(Path(directory))
     if not files:
         return pl.DataFrame()
@@ -45,17 +48,27 @@ def read_shards(directory: str | Path, *, unique_by: str | None = "id") -> pl.Da
     except pl.exceptions.PolarsError as exc:
         raise ConfigError(f"{directory}: unreadable Parquet shard ({exc}); move it away and rerun") from None
     if unique_by and unique_by in frame.columns:
-        frame = frame.unique(subset=[unique_by], keep="first", maintain_order=True)
+        frame = frame.unique(subset=[unique_by], keep=keep, maintain_order=True)
     return frame
 
 
 class ShardWriter:
-    """Buffers rows and writes them as ``part-NNNNN.parquet`` shards of ``shard_rows`` rows."""
+    """Buffers rows and writes them as ``part-NNNNN.parquet`` shards of ``shard_rows`` rows, or sooner when the
+    oldest buffered row has waited ``flush_every_s`` seconds (so a slow run loses little to a crash)."""
 
-    def __init__(self, directory: str | Path, *, shard_rows: int = 256, schema: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        shard_rows: int = 256,
+        schema: dict[str, Any] | None = None,
+        flush_every_s: float | None = None,
+    ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shard_rows = shard_rows
+        self.flush_every_s = flush_every_s
+        self._oldest = 0.0
         self._schema = schema
         self._rows: list[dict[str, Any]] = []
         existing = [int(m.group(1)) for p in _shards(self.directory) if (m := _SHARD.match(p.name))]
@@ -70,8 +83,11 @@ class ShardWriter:
         return {str(v) for v in frame[column].to_list()}
 
     def add(self, row: dict[str, Any]) -> None:
+        if not self._rows:
+            self._oldest = time.monotonic()
         self._rows.append(row)
-        if len(self._rows) >= self.shard_rows:
+        overdue = self.flush_every_s is not None and time.monotonic() - self._oldest >= self.flush_every_s
+        if len(self._rows) >= self.shard_rows or overdue:
             self.flush()
 
     def extend(self, rows: Iterable[dict[str, Any]]) -> None:

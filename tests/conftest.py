@@ -42,6 +42,12 @@ class TestServer:
     def reset(self) -> None:
         self._post("/reset", {})
 
+    def requests(self) -> list[list[dict[str, str]]]:
+        """Messages of every request since the last reset (needs ``configure(record=True)``)."""
+        with urllib.request.urlopen(self.root + "/requests", timeout=10) as resp:
+            data: list[list[dict[str, str]]] = json.loads(resp.read())
+            return data
+
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.root + "/stats", timeout=10) as resp:
             data: dict[str, Any] = json.loads(resp.read())

@@ -48,6 +48,7 @@ class ServerConfig:
     prefer: str = ""  # "A" or "B": plant a position preference in logprobs
     seed: int = 0
     model: str = "test-model"
+    record: bool = False  # keep every request body's messages, served at GET /requests
 
 
 class _Bucket:
@@ -83,6 +84,7 @@ class _State:
         self.rng = random.Random(config.seed)
         self.stats: Counter[str] = Counter()
         self.seen: Counter[str] = Counter()
+        self.requests: list[Any] = []
         self.rpm_bucket = _Bucket(config.rpm) if config.rpm else None
         self.tpm_bucket = _Bucket(config.tpm) if config.tpm else None
 
@@ -157,6 +159,8 @@ def build_app(config: ServerConfig) -> web.Application:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return _json({"error": {"message": "bad request body"}}, status=400)
         key = hashlib.sha256(orjson.dumps([messages, body.get("seed"), body.get("logprobs")])).hexdigest()
+        if cfg.record:
+            state.requests.append(messages)
         last = str(messages[-1].get("content", "")) if messages else ""
         markers = {name: value for name, value in _MARKER.findall(last)}
         max_tokens = int(body.get("max_tokens") or 16)
@@ -228,7 +232,11 @@ def build_app(config: ServerConfig) -> web.Application:
     async def reset(_: web.Request) -> web.Response:
         state.stats.clear()
         state.seen.clear()
+        state.requests.clear()
         return _json({"ok": True})
+
+    async def requests(_: web.Request) -> web.Response:
+        return _json(state.requests)
 
     async def configure(request: web.Request) -> web.Response:
         try:
@@ -243,6 +251,7 @@ def build_app(config: ServerConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/requests", requests)
     app.router.add_post("/reset", reset)
     app.router.add_post("/config", configure)
     return app

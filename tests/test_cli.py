@@ -53,7 +53,7 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, recipe: str, pattern: str)
 
 @pytest.mark.parametrize(
     ("content", "pattern"),
-    [("", "prompt file is empty"), ('{"text": "hi"}\n', "no column 'prompt' \\(columns: text\\)")],
+    [("", "prompt file is empty"), ('{"text": "hi"}\n', "no prompt column 'prompt' \\(columns: text\\)")],
 )
 def test_bad_prompt_files(tmp_path: Path, server: TestServer, content: str, pattern: str) -> None:
     prompts = tmp_path / "p.jsonl"
@@ -129,8 +129,10 @@ def test_precedence_defaults_then_yaml_then_flags(tmp_path: Path) -> None:
     shown = yaml.safe_load(cai("config", str(recipe)).stdout)
     assert shown["engine"]["max_concurrency"] == 4  # from the YAML (default is 256)
     assert shown["engine"]["retry"]["max_attempts"] == 8  # a default
-    assert shown["generate"]["input"].endswith("cai_async/data/quickstart_prompts.jsonl")
-    assert Path(shown["generate"]["input"]).is_file()  # resolved against the recipe's folder
+    assert shown["sl"]["input"].endswith("cai_async/data/quickstart_prompts.jsonl")
+    assert Path(shown["sl"]["input"]).is_file()  # resolved against the recipe's folder
+    assert shown["sl"]["constitution"] == "seed"  # a built-in name is not taken for a path
+    assert Path(shown["sl"]["export"]["helpful"]["input"]).is_file()
     shown = yaml.safe_load(cai("config", str(recipe), "--set", "engine.max_concurrency=8").stdout)
     assert shown["engine"]["max_concurrency"] == 8  # the flag wins
 

@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect or clear a run's request cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+constitution_app = typer.Typer(help="List, show and convert constitutions.", no_args_is_help=True)
+app.add_typer(constitution_app, name="constitution")
 console = Console(stderr=True, soft_wrap=True)
 
 ProgressMode = Literal["auto", "rich", "plain", "off"]
@@ -95,24 +97,51 @@ def _run(recipe_obj: Any) -> None:
     except KeyboardInterrupt:
         console.print("interrupted: finished results are kept; rerun the same command to resume")
         raise typer.Exit(130) from None
-    stage = summary["stages"].get("generate")
     run_dir = Path(summary["run_dir"])
-    if stage is not None:
-        console.print(
-            f"[bold]generate[/]: {stage['written']} written, {stage['skipped_already_done']} already done, "
-            f"{stage['failed']} failed in {stage['seconds']:.1f}s"
-        )
-        if stage["stopped"]:
-            console.print(f"[yellow]stopped:[/] {escape(stage['stopped'])}")
-        for failure in stage["failures"][:5]:
-            console.print(f"[red]failed[/] {failure['id']}: {escape(failure['error'])}")
-        _print_example(run_dir / "generate")
+    for name, stage in summary["stages"].items():
+        _print_stage(name, stage)
     engine = summary["engine"]
     console.print(
         f"calls: {sum(e['calls'] for e in engine['endpoints'].values())}, cache hits: {engine['cache_hits']}, "
         f"tokens: {engine['tokens']}, cost: ${engine['cost_usd']:.4f}"
     )
-    console.print(f"outputs: {run_dir}/ (summary.json, config.yaml, generate/part-*.parquet, cache.sqlite)")
+    if "sl" in summary["stages"]:
+        _print_chain(run_dir)
+    elif "generate" in summary["stages"]:
+        _print_example(run_dir / "generate")
+    written = [f"{p.name}/" for p in sorted(run_dir.iterdir()) if p.is_dir()]
+    console.print(f"outputs: {run_dir}/ (summary.json, config.yaml, cache.sqlite, {', '.join(written)})")
+    for name, export in summary["stages"].get("sl", {}).get("exports", {}).items():
+        console.print(f"  {name}: {export['path']} ({export['rows']} rows)")
+    console.print(f"inspect: cai show {run_dir}")
+
+
+def _print_stage(name: str, stage: dict[str, Any]) -> None:
+    recorded = f", {stage['errors']} recorded errors" if "errors" in stage else ""
+    console.print(
+        f"[bold]{name}[/]: {stage['written']} written, {stage['skipped_already_done']} already done{recorded}, "
+        f"{stage['failed']} failed (retried on rerun) in {stage['seconds']:.1f}s"
+    )
+    if stage["stopped"]:
+        console.print(f"[yellow]stopped:[/] {escape(stage['stopped'])}")
+    for failure in stage["failures"][:5]:
+        console.print(f"[red]failed[/] {failure['id']}: {escape(failure['error'])}")
+    if "helpful" in stage:
+        _print_stage(f"{name}/helpful", stage["helpful"])
+
+
+def _print_chain(run_dir: Path, count: int = 1) -> None:
+    import polars as pl
+
+    from cai_async.runinfo import chain_text
+    from cai_async.store import read_shards
+
+    frame = read_shards(run_dir / "sl")
+    if frame.is_empty():
+        return
+    ok = frame.filter(pl.col("status") == "ok")
+    for row in (ok if not ok.is_empty() else frame).head(count).iter_rows(named=True):
+        console.print(Text(chain_text(row)))
 
 
 def _print_example(directory: Path) -> None:
@@ -130,40 +159,119 @@ RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML/JSON/TOML.",
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: engine.max_concurrency=32")]
 
 
-@app.command()
-def generate(
-    recipe: RecipeArg = None,
-    input: Annotated[str | None, typer.Option(help="Prompt file (.jsonl/.csv/.parquet).")] = None,
-    run_dir: Annotated[str | None, typer.Option(help="Run directory.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
-    backend: Annotated[str | None, typer.Option(help="Policy endpoint backend: openai | llamacpp.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model name, or GGUF path for llamacpp.")] = None,
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (…/v1).")] = None,
-    api_key_env: Annotated[str | None, typer.Option(help="Name of the env var holding the API key.")] = None,
-    rpm: Annotated[float | None, typer.Option(help="Requests per minute limit.")] = None,
-    tpm: Annotated[float | None, typer.Option(help="Tokens per minute limit.")] = None,
-    max_concurrency: Annotated[int | None, typer.Option(help="Global concurrency cap.")] = None,
-    budget_usd: Annotated[float | None, typer.Option(help="Stop scheduling new calls at this cost.")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Disable the request cache.")] = False,
-    progress: Annotated[str | None, typer.Option(help="auto | rich | plain | off")] = None,
-    sets: SetOpt = None,
-) -> None:
-    """Answer prompts with the policy group and write Parquet (defaults → RECIPE → flags)."""
-    extra: dict[str, Any] = {
-        "run_dir": run_dir,
-        "generate.input": input,
-        "generate.limit": limit,
+InputOpt = Annotated[str | None, typer.Option(help="Prompts: .jsonl/.json/.csv/.parquet or a saved HF dataset.")]
+RunDirOpt = Annotated[str | None, typer.Option(help="Run directory.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Only the first N prompts.")]
+BackendOpt = Annotated[str | None, typer.Option(help="Policy endpoint backend: openai | llamacpp.")]
+ModelOpt = Annotated[str | None, typer.Option(help="Model name, or GGUF path for llamacpp.")]
+BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (…/v1).")]
+KeyEnvOpt = Annotated[str | None, typer.Option(help="Name of the env var holding the API key.")]
+RpmOpt = Annotated[float | None, typer.Option(help="Requests per minute limit.")]
+TpmOpt = Annotated[float | None, typer.Option(help="Tokens per minute limit.")]
+ConcurrencyOpt = Annotated[int | None, typer.Option(help="Global concurrency cap.")]
+BudgetOpt = Annotated[float | None, typer.Option(help="Stop scheduling new calls at this cost.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Disable the request cache.")]
+ProgressOpt = Annotated[str | None, typer.Option(help="auto | rich | plain | off")]
+
+
+def _engine_flags(max_concurrency: int | None, budget_usd: float | None, progress: str | None,
+                  no_cache: bool) -> dict[str, Any]:
+    return {
         "engine.max_concurrency": max_concurrency,
         "engine.budget_usd": budget_usd,
         "engine.progress": progress,
         "engine.cache.enabled": False if no_cache else None,
     }
+
+
+def _only(recipe_obj: Any, stage: str) -> Any:
+    """The recipe with every stage but ``stage`` switched off."""
+    for name in ("generate", "sl"):
+        if name != stage:
+            setattr(recipe_obj, name, None)
+    if getattr(recipe_obj, stage) is None or not getattr(recipe_obj, stage).input:
+        raise CaiError_(f"no prompts: pass --input FILE or set {stage}.input in the recipe")
+    return recipe_obj
+
+
+@app.command()
+def generate(
+    recipe: RecipeArg = None,
+    input: InputOpt = None,
+    run_dir: RunDirOpt = None,
+    limit: LimitOpt = None,
+    backend: BackendOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: KeyEnvOpt = None,
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    max_concurrency: ConcurrencyOpt = None,
+    budget_usd: BudgetOpt = None,
+    no_cache: NoCacheOpt = False,
+    progress: ProgressOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Answer prompts with the policy group and write Parquet (defaults → RECIPE → flags)."""
+    extra = {"run_dir": run_dir, "generate.input": input, "generate.limit": limit,
+             **_engine_flags(max_concurrency, budget_usd, progress, no_cache)}
     endpoint = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env,
                 "rpm": rpm, "tpm": tpm}
-    recipe_obj = _load(recipe, sets or [], extra, endpoint)
-    if recipe_obj.generate is None or not recipe_obj.generate.input:
-        raise CaiError_("no prompts: pass --input FILE or set generate.input in the recipe")
-    _run(recipe_obj)
+    _run(_only(_load(recipe, sets or [], extra, endpoint), "generate"))
+
+
+@app.command()
+def sl(
+    recipe: RecipeArg = None,
+    input: InputOpt = None,
+    prompt_column: Annotated[str | None, typer.Option(help="Column with the prompt or conversation.")] = None,
+    response_column: Annotated[str | None, typer.Option(help="Take initial responses from this column.")] = None,
+    constitution: Annotated[str | None, typer.Option(help="Built-in name or constitution file.")] = None,
+    num_revisions: Annotated[int | None, typer.Option(help="Critique → revision rounds per prompt.")] = None,
+    run_dir: RunDirOpt = None,
+    limit: LimitOpt = None,
+    backend: BackendOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: KeyEnvOpt = None,
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    max_concurrency: ConcurrencyOpt = None,
+    budget_usd: BudgetOpt = None,
+    no_cache: NoCacheOpt = False,
+    progress: ProgressOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """SL-CAI: initial response → critique → revision chains, then sft/pairs exports (defaults → RECIPE →
+    flags)."""
+    extra = {"run_dir": run_dir, "sl.input": input, "sl.limit": limit, "sl.prompt_column": prompt_column,
+             "sl.response_column": response_column, "sl.constitution": constitution,
+             "sl.num_revisions": num_revisions, **_engine_flags(max_concurrency, budget_usd, progress, no_cache)}
+    endpoint = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env,
+                "rpm": rpm, "tpm": tpm}
+    _run(_only(_load(recipe, sets or [], extra, endpoint), "sl"))
+
+
+@app.command()
+def show(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.")],
+    chains: Annotated[int, typer.Option(help="How many chains to print.")] = 3,
+    errors: Annotated[bool, typer.Option("--errors", help="Print failed chains instead of finished ones.")] = False,
+) -> None:
+    """Counts, cost, failure reasons and a few chains of a run, readably."""
+    import polars as pl
+
+    from cai_async.runinfo import chain_text, describe_run
+    from cai_async.store import read_shards
+
+    info = describe_run(run_dir)
+    typer.echo(yaml.safe_dump(info, sort_keys=False, allow_unicode=True, width=120).rstrip())
+    frame = read_shards(run_dir / "sl")
+    if chains and not frame.is_empty():
+        picked = frame.filter((pl.col("status") != "ok") if errors else (pl.col("status") == "ok"))
+        for row in picked.head(chains).iter_rows(named=True):
+            typer.echo("")
+            typer.echo(chain_text(row))
 
 
 @app.command()
@@ -176,6 +284,47 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], 
 def show_config(recipe: RecipeArg = None, sets: SetOpt = None) -> None:
     """Print the resolved configuration (defaults → RECIPE → --set)."""
     typer.echo(yaml.safe_dump(_load(recipe, sets or [], {}, {}).model_dump(mode="json"), sort_keys=False))
+
+
+@constitution_app.command("list")
+def constitution_list() -> None:
+    """Names of the built-in constitutions."""
+    from cai_async.constitution_io import builtin_constitutions, load_constitution
+
+    for name in builtin_constitutions():
+        c = load_constitution(name)
+        typer.echo(f"{name}: {len(c.principles)} principles, draw={c.draw} — {c.description}")
+
+
+@constitution_app.command("show")
+def constitution_show(
+    source: Annotated[str, typer.Argument(help="Built-in name or file (YAML/JSON/TOML, public layouts too).")],
+) -> None:
+    """Print a constitution: its hash, draw mode and every principle."""
+    from cai_async.constitution_io import load_constitution
+
+    c = load_constitution(source)
+    typer.echo(f"{c.name} v{c.version}  hash {c.content_hash}  draw={c.draw}  "
+               f"{len(c.principles)} principles, {len(c.few_shot)} few-shot examples")
+    if c.description:
+        typer.echo(c.description)
+    for p in c.principles:
+        tags = f"  tags={','.join(p.tags)}" if p.tags else ""
+        typer.echo(f"\n[{p.name}]  weight={p.weight:g}  priority={p.priority}{tags}")
+        typer.echo(f"  critique: {p.critique}")
+        typer.echo(f"  revision: {p.revision}")
+
+
+@constitution_app.command("convert")
+def constitution_convert(
+    source: Annotated[str, typer.Argument(help="Built-in name or file in any supported layout.")],
+    target: Annotated[Path, typer.Argument(help="Output file: .yaml, .json or .toml.")],
+) -> None:
+    """Save a constitution in cai-async's layout (e.g. import a public list- or dict-layout file)."""
+    from cai_async.constitution_io import load_constitution, save_constitution
+
+    c = load_constitution(source)
+    typer.echo(f"wrote {save_constitution(c, target)} ({len(c.principles)} principles, hash {c.content_hash})")
 
 
 @cache_app.command("stats")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backends.errors import ConfigError
 from backends.registry import BackendSettings, Secret
@@ -92,6 +92,12 @@ class EngineConfig(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     budget_usd: float | None = Field(default=None, gt=0)
     progress: Literal["auto", "rich", "plain", "off"] = "auto"
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads a bare ``off``/``on`` as a boolean; take it as meant."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _name_endpoints(self) -> EngineConfig:

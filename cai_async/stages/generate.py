@@ -60,7 +60,7 @@ async def run_generate(engine: Engine, config: GenerateConfig, out_dir: str | Pa
     start = time.perf_counter()
 
     async def call(row: PromptRow) -> ChatResult:
-        messages = [{"role": "user", "content": row.prompt}]
+        messages = row.conversation()
         if config.system_prompt:
             messages.insert(0, {"role": "system", "content": config.system_prompt})
         request = ChatRequest(
@@ -76,6 +76,7 @@ async def run_generate(engine: Engine, config: GenerateConfig, out_dir: str | Pa
         record: dict[str, Any] = {
             "id": row.id,
             "prompt": row.prompt,
+            "messages": row.conversation(),
             "response": outcome.text,
             "finish_reason": outcome.finish_reason,
             "model": outcome.model,

@@ -1,0 +1,165 @@
+"""Constitutions: principles (a critique request and a revision request each), few-shot examples, and how a
+principle is drawn for each round of a critique → revision chain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from backends.errors import ConfigError
+
+__all__ = ["Constitution", "DrawMode", "FewShotExample", "Principle", "draw_principles"]
+
+DrawMode = Literal["random", "weighted", "priority"]
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class Principle(BaseModel):
+    """One principle: the request that asks for a critique and the request that asks for a revision.
+
+    ``weight`` (≥ 0; 0 disables the principle) drives ``weighted`` draws; ``priority`` (lower first) drives
+    ``priority`` draws."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    critique: str
+    revision: str
+    weight: float = Field(default=1.0, ge=0)
+    priority: int = 0
+    tags: tuple[str, ...] = ()
+
+    _check_text = field_validator("name", "critique", "revision")(_not_blank)
+
+
+class FewShotExample(BaseModel):
+    """A worked critique → revision exchange, put before the real one as prior chat turns. ``context`` holds
+    earlier turns of the conversation, for multi-turn examples."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    context: tuple[dict[str, str], ...] = ()
+    prompt: str
+    response: str
+    critique_request: str
+    critique: str
+    revision_request: str
+    revision: str
+
+    _check_text = field_validator(
+        "prompt", "response", "critique_request", "critique", "revision_request", "revision"
+    )(_not_blank)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The example as chat turns: the context, then user, assistant, user, assistant, user, assistant."""
+        return [
+            *(dict(m) for m in self.context),
+            {"role": "user", "content": self.prompt},
+            {"role": "assistant", "content": self.response},
+            {"role": "user", "content": self.critique_request},
+            {"role": "assistant", "content": self.critique},
+            {"role": "user", "content": self.revision_request},
+            {"role": "assistant", "content": self.revision},
+        ]
+
+
+class Constitution(BaseModel):
+    """A named, versioned set of principles with optional few-shot examples and a draw mode."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str = "1"
+    description: str = ""
+    draw: DrawMode = "random"
+    principles: tuple[Principle, ...] = Field(min_length=1)
+    few_shot: tuple[FewShotExample, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> Constitution:
+        seen: set[str] = set()
+        for index, principle in enumerate(self.principles):
+            if principle.name in seen:
+                raise ValueError(f"principles.{index}.name: duplicate principle name {principle.name!r}")
+            seen.add(principle.name)
+        if not any(p.weight > 0 for p in self.principles):
+            raise ValueError("every principle has weight 0: give at least one a positive weight")
+        return self
+
+    @property
+    def content_hash(self) -> str:
+        """Stable hash of what shapes generation (principles, few-shot examples, draw mode), not of the
+        name or description; recorded on every output row."""
+        payload = self.model_dump(mode="json", include={"draw", "principles", "few_shot"})
+        text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def principle(self, name: str) -> Principle:
+        """The principle called ``name``."""
+        for principle in self.principles:
+            if principle.name == name:
+                return principle
+        raise ConfigError(f"constitution {self.name!r} has no principle {name!r} (has: {self.names()})")
+
+    def names(self) -> str:
+        return ", ".join(p.name for p in self.principles)
+
+    def with_weights(self, weights: Mapping[str, float]) -> Constitution:
+        """A copy with some principles' weights replaced (``principle_weights`` in a recipe)."""
+        if not weights:
+            return self
+        unknown = [name for name in weights if name not in {p.name for p in self.principles}]
+        if unknown:
+            raise ConfigError(
+                f"principle_weights: no principle {', '.join(map(repr, unknown))} in constitution "
+                f"{self.name!r} (has: {self.names()})"
+            )
+        principles = [
+            p.model_copy(update={"weight": float(weights[p.name])}) if p.name in weights else p
+            for p in self.principles
+        ]
+        data: dict[str, Any] = self.model_dump()
+        data["principles"] = [p.model_dump() for p in principles]
+        try:
+            return Constitution.model_validate(data)
+        except ValueError as exc:
+            raise ConfigError(f"principle_weights: {exc}") from None
+
+
+def _weighted_order(pool: Sequence[Principle], rng: random.Random) -> list[Principle]:
+    """Weighted sampling without replacement (Efraimidis–Spirakis keys u^(1/w))."""
+    keyed = [(rng.random() ** (1.0 / p.weight), p) for p in pool]
+    keyed.sort(key=lambda pair: pair[0], reverse=True)
+    return [p for _, p in keyed]
+
+
+def draw_principles(
+    constitution: Constitution, rounds: int, *, rng: random.Random, mode: DrawMode | None = None
+) -> list[Principle]:
+    """Principles for ``rounds`` rounds of one chain: no principle repeats until every enabled one was used.
+
+    ``random`` shuffles uniformly, ``weighted`` samples by weight without replacement, ``priority`` goes in
+    priority order (lower first, ties in file order). Principles with weight 0 are never drawn."""
+    mode = mode or constitution.draw
+    pool = [p for p in constitution.principles if p.weight > 0]
+    drawn: list[Principle] = []
+    while len(drawn) < rounds:
+        if mode == "priority":
+            cycle = sorted(pool, key=lambda p: p.priority)
+        elif mode == "weighted":
+            cycle = _weighted_order(pool, rng)
+        else:
+            cycle = list(pool)
+            rng.shuffle(cycle)
+        drawn.extend(cycle[: rounds - len(drawn)])
+    return drawn

@@ -1,0 +1,158 @@
+"""Load and save constitutions: our YAML/JSON/TOML layout, the two public CAI layouts, and the built-ins."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backends.errors import ConfigError
+from cai_async.configio import read_mapping, validate
+from cai_async.constitution import Constitution
+
+__all__ = ["builtin_constitutions", "constitution_from_mapping", "load_constitution", "save_constitution"]
+
+_BUILTIN_DIR = "data/constitutions"
+_KEYS = ("prompt", "response", "critique_request", "critique", "revision_request", "revision")
+
+
+def builtin_constitutions() -> list[str]:
+    """Names of the constitutions shipped with cai-async."""
+    folder = resources.files("cai_async").joinpath(_BUILTIN_DIR)
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _few_shot_from_chats(chats: Any, source: str) -> list[dict[str, Any]]:
+    """``system_chat`` few-shot chats as few-shot examples: alternating user/assistant turns ending with
+    prompt, response, critique request, critique, revision request, revision; earlier turns are context."""
+    if not isinstance(chats, list):
+        raise ConfigError(f"{source}: system_chat must be a list of chats")
+    examples: list[dict[str, Any]] = []
+    for index, chat in enumerate(chats):
+        ok = isinstance(chat, list) and len(chat) >= 6 and len(chat) % 2 == 0
+        ok = ok and all(
+            isinstance(m, dict) and m.get("role") == ("user", "assistant")[i % 2] and isinstance(m.get("content"), str)
+            for i, m in enumerate(chat)
+        )
+        if not ok:
+            raise ConfigError(
+                f"{source}: system_chat.{index}: expected alternating user/assistant turns ending with prompt, "
+                "response, critique request, critique, revision request, revision"
+            )
+        example: dict[str, Any] = {key: m["content"] for key, m in zip(_KEYS, chat[-6:], strict=True)}
+        example["context"] = [{"role": m["role"], "content": m["content"]} for m in chat[:-6]]
+        examples.append(example)
+    return examples
+
+
+def _from_list_layout(data: Mapping[str, Any], name: str, source: str) -> dict[str, Any]:
+    """``{"constitutions": [{"critic", "revision"}], "system_chat": [...]}`` (Hugging Face llm-swarm)."""
+    items = data["constitutions"]
+    if not isinstance(items, list):
+        raise ConfigError(f"{source}: constitutions must be a list of {{critic, revision}}")
+    extra = set(data) - {"constitutions", "system_chat"}
+    if extra:
+        raise ConfigError(f"{source}: {', '.join(sorted(extra))}: unknown key (check the spelling)")
+    principles = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) != {"critic", "revision"}:
+            raise ConfigError(f"{source}: constitutions.{index}: expected exactly the keys critic and revision")
+        principles.append({"name": f"{name}-{index:02d}", "critique": item["critic"], "revision": item["revision"]})
+    return {
+        "name": name,
+        "principles": principles,
+        "few_shot": _few_shot_from_chats(data.get("system_chat", []), source),
+    }
+
+
+def _from_dict_layout(data: Mapping[str, Any], name: str, source: str) -> dict[str, Any]:
+    """``{"harmful0": {"prompt": [critique], "edit_request": revision}, ...}`` (the paper's layout)."""
+    principles = []
+    for key, item in data.items():
+        prompt = item.get("prompt")
+        critique = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+        if not isinstance(critique, str) or not isinstance(item.get("edit_request"), str):
+            raise ConfigError(f"{source}: {key}: expected prompt (one critique request) and edit_request (text)")
+        if set(item) - {"prompt", "edit_request"}:
+            raise ConfigError(f"{source}: {key}: unknown keys {sorted(set(item) - {'prompt', 'edit_request'})}")
+        principles.append({"name": key, "critique": critique, "revision": item["edit_request"]})
+    return {"name": name, "principles": principles}
+
+
+def constitution_from_mapping(data: Mapping[str, Any], *, name: str = "constitution", source: str = "") -> Constitution:
+    """A constitution from parsed data in any supported layout; errors name ``source`` and the key."""
+    source = source or name
+    if "principles" in data or not data:
+        payload = dict(data)
+        payload.setdefault("name", name)
+    elif "constitutions" in data:
+        payload = _from_list_layout(data, name, source)
+    elif all(isinstance(v, dict) and "edit_request" in v for v in data.values()):
+        payload = _from_dict_layout(data, name, source)
+    else:
+        raise ConfigError(
+            f"{source}: not a constitution: expected 'principles' (cai-async layout), 'constitutions' (list "
+            "layout with critic/revision) or {name: {prompt, edit_request}} (dict layout)"
+        )
+    if not payload.get("principles"):
+        raise ConfigError(f"{source}: principles: a constitution needs at least one principle")
+    return validate(Constitution, payload, source=source)
+
+
+def load_constitution(source: str | Path | Constitution) -> Constitution:
+    """A built-in by name (``seed``, ``harmless``…) or a YAML/JSON/TOML file in any supported layout."""
+    if isinstance(source, Constitution):
+        return source
+    text = str(source)
+    if text in builtin_constitutions():
+        resource = resources.files("cai_async").joinpath(f"{_BUILTIN_DIR}/{text}.yaml")
+        return constitution_from_mapping(yaml.safe_load(resource.read_text("utf-8")), name=text, source=text)
+    path = Path(text)
+    if not path.exists():
+        raise ConfigError(
+            f"{text}: no such constitution file or built-in (built-ins: {', '.join(builtin_constitutions())})"
+        )
+    return constitution_from_mapping(read_mapping(path), name=path.stem, source=str(path))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+
+
+def _to_toml(data: Mapping[str, Any]) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, list | tuple) or not v
+             or not isinstance(v[0], dict)]
+    for key, value in data.items():
+        if isinstance(value, list | tuple) and value and isinstance(value[0], dict):
+            for table in value:
+                lines += ["", f"[[{key}]]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"
+
+
+def save_constitution(constitution: Constitution, path: str | Path) -> Path:
+    """Write ``constitution`` as YAML, JSON or TOML (by the file's suffix)."""
+    target = Path(path)
+    data = constitution.model_dump(mode="json")
+    if target.suffix == ".json":
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    elif target.suffix == ".toml":
+        text = _to_toml(data)
+    elif target.suffix in (".yaml", ".yml"):
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110)
+    else:
+        raise ConfigError(f"{target}: save as .yaml, .json or .toml")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    return target

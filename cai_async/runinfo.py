@@ -1,0 +1,90 @@
+"""What a run directory holds: counts, cost, failure reasons, and chains as readable text (``cai show``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from backends.errors import ConfigError
+from cai_async.store import read_shards
+
+__all__ = ["chain_text", "describe_run"]
+
+
+def _reason(error: str) -> str:
+    """An error message with row-specific details (numbers, quoted text) blurred, so equal causes group."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"|\d+(?:\.\d+)?", "…", error)[:200]
+
+
+def describe_run(run_dir: str | Path) -> dict[str, Any]:
+    """Counts per stage, tokens and cost, grouped failure reasons and exports of a run directory."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: no such run directory")
+    info: dict[str, Any] = {"run_dir": str(root), "stages": {}}
+    summary_path = root / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        engine = summary.get("engine", {})
+        info["tokens"] = engine.get("tokens", 0)
+        info["cost_usd"] = engine.get("cost_usd", 0.0)
+        info["calls"] = sum(e.get("calls", 0) for e in engine.get("endpoints", {}).values())
+        info["cache_hits"] = engine.get("cache_hits", 0)
+        info["unrecorded_failures"] = {
+            name: stage.get("failed", 0) for name, stage in summary.get("stages", {}).items()
+        }
+    for stage in ("generate", "sl", "helpful"):
+        frame = read_shards(root / stage)
+        if frame.is_empty():
+            continue
+        stats: dict[str, Any] = {"rows": frame.height}
+        if "status" in frame.columns:
+            stats["ok"] = frame.filter(pl.col("status") == "ok").height
+            errors = frame.filter(pl.col("status") != "ok")
+            stats["errors"] = errors.height
+            stats["failure_reasons"] = dict(
+                Counter(f"{row['error_step']}: {_reason(row['error'] or '')}" for row in errors.iter_rows(named=True))
+                .most_common(10)
+            )
+        if "rounds" in frame.columns:
+            rounds = frame.select(pl.col("rounds").explode()).unnest("rounds").drop_nulls("round")
+            stats["rounds"] = rounds.height
+            stats["revisions_cleaned"] = int(rounds["cleaned"].sum() or 0)
+            stats["stopped_early"] = int(frame["stopped_early"].sum() or 0)
+            stats["principles"] = dict(Counter(rounds["principle"].to_list()).most_common())
+            stats["constitution_hashes"] = sorted(set(frame["constitution_hash"].to_list()))
+        info["stages"][stage] = stats
+    exports = root / "exports"
+    if exports.is_dir():
+        info["exports"] = {p.name: pl.scan_parquet(p).select(pl.len()).collect().item()
+                           for p in sorted(exports.glob("*.parquet"))}
+    return info
+
+
+def chain_text(row: dict[str, Any], *, width: int = 400) -> str:
+    """One chain row as readable text: the conversation, the initial response, then each round."""
+
+    def cut(text: str | None) -> str:
+        text = (text or "").strip()
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    lines = [f"── chain {row['id']} ({row['status']}, constitution {row['constitution']})"]
+    for message in row["messages"]:
+        lines.append(f"{message['role'].upper()}: {cut(message['content'])}")
+    lines.append(f"INITIAL ({row['initial_source']}): {cut(row['initial_response'])}")
+    for step in row["rounds"] or []:
+        lines.append(f"  round {step['round']} · principle {step['principle']}")
+        lines.append(f"    CRITIQUE: {cut(step['critique'])}")
+        if step["early_stop"]:
+            lines.append("    (stopped early: the critique found nothing to fix)")
+        elif step["revision"] is not None:
+            flag = " [wrapper text removed]" if step["cleaned"] else ""
+            lines.append(f"    REVISION{flag}: {cut(step['revision'])}")
+    if row["status"] != "ok":
+        lines.append(f"ERROR at {row['error_step']}: {row['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,347 @@
+"""SL-CAI: prompt → initial response → (critique → revision) × N, one principle drawn per round.
+
+Chains run concurrently through the engine; the steps of one chain run in order. Every step is kept in the
+chain row (``CHAIN_SCHEMA``). Finished chains are written as Parquet shards; a rerun skips them, and a chain
+cut off half-way gets its finished steps back from the engine's cache, so no call is paid twice."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from backends.errors import BudgetExceeded, CaiError, PermanentError
+from backends.types import ChatRequest, ChatResult
+from cai_async.constitution import Constitution, DrawMode, draw_principles
+from cai_async.constitution_io import load_constitution
+from cai_async.engine import Engine
+from cai_async.exports import ExportConfig
+from cai_async.prompts import PromptRow, load_prompts
+from cai_async.stages.cleaning import NO_ISSUES_PATTERN, clean_revision
+from cai_async.store import ShardWriter
+
+__all__ = [
+    "CHAIN_SCHEMA",
+    "EarlyStopConfig",
+    "EmptyResponse",
+    "SLConfig",
+    "SLReport",
+    "run_sl",
+]
+
+Step = Literal["initial", "critique", "revision"]
+
+_MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
+_CALL_FIELDS: dict[str, pl.DataType] = {
+    "endpoint": pl.String(),
+    "model": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "latency_s": pl.Float64(),
+    "cached": pl.Boolean(),
+    "finish_reason": pl.String(),
+}
+ROUND_SCHEMA = pl.Struct(
+    {
+        "round": pl.Int64(),
+        "principle": pl.String(),
+        "critique_request": pl.String(),
+        "critique": pl.String(),
+        "revision_request": pl.String(),
+        "revision": pl.String(),
+        "revision_raw": pl.String(),
+        "cleaned": pl.Boolean(),
+        "early_stop": pl.Boolean(),
+        **{f"critique_{k}": v for k, v in _CALL_FIELDS.items()},
+        **{f"revision_{k}": v for k, v in _CALL_FIELDS.items()},
+    }
+)
+CHAIN_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String(),
+    "run_id": pl.String(),
+    "stage": pl.String(),
+    "status": pl.String(),
+    "error": pl.String(),
+    "error_step": pl.String(),
+    "constitution": pl.String(),
+    "constitution_hash": pl.String(),
+    "prompt": pl.String(),
+    "messages": pl.List(_MESSAGE),
+    "initial_response": pl.String(),
+    "initial_source": pl.String(),
+    **{f"initial_{k}": v for k, v in _CALL_FIELDS.items()},
+    "rounds": pl.List(ROUND_SCHEMA),
+    "num_rounds": pl.Int64(),
+    "final_response": pl.String(),
+    "stopped_early": pl.Boolean(),
+    "early_stop_rule": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "latency_s": pl.Float64(),
+    "created_at": pl.Float64(),
+}
+"""One row per chain; ``rounds`` holds every critique → revision step with its endpoint, usage and timing."""
+
+
+class EmptyResponse(PermanentError):
+    """An endpoint answered with no text for a step that needs some."""
+
+
+class EarlyStopConfig(BaseModel):
+    """Stop a chain when the critique finds nothing to fix: ``pattern`` is a case-insensitive regex."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    pattern: str = NO_ISSUES_PATTERN
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class SLConfig(BaseModel):
+    """Options of the SL-CAI stage (recipe key ``sl``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = ""
+    prompt_column: str = "prompt"
+    id_column: str | None = None
+    response_column: str | None = None
+    """Take initial responses from this column instead of generating them."""
+    split: str | None = None
+    last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip"
+    """For conversations ending with an assistant turn: skip the row, drop the turn, or use it as the
+    initial response (e.g. hh-rlhf transcripts)."""
+    limit: int | None = Field(default=None, ge=1)
+    constitution: str = "harmless"
+    """A built-in name (``seed``, ``harmless``) or a YAML/JSON/TOML file in any supported layout."""
+    num_revisions: int = Field(default=1, ge=1, le=32)
+    draw: DrawMode | None = None
+    """How principles are drawn per round; default: the constitution's own ``draw``."""
+    principle_weights: dict[str, float] = Field(default_factory=dict)
+    few_shot: int = Field(default=0, ge=0)
+    """How many of the constitution's few-shot examples go before each request, as prior turns."""
+    system_prompt: str | None = None
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    clean_revisions: bool = True
+    max_tokens: int = Field(default=128, ge=1)
+    critique_max_tokens: int = Field(default=128, ge=1)
+    revision_max_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    policy_role: str = "policy"
+    critic_role: str = "critic"
+    chain_concurrency: int | None = Field(default=None, ge=1)
+    """Chains in flight; default: the engine's cap, or one per model when every endpoint is in-process
+    llama.cpp (so a chain's steps follow each other and reuse the KV cache)."""
+    shard_rows: int = Field(default=64, ge=1)
+    flush_every_s: float = Field(default=10.0, gt=0)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+
+@dataclass
+class SLReport:
+    """What an SL-CAI run did."""
+
+    total: int = 0
+    skipped: int = 0
+    written: int = 0
+    ok: int = 0
+    errors: int = 0
+    """Chains recorded with ``status="error"`` (permanent: a rerun does not retry them)."""
+    failed: int = 0
+    """Chains not recorded (transient failures, budget): a rerun retries them."""
+    failures: list[dict[str, str]] = field(default_factory=list)
+    stopped: str | None = None
+    seconds: float = 0.0
+
+
+def _call_fields(prefix: str, result: ChatResult | None) -> dict[str, Any]:
+    if result is None:
+        return {f"{prefix}_{k}": None for k in _CALL_FIELDS}
+    return {
+        f"{prefix}_endpoint": result.endpoint,
+        f"{prefix}_model": result.model,
+        f"{prefix}_prompt_tokens": result.usage.prompt_tokens,
+        f"{prefix}_completion_tokens": result.usage.completion_tokens,
+        f"{prefix}_latency_s": result.latency_s,
+        f"{prefix}_cached": result.cached,
+        f"{prefix}_finish_reason": result.finish_reason,
+    }
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: str, error: CaiError):
+        self.step = step
+        self.error = error
+
+
+class ChainRunner:
+    """Runs one chain at a time for :func:`run_sl`; holds what every chain shares."""
+
+    def __init__(self, engine: Engine, config: SLConfig, constitution: Constitution, run_id: str):
+        self.engine = engine
+        self.config = config
+        self.constitution = constitution
+        self.run_id = run_id
+        self.system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+        self.prefix = list(self.system)
+        for example in constitution.few_shot[: config.few_shot]:
+            self.prefix.extend(example.messages())
+        self.stop_rule = re.compile(config.early_stop.pattern, re.IGNORECASE) if config.early_stop.enabled else None
+
+    async def _chat(self, step: str, role: str, messages: list[dict[str, str]], max_tokens: int) -> ChatResult:
+        request = ChatRequest(
+            messages, max_tokens=max_tokens, temperature=self.config.temperature, seed=self.config.seed
+        )
+        try:
+            result = await self.engine.chat(role, request)
+        except BudgetExceeded:
+            raise
+        except CaiError as exc:
+            raise _StepFailed(step, exc) from None
+        if not result.text.strip():
+            raise _StepFailed(step, EmptyResponse(
+                f"endpoint {result.endpoint!r} (model {result.model!r}) answered the {step} step with empty text "
+                f"(finish_reason={result.finish_reason!r}); check the model and its max_tokens"
+            ))
+        return result
+
+    async def run(self, row: PromptRow) -> dict[str, Any]:
+        """The chain row for ``row``; a failed step is recorded in it (``status="error"``) with the steps
+        that finished, unless the failure is worth retrying (then it is raised)."""
+        cfg = self.config
+        conversation = row.conversation()
+        record: dict[str, Any] = {
+            "id": row.id,
+            "run_id": self.run_id,
+            "stage": "sl",
+            "status": "ok",
+            "error": None,
+            "error_step": None,
+            "constitution": self.constitution.name,
+            "constitution_hash": self.constitution.content_hash,
+            "prompt": row.prompt,
+            "messages": conversation,
+            "initial_response": row.response,
+            "initial_source": "given" if row.response is not None else "generated",
+            **_call_fields("initial", None),
+            "rounds": [],
+            "stopped_early": False,
+            "early_stop_rule": cfg.early_stop.pattern if self.stop_rule else None,
+        }
+        results: list[ChatResult] = []
+        try:
+            current = row.response
+            if current is None:
+                initial = await self._chat("initial", cfg.policy_role, [*self.system, *conversation], cfg.max_tokens)
+                results.append(initial)
+                current = initial.text.strip()
+                record.update(initial_response=current, **_call_fields("initial", initial))
+            rng = random.Random(f"{cfg.seed}:{row.id}")
+            principles = draw_principles(self.constitution, cfg.num_revisions, rng=rng, mode=cfg.draw)
+            for number, principle in enumerate(principles, start=1):
+                asked = [*self.prefix, *conversation, {"role": "assistant", "content": current},
+                         {"role": "user", "content": principle.critique}]
+                critique = await self._chat("critique", cfg.critic_role, asked, cfg.critique_max_tokens)
+                results.append(critique)
+                step: dict[str, Any] = {
+                    "round": number, "principle": principle.name, "critique_request": principle.critique,
+                    "critique": critique.text.strip(), "revision_request": principle.revision, "revision": None,
+                    "revision_raw": None, "cleaned": False, "early_stop": False,
+                    **_call_fields("critique", critique), **_call_fields("revision", None),
+                }
+                record["rounds"].append(step)
+                if self.stop_rule is not None and self.stop_rule.search(critique.text):
+                    step["early_stop"] = True
+                    record["stopped_early"] = True
+                    break
+                asked += [{"role": "assistant", "content": critique.text.strip()},
+                          {"role": "user", "content": principle.revision}]
+                revision = await self._chat("revision", cfg.critic_role, asked, cfg.revision_max_tokens)
+                results.append(revision)
+                raw = revision.text.strip()
+                text, cleaned = clean_revision(raw, principle.revision) if cfg.clean_revisions else (raw, False)
+                step.update(revision=text, revision_raw=raw, cleaned=cleaned, **_call_fields("revision", revision))
+                if not text:
+                    raise _StepFailed("revision", EmptyResponse(
+                        f"round {number}: the revision is empty once wrapper text is removed ({raw[:80]!r}); "
+                        "set sl.clean_revisions=false to keep it raw, or use a stronger critic model"
+                    ))
+                current = text
+        except _StepFailed as failed:
+            if not isinstance(failed.error, PermanentError):
+                raise failed.error from None
+            record.update(status="error", error=f"{type(failed.error).__name__}: {failed.error}",
+                          error_step=failed.step)
+        record["num_rounds"] = len(record["rounds"])
+        record["final_response"] = current if record["status"] == "ok" else None
+        record["prompt_tokens"] = sum(r.usage.prompt_tokens for r in results)
+        record["completion_tokens"] = sum(r.usage.completion_tokens for r in results)
+        record["latency_s"] = sum(r.latency_s for r in results)
+        record["created_at"] = time.time()
+        return record
+
+
+def _chain_concurrency(engine: Engine, config: SLConfig) -> int:
+    if config.chain_concurrency:
+        return config.chain_concurrency
+    endpoints = [*engine.group(config.policy_role), *engine.group(config.critic_role)]
+    if endpoints and all(e.config.backend == "llamacpp" for e in endpoints):
+        return max(1, len({e.config.model for e in endpoints}))
+    return engine.config.max_concurrency
+
+
+async def run_sl(engine: Engine, config: SLConfig, out_dir: str | Path, *, run_id: str = "") -> SLReport:
+    """Run critique → revision chains for every prompt not already in ``out_dir``."""
+    constitution = load_constitution(config.constitution).with_weights(config.principle_weights)
+    if config.few_shot > len(constitution.few_shot):
+        raise CaiError(f"sl.few_shot={config.few_shot} but constitution {constitution.name!r} has "
+                       f"{len(constitution.few_shot)} few-shot examples")
+    prompts = load_prompts(config.input, column=config.prompt_column, id_column=config.id_column,
+                           response_column=config.response_column, split=config.split,
+                           last_assistant_turn=config.last_assistant_turn)
+    if config.limit:
+        prompts = prompts[: config.limit]
+    writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=CHAIN_SCHEMA,
+                         flush_every_s=config.flush_every_s)
+    done = writer.existing_ids()
+    todo = [p for p in prompts if p.id not in done]
+    report = SLReport(total=len(prompts), skipped=len(prompts) - len(todo))
+    runner = ChainRunner(engine, config, constitution, run_id or Path(out_dir).parent.name)
+    start = time.perf_counter()
+
+    def on_result(row: PromptRow, outcome: dict[str, Any] | CaiError) -> None:
+        if isinstance(outcome, CaiError):
+            report.failed += 1
+            report.failures.append({"id": row.id, "error": f"{type(outcome).__name__}: {outcome}"})
+            return
+        if outcome["status"] == "ok":
+            report.ok += 1
+        else:
+            report.errors += 1
+            report.failures.append({"id": row.id, "error": outcome["error"]})
+        writer.add(outcome)
+
+    try:
+        batch = await engine.run_batch(todo, runner.run, on_result=on_result, total=len(todo),
+                                       concurrency=_chain_concurrency(engine, config))
+        report.stopped = batch.stopped
+    finally:
+        writer.flush()
+        report.written = writer.written
+        report.seconds = time.perf_counter() - start
+    return report
