@@ -252,3 +252,23 @@ def test_kill_9_mid_chain_loses_nothing_and_repays_only_in_flight_calls(tmp_path
     stats = server.stats()
     assert stats["unique"] == n * 5
     assert stats["repeats"] <= kills * concurrency  # at most the calls in flight at each kill were paid again
+
+
+def test_hosted_recipe_runs_by_changing_only_the_endpoint(tmp_path: Path, server: TestServer) -> None:
+    secret = "sk-test-4f2a9c1e77"
+    server.configure(api_key=secret)
+    recipe_path = Path(__file__).resolve().parent.parent / "recipes" / "hosted-openai.yaml"
+    env = {**os.environ, "OPENAI_API_KEY": secret}
+    out = cai("run", str(recipe_path), "--set", f"engine.groups.policy=[{{backend: openai, model: m, base_url: "
+              f"'{server.base_url}', api_key_env: OPENAI_API_KEY, price_in: 0.15, price_out: 0.6}}]",
+              "--set", f"run_dir={tmp_path / 'run'}", "--set", "sl.limit=4", "--set", "engine.progress=off", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "sl: 4 written" in out.stderr and "cost: $0.0" in out.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["engine"]["cost_usd"] > 0
+    leaked = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaked == [] and secret not in out.stderr + out.stdout
+    assert "OPENAI_API_KEY" in (tmp_path / "run" / "config.yaml").read_text()
+    missing = cai("run", str(recipe_path), "--set", f"run_dir={tmp_path / 'run2'}",
+                  env={k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"})
+    assert missing.returncode == 2 and "OPENAI_API_KEY" in missing.stderr

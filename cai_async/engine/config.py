@@ -28,7 +28,7 @@ class EndpointConfig(_Strict):
     rpm: float | None = Field(default=None, gt=0, description="requests/minute; unset: learned from headers")
     tpm: float | None = Field(default=None, gt=0, description="tokens/minute; unset: learned from headers")
     learn_limits: bool = True
-    max_concurrency: int = Field(default=64, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1, description="calls in flight; unset: the engine's cap")
     weight: float = Field(default=1.0, gt=0)
     price_in: float = Field(default=0.0, ge=0, description="USD per million input tokens")
     price_out: float = Field(default=0.0, ge=0, description="USD per million output tokens")

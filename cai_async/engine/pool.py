@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -36,7 +37,7 @@ class EndpointState:
             rpm=config.rpm, tpm=config.tpm, learn=config.learn_limits and config.backend == "openai",
             sleep=sleep, clock=clock,
         )
-        self.capacity = anyio.CapacityLimiter(config.max_concurrency)
+        self.capacity = anyio.CapacityLimiter(config.max_concurrency or math.inf)
         self.inflight = 0
         self._breaker = breaker
         self._clock = clock
