@@ -11,6 +11,7 @@ __all__ = [
     "BudgetExceeded",
     "CaiError",
     "ConfigError",
+    "NoChoiceFound",
     "PermanentError",
     "RateLimited",
     "TransientError",
@@ -55,6 +56,11 @@ class TransientError(BackendError):
 
 class PermanentError(BackendError):
     """A failure retrying cannot fix: 4xx other than 408/429, a malformed answer, a bad model file."""
+
+
+class NoChoiceFound(PermanentError):
+    """A scoring call whose answer named none of the choices (no choice among the top logprobs, or no
+    sampled answer naming one): a labeller records it as an abstention."""
 
 
 def redact(text: str, secrets: list[str] | tuple[str, ...]) -> str:

@@ -15,7 +15,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from backends.errors import BackendError, ConfigError, PermanentError, RateLimited, TransientError, redact
+from backends.errors import (
+    BackendError,
+    ConfigError,
+    NoChoiceFound,
+    PermanentError,
+    RateLimited,
+    TransientError,
+    redact,
+)
 from backends.registry import BackendSettings
 from backends.scoring import normalize_choice_logprobs
 from backends.types import (
@@ -318,7 +326,7 @@ class OpenAIBackend:
                 counts[answer] += 1
         total = sum(counts.values())
         if total == 0:
-            raise self._error(PermanentError, f"none of {self._score_samples} sampled answers named a choice")
+            raise self._error(NoChoiceFound, f"none of {self._score_samples} sampled answers named a choice")
         return ScoreResult(
             probs={c: counts[c] / total for c in request.choices},
             method="sampled",

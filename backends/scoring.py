@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from backends.errors import PermanentError
+from backends.errors import NoChoiceFound
 
 __all__ = ["normalize_choice_logprobs"]
 
@@ -25,7 +25,7 @@ def normalize_choice_logprobs(
             mass[key] += math.exp(logprob)
     total = sum(mass.values())
     if total <= 0.0:
-        raise PermanentError(
+        raise NoChoiceFound(
             f"none of the choices {list(choices)} is among the candidate tokens the endpoint returned "
             f"({sorted(logprobs)[:8]}); raise top_logprobs or check the answer prefix",
             endpoint=endpoint,

@@ -11,6 +11,7 @@ from backends import (
     ChatRequest,
     ChatResult,
     ConfigError,
+    NoChoiceFound,
     PermanentError,
     RateLimited,
     ScoreRequest,
@@ -22,10 +23,20 @@ from backends import (
     register_backend,
 )
 from cai_async.configio import apply_overrides, load_config, read_mapping
-from cai_async.constitution import Constitution, DrawMode, FewShotExample, Principle, draw_principles
+from cai_async.constitution import (
+    ComparisonPrinciple,
+    ComparisonSet,
+    Constitution,
+    DrawMode,
+    FewShotExample,
+    Principle,
+    draw_principles,
+)
 from cai_async.constitution_io import (
+    builtin_comparison_sets,
     builtin_constitutions,
     constitution_from_mapping,
+    load_comparison_set,
     load_constitution,
     save_constitution,
 )
@@ -39,9 +50,21 @@ from cai_async.engine import (
     RequestCache,
     RetryConfig,
 )
-from cai_async.exports import ExportConfig, HelpfulMixConfig, mix_helpful, pairs_frame, sft_frame, write_sl_exports
+from cai_async.exports import (
+    ExportConfig,
+    HelpfulMixConfig,
+    RLExportConfig,
+    dpo_frame,
+    mix_helpful,
+    pairs_frame,
+    reward_frame,
+    sft_frame,
+    write_rl_exports,
+    write_sl_exports,
+)
+from cai_async.labelquality import expected_calibration_error, human_pairs, quality_metrics, run_label_quality
 from cai_async.prompts import PromptRow, load_prompts, parse_conversation
-from cai_async.recipes import Recipe, load_recipe, run_recipe, run_sl_stage
+from cai_async.recipes import Recipe, RLConfig, load_recipe, run_recipe, run_rl_stage, run_sl_stage
 from cai_async.runinfo import chain_text, describe_run
 from cai_async.stages import (
     CHAIN_SCHEMA,
@@ -53,12 +76,26 @@ from cai_async.stages import (
     run_generate,
     run_sl,
 )
+from cai_async.stages.label import (
+    LABEL_SCHEMA,
+    CotConfig,
+    LabelConfig,
+    Labeller,
+    LabelReport,
+    combine_orders,
+    multiple_choice_prompt,
+    parse_choice,
+    run_label,
+)
+from cai_async.stages.pairs import PAIR_SCHEMA, PairRow, PairsConfig, PairsReport, load_pairs, run_pairs
 from cai_async.store import ShardWriter, read_shards, write_parquet_atomic
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CHAIN_SCHEMA",
+    "LABEL_SCHEMA",
+    "PAIR_SCHEMA",
     "Backend",
     "BackendError",
     "BatchReport",
@@ -68,8 +105,11 @@ __all__ = [
     "CaiError",
     "ChatRequest",
     "ChatResult",
+    "ComparisonPrinciple",
+    "ComparisonSet",
     "ConfigError",
     "Constitution",
+    "CotConfig",
     "DrawMode",
     "EarlyStopConfig",
     "EndpointConfig",
@@ -79,9 +119,18 @@ __all__ = [
     "FewShotExample",
     "GenerateConfig",
     "HelpfulMixConfig",
+    "LabelConfig",
+    "LabelReport",
+    "Labeller",
+    "NoChoiceFound",
+    "PairRow",
+    "PairsConfig",
+    "PairsReport",
     "PermanentError",
     "Principle",
     "PromptRow",
+    "RLConfig",
+    "RLExportConfig",
     "RateLimited",
     "Recipe",
     "RequestCache",
@@ -96,29 +145,45 @@ __all__ = [
     "__version__",
     "apply_overrides",
     "available_backends",
+    "builtin_comparison_sets",
     "builtin_constitutions",
     "chain_text",
     "clean_revision",
+    "combine_orders",
     "constitution_from_mapping",
     "create_backend",
     "describe_run",
+    "dpo_frame",
     "draw_principles",
+    "expected_calibration_error",
+    "human_pairs",
+    "load_comparison_set",
     "load_config",
     "load_constitution",
+    "load_pairs",
     "load_prompts",
     "load_recipe",
     "mix_helpful",
+    "multiple_choice_prompt",
     "pairs_frame",
+    "parse_choice",
     "parse_conversation",
+    "quality_metrics",
     "read_mapping",
     "read_shards",
     "register_backend",
+    "reward_frame",
     "run_generate",
+    "run_label",
+    "run_label_quality",
+    "run_pairs",
     "run_recipe",
+    "run_rl_stage",
     "run_sl",
     "run_sl_stage",
     "save_constitution",
     "sft_frame",
     "write_parquet_atomic",
+    "write_rl_exports",
     "write_sl_exports",
 ]

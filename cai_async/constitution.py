@@ -7,13 +7,21 @@ import hashlib
 import json
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backends.errors import ConfigError
 
-__all__ = ["Constitution", "DrawMode", "FewShotExample", "Principle", "draw_principles"]
+__all__ = [
+    "ComparisonPrinciple",
+    "ComparisonSet",
+    "Constitution",
+    "DrawMode",
+    "FewShotExample",
+    "Principle",
+    "draw_principles",
+]
 
 DrawMode = Literal["random", "weighted", "priority"]
 
@@ -85,24 +93,13 @@ class Constitution(BaseModel):
     principles: tuple[Principle, ...] = Field(min_length=1)
     few_shot: tuple[FewShotExample, ...] = ()
 
-    @model_validator(mode="after")
-    def _check(self) -> Constitution:
-        seen: set[str] = set()
-        for index, principle in enumerate(self.principles):
-            if principle.name in seen:
-                raise ValueError(f"principles.{index}.name: duplicate principle name {principle.name!r}")
-            seen.add(principle.name)
-        if not any(p.weight > 0 for p in self.principles):
-            raise ValueError("every principle has weight 0: give at least one a positive weight")
-        return self
+    _check = model_validator(mode="after")(lambda self: _check_principles(self))
 
     @property
     def content_hash(self) -> str:
         """Stable hash of what shapes generation (principles, few-shot examples, draw mode), not of the
         name or description; recorded on every output row."""
-        payload = self.model_dump(mode="json", include={"draw", "principles", "few_shot"})
-        text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return _hash(self.model_dump(mode="json", include={"draw", "principles", "few_shot"}))
 
     def principle(self, name: str) -> Principle:
         """The principle called ``name``."""
@@ -116,43 +113,108 @@ class Constitution(BaseModel):
 
     def with_weights(self, weights: Mapping[str, float]) -> Constitution:
         """A copy with some principles' weights replaced (``principle_weights`` in a recipe)."""
-        if not weights:
-            return self
-        unknown = [name for name in weights if name not in {p.name for p in self.principles}]
-        if unknown:
-            raise ConfigError(
-                f"principle_weights: no principle {', '.join(map(repr, unknown))} in constitution "
-                f"{self.name!r} (has: {self.names()})"
-            )
-        principles = [
-            p.model_copy(update={"weight": float(weights[p.name])}) if p.name in weights else p
-            for p in self.principles
-        ]
-        data: dict[str, Any] = self.model_dump()
-        data["principles"] = [p.model_dump() for p in principles]
-        try:
-            return Constitution.model_validate(data)
-        except ValueError as exc:
-            raise ConfigError(f"principle_weights: {exc}") from None
+        return _reweighted(self, weights)
 
 
-def _weighted_order(pool: Sequence[Principle], rng: random.Random) -> list[Principle]:
+_Set = TypeVar("_Set", Constitution, "ComparisonSet")
+
+
+def _check_principles(model: _Set) -> _Set:
+    seen: set[str] = set()
+    for index, principle in enumerate(model.principles):
+        if principle.name in seen:
+            raise ValueError(f"principles.{index}.name: duplicate principle name {principle.name!r}")
+        seen.add(principle.name)
+    if not any(p.weight > 0 for p in model.principles):
+        raise ValueError("every principle has weight 0: give at least one a positive weight")
+    return model
+
+
+def _hash(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _reweighted(model: _Set, weights: Mapping[str, float]) -> _Set:
+    if not weights:
+        return model
+    unknown = [name for name in weights if name not in {p.name for p in model.principles}]
+    if unknown:
+        raise ConfigError(
+            f"principle_weights: no principle {', '.join(map(repr, unknown))} in {model.name!r} "
+            f"(has: {', '.join(p.name for p in model.principles)})"
+        )
+    data: dict[str, Any] = model.model_dump()
+    for principle in data["principles"]:
+        if principle["name"] in weights:
+            principle["weight"] = float(weights[principle["name"]])
+    try:
+        return type(model).model_validate(data)
+    except ValueError as exc:
+        raise ConfigError(f"principle_weights: {exc}") from None
+
+
+class ComparisonPrinciple(BaseModel):
+    """A principle phrased as a multiple-choice question over two responses ("Which of these responses is
+    less harmful…?"), for AI-feedback labels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    question: str
+    weight: float = Field(default=1.0, ge=0)
+    priority: int = 0
+    tags: tuple[str, ...] = ()
+
+    _check_text = field_validator("name", "question")(_not_blank)
+
+
+class ComparisonSet(BaseModel):
+    """A named, versioned set of comparison principles; ``weighted`` draws pick the ensemble for each pair."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str = "1"
+    description: str = ""
+    draw: DrawMode = "weighted"
+    principles: tuple[ComparisonPrinciple, ...] = Field(min_length=1)
+
+    _check = model_validator(mode="after")(lambda self: _check_principles(self))
+
+    @property
+    def content_hash(self) -> str:
+        """Stable hash of the questions, weights and draw mode."""
+        return _hash(self.model_dump(mode="json", include={"draw", "principles"}))
+
+    def names(self) -> str:
+        return ", ".join(p.name for p in self.principles)
+
+    def with_weights(self, weights: Mapping[str, float]) -> ComparisonSet:
+        """A copy with some principles' weights replaced."""
+        return _reweighted(self, weights)
+
+
+def _weighted_order(pool: Sequence[P], rng: random.Random) -> list[P]:
     """Weighted sampling without replacement (Efraimidis–Spirakis keys u^(1/w))."""
     keyed = [(rng.random() ** (1.0 / p.weight), p) for p in pool]
     keyed.sort(key=lambda pair: pair[0], reverse=True)
     return [p for _, p in keyed]
 
 
+P = TypeVar("P", Principle, ComparisonPrinciple)
+
+
 def draw_principles(
-    constitution: Constitution, rounds: int, *, rng: random.Random, mode: DrawMode | None = None
-) -> list[Principle]:
+    constitution: Constitution | ComparisonSet, rounds: int, *, rng: random.Random, mode: DrawMode | None = None
+) -> list[Any]:
     """Principles for ``rounds`` rounds of one chain: no principle repeats until every enabled one was used.
 
     ``random`` shuffles uniformly, ``weighted`` samples by weight without replacement, ``priority`` goes in
     priority order (lower first, ties in file order). Principles with weight 0 are never drawn."""
     mode = mode or constitution.draw
-    pool = [p for p in constitution.principles if p.weight > 0]
-    drawn: list[Principle] = []
+    pool: list[Any] = [p for p in constitution.principles if p.weight > 0]
+    drawn: list[Any] = []
     while len(drawn) < rounds:
         if mode == "priority":
             cycle = sorted(pool, key=lambda p: p.priority)

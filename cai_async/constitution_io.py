@@ -12,18 +12,61 @@ import yaml
 
 from backends.errors import ConfigError
 from cai_async.configio import read_mapping, validate
-from cai_async.constitution import Constitution
+from cai_async.constitution import ComparisonSet, Constitution
 
-__all__ = ["builtin_constitutions", "constitution_from_mapping", "load_constitution", "save_constitution"]
+__all__ = [
+    "builtin_comparison_sets",
+    "builtin_constitutions",
+    "constitution_from_mapping",
+    "load_comparison_set",
+    "load_constitution",
+    "save_constitution",
+]
 
 _BUILTIN_DIR = "data/constitutions"
+_COMPARISON_DIR = "data/comparisons"
 _KEYS = ("prompt", "response", "critique_request", "critique", "revision_request", "revision")
+
+
+def _builtins(folder_name: str) -> list[str]:
+    folder = resources.files("cai_async").joinpath(folder_name)
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _builtin_mapping(folder_name: str, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(
+        resources.files("cai_async").joinpath(f"{folder_name}/{name}.yaml").read_text("utf-8")
+    )
+    return data
 
 
 def builtin_constitutions() -> list[str]:
     """Names of the constitutions shipped with cai-async."""
-    folder = resources.files("cai_async").joinpath(_BUILTIN_DIR)
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return _builtins(_BUILTIN_DIR)
+
+
+def builtin_comparison_sets() -> list[str]:
+    """Names of the comparison-principle sets shipped with cai-async."""
+    return _builtins(_COMPARISON_DIR)
+
+
+def load_comparison_set(source: str | Path | ComparisonSet) -> ComparisonSet:
+    """Comparison principles: a built-in by name (``harmless``, ``helpful-harmless``) or a YAML/JSON/TOML file
+    with ``principles: [{name, question, weight}]``."""
+    if isinstance(source, ComparisonSet):
+        return source
+    text = str(source)
+    if text in builtin_comparison_sets():
+        data, label = _builtin_mapping(_COMPARISON_DIR, text), text
+    else:
+        if not Path(text).exists():
+            raise ConfigError(f"{text}: no such comparison-principle file or built-in "
+                              f"(built-ins: {', '.join(builtin_comparison_sets())})")
+        data, label = read_mapping(text), text
+    if not data.get("principles"):
+        raise ConfigError(f"{label}: principles: a comparison set needs at least one principle")
+    data.setdefault("name", Path(text).stem)
+    return validate(ComparisonSet, data, source=label)
 
 
 def _few_shot_from_chats(chats: Any, source: str) -> list[dict[str, Any]]:
@@ -109,8 +152,7 @@ def load_constitution(source: str | Path | Constitution) -> Constitution:
         return source
     text = str(source)
     if text in builtin_constitutions():
-        resource = resources.files("cai_async").joinpath(f"{_BUILTIN_DIR}/{text}.yaml")
-        return constitution_from_mapping(yaml.safe_load(resource.read_text("utf-8")), name=text, source=text)
+        return constitution_from_mapping(_builtin_mapping(_BUILTIN_DIR, text), name=text, source=text)
     path = Path(text)
     if not path.exists():
         raise ConfigError(

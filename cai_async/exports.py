@@ -4,29 +4,38 @@
   with helpfulness rows (benign prompts and their responses) at a given share, because SL-CAI on harmful
   prompts alone teaches a model to refuse too much.
 - ``pairs``: ``prompt`` (the conversation), ``chosen`` = the revision, ``rejected`` = the initial response.
+- ``dpo``: ``prompt``/``chosen``/``rejected`` (conversational) plus ``confidence`` = P(chosen is better) from
+  the AI-feedback labels.
+- ``reward``: ``chosen``/``rejected`` full conversations (implicit prompt) plus ``margin`` = logit(confidence),
+  the reward gap the label implies under Bradley–Terry (TRL's ``RewardTrainer`` subtracts it in its loss).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai_async.store import write_parquet_atomic
+from cai_async.store import MESSAGES, write_parquet_atomic
 
 __all__ = [
     "ExportConfig",
     "HelpfulMixConfig",
+    "RLExportConfig",
     "conversations_with_response",
+    "dpo_frame",
     "mix_helpful",
     "pairs_frame",
+    "reward_frame",
     "sft_frame",
+    "write_rl_exports",
     "write_sl_exports",
 ]
 
-_MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+_MESSAGES = MESSAGES
 
 
 class HelpfulMixConfig(BaseModel):
@@ -43,6 +52,18 @@ class HelpfulMixConfig(BaseModel):
     """Share of helpfulness rows in the exported SFT set (0.25 → one row in four)."""
     limit: int | None = Field(default=None, ge=1)
     max_tokens: int = Field(default=128, ge=1)
+
+
+class RLExportConfig(BaseModel):
+    """Which exports an RL run writes into ``RUN_DIR/exports``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dpo: bool = True
+    reward: bool = True
+    min_confidence: float = Field(default=0.5, ge=0.5, le=1.0)
+    """Drop pairs whose label is less sure than this (0.5 keeps every decided pair)."""
+    max_margin: float = Field(default=5.0, gt=0)
 
 
 class ExportConfig(BaseModel):
@@ -135,4 +156,54 @@ def write_sl_exports(
         pairs, identical = pairs_frame(chains)
         path = write_parquet_atomic(pairs, out / "pairs.parquet")
         info["pairs"] = {"path": str(path), "rows": pairs.height, "dropped_identical": identical}
+    return info
+
+
+def _decided(labels: pl.DataFrame, min_confidence: float) -> pl.DataFrame:
+    if labels.is_empty():
+        return labels
+    return labels.filter(
+        (pl.col("status") == "ok") & pl.col("chosen").is_not_null() & (pl.col("confidence") >= min_confidence)
+    )
+
+
+def dpo_frame(labels: pl.DataFrame, *, min_confidence: float = 0.5) -> pl.DataFrame:
+    """Conversational DPO rows with the label's ``confidence`` (abstentions and ties are left out)."""
+    rows = _decided(labels, min_confidence)
+    if rows.is_empty():
+        return pl.DataFrame(schema={"id": pl.String, "prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
+                                    "confidence": pl.Float64})
+    return rows.select("id", pl.col("messages").alias("prompt"), _assistant("chosen").alias("chosen"),
+                       _assistant("rejected").alias("rejected"), "confidence")
+
+
+def reward_frame(labels: pl.DataFrame, *, min_confidence: float = 0.5, max_margin: float = 5.0) -> pl.DataFrame:
+    """Reward-model rows: full chosen/rejected conversations and ``margin`` = logit(confidence), capped."""
+    rows = _decided(labels, min_confidence)
+    if rows.is_empty():
+        return pl.DataFrame(schema={"id": pl.String, "chosen": MESSAGES, "rejected": MESSAGES, "margin": pl.Float64})
+    return rows.select(
+        "id",
+        pl.concat_list("messages", _assistant("chosen")).alias("chosen"),
+        pl.concat_list("messages", _assistant("rejected")).alias("rejected"),
+        pl.col("confidence").map_elements(lambda p: min(max_margin, _logit(p)), return_dtype=pl.Float64)
+        .alias("margin"),
+    )
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-9), 1 - 1e-9)
+    return math.log(p / (1 - p))
+
+
+def write_rl_exports(run_dir: str | Path, labels: pl.DataFrame, config: RLExportConfig) -> dict[str, Any]:
+    """Write ``exports/dpo.parquet`` and ``exports/reward.parquet``; return counts and paths."""
+    out = Path(run_dir) / "exports"
+    info: dict[str, Any] = {}
+    if config.dpo:
+        frame = dpo_frame(labels, min_confidence=config.min_confidence)
+        info["dpo"] = {"path": str(write_parquet_atomic(frame, out / "dpo.parquet")), "rows": frame.height}
+    if config.reward:
+        frame = reward_frame(labels, min_confidence=config.min_confidence, max_margin=config.max_margin)
+        info["reward"] = {"path": str(write_parquet_atomic(frame, out / "reward.parquet")), "rows": frame.height}
     return info

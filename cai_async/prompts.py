@@ -32,6 +32,8 @@ class PromptRow:
     """The whole conversation; a single prompt is one user turn."""
     response: str | None = None
     """A response the user already has (``response_column``); then no initial call is made."""
+    extra: tuple[tuple[str, Any], ...] = ()
+    """Values of the ``extra_columns`` asked for, as (column, value) pairs."""
 
     def conversation(self) -> list[dict[str, str]]:
         return [dict(m) for m in self.messages] or [{"role": "user", "content": self.prompt}]
@@ -114,6 +116,7 @@ def load_prompts(
     response_column: str | None = None,
     split: str | None = None,
     last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip",
+    extra_columns: tuple[str, ...] = (),
 ) -> list[PromptRow]:
     """Prompts from a file; errors name the file and the missing column. Rows without text are skipped;
     repeated ids keep their first row. A conversation that ends with an assistant turn (an hh-rlhf transcript,
@@ -122,7 +125,8 @@ def load_prompts(
     frame = read_table(file, split=split)
     if frame.is_empty():
         raise ConfigError(f"{file}: prompt file has no rows")
-    for what, name in (("prompt", column), ("id", id_column), ("response", response_column)):
+    wanted = [("prompt", column), ("id", id_column), ("response", response_column)]
+    for what, name in [*wanted, *(("response", extra) for extra in extra_columns)]:
         if name is not None and name not in frame.columns:
             raise ConfigError(
                 f"{file}: no {what} column {name!r} (columns: {', '.join(frame.columns)}); set {what}_column"
@@ -146,7 +150,8 @@ def load_prompts(
         seen.add(row_id)
         response = record[response_column] if response_column else given
         rows.append(PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
-                              response=str(response) if response is not None else None))
+                              response=str(response) if response is not None else None,
+                              extra=tuple((name, record[name]) for name in extra_columns)))
     if not rows:
         raise ConfigError(
             f"{file}: column {column!r} holds no usable prompt (text, or turns ending with a user turn); for "

@@ -16,15 +16,27 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_async.configio import apply_overrides, load_config, validate
-from cai_async.constitution_io import builtin_constitutions
+from cai_async.constitution_io import builtin_comparison_sets, builtin_constitutions
 from cai_async.engine import Engine, EngineConfig
-from cai_async.exports import conversations_with_response, write_sl_exports
+from cai_async.exports import RLExportConfig, conversations_with_response, write_rl_exports, write_sl_exports
 from cai_async.prompts import load_prompts
 from cai_async.stages.generate import GenerateConfig, GenerateReport, run_generate
+from cai_async.stages.label import LabelConfig, Labeller, LabelReport, label_pairs
+from cai_async.stages.pairs import PairsConfig, PairsReport, run_pairs
 from cai_async.stages.sl import SLConfig, SLReport, run_sl
 from cai_async.store import read_shards
 
-__all__ = ["Recipe", "load_recipe", "run_recipe"]
+__all__ = ["RLConfig", "Recipe", "load_recipe", "run_recipe", "run_rl_stage", "run_sl_stage"]
+
+
+class RLConfig(BaseModel):
+    """RL-CAI (recipe key ``rl``): where pairs come from, how they are labelled, what is exported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    export: RLExportConfig = Field(default_factory=RLExportConfig)
 
 
 class Recipe(BaseModel):
@@ -36,6 +48,7 @@ class Recipe(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     generate: GenerateConfig | None = None
     sl: SLConfig | None = None
+    rl: RLConfig | None = None
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -57,6 +70,10 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
             recipe.sl.constitution = _resolve(base, recipe.sl.constitution)
             if recipe.sl.export.helpful is not None:
                 recipe.sl.export.helpful.input = _resolve(base, recipe.sl.export.helpful.input)
+        if recipe.rl is not None:
+            recipe.rl.pairs.input = _resolve(base, recipe.rl.pairs.input)
+            if recipe.rl.label.principles not in builtin_comparison_sets():
+                recipe.rl.label.principles = _resolve(base, recipe.rl.label.principles)
     if overrides:
         recipe = validate(Recipe, apply_overrides(recipe.model_dump(mode="json"), overrides), source=str(path))
     return recipe
@@ -68,7 +85,7 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _report(report: GenerateReport | SLReport) -> dict[str, Any]:
+def _report(report: GenerateReport | SLReport | LabelReport) -> dict[str, Any]:
     data = {
         "total": report.total,
         "skipped_already_done": report.skipped,
@@ -80,7 +97,25 @@ def _report(report: GenerateReport | SLReport) -> dict[str, Any]:
     }
     if isinstance(report, SLReport):
         data.update(ok=report.ok, errors=report.errors)
+    if isinstance(report, LabelReport):
+        data.update(labelled=report.labelled, abstained=report.abstained, errors=report.errors)
     return data
+
+
+def _pairs_report(report: PairsReport) -> dict[str, Any]:
+    return {"prompts": report.prompts, "skipped_already_done": report.skipped, "pairs_written": report.pairs,
+            "identical_dropped": report.identical_dropped, "failed": report.failed,
+            "failures": report.failures[:50], "stopped": report.stopped, "seconds": round(report.seconds, 3)}
+
+
+async def run_rl_stage(engine: Engine, config: RLConfig, run_dir: Path) -> dict[str, Any]:
+    """Pairs into ``rl/pairs/``, AI-feedback labels into ``rl/labels/``, then the dpo and reward exports."""
+    labeller = Labeller(engine, config.label, run_dir.name)  # a bad comparison set fails before any call
+    pairs_report = await run_pairs(engine, config.pairs, run_dir / "rl" / "pairs", run_dir=run_dir)
+    report = _report(await label_pairs(labeller, pairs_report.rows, run_dir / "rl" / "labels"))
+    report["pairs"] = _pairs_report(pairs_report)
+    report["exports"] = write_rl_exports(run_dir, read_shards(run_dir / "rl" / "labels"), config.export)
+    return report
 
 
 async def run_sl_stage(engine: Engine, config: SLConfig, run_dir: Path) -> dict[str, Any]:
@@ -131,6 +166,8 @@ async def run_recipe(
                     summary["stages"]["generate"] = _report(report)
                 if recipe.sl is not None:
                     summary["stages"]["sl"] = await run_sl_stage(engine, recipe.sl, run_dir)
+                if recipe.rl is not None:
+                    summary["stages"]["rl"] = await run_rl_stage(engine, recipe.rl, run_dir)
         finally:
             summary["engine"] = engine.summary()
             summary["finished"] = time.time()

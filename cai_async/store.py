@@ -13,7 +13,10 @@ import polars as pl
 
 from backends.errors import ConfigError
 
-__all__ = ["ShardWriter", "read_shards", "write_parquet_atomic"]
+__all__ = ["MESSAGES", "ShardWriter", "read_shards", "write_parquet_atomic"]
+
+MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+"""A conversation column: a list of ``{role, content}``."""
 
 _SHARD = re.compile(r"^part-(\d{5,})\.parquet$")
 

@@ -49,6 +49,7 @@ class ServerConfig:
     seed: int = 0
     model: str = "test-model"
     record: bool = False  # keep every request body's messages, served at GET /requests
+    reply: str = ""  # a fixed chat answer (e.g. a chain-of-thought ending "The answer is (A)")
 
 
 class _Bucket:
@@ -194,7 +195,7 @@ def build_app(config: ServerConfig) -> web.Application:
             return web.Response(body=b'{"choices": [', status=200, content_type="application/json")
         if "nochoices" in markers:
             return _json({"id": "x", "object": "chat.completion", "choices": []})
-        text = "" if "empty" in markers else _answer_text(messages, body.get("seed"))
+        text = "" if "empty" in markers else (cfg.reply or _answer_text(messages, body.get("seed")))
         prompt_tokens = _prompt_tokens(messages)
         completion_tokens = min(max_tokens, len(text.split()))
         choice: dict[str, Any] = {

@@ -187,3 +187,17 @@ async def test_sl_chains_through_llama_cpp_server(llama_server: str, tmp_path: P
     chains = read_shards(tmp_path / "run" / "sl")
     assert all(row["rounds"][0]["revision"] for row in chains.iter_rows(named=True))
     assert (tmp_path / "run" / "exports" / "pairs.parquet").is_file()
+
+
+async def test_label_quality_offline_on_the_embedded_model(tmp_path: Path) -> None:
+    from cai_async import EndpointConfig, Engine, EngineConfig, LabelConfig, run_label_quality
+
+    hh = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_rlhf" / "harmless-base"
+    config = EngineConfig(groups={"critic": [EndpointConfig(backend="llamacpp", model="embedded",
+                                                            options={"n_ctx": 4096})]}, progress="off")
+    async with Engine(config, run_dir=tmp_path) as engine:
+        metrics = await run_label_quality(engine, LabelConfig(ensemble=1), hh / "test.jsonl.gz",
+                                          tmp_path / "lq", limit=3)
+    assert metrics["methods"] == ["logits"] and metrics["critic_models"] == ["SmolLM2-135M-Instruct.Q4_1"]
+    assert metrics["variants"][0]["answered"] == 3
+    assert "indistinguishable from chance" in (tmp_path / "lq" / "report.md").read_text()

@@ -111,8 +111,9 @@ def _run(recipe_obj: Any) -> None:
         _print_example(run_dir / "generate")
     written = [f"{p.name}/" for p in sorted(run_dir.iterdir()) if p.is_dir()]
     console.print(f"outputs: {run_dir}/ (summary.json, config.yaml, cache.sqlite, {', '.join(written)})")
-    for name, export in summary["stages"].get("sl", {}).get("exports", {}).items():
-        console.print(f"  {name}: {export['path']} ({export['rows']} rows)")
+    for stage in summary["stages"].values():
+        for name, export in stage.get("exports", {}).items():
+            console.print(f"  {name}: {export['path']} ({export['rows']} rows)")
     console.print(f"inspect: cai show {run_dir}")
 
 
@@ -128,6 +129,13 @@ def _print_stage(name: str, stage: dict[str, Any]) -> None:
         console.print(f"[red]failed[/] {failure['id']}: {escape(failure['error'])}")
     if "helpful" in stage:
         _print_stage(f"{name}/helpful", stage["helpful"])
+    if "pairs" in stage:
+        pairs = stage["pairs"]
+        console.print(f"[bold]{name}/pairs[/]: {pairs['pairs_written']} pairs from {pairs['prompts']} prompts "
+                      f"({pairs['skipped_already_done']} already done), {pairs['identical_dropped']} identical "
+                      f"responses dropped, {pairs['failed']} failed")
+    if "labelled" in stage:
+        console.print(f"[bold]{name}/labels[/]: {stage['labelled']} labelled, {stage['abstained']} abstained")
 
 
 def _print_chain(run_dir: Path, count: int = 1) -> None:
@@ -186,10 +194,15 @@ def _engine_flags(max_concurrency: int | None, budget_usd: float | None, progres
 
 def _only(recipe_obj: Any, stage: str) -> Any:
     """The recipe with every stage but ``stage`` switched off."""
-    for name in ("generate", "sl"):
+    for name in ("generate", "sl", "rl"):
         if name != stage:
             setattr(recipe_obj, name, None)
-    if getattr(recipe_obj, stage) is None or not getattr(recipe_obj, stage).input:
+    section = getattr(recipe_obj, stage)
+    if stage == "rl":
+        if section is None or (section.pairs.source != "sl" and not section.pairs.input):
+            raise CaiError_("no pairs: pass --input FILE (prompts, or a file with two response columns) or "
+                            "--pairs-source sl --sl-run RUN_DIR")
+    elif section is None or not section.input:
         raise CaiError_(f"no prompts: pass --input FILE or set {stage}.input in the recipe")
     return recipe_obj
 
@@ -250,6 +263,86 @@ def sl(
     endpoint = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env,
                 "rpm": rpm, "tpm": tpm}
     _run(_only(_load(recipe, sets or [], extra, endpoint), "sl"))
+
+
+@app.command()
+def label(
+    recipe: RecipeArg = None,
+    pairs_source: Annotated[str | None, typer.Option(help="generate | sl | columns")] = None,
+    input: InputOpt = None,
+    sl_run: Annotated[str | None, typer.Option(help="pairs-source sl: the SL-CAI run directory.")] = None,
+    principles: Annotated[str | None, typer.Option(help="Comparison set: built-in name or file.")] = None,
+    ensemble: Annotated[int | None, typer.Option(help="Principles per pair.")] = None,
+    swap: Annotated[bool | None, typer.Option("--swap/--no-swap", help="Score both orders.")] = None,
+    cot: Annotated[bool | None, typer.Option("--cot/--no-cot", help="Chain-of-thought labels.")] = None,
+    run_dir: RunDirOpt = None,
+    limit: LimitOpt = None,
+    backend: BackendOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: KeyEnvOpt = None,
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    max_concurrency: ConcurrencyOpt = None,
+    budget_usd: BudgetOpt = None,
+    no_cache: NoCacheOpt = False,
+    progress: ProgressOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """RL-CAI: response pairs labelled by AI feedback, then dpo/reward exports (defaults → RECIPE → flags)."""
+    extra = {"run_dir": run_dir, "rl.pairs.source": pairs_source, "rl.pairs.input": input,
+             "rl.pairs.sl_run": sl_run, "rl.pairs.limit": limit, "rl.label.principles": principles,
+             "rl.label.ensemble": ensemble, "rl.label.swap": swap, "rl.label.cot.enabled": cot,
+             **_engine_flags(max_concurrency, budget_usd, progress, no_cache)}
+    endpoint = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env,
+                "rpm": rpm, "tpm": tpm}
+    _run(_only(_load(recipe, sets or [], extra, endpoint), "rl"))
+
+
+@app.command("label-quality")
+def label_quality(
+    recipe: RecipeArg = None,
+    input: Annotated[str, typer.Option(help="hh-rlhf style JSONL(.gz) with chosen/rejected transcripts.")] = (
+        "../shared/data/hh_rlhf/harmless-base/test.jsonl.gz"),
+    limit: Annotated[int, typer.Option(help="Pairs to label.")] = 200,
+    out: Annotated[str | None, typer.Option(help="Output folder (default RUN_DIR/label_quality).")] = None,
+    principles: Annotated[str | None, typer.Option(help="Comparison set: built-in name or file.")] = None,
+    ensemble: Annotated[int | None, typer.Option(help="Principles per pair.")] = None,
+    cot: Annotated[bool | None, typer.Option("--cot/--no-cot", help="Chain-of-thought labels.")] = None,
+    run_dir: RunDirOpt = None,
+    backend: BackendOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: KeyEnvOpt = None,
+    max_concurrency: ConcurrencyOpt = None,
+    progress: ProgressOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Label human-preference pairs and report accuracy, consistency, abstentions and calibration."""
+    from cai_async.cli.progress import progress_display
+    from cai_async.engine import Engine
+    from cai_async.labelquality import run_label_quality
+    from cai_async.recipes import RLConfig
+
+    extra = {"run_dir": run_dir, "rl.label.principles": principles, "rl.label.ensemble": ensemble,
+             "rl.label.cot.enabled": cot, **_engine_flags(max_concurrency, None, progress, False)}
+    endpoint = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env}
+    recipe_obj = _load(recipe, sets or [], extra, endpoint)
+    label_config = (recipe_obj.rl or RLConfig()).label
+    folder = Path(out) if out else Path(recipe_obj.run_dir) / "label_quality"
+
+    async def go() -> dict[str, Any]:
+        async with Engine(recipe_obj.engine, run_dir=recipe_obj.run_dir) as engine:
+            async with progress_display(engine, recipe_obj.engine.progress):
+                return await run_label_quality(engine, label_config, input, folder, limit=limit)
+
+    try:
+        metrics = anyio.run(go)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished labels are kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    typer.echo((folder / "report.md").read_text(encoding="utf-8"))
+    console.print(f"outputs: {', '.join(metrics['files'].values())}")
 
 
 @app.command()

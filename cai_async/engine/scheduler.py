@@ -163,6 +163,15 @@ class Engine:
         names = [e.name for e in self.config.group(role)]
         return [self._endpoints[name] for name in names]
 
+    def item_concurrency(self, *roles: str) -> int:
+        """How many multi-call items (chains, pairs) to keep in flight for ``roles``: the engine's cap, or one
+        per model when every endpoint is in-process llama.cpp — then an item's calls follow each other and
+        reuse the KV cache for their shared prefix instead of evicting each other's."""
+        endpoints = [state for role in roles for state in self.group(role)]
+        if endpoints and all(state.config.backend == "llamacpp" for state in endpoints):
+            return max(1, len({state.config.model for state in endpoints}))
+        return self.config.max_concurrency
+
     async def chat(self, role: str, request: ChatRequest) -> ChatResult:
         """One chat completion through the ``role`` group."""
         result = await self._call(role, "chat", request)

@@ -24,6 +24,7 @@ from cai_async.engine import Engine
 from cai_async.exports import ExportConfig
 from cai_async.prompts import PromptRow, load_prompts
 from cai_async.stages.cleaning import NO_ISSUES_PATTERN, clean_revision
+from cai_async.stages.common import CALL_FIELDS, MESSAGES, call_fields
 from cai_async.store import ShardWriter
 
 __all__ = [
@@ -37,16 +38,6 @@ __all__ = [
 
 Step = Literal["initial", "critique", "revision"]
 
-_MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
-_CALL_FIELDS: dict[str, pl.DataType] = {
-    "endpoint": pl.String(),
-    "model": pl.String(),
-    "prompt_tokens": pl.Int64(),
-    "completion_tokens": pl.Int64(),
-    "latency_s": pl.Float64(),
-    "cached": pl.Boolean(),
-    "finish_reason": pl.String(),
-}
 ROUND_SCHEMA = pl.Struct(
     {
         "round": pl.Int64(),
@@ -58,8 +49,8 @@ ROUND_SCHEMA = pl.Struct(
         "revision_raw": pl.String(),
         "cleaned": pl.Boolean(),
         "early_stop": pl.Boolean(),
-        **{f"critique_{k}": v for k, v in _CALL_FIELDS.items()},
-        **{f"revision_{k}": v for k, v in _CALL_FIELDS.items()},
+        **{f"critique_{k}": v for k, v in CALL_FIELDS.items()},
+        **{f"revision_{k}": v for k, v in CALL_FIELDS.items()},
     }
 )
 CHAIN_SCHEMA: dict[str, pl.DataType] = {
@@ -72,10 +63,10 @@ CHAIN_SCHEMA: dict[str, pl.DataType] = {
     "constitution": pl.String(),
     "constitution_hash": pl.String(),
     "prompt": pl.String(),
-    "messages": pl.List(_MESSAGE),
+    "messages": MESSAGES,
     "initial_response": pl.String(),
     "initial_source": pl.String(),
-    **{f"initial_{k}": v for k, v in _CALL_FIELDS.items()},
+    **{f"initial_{k}": v for k, v in CALL_FIELDS.items()},
     "rounds": pl.List(ROUND_SCHEMA),
     "num_rounds": pl.Int64(),
     "final_response": pl.String(),
@@ -169,20 +160,6 @@ class SLReport:
     seconds: float = 0.0
 
 
-def _call_fields(prefix: str, result: ChatResult | None) -> dict[str, Any]:
-    if result is None:
-        return {f"{prefix}_{k}": None for k in _CALL_FIELDS}
-    return {
-        f"{prefix}_endpoint": result.endpoint,
-        f"{prefix}_model": result.model,
-        f"{prefix}_prompt_tokens": result.usage.prompt_tokens,
-        f"{prefix}_completion_tokens": result.usage.completion_tokens,
-        f"{prefix}_latency_s": result.latency_s,
-        f"{prefix}_cached": result.cached,
-        f"{prefix}_finish_reason": result.finish_reason,
-    }
-
-
 class _StepFailed(Exception):
     def __init__(self, step: str, error: CaiError):
         self.step = step
@@ -238,7 +215,7 @@ class ChainRunner:
             "messages": conversation,
             "initial_response": row.response,
             "initial_source": "given" if row.response is not None else "generated",
-            **_call_fields("initial", None),
+            **call_fields("initial", None),
             "rounds": [],
             "stopped_early": False,
             "early_stop_rule": cfg.early_stop.pattern if self.stop_rule else None,
@@ -250,7 +227,7 @@ class ChainRunner:
                 initial = await self._chat("initial", cfg.policy_role, [*self.system, *conversation], cfg.max_tokens)
                 results.append(initial)
                 current = initial.text.strip()
-                record.update(initial_response=current, **_call_fields("initial", initial))
+                record.update(initial_response=current, **call_fields("initial", initial))
             rng = random.Random(f"{cfg.seed}:{row.id}")
             principles = draw_principles(self.constitution, cfg.num_revisions, rng=rng, mode=cfg.draw)
             for number, principle in enumerate(principles, start=1):
@@ -262,7 +239,7 @@ class ChainRunner:
                     "round": number, "principle": principle.name, "critique_request": principle.critique,
                     "critique": critique.text.strip(), "revision_request": principle.revision, "revision": None,
                     "revision_raw": None, "cleaned": False, "early_stop": False,
-                    **_call_fields("critique", critique), **_call_fields("revision", None),
+                    **call_fields("critique", critique), **call_fields("revision", None),
                 }
                 record["rounds"].append(step)
                 if self.stop_rule is not None and self.stop_rule.search(critique.text):
@@ -275,7 +252,7 @@ class ChainRunner:
                 results.append(revision)
                 raw = revision.text.strip()
                 text, cleaned = clean_revision(raw, principle.revision) if cfg.clean_revisions else (raw, False)
-                step.update(revision=text, revision_raw=raw, cleaned=cleaned, **_call_fields("revision", revision))
+                step.update(revision=text, revision_raw=raw, cleaned=cleaned, **call_fields("revision", revision))
                 if not text:
                     raise _StepFailed("revision", EmptyResponse(
                         f"round {number}: the revision is empty once wrapper text is removed ({raw[:80]!r}); "
@@ -294,15 +271,6 @@ class ChainRunner:
         record["latency_s"] = sum(r.latency_s for r in results)
         record["created_at"] = time.time()
         return record
-
-
-def _chain_concurrency(engine: Engine, config: SLConfig) -> int:
-    if config.chain_concurrency:
-        return config.chain_concurrency
-    endpoints = [*engine.group(config.policy_role), *engine.group(config.critic_role)]
-    if endpoints and all(e.config.backend == "llamacpp" for e in endpoints):
-        return max(1, len({e.config.model for e in endpoints}))
-    return engine.config.max_concurrency
 
 
 async def run_sl(engine: Engine, config: SLConfig, out_dir: str | Path, *, run_id: str = "") -> SLReport:
@@ -338,7 +306,8 @@ async def run_sl(engine: Engine, config: SLConfig, out_dir: str | Path, *, run_i
 
     try:
         batch = await engine.run_batch(todo, runner.run, on_result=on_result, total=len(todo),
-                                       concurrency=_chain_concurrency(engine, config))
+                                       concurrency=config.chain_concurrency
+                                       or engine.item_concurrency(config.policy_role, config.critic_role))
         report.stopped = batch.stopped
     finally:
         writer.flush()
