@@ -21,6 +21,11 @@ def _reason(error: str) -> str:
     return re.sub(r"'[^']*'|\"[^\"]*\"|\d+(?:\.\d+)?", "…", error)[:200]
 
 
+def _mean(series: pl.Series) -> float | None:
+    value = series.drop_nulls().mean()
+    return round(float(value), 4) if isinstance(value, int | float) else None
+
+
 def describe_run(run_dir: str | Path) -> dict[str, Any]:
     """Counts per stage, tokens and cost, grouped failure reasons and exports of a run directory."""
     root = Path(run_dir)
@@ -38,7 +43,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
         info["unrecorded_failures"] = {
             name: stage.get("failed", 0) for name, stage in summary.get("stages", {}).items()
         }
-    for stage in ("generate", "sl", "helpful"):
+    for stage in ("generate", "sl", "helpful", "rl/pairs", "rl/labels"):
         frame = read_shards(root / stage)
         if frame.is_empty():
             continue
@@ -47,10 +52,11 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             stats["ok"] = frame.filter(pl.col("status") == "ok").height
             errors = frame.filter(pl.col("status") != "ok")
             stats["errors"] = errors.height
-            stats["failure_reasons"] = dict(
-                Counter(f"{row['error_step']}: {_reason(row['error'] or '')}" for row in errors.iter_rows(named=True))
-                .most_common(10)
+            reasons = Counter(
+                f"{row.get('error_step') or stage}: {_reason(row['error'] or '')}"
+                for row in errors.iter_rows(named=True)
             )
+            stats["failure_reasons"] = dict(reasons.most_common(10))
         if "rounds" in frame.columns:
             rounds = frame.select(pl.col("rounds").explode()).unnest("rounds").drop_nulls("round")
             stats["rounds"] = rounds.height
@@ -58,6 +64,12 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             stats["stopped_early"] = int(frame["stopped_early"].sum() or 0)
             stats["principles"] = dict(Counter(rounds["principle"].to_list()).most_common())
             stats["constitution_hashes"] = sorted(set(frame["constitution_hash"].to_list()))
+        if "judgments" in frame.columns:
+            ok = frame.filter(pl.col("status") == "ok")
+            stats["abstained"] = int(ok["abstained"].sum() or 0)
+            stats["mean_confidence"] = _mean(ok["confidence"])
+            stats["position_consistency"] = _mean(ok["consistency"])
+            stats["methods"] = sorted({m for value in ok["methods"].to_list() for m in (value or "").split(",") if m})
         info["stages"][stage] = stats
     exports = root / "exports"
     if exports.is_dir():
