@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import anyio
 import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,7 @@ from cai_async.stages.label import LabelConfig, Labeller, LabelReport, label_pai
 from cai_async.stages.pairs import PairsConfig, PairsReport, run_pairs
 from cai_async.stages.sl import SLConfig, SLReport, run_sl
 from cai_async.store import read_shards
+from cai_async.train.config import TrainConfig
 
 __all__ = ["RLConfig", "Recipe", "load_recipe", "run_recipe", "run_rl_stage", "run_sl_stage"]
 
@@ -49,6 +51,7 @@ class Recipe(BaseModel):
     generate: GenerateConfig | None = None
     sl: SLConfig | None = None
     rl: RLConfig | None = None
+    train: TrainConfig | None = None
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -157,19 +160,39 @@ async def run_recipe(
         yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
     )
     summary: dict[str, Any] = {"run_dir": str(run_dir), "started": time.time(), "stages": {}}
+    try:
+        if recipe.generate is not None or recipe.sl is not None or recipe.rl is not None:
+            await _run_engine_stages(recipe, run_dir, summary, progress)
+        if recipe.train is not None:
+            from cai_async.train.run import run_training
+
+            for stage in recipe.train.stages:
+                summary["stages"][f"train/{stage}"] = await anyio.to_thread.run_sync(
+                    run_training, stage, recipe.train, run_dir
+                )
+    finally:
+        summary["finished"] = time.time()
+        _write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+async def _run_engine_stages(
+    recipe: Recipe,
+    run_dir: Path,
+    summary: dict[str, Any],
+    progress: Callable[[Engine], AbstractAsyncContextManager[Any]] | None,
+) -> None:
     async with Engine(recipe.engine, run_dir=run_dir) as engine:
         display = progress(engine) if progress is not None else nullcontext()
         try:
             async with display:
                 if recipe.generate is not None:
-                    report = await run_generate(engine, recipe.generate, run_dir / "generate")
-                    summary["stages"]["generate"] = _report(report)
+                    summary["stages"]["generate"] = _report(
+                        await run_generate(engine, recipe.generate, run_dir / "generate")
+                    )
                 if recipe.sl is not None:
                     summary["stages"]["sl"] = await run_sl_stage(engine, recipe.sl, run_dir)
                 if recipe.rl is not None:
                     summary["stages"]["rl"] = await run_rl_stage(engine, recipe.rl, run_dir)
         finally:
             summary["engine"] = engine.summary()
-            summary["finished"] = time.time()
-            _write_json(run_dir / "summary.json", summary)
-    return summary

@@ -100,11 +100,12 @@ def _run(recipe_obj: Any) -> None:
     run_dir = Path(summary["run_dir"])
     for name, stage in summary["stages"].items():
         _print_stage(name, stage)
-    engine = summary["engine"]
-    console.print(
-        f"calls: {sum(e['calls'] for e in engine['endpoints'].values())}, cache hits: {engine['cache_hits']}, "
-        f"tokens: {engine['tokens']}, cost: ${engine['cost_usd']:.4f}"
-    )
+    engine = summary.get("engine")
+    if engine is not None:
+        console.print(
+            f"calls: {sum(e['calls'] for e in engine['endpoints'].values())}, cache hits: {engine['cache_hits']}, "
+            f"tokens: {engine['tokens']}, cost: ${engine['cost_usd']:.4f}"
+        )
     if "sl" in summary["stages"]:
         _print_chain(run_dir)
     elif "generate" in summary["stages"]:
@@ -117,7 +118,20 @@ def _run(recipe_obj: Any) -> None:
     console.print(f"inspect: cai show {run_dir}")
 
 
+def _print_training(stage: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]train/{stage['stage']}[/] ({stage['algorithm']}, {stage['device']}, {stage['precision']}): "
+        f"{stage['steps']} steps on {stage['rows']} rows in {stage['seconds']:.1f}s, loss "
+        f"{stage['first_loss']} → {stage['last_loss']}; {stage['rows_over_max_length']} rows over "
+        f"max_length={stage['max_length']}"
+    )
+    console.print(f"  {stage['output_dir']}/ ({', '.join(stage['artefacts'])})")
+
+
 def _print_stage(name: str, stage: dict[str, Any]) -> None:
+    if name.startswith("train/"):
+        _print_training(stage)
+        return
     recorded = f", {stage['errors']} recorded errors" if "errors" in stage else ""
     console.print(
         f"[bold]{name}[/]: {stage['written']} written, {stage['skipped_already_done']} already done{recorded}, "
@@ -194,7 +208,7 @@ def _engine_flags(max_concurrency: int | None, budget_usd: float | None, progres
 
 def _only(recipe_obj: Any, stage: str) -> Any:
     """The recipe with every stage but ``stage`` switched off."""
-    for name in ("generate", "sl", "rl"):
+    for name in ("generate", "sl", "rl", "train"):
         if name != stage:
             setattr(recipe_obj, name, None)
     section = getattr(recipe_obj, stage)
@@ -343,6 +357,32 @@ def label_quality(
         raise typer.Exit(130) from None
     typer.echo((folder / "report.md").read_text(encoding="utf-8"))
     console.print(f"outputs: {', '.join(metrics['files'].values())}")
+
+
+@app.command()
+def train(
+    stage: Annotated[str, typer.Argument(help="sft | reward | dpo | rl")],
+    recipe: RecipeArg = None,
+    model: Annotated[str | None, typer.Option(help="HF folder, .gguf file, or 'embedded'.")] = None,
+    run_dir: RunDirOpt = None,
+    data: Annotated[str | None, typer.Option(help="Training data (default: RUN_DIR/exports/<stage>.parquet).")] = None,
+    rl_algorithm: Annotated[str | None, typer.Option(help="dpo | soft_dpo | grpo | rloo | online_dpo")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps.")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapter (default) or full finetune.")] = None,
+    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also save the merged model.")] = None,
+    sets: SetOpt = None,
+) -> None:
+    """Train one stage with TRL on the data a run exported (defaults → RECIPE → flags)."""
+    data_key = {"sft": "train.sft_data", "reward": "train.reward_data"}.get(stage, "train.dpo_data")
+    extra = {"run_dir": run_dir, "train.model": model, data_key: data, "train.rl_algorithm": rl_algorithm,
+             "train.max_steps": max_steps, "train.lora.enabled": lora, "train.merge": merge}
+    recipe_obj = _load(recipe, sets or [], extra, {})
+    from cai_async.train.config import TrainConfig
+    from cai_async.train.run import run_training
+
+    config = recipe_obj.train or TrainConfig()
+    config.check_stage(stage)
+    _print_training(run_training(stage, config, recipe_obj.run_dir))
 
 
 @app.command()

@@ -1,0 +1,96 @@
+"""Training configuration (recipe key ``train``): model, LoRA, batch and sequence settings, the seed card's
+``sl_epochs``, ``rl_algorithm`` and ``rl_learning_rate``. torch and TRL are not imported here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from backends.errors import ConfigError
+
+__all__ = ["LoraSettings", "RLAlgorithm", "TrainConfig", "TrainStage"]
+
+TrainStage = Literal["sft", "reward", "dpo", "rl"]
+RLAlgorithm = Literal["dpo", "soft_dpo", "grpo", "rloo", "online_dpo", "ppo"]
+
+_PPO = (
+    "rl_algorithm 'ppo': TRL 1.16 no longer ships a PPO trainer and cai-async does not carry a home-made one. "
+    "Use 'grpo' or 'rloo' (online RL with the constitutional reward, no value model needed), 'online_dpo' "
+    "(online preference learning against the AI-feedback labeller) or 'soft_dpo'/'dpo' (offline, on the "
+    "labelled pairs), which the CAI paper's RL stage maps onto"
+)
+
+
+class LoraSettings(BaseModel):
+    """LoRA through peft (the default); ``enabled: false`` means full finetuning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(BaseModel):
+    """What to train, on which data, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stages: list[TrainStage] = Field(default=["sft"])
+    """Run by ``cai run`` in this order; ``cai train STAGE`` runs one."""
+    model: str = "embedded"
+    """A Hugging Face model folder, a .gguf file (de-quantized by transformers), or ``embedded`` (SmolLM2)."""
+    gguf_file: str | None = None
+    """A .gguf file inside ``model`` when ``model`` is a folder holding one."""
+    output_dir: str | None = None
+    """Default: RUN_DIR/train/<stage>."""
+    sft_data: str | None = None
+    """Default: RUN_DIR/exports/sft.parquet; likewise reward_data and dpo_data."""
+    reward_data: str | None = None
+    dpo_data: str | None = None
+    rl_prompts: str | None = None
+    """Prompts for online RL (default: the prompts of RUN_DIR/exports/dpo.parquet)."""
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    merge: bool = False
+    """Also save the merged model (base + adapter) in ``output_dir/merged``."""
+    sl_epochs: float = Field(default=1.0, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    """SFT and reward-model learning rate."""
+    rl_algorithm: RLAlgorithm = "soft_dpo"
+    rl_learning_rate: float = Field(default=5e-6, gt=0)
+    rl_epochs: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.1, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=1024, ge=16)
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run the epochs)."""
+    num_generations: int = Field(default=4, ge=2)
+    """Online RL: completions per prompt."""
+    max_completion_length: int = Field(default=64, ge=1)
+    reward_from: Literal["critic", "reward_model"] = "critic"
+    """Online RL reward: the constitutional labeller through the engine's critic group, or a trained reward model
+    (``output_dir`` of the reward stage)."""
+    assistant_only_loss: bool = True
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on a GPU that supports it, fp32 on the CPU."""
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    logging_steps: int = Field(default=1, ge=1)
+    save_steps: int = Field(default=0, ge=0)
+    """Checkpoint every N steps (0: only at the end)."""
+
+    @field_validator("rl_algorithm")
+    @classmethod
+    def _no_ppo(cls, value: str) -> str:
+        if value == "ppo":
+            raise ValueError(_PPO)
+        return value
+
+    def check_stage(self, stage: str) -> None:
+        if stage not in ("sft", "reward", "dpo", "rl"):
+            raise ConfigError(f"unknown training stage {stage!r}: use sft, reward, dpo or rl")
