@@ -1,96 +1,198 @@
 """cai-async: Constitutional AI data generation, feedback and training over an anyio engine.
 
-The public API is flat: everything below is importable from ``cai_async``.
+The public API is flat: everything in ``__all__`` is importable from ``cai_async``. Names are imported on first
+use, so ``import cai_async.train`` (or the CLI) does not pull in Polars, aiohttp or llama.cpp it does not need.
 """
 
-from backends import (
-    Backend,
-    BackendError,
-    BudgetExceeded,
-    CaiError,
-    ChatRequest,
-    ChatResult,
-    ConfigError,
-    NoChoiceFound,
-    PermanentError,
-    RateLimited,
-    ScoreRequest,
-    ScoreResult,
-    TransientError,
-    Usage,
-    available_backends,
-    create_backend,
-    register_backend,
-)
-from cai_async.configio import apply_overrides, load_config, read_mapping
-from cai_async.constitution import (
-    ComparisonPrinciple,
-    ComparisonSet,
-    Constitution,
-    DrawMode,
-    FewShotExample,
-    Principle,
-    draw_principles,
-)
-from cai_async.constitution_io import (
-    builtin_comparison_sets,
-    builtin_constitutions,
-    constitution_from_mapping,
-    load_comparison_set,
-    load_constitution,
-    save_constitution,
-)
-from cai_async.engine import (
-    BatchReport,
-    BreakerConfig,
-    CacheConfig,
-    EndpointConfig,
-    Engine,
-    EngineConfig,
-    RequestCache,
-    RetryConfig,
-)
-from cai_async.exports import (
-    ExportConfig,
-    HelpfulMixConfig,
-    RLExportConfig,
-    dpo_frame,
-    mix_helpful,
-    pairs_frame,
-    reward_frame,
-    sft_frame,
-    write_rl_exports,
-    write_sl_exports,
-)
-from cai_async.labelquality import expected_calibration_error, human_pairs, quality_metrics, run_label_quality
-from cai_async.prompts import PromptRow, load_prompts, parse_conversation
-from cai_async.recipes import Recipe, RLConfig, load_recipe, run_recipe, run_rl_stage, run_sl_stage
-from cai_async.runinfo import chain_text, describe_run
-from cai_async.stages import (
-    CHAIN_SCHEMA,
-    EarlyStopConfig,
-    GenerateConfig,
-    SLConfig,
-    SLReport,
-    clean_revision,
-    run_generate,
-    run_sl,
-)
-from cai_async.stages.label import (
-    LABEL_SCHEMA,
-    CotConfig,
-    LabelConfig,
-    Labeller,
-    LabelReport,
-    combine_orders,
-    multiple_choice_prompt,
-    parse_choice,
-    run_label,
-)
-from cai_async.stages.pairs import PAIR_SCHEMA, PairRow, PairsConfig, PairsReport, load_pairs, run_pairs
-from cai_async.store import ShardWriter, read_shards, write_parquet_atomic
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from backends import (
+        Backend,
+        BackendError,
+        BudgetExceeded,
+        CaiError,
+        ChatRequest,
+        ChatResult,
+        ConfigError,
+        NoChoiceFound,
+        PermanentError,
+        RateLimited,
+        ScoreRequest,
+        ScoreResult,
+        TransientError,
+        Usage,
+        available_backends,
+        create_backend,
+        register_backend,
+    )
+    from cai_async.configio import apply_overrides, load_config, read_mapping
+    from cai_async.constitution import (
+        ComparisonPrinciple,
+        ComparisonSet,
+        Constitution,
+        DrawMode,
+        FewShotExample,
+        Principle,
+        draw_principles,
+    )
+    from cai_async.constitution_io import (
+        builtin_comparison_sets,
+        builtin_constitutions,
+        constitution_from_mapping,
+        load_comparison_set,
+        load_constitution,
+        save_constitution,
+    )
+    from cai_async.engine import (
+        BatchReport,
+        BreakerConfig,
+        CacheConfig,
+        EndpointConfig,
+        Engine,
+        EngineConfig,
+        RequestCache,
+        RetryConfig,
+    )
+    from cai_async.exports import (
+        ExportConfig,
+        HelpfulMixConfig,
+        RLExportConfig,
+        dpo_frame,
+        mix_helpful,
+        pairs_frame,
+        reward_frame,
+        sft_frame,
+        write_rl_exports,
+        write_sl_exports,
+    )
+    from cai_async.labelquality import expected_calibration_error, human_pairs, quality_metrics, run_label_quality
+    from cai_async.prompts import PromptRow, load_prompts, parse_conversation
+    from cai_async.recipes import Recipe, RLConfig, load_recipe, run_recipe, run_rl_stage, run_sl_stage
+    from cai_async.runinfo import chain_text, describe_run
+    from cai_async.stages import (
+        CHAIN_SCHEMA,
+        EarlyStopConfig,
+        GenerateConfig,
+        SLConfig,
+        SLReport,
+        clean_revision,
+        run_generate,
+        run_sl,
+    )
+    from cai_async.stages.label import (
+        LABEL_SCHEMA,
+        CotConfig,
+        LabelConfig,
+        Labeller,
+        LabelReport,
+        combine_orders,
+        multiple_choice_prompt,
+        parse_choice,
+        run_label,
+    )
+    from cai_async.stages.pairs import PAIR_SCHEMA, PairRow, PairsConfig, PairsReport, load_pairs, run_pairs
+    from cai_async.store import ShardWriter, read_shards, write_parquet_atomic
 
 __version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    "Backend": "backends",
+    "BackendError": "backends",
+    "BatchReport": "cai_async.engine",
+    "BreakerConfig": "cai_async.engine",
+    "BudgetExceeded": "backends",
+    "CHAIN_SCHEMA": "cai_async.stages",
+    "CacheConfig": "cai_async.engine",
+    "CaiError": "backends",
+    "ChatRequest": "backends",
+    "ChatResult": "backends",
+    "ComparisonPrinciple": "cai_async.constitution",
+    "ComparisonSet": "cai_async.constitution",
+    "ConfigError": "backends",
+    "Constitution": "cai_async.constitution",
+    "CotConfig": "cai_async.stages.label",
+    "DrawMode": "cai_async.constitution",
+    "EarlyStopConfig": "cai_async.stages",
+    "EndpointConfig": "cai_async.engine",
+    "Engine": "cai_async.engine",
+    "EngineConfig": "cai_async.engine",
+    "ExportConfig": "cai_async.exports",
+    "FewShotExample": "cai_async.constitution",
+    "GenerateConfig": "cai_async.stages",
+    "HelpfulMixConfig": "cai_async.exports",
+    "LABEL_SCHEMA": "cai_async.stages.label",
+    "LabelConfig": "cai_async.stages.label",
+    "LabelReport": "cai_async.stages.label",
+    "Labeller": "cai_async.stages.label",
+    "NoChoiceFound": "backends",
+    "PAIR_SCHEMA": "cai_async.stages.pairs",
+    "PairRow": "cai_async.stages.pairs",
+    "PairsConfig": "cai_async.stages.pairs",
+    "PairsReport": "cai_async.stages.pairs",
+    "PermanentError": "backends",
+    "Principle": "cai_async.constitution",
+    "PromptRow": "cai_async.prompts",
+    "RLConfig": "cai_async.recipes",
+    "RLExportConfig": "cai_async.exports",
+    "RateLimited": "backends",
+    "Recipe": "cai_async.recipes",
+    "RequestCache": "cai_async.engine",
+    "RetryConfig": "cai_async.engine",
+    "SLConfig": "cai_async.stages",
+    "SLReport": "cai_async.stages",
+    "ScoreRequest": "backends",
+    "ScoreResult": "backends",
+    "ShardWriter": "cai_async.store",
+    "TransientError": "backends",
+    "Usage": "backends",
+    "apply_overrides": "cai_async.configio",
+    "available_backends": "backends",
+    "builtin_comparison_sets": "cai_async.constitution_io",
+    "builtin_constitutions": "cai_async.constitution_io",
+    "chain_text": "cai_async.runinfo",
+    "clean_revision": "cai_async.stages",
+    "combine_orders": "cai_async.stages.label",
+    "constitution_from_mapping": "cai_async.constitution_io",
+    "create_backend": "backends",
+    "describe_run": "cai_async.runinfo",
+    "dpo_frame": "cai_async.exports",
+    "draw_principles": "cai_async.constitution",
+    "expected_calibration_error": "cai_async.labelquality",
+    "human_pairs": "cai_async.labelquality",
+    "load_comparison_set": "cai_async.constitution_io",
+    "load_config": "cai_async.configio",
+    "load_constitution": "cai_async.constitution_io",
+    "load_pairs": "cai_async.stages.pairs",
+    "load_prompts": "cai_async.prompts",
+    "load_recipe": "cai_async.recipes",
+    "mix_helpful": "cai_async.exports",
+    "multiple_choice_prompt": "cai_async.stages.label",
+    "pairs_frame": "cai_async.exports",
+    "parse_choice": "cai_async.stages.label",
+    "parse_conversation": "cai_async.prompts",
+    "quality_metrics": "cai_async.labelquality",
+    "read_mapping": "cai_async.configio",
+    "read_shards": "cai_async.store",
+    "register_backend": "backends",
+    "reward_frame": "cai_async.exports",
+    "run_generate": "cai_async.stages",
+    "run_label": "cai_async.stages.label",
+    "run_label_quality": "cai_async.labelquality",
+    "run_pairs": "cai_async.stages.pairs",
+    "run_recipe": "cai_async.recipes",
+    "run_rl_stage": "cai_async.recipes",
+    "run_sl": "cai_async.stages",
+    "run_sl_stage": "cai_async.recipes",
+    "save_constitution": "cai_async.constitution_io",
+    "sft_frame": "cai_async.exports",
+    "write_parquet_atomic": "cai_async.store",
+    "write_rl_exports": "cai_async.exports",
+    "write_sl_exports": "cai_async.exports",
+}
 
 __all__ = [
     "CHAIN_SCHEMA",
@@ -187,3 +289,16 @@ __all__ = [
     "write_rl_exports",
     "write_sl_exports",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cai_async' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
