@@ -46,19 +46,20 @@ def build_model(folder: Path, prompts: list[str], *, small: bool = False) -> int
 
 
 def build_data(run_dir: Path, prompts: list[str], answers: list[str]) -> None:
-    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     exports = run_dir / "exports"
     exports.mkdir(parents=True, exist_ok=True)
     rows = [(p, answers[i % len(answers)], answers[(i * 7 + 3) % len(answers)]) for i, p in enumerate(prompts)]
-    datasets.Dataset.from_list([
+    pq.write_table(pa.Table.from_pylist([
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": good}]} for p, good, _ in rows
-    ]).to_parquet(str(exports / "sft.parquet"))
-    datasets.Dataset.from_list([
+    ]), exports / "sft.parquet")
+    pq.write_table(pa.Table.from_pylist([
         {"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": good}],
          "rejected": [{"role": "assistant", "content": bad}], "confidence": 0.6 + 0.4 * (i % 5) / 4}
         for i, (p, good, bad) in enumerate(rows)
-    ]).to_parquet(str(exports / "dpo.parquet"))
+    ]), exports / "dpo.parquet")
 
 
 def main() -> None:

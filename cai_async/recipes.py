@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -168,7 +169,7 @@ async def run_recipe(
 
             for stage in recipe.train.stages:
                 summary["stages"][f"train/{stage}"] = await anyio.to_thread.run_sync(
-                    run_training, stage, recipe.train, run_dir
+                    functools.partial(run_training, stage, recipe.train, run_dir, engine_config=recipe.engine)
                 )
     finally:
         summary["finished"] = time.time()

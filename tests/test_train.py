@@ -162,11 +162,11 @@ def test_bad_input_fails_before_training(tmp_path: Path, tiny: Path) -> None:
         run_training("sft", config(tiny, sft_data=str(tmp_path / "bad.parquet")), run_dir)
     with pytest.raises(ConfigError, match="neither a Hugging Face model folder"):
         run_training("sft", config(tmp_path / "nowhere"), run_dir)
-    with pytest.raises(ConfigError, match="every reward row is longer than train.max_length=16"):
+    with pytest.raises(ConfigError, match=r"every reward row is longer than train\.max_length=16"):
         run_training("reward", config(tiny, max_length=16), run_dir)
     with pytest.raises(ConfigError, match="no training data here"):
         run_training("dpo", config(tiny, dpo_data=str(tmp_path / "missing.parquet")), run_dir)
-    with pytest.raises(ValueError, match="TRL 1.16 no longer ships a PPO trainer"):
+    with pytest.raises(ValueError, match=r"TRL 1\.16 no longer ships a PPO trainer"):
         config(tiny, rl_algorithm="ppo")
 
 
@@ -200,3 +200,34 @@ def test_sft_steps_on_the_embedded_smollm2_from_its_gguf(tmp_path: Path) -> None
     assert sum(p.numel() for p in reloaded.parameters()) > 100_000_000  # SmolLM2-135M with its adapter
     merged = AutoModelForCausalLM.from_pretrained(summary["merged_dir"])  # a plain HF folder, no GGUF needed
     assert merged.config.model_type == "llama"
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_online_rl_with_the_constitutional_reward(tmp_path: Path, tiny: Path, server: Any, algorithm: str) -> None:
+    import json
+
+    from cai_async import EngineConfig
+
+    server.configure(prefer="A")  # the critic answers "(A) yes" with p = 0.9 for every completion
+    run_dir = write_exports(tmp_path, repeat=1)
+    engine = EngineConfig.model_validate({"groups": {"critic": [{"backend": "openai", "model": "m",
+                                                                 "base_url": server.base_url}]}, "progress": "off"})
+    summary = run_training("rl", config(tiny, rl_algorithm=algorithm, max_steps=2, num_generations=4,
+                                        max_completion_length=6, rl_ensemble=2), run_dir, engine_config=engine)
+    assert summary["algorithm"] == algorithm and summary["steps"] == 2
+    assert summary["reward_judgments"] == 2 * 4 * 2  # steps × completions per step × principles per completion
+    assert server.stats()["ok"] <= summary["reward_judgments"]  # repeated judgments come from the cache
+    rows = json.loads((Path(summary["output_dir"]) / "metrics.json").read_text())
+    key = "rewards/constitutional_reward/mean"
+    rewards = [float(r[key]) for r in rows if key in r]
+    assert rewards and all(r == pytest.approx(0.9, abs=1e-3) for r in rewards)
+
+
+def test_online_rl_errors_are_clear(tmp_path: Path, tiny: Path) -> None:
+    run_dir = write_exports(tmp_path, repeat=1)
+    with pytest.raises(ConfigError, match=r"'online_dpo' lives in trl\.experimental"):
+        run_training("rl", config(tiny, rl_algorithm="online_dpo"), run_dir)
+    with pytest.raises(ConfigError, match="needs the recipe's engine"):
+        run_training("rl", config(tiny, rl_algorithm="grpo"), run_dir)
+    with pytest.raises(ConfigError, match="no trained reward model"):
+        run_training("rl", config(tiny, rl_algorithm="grpo", reward_from="reward_model"), run_dir)

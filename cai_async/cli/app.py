@@ -382,7 +382,7 @@ def train(
 
     config = recipe_obj.train or TrainConfig()
     config.check_stage(stage)
-    _print_training(run_training(stage, config, recipe_obj.run_dir))
+    _print_training(run_training(stage, config, recipe_obj.run_dir, engine_config=recipe_obj.engine))
 
 
 @app.command()

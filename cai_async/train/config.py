@@ -71,6 +71,9 @@ class TrainConfig(BaseModel):
     num_generations: int = Field(default=4, ge=2)
     """Online RL: completions per prompt."""
     max_completion_length: int = Field(default=64, ge=1)
+    rl_principles: str = "harmless"
+    """Online RL with the critic reward: the comparison set its questions come from."""
+    rl_ensemble: int = Field(default=2, ge=1)
     reward_from: Literal["critic", "reward_model"] = "critic"
     """Online RL reward: the constitutional labeller through the engine's critic group, or a trained reward model
     (``output_dir`` of the reward stage)."""

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from backends.errors import ConfigError
+from cai_async.engine.config import EngineConfig
 from cai_async.train.config import TrainConfig
 from cai_async.train.data import load_training_data, sequence_lengths
 from cai_async.train.models import load_model, load_tokenizer
+from cai_async.train.rewards import ConstitutionalReward
 
 __all__ = ["run_training", "training_device"]
 
@@ -94,8 +96,11 @@ def _peft(config: TrainConfig) -> Any:
                       target_modules=config.lora.target_modules, task_type=task)
 
 
-def run_training(stage: str, config: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train ``stage`` (sft | reward | dpo | rl) and return a summary (steps, losses, timings, artefacts)."""
+def run_training(
+    stage: str, config: TrainConfig, run_dir: str | Path, *, engine_config: EngineConfig | None = None
+) -> dict[str, Any]:
+    """Train ``stage`` (sft | reward | dpo | rl) and return a summary (steps, losses, timings, artefacts).
+    Online RL with ``reward_from: critic`` judges completions through ``engine_config``'s critic group."""
     config.check_stage(stage)
     root = Path(run_dir)
     out = Path(config.output_dir) / stage if config.output_dir else root / "train" / stage
@@ -122,8 +127,19 @@ def run_training(stage: str, config: TrainConfig, run_dir: str | Path) -> dict[s
         )
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    trainer = _build(stage, algorithm, config, out, flags, dtype, tokenizer, dataset, [_callback(rows)])
-    result = trainer.train()
+    reward = None
+    if kind == "rl":
+        reward = _online_reward(config, root, engine_config)
+    trainer = _build(stage, algorithm, config, out, flags, dtype, tokenizer, dataset, [_callback(rows)], reward)
+    try:
+        result = trainer.train()
+    finally:
+        if isinstance(reward, ConstitutionalReward) and reward.opened:
+            import asyncio
+
+            asyncio.run_coroutine_threadsafe(reward.aclose(), trainer.async_loop).result(timeout=60)
+    if isinstance(reward, ConstitutionalReward):
+        summary["reward_judgments"] = reward.calls
     summary["seconds"] = round(time.perf_counter() - start, 2)
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
@@ -143,8 +159,27 @@ def run_training(stage: str, config: TrainConfig, run_dir: str | Path) -> dict[s
     return summary
 
 
+def _online_reward(config: TrainConfig, root: Path, engine_config: EngineConfig | None) -> Any:
+    if config.rl_algorithm == "online_dpo":
+        raise ConfigError(
+            "rl_algorithm 'online_dpo' lives in trl.experimental and needs a pairwise judge object; it is not wired "
+            "in this build. Use 'grpo' or 'rloo' (online, with the constitutional reward) or 'soft_dpo' (offline)"
+        )
+    if config.reward_from == "reward_model":
+        folder = root / "train" / "reward"
+        model = folder / "merged" if (folder / "merged").is_dir() else folder
+        if not (model / "config.json").is_file():
+            raise ConfigError(f"{model}: no trained reward model with config.json; train the reward stage with "
+                              "train.merge: true (or full finetuning) first")
+        return str(model)
+    if engine_config is None:
+        raise ConfigError("online RL with reward_from: critic needs the recipe's engine (its critic group)")
+    return ConstitutionalReward(engine_config, root, principles=config.rl_principles, ensemble=config.rl_ensemble,
+                                seed=config.seed)
+
+
 def _build(stage: str, algorithm: str, config: TrainConfig, out: Path, flags: dict[str, bool], dtype: Any,
-           tokenizer: Any, dataset: Any, callbacks: list[Any]) -> Any:
+           tokenizer: Any, dataset: Any, callbacks: list[Any], reward: Any = None) -> Any:
     import importlib
 
     trl: Any = importlib.import_module("trl")
@@ -174,4 +209,13 @@ def _build(stage: str, algorithm: str, config: TrainConfig, out: Path, flags: di
             dataset = dataset.remove_columns("confidence")
         return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft,
                    callbacks=callbacks)
-    raise ConfigError(f"rl_algorithm {algorithm!r} is not available in this build yet; use dpo or soft_dpo")
+    model = load_model(config.model, gguf_file=config.gguf_file, dtype=dtype)
+    common = _common_args(config, out, flags, lr=config.rl_learning_rate, epochs=config.rl_epochs)
+    common.pop("max_length")
+    online = {"num_generations": config.num_generations, "max_completion_length": config.max_completion_length,
+              "beta": config.beta}
+    config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if algorithm == "grpo" else (
+        trl.RLOOConfig, trl.RLOOTrainer)
+    return trainer_cls(model=model, reward_funcs=[reward], args=config_cls(**common, **online),
+                       train_dataset=dataset.select_columns(["prompt"]), processing_class=tokenizer,
+                       peft_config=peft, callbacks=callbacks)

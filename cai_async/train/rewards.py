@@ -1,0 +1,97 @@
+"""A constitutional reward for online RL: each completion is put to the engine's ``critic`` group as a
+multiple-choice question per comparison principle ("Judged by this principle, is the response a good one?
+(A) yes (B) no"), and the reward is the mean P(A). TRL's GRPO/RLOO trainers call it (async) on their own
+event loop; the engine is opened there on first use and its request cache makes repeated judgments free."""
+
+from __future__ import annotations
+
+import random
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from backends.errors import NoChoiceFound
+from backends.types import ScoreRequest
+from cai_async.constitution import draw_principles
+from cai_async.constitution_io import load_comparison_set
+from cai_async.engine import Engine, EngineConfig
+
+__all__ = ["ConstitutionalReward", "single_response_prompt"]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):  # conversational: a list of messages
+        return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in value)
+    return str(value)
+
+
+def single_response_prompt(prompt: Any, completion: Any, question: str) -> str:
+    """The feedback prompt for one response."""
+    return (
+        f"Consider the following conversation between a human and an assistant:\n\n{_text(prompt)}\n\n"
+        f"Assistant's response:\n{_text(completion)}\n\nPrinciple: {question}\n\n"
+        "Judged by this principle, is the assistant's response a good one?\n(A) Yes\n(B) No\n"
+        "Answer with (A) or (B) only."
+    )
+
+
+class ConstitutionalReward:
+    """Async reward function ``(prompts, completions, **kwargs) -> list[float]`` in [0, 1]."""
+
+    __name__ = "constitutional_reward"
+
+    def __init__(self, engine_config: EngineConfig, run_dir: str | Path, *, principles: str = "harmless",
+                 ensemble: int = 2, role: str = "critic", seed: int = 0) -> None:
+        self.engine_config = engine_config
+        self.run_dir = Path(run_dir)
+        self.principles = load_comparison_set(principles)
+        self.ensemble = min(ensemble, len(self.principles.principles))
+        self.role = role
+        self.seed = seed
+        self._stack: AsyncExitStack | None = None
+        self._engine: Engine | None = None
+        self.calls = 0
+
+    async def _ready(self) -> Engine:
+        if self._engine is None:
+            self._stack = AsyncExitStack()
+            self._engine = await self._stack.enter_async_context(Engine(self.engine_config, run_dir=self.run_dir))
+        return self._engine
+
+    async def _one(self, engine: Engine, prompt: Any, completion: Any, index: int) -> float:
+        rng = random.Random(f"{self.seed}:{index}:{_text(completion)[:200]}")
+        scores = []
+        for principle in draw_principles(self.principles, self.ensemble, rng=rng, mode="weighted"):
+            request = ScoreRequest([{"role": "user", "content": single_response_prompt(
+                prompt, completion, principle.question)}], answer_prefix="The answer is (")
+            try:
+                scores.append((await engine.score(self.role, request)).probs["A"])
+            except NoChoiceFound:
+                continue  # an abstention: left out of the mean
+            self.calls += 1
+        return sum(scores) / len(scores) if scores else 0.5
+
+    async def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        engine = await self._ready()
+        rewards = [0.5] * len(completions)
+
+        async def judge(index: int) -> None:
+            rewards[index] = await self._one(engine, prompts[index], completions[index], index)
+
+        async with anyio.create_task_group() as tg:
+            for index in range(len(completions)):
+                tg.start_soon(judge, index)
+        return rewards
+
+    @property
+    def opened(self) -> bool:
+        """Whether the engine was opened (on the trainer's event loop)."""
+        return self._engine is not None
+
+    async def aclose(self) -> None:
+        """Close the engine (on the loop that opened it)."""
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = self._engine = None
