@@ -22,7 +22,8 @@ from cai_async.constitution_io import builtin_comparison_sets, builtin_constitut
 from cai_async.engine import Engine, EngineConfig
 from cai_async.exports import RLExportConfig, conversations_with_response, write_rl_exports, write_sl_exports
 from cai_async.prompts import load_prompts
-from cai_async.stages.generate import GenerateConfig, GenerateReport, run_generate
+from cai_async.stages.common import StageReport
+from cai_async.stages.generate import GenerateConfig, run_generate
 from cai_async.stages.label import LabelConfig, Labeller, LabelReport, label_pairs
 from cai_async.stages.pairs import PairsConfig, PairsReport, run_pairs
 from cai_async.stages.sl import SLConfig, SLReport, run_sl
@@ -89,7 +90,7 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _report(report: GenerateReport | SLReport | LabelReport) -> dict[str, Any]:
+def _report(report: StageReport) -> dict[str, Any]:
     data = {
         "total": report.total,
         "skipped_already_done": report.skipped,

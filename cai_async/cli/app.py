@@ -206,6 +206,12 @@ def _engine_flags(max_concurrency: int | None, budget_usd: float | None, progres
     }
 
 
+def _endpoint_flags(backend: str | None, model: str | None, base_url: str | None, api_key_env: str | None,
+                    rpm: float | None = None, tpm: float | None = None) -> dict[str, Any]:
+    return {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env,
+            "rpm": rpm, "tpm": tpm}
+
+
 def _only(recipe_obj: Any, stage: str) -> Any:
     """The recipe with every stage but ``stage`` switched off."""
     for name in ("generate", "sl", "rl", "train"):
@@ -242,8 +248,7 @@ def generate(
     """Answer prompts with the policy group and write Parquet (defaults → RECIPE → flags)."""
     extra = {"run_dir": run_dir, "generate.input": input, "generate.limit": limit,
              **_engine_flags(max_concurrency, budget_usd, progress, no_cache)}
-    endpoint = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env,
-                "rpm": rpm, "tpm": tpm}
+    endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "generate"))
 
 
@@ -274,8 +279,7 @@ def sl(
     extra = {"run_dir": run_dir, "sl.input": input, "sl.limit": limit, "sl.prompt_column": prompt_column,
              "sl.response_column": response_column, "sl.constitution": constitution,
              "sl.num_revisions": num_revisions, **_engine_flags(max_concurrency, budget_usd, progress, no_cache)}
-    endpoint = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env,
-                "rpm": rpm, "tpm": tpm}
+    endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "sl"))
 
 
@@ -308,8 +312,7 @@ def label(
              "rl.pairs.sl_run": sl_run, "rl.pairs.limit": limit, "rl.label.principles": principles,
              "rl.label.ensemble": ensemble, "rl.label.swap": swap, "rl.label.cot.enabled": cot,
              **_engine_flags(max_concurrency, budget_usd, progress, no_cache)}
-    endpoint = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env,
-                "rpm": rpm, "tpm": tpm}
+    endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "rl"))
 
 
@@ -340,7 +343,7 @@ def label_quality(
 
     extra = {"run_dir": run_dir, "rl.label.principles": principles, "rl.label.ensemble": ensemble,
              "rl.label.cot.enabled": cot, **_engine_flags(max_concurrency, None, progress, False)}
-    endpoint = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env}
+    endpoint = _endpoint_flags(backend, model, base_url, api_key_env)
     recipe_obj = _load(recipe, sets or [], extra, endpoint)
     label_config = (recipe_obj.rl or RLConfig()).label
     folder = Path(out) if out else Path(recipe_obj.run_dir) / "label_quality"

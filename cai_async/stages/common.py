@@ -2,14 +2,72 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import polars as pl
 
+from backends.errors import CaiError
 from backends.types import ChatResult, ScoreResult
-from cai_async.store import MESSAGES
+from cai_async.engine import Engine
+from cai_async.store import MESSAGES, ShardWriter
 
-__all__ = ["CALL_FIELDS", "MESSAGES", "call_fields"]
+__all__ = ["CALL_FIELDS", "MESSAGES", "StageReport", "call_fields", "write_rows"]
+
+
+@dataclass
+class StageReport:
+    """What a stage run did: rows asked for, already done, written, failed (not written: a rerun retries
+    them, with reasons), why it stopped early (budget), and how long it took."""
+
+    total: int = 0
+    skipped: int = 0
+    written: int = 0
+    failed: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    stopped: str | None = None
+    seconds: float = 0.0
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+async def write_rows(
+    engine: Engine,
+    items: Sequence[_HasId],
+    make_row: Callable[[Any], Awaitable[dict[str, Any]]],
+    writer: ShardWriter,
+    report: StageReport,
+    *,
+    count: Callable[[dict[str, Any]], None] = lambda row: None,
+    concurrency: int | None = None,
+) -> None:
+    """Turn ``items`` into rows through the engine and write each as it finishes. A ``CaiError`` that ends
+    an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows."""
+    start = time.perf_counter()
+
+    def on_result(item: _HasId, outcome: dict[str, Any] | CaiError) -> None:
+        if isinstance(outcome, CaiError):
+            report.failed += 1
+            report.failures.append({"id": item.id, "error": f"{type(outcome).__name__}: {outcome}"})
+            return
+        if outcome.get("status", "ok") != "ok":
+            report.failures.append({"id": item.id, "error": str(outcome.get("error"))})
+        count(outcome)
+        writer.add(outcome)
+
+    try:
+        batch = await engine.run_batch(items, make_row, on_result=on_result, total=len(items),
+                                       concurrency=concurrency)
+        report.stopped = batch.stopped
+    finally:
+        writer.flush()
+        report.written = writer.written
+        report.seconds = time.perf_counter() - start
 
 
 CALL_FIELDS: dict[str, pl.DataType] = {

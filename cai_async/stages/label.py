@@ -9,18 +9,19 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from backends.errors import BudgetExceeded, CaiError, NoChoiceFound, PermanentError
+from backends.errors import BudgetExceeded, NoChoiceFound, PermanentError
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult
 from cai_async.constitution import ComparisonPrinciple, ComparisonSet, draw_principles
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine
+from cai_async.stages.common import StageReport, write_rows
 from cai_async.stages.pairs import PairRow
 from cai_async.store import MESSAGES, ShardWriter
 
@@ -131,19 +132,13 @@ class LabelConfig(BaseModel):
 
 
 @dataclass
-class LabelReport:
-    """What a labelling run did."""
+class LabelReport(StageReport):
+    """What a labelling run did: pairs labelled, abstained (no principle gave a usable answer) and recorded as
+    errors; ``failed`` pairs were not recorded and a rerun retries them."""
 
-    total: int = 0
-    skipped: int = 0
-    written: int = 0
     labelled: int = 0
     abstained: int = 0
     errors: int = 0
-    failed: int = 0
-    failures: list[dict[str, str]] = field(default_factory=list)
-    stopped: str | None = None
-    seconds: float = 0.0
 
 
 def _transcript(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> str:
@@ -312,29 +307,16 @@ async def label_pairs(labeller: Labeller, pairs: list[PairRow], out_dir: str | P
     done = writer.existing_ids()
     todo = [p for p in pairs if p.id not in done]
     report = LabelReport(total=len(pairs), skipped=len(pairs) - len(todo))
-    start = time.perf_counter()
 
-    def on_result(pair: PairRow, outcome: dict[str, Any] | CaiError) -> None:
-        if isinstance(outcome, CaiError):
-            report.failed += 1
-            report.failures.append({"id": pair.id, "error": f"{type(outcome).__name__}: {outcome}"})
-            return
-        if outcome["status"] != "ok":
+    def count(row: dict[str, Any]) -> None:
+        if row["status"] != "ok":
             report.errors += 1
-            report.failures.append({"id": pair.id, "error": outcome["error"]})
-        elif outcome["abstained"]:
+        elif row["abstained"]:
             report.abstained += 1
         else:
             report.labelled += 1
-        writer.add(outcome)
 
-    try:
-        batch = await engine.run_batch(todo, labeller.label, on_result=on_result, total=len(todo),
-                                       concurrency=engine.item_concurrency(config.critic_role))
-        report.stopped = batch.stopped
-    finally:
-        writer.flush()
-        report.written = writer.written
-        report.seconds = time.perf_counter() - start
+    await write_rows(engine, todo, labeller.label, writer, report, count=count,
+                     concurrency=engine.item_concurrency(config.critic_role))
     return report
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ from cai_async.engine import Engine
 from cai_async.exports import ExportConfig
 from cai_async.prompts import PromptRow, load_prompts
 from cai_async.stages.cleaning import NO_ISSUES_PATTERN, clean_revision
-from cai_async.stages.common import CALL_FIELDS, MESSAGES, call_fields
+from cai_async.stages.common import CALL_FIELDS, MESSAGES, StageReport, call_fields, write_rows
 from cai_async.store import ShardWriter
 
 __all__ = [
@@ -144,20 +144,13 @@ class SLConfig(BaseModel):
 
 
 @dataclass
-class SLReport:
-    """What an SL-CAI run did."""
+class SLReport(StageReport):
+    """What an SL-CAI run did. ``failed`` chains were not recorded (transient failures, budget): a rerun
+    retries them."""
 
-    total: int = 0
-    skipped: int = 0
-    written: int = 0
     ok: int = 0
     errors: int = 0
     """Chains recorded with ``status="error"`` (permanent: a rerun does not retry them)."""
-    failed: int = 0
-    """Chains not recorded (transient failures, budget): a rerun retries them."""
-    failures: list[dict[str, str]] = field(default_factory=list)
-    stopped: str | None = None
-    seconds: float = 0.0
 
 
 class _StepFailed(Exception):
@@ -290,27 +283,14 @@ async def run_sl(engine: Engine, config: SLConfig, out_dir: str | Path, *, run_i
     todo = [p for p in prompts if p.id not in done]
     report = SLReport(total=len(prompts), skipped=len(prompts) - len(todo))
     runner = ChainRunner(engine, config, constitution, run_id or Path(out_dir).parent.name)
-    start = time.perf_counter()
 
-    def on_result(row: PromptRow, outcome: dict[str, Any] | CaiError) -> None:
-        if isinstance(outcome, CaiError):
-            report.failed += 1
-            report.failures.append({"id": row.id, "error": f"{type(outcome).__name__}: {outcome}"})
-            return
-        if outcome["status"] == "ok":
+    def count(row: dict[str, Any]) -> None:
+        if row["status"] == "ok":
             report.ok += 1
         else:
             report.errors += 1
-            report.failures.append({"id": row.id, "error": outcome["error"]})
-        writer.add(outcome)
 
-    try:
-        batch = await engine.run_batch(todo, runner.run, on_result=on_result, total=len(todo),
-                                       concurrency=config.chain_concurrency
-                                       or engine.item_concurrency(config.policy_role, config.critic_role))
-        report.stopped = batch.stopped
-    finally:
-        writer.flush()
-        report.written = writer.written
-        report.seconds = time.perf_counter() - start
+    await write_rows(engine, todo, runner.run, writer, report, count=count,
+                     concurrency=config.chain_concurrency
+                     or engine.item_concurrency(config.policy_role, config.critic_role))
     return report
