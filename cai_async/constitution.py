@@ -7,7 +7,7 @@ import hashlib
 import json
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -81,77 +81,77 @@ class FewShotExample(BaseModel):
         ]
 
 
-class Constitution(BaseModel):
-    """A named, versioned set of principles with optional few-shot examples and a draw mode."""
+PT = TypeVar("PT", "Principle", "ComparisonPrinciple")
+
+
+class _PrincipleSet(BaseModel, Generic[PT]):
+    """What constitutions and comparison sets share: a name, a version, principles with unique names and at
+    least one positive weight, a draw mode, a content hash, and re-weighting."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _hashed: ClassVar[set[str]] = {"draw", "principles"}
 
     name: str
     version: str = "1"
     description: str = ""
     draw: DrawMode = "random"
-    principles: tuple[Principle, ...] = Field(min_length=1)
-    few_shot: tuple[FewShotExample, ...] = ()
+    principles: tuple[PT, ...] = Field(min_length=1)
 
-    _check = model_validator(mode="after")(lambda self: _check_principles(self))
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        seen: set[str] = set()
+        for index, principle in enumerate(self.principles):
+            if principle.name in seen:
+                raise ValueError(f"principles.{index}.name: duplicate principle name {principle.name!r}")
+            seen.add(principle.name)
+        if not any(p.weight > 0 for p in self.principles):
+            raise ValueError("every principle has weight 0: give at least one a positive weight")
+        return self
 
     @property
     def content_hash(self) -> str:
-        """Stable hash of what shapes generation (principles, few-shot examples, draw mode), not of the
-        name or description; recorded on every output row."""
-        return _hash(self.model_dump(mode="json", include={"draw", "principles", "few_shot"}))
-
-    def principle(self, name: str) -> Principle:
-        """The principle called ``name``."""
-        for principle in self.principles:
-            if principle.name == name:
-                return principle
-        raise ConfigError(f"constitution {self.name!r} has no principle {name!r} (has: {self.names()})")
+        """Stable hash of what shapes the outputs (not the name or description); recorded on every row."""
+        payload = self.model_dump(mode="json", include=self._hashed)
+        text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def names(self) -> str:
         return ", ".join(p.name for p in self.principles)
 
-    def with_weights(self, weights: Mapping[str, float]) -> Constitution:
+    def principle(self, name: str) -> PT:
+        """The principle called ``name``."""
+        for principle in self.principles:
+            if principle.name == name:
+                return principle
+        raise ConfigError(f"{self.name!r} has no principle {name!r} (has: {self.names()})")
+
+    def with_weights(self, weights: Mapping[str, float]) -> Self:
         """A copy with some principles' weights replaced (``principle_weights`` in a recipe)."""
-        return _reweighted(self, weights)
+        if not weights:
+            return self
+        unknown = [name for name in weights if name not in {p.name for p in self.principles}]
+        if unknown:
+            raise ConfigError(
+                f"principle_weights: no principle {', '.join(map(repr, unknown))} in {self.name!r} "
+                f"(has: {self.names()})"
+            )
+        data: dict[str, Any] = self.model_dump()
+        for principle in data["principles"]:
+            if principle["name"] in weights:
+                principle["weight"] = float(weights[principle["name"]])
+        try:
+            return type(self).model_validate(data)
+        except ValueError as exc:
+            raise ConfigError(f"principle_weights: {exc}") from None
 
 
-_Set = TypeVar("_Set", Constitution, "ComparisonSet")
+class Constitution(_PrincipleSet[Principle]):
+    """A named, versioned set of principles with optional few-shot examples and a draw mode."""
 
+    _hashed: ClassVar[set[str]] = {"draw", "principles", "few_shot"}
 
-def _check_principles(model: _Set) -> _Set:
-    seen: set[str] = set()
-    for index, principle in enumerate(model.principles):
-        if principle.name in seen:
-            raise ValueError(f"principles.{index}.name: duplicate principle name {principle.name!r}")
-        seen.add(principle.name)
-    if not any(p.weight > 0 for p in model.principles):
-        raise ValueError("every principle has weight 0: give at least one a positive weight")
-    return model
-
-
-def _hash(payload: Any) -> str:
-    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _reweighted(model: _Set, weights: Mapping[str, float]) -> _Set:
-    if not weights:
-        return model
-    unknown = [name for name in weights if name not in {p.name for p in model.principles}]
-    if unknown:
-        raise ConfigError(
-            f"principle_weights: no principle {', '.join(map(repr, unknown))} in {model.name!r} "
-            f"(has: {', '.join(p.name for p in model.principles)})"
-        )
-    data: dict[str, Any] = model.model_dump()
-    for principle in data["principles"]:
-        if principle["name"] in weights:
-            principle["weight"] = float(weights[principle["name"]])
-    try:
-        return type(model).model_validate(data)
-    except ValueError as exc:
-        raise ConfigError(f"principle_weights: {exc}") from None
+    draw: DrawMode = "random"
+    few_shot: tuple[FewShotExample, ...] = ()
 
 
 class ComparisonPrinciple(BaseModel):
@@ -169,30 +169,10 @@ class ComparisonPrinciple(BaseModel):
     _check_text = field_validator("name", "question")(_not_blank)
 
 
-class ComparisonSet(BaseModel):
+class ComparisonSet(_PrincipleSet[ComparisonPrinciple]):
     """A named, versioned set of comparison principles; ``weighted`` draws pick the ensemble for each pair."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    version: str = "1"
-    description: str = ""
     draw: DrawMode = "weighted"
-    principles: tuple[ComparisonPrinciple, ...] = Field(min_length=1)
-
-    _check = model_validator(mode="after")(lambda self: _check_principles(self))
-
-    @property
-    def content_hash(self) -> str:
-        """Stable hash of the questions, weights and draw mode."""
-        return _hash(self.model_dump(mode="json", include={"draw", "principles"}))
-
-    def names(self) -> str:
-        return ", ".join(p.name for p in self.principles)
-
-    def with_weights(self, weights: Mapping[str, float]) -> ComparisonSet:
-        """A copy with some principles' weights replaced."""
-        return _reweighted(self, weights)
 
 
 def _weighted_order(pool: Sequence[P], rng: random.Random) -> list[P]:
