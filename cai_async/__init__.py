@@ -57,6 +57,9 @@ if TYPE_CHECKING:
         RequestCache,
         RetryConfig,
     )
+    from cai_async.evaluation.report import write_report
+    from cai_async.evaluation.run import EvalConfig, EvalModel, eval_metrics, run_eval
+    from cai_async.evaluation.suites import load_suite, refused_by_rule
     from cai_async.exports import (
         ExportConfig,
         HelpfulMixConfig,
@@ -71,7 +74,7 @@ if TYPE_CHECKING:
     )
     from cai_async.labelquality import expected_calibration_error, human_pairs, quality_metrics, run_label_quality
     from cai_async.prompts import PromptRow, load_prompts, parse_conversation
-    from cai_async.recipes import Recipe, RLConfig, load_recipe, run_recipe, run_rl_stage, run_sl_stage
+    from cai_async.recipes import Recipe, RLConfig, load_recipe, run_eval_stage, run_recipe, run_rl_stage, run_sl_stage
     from cai_async.runinfo import chain_text, describe_run
     from cai_async.stages import (
         CHAIN_SCHEMA,
@@ -83,6 +86,7 @@ if TYPE_CHECKING:
         run_generate,
         run_sl,
     )
+    from cai_async.stages.common import StageReport
     from cai_async.stages.label import (
         LABEL_SCHEMA,
         CotConfig,
@@ -93,13 +97,28 @@ if TYPE_CHECKING:
         multiple_choice_prompt,
         parse_choice,
         run_label,
+        single_response_prompt,
     )
     from cai_async.stages.pairs import PAIR_SCHEMA, PairRow, PairsConfig, PairsReport, load_pairs, run_pairs
     from cai_async.store import ShardWriter, read_shards, write_parquet_atomic
+    from cai_async.train.config import TrainConfig
+    from cai_async.train.run import run_training
 
 __version__ = "0.1.0"
 
 _LAZY: dict[str, str] = {
+    "EvalConfig": "cai_async.evaluation.run",
+    "EvalModel": "cai_async.evaluation.run",
+    "run_eval": "cai_async.evaluation.run",
+    "eval_metrics": "cai_async.evaluation.run",
+    "write_report": "cai_async.evaluation.report",
+    "load_suite": "cai_async.evaluation.suites",
+    "refused_by_rule": "cai_async.evaluation.suites",
+    "TrainConfig": "cai_async.train.config",
+    "run_training": "cai_async.train.run",
+    "run_eval_stage": "cai_async.recipes",
+    "StageReport": "cai_async.stages.common",
+    "single_response_prompt": "cai_async.stages.label",
     "Backend": "backends",
     "BackendError": "backends",
     "BatchReport": "cai_async.engine",
@@ -217,6 +236,8 @@ __all__ = [
     "EndpointConfig",
     "Engine",
     "EngineConfig",
+    "EvalConfig",
+    "EvalModel",
     "ExportConfig",
     "FewShotExample",
     "GenerateConfig",
@@ -242,6 +263,8 @@ __all__ = [
     "ScoreRequest",
     "ScoreResult",
     "ShardWriter",
+    "StageReport",
+    "TrainConfig",
     "TransientError",
     "Usage",
     "__version__",
@@ -257,6 +280,7 @@ __all__ = [
     "describe_run",
     "dpo_frame",
     "draw_principles",
+    "eval_metrics",
     "expected_calibration_error",
     "human_pairs",
     "load_comparison_set",
@@ -265,6 +289,7 @@ __all__ = [
     "load_pairs",
     "load_prompts",
     "load_recipe",
+    "load_suite",
     "mix_helpful",
     "multiple_choice_prompt",
     "pairs_frame",
@@ -273,8 +298,11 @@ __all__ = [
     "quality_metrics",
     "read_mapping",
     "read_shards",
+    "refused_by_rule",
     "register_backend",
     "reward_frame",
+    "run_eval",
+    "run_eval_stage",
     "run_generate",
     "run_label",
     "run_label_quality",
@@ -283,9 +311,12 @@ __all__ = [
     "run_rl_stage",
     "run_sl",
     "run_sl_stage",
+    "run_training",
     "save_constitution",
     "sft_frame",
+    "single_response_prompt",
     "write_parquet_atomic",
+    "write_report",
     "write_rl_exports",
     "write_sl_exports",
 ]

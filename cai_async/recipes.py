@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cai_async.configio import apply_overrides, load_config, validate
 from cai_async.constitution_io import builtin_comparison_sets, builtin_constitutions
 from cai_async.engine import Engine, EngineConfig
+from cai_async.evaluation.run import EvalConfig, run_eval
 from cai_async.exports import RLExportConfig, conversations_with_response, write_rl_exports, write_sl_exports
 from cai_async.prompts import load_prompts
 from cai_async.stages.common import StageReport
@@ -54,6 +55,7 @@ class Recipe(BaseModel):
     sl: SLConfig | None = None
     rl: RLConfig | None = None
     train: TrainConfig | None = None
+    eval: EvalConfig | None = None
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -79,6 +81,8 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
             recipe.rl.pairs.input = _resolve(base, recipe.rl.pairs.input)
             if recipe.rl.label.principles not in builtin_comparison_sets():
                 recipe.rl.label.principles = _resolve(base, recipe.rl.label.principles)
+        if recipe.eval is not None:
+            recipe.eval.data_dir = _resolve(base, recipe.eval.data_dir)
     if overrides:
         recipe = validate(Recipe, apply_overrides(recipe.model_dump(mode="json"), overrides), source=str(path))
     return recipe
@@ -149,6 +153,17 @@ async def run_sl_stage(engine: Engine, config: SLConfig, run_dir: Path) -> dict[
     return report
 
 
+async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path) -> dict[str, Any]:
+    """Suites → ``eval/samples/``, metrics → ``eval/metrics.json``, report → ``eval/report.html`` + PNGs."""
+    from cai_async.evaluation.report import write_report
+
+    out = run_dir / "eval"
+    metrics = await run_eval(engine, config, out)
+    _write_json(out / "metrics.json", metrics)
+    metrics["report"] = str(write_report(metrics, read_shards(out / "samples"), out))
+    return metrics
+
+
 async def run_recipe(
     recipe: Recipe,
     *,
@@ -163,7 +178,7 @@ async def run_recipe(
     )
     summary: dict[str, Any] = {"run_dir": str(run_dir), "started": time.time(), "stages": {}}
     try:
-        if recipe.generate is not None or recipe.sl is not None or recipe.rl is not None:
+        if any(stage is not None for stage in (recipe.generate, recipe.sl, recipe.rl, recipe.eval)):
             await _run_engine_stages(recipe, run_dir, summary, progress)
         if recipe.train is not None:
             from cai_async.train.run import run_training
@@ -196,5 +211,7 @@ async def _run_engine_stages(
                     summary["stages"]["sl"] = await run_sl_stage(engine, recipe.sl, run_dir)
                 if recipe.rl is not None:
                     summary["stages"]["rl"] = await run_rl_stage(engine, recipe.rl, run_dir)
+                if recipe.eval is not None:
+                    summary["stages"]["eval"] = await run_eval_stage(engine, recipe.eval, run_dir)
         finally:
             summary["engine"] = engine.summary()

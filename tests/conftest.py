@@ -73,6 +73,7 @@ def start_server(*args: str) -> TestServer:
 _DEFAULTS = {
     "latency_ms": 0.0, "rpm": 0, "tpm": 0, "send_rate_headers": True, "error_rate": 0.0,
     "drop_rate": 0.0, "api_key": "", "prefer": "", "seed": 0, "record": False, "reply": "",
+    "prefer_when": {},
 }
 
 

@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import orjson
@@ -50,6 +50,7 @@ class ServerConfig:
     model: str = "test-model"
     record: bool = False  # keep every request body's messages, served at GET /requests
     reply: str = ""  # a fixed chat answer (e.g. a chain-of-thought ending "The answer is (A)")
+    prefer_when: dict[str, str] = field(default_factory=dict)  # substring of the prompt → preferred choice
 
 
 class _Bucket:
@@ -205,7 +206,8 @@ def build_app(config: ServerConfig) -> web.Application:
         }
         if body.get("logprobs") and "nologprobs" not in markers:
             top = int(body.get("top_logprobs") or 1)
-            entries = _choice_logprobs(messages, cfg.prefer, top)
+            prefer = next((choice for text, choice in cfg.prefer_when.items() if text in last), cfg.prefer)
+            entries = _choice_logprobs(messages, prefer, top)
             choice["message"]["content"] = entries[0]["token"]
             choice["logprobs"] = {"content": [{**entries[0], "top_logprobs": entries}]}
         state.stats["ok"] += 1
@@ -277,13 +279,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
+        if f.default is MISSING:  # mappings: set at run time through POST /config
+            continue
         if f.type == "bool":
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
         else:
             kind = {"float": float, "int": int}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=f.default)
     args = parser.parse_args(argv)
-    config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig) if f.default is not MISSING})
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # planted drops are not server errors
     if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
         sys.exit("the test server only binds loopback addresses")

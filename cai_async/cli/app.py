@@ -388,6 +388,39 @@ def train(
     _print_training(run_training(stage, config, recipe_obj.run_dir, engine_config=recipe_obj.engine))
 
 
+@app.command("eval")
+def evaluate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe with an eval section (models, suites) and the engine.")],
+    n: Annotated[int | None, typer.Option(help="Prompts per suite.")] = None,
+    compare: Annotated[tuple[str, str] | None, typer.Option(help="BEFORE AFTER: highlight the deltas.")] = None,
+    run_dir: RunDirOpt = None,
+    progress: ProgressOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Evaluate models on harmlessness, over-refusal, jailbreaks and helpfulness; write an HTML report."""
+    extra: dict[str, Any] = {"run_dir": run_dir, "eval.n": n, "engine.progress": progress,
+                             "eval.compare": list(compare) if compare else None}
+    recipe_obj = _load(recipe, sets or [], extra, {})
+    if recipe_obj.eval is None:
+        raise CaiError_(f"{recipe}: no eval section (models: [{{name, group}}], suites, n)")
+    for name in ("generate", "sl", "rl", "train"):
+        setattr(recipe_obj, name, None)
+    from cai_async.cli.progress import progress_display
+    from cai_async.recipes import run_recipe
+
+    summary = anyio.run(lambda: run_recipe(recipe_obj, progress=lambda e: progress_display(
+        e, recipe_obj.engine.progress)))
+    metrics = summary["stages"]["eval"]
+    for model, entry in metrics["models"].items():
+        parts = [f"{key} {value['value']:.1%}" for key, value in entry.items()
+                 if isinstance(value, dict) and value.get("value") is not None]
+        console.print(f"[bold]{escape(model)}[/]: {', '.join(parts)}; errors {entry['errors']}")
+    for key, delta in (metrics.get("compare") or {}).items():
+        if delta is not None:
+            console.print(f"  Δ {key}: {delta:+.1%}")
+    console.print(f"report: {metrics['report']}")
+
+
 @app.command()
 def show(
     run_dir: Annotated[Path, typer.Argument(help="Run directory.")],

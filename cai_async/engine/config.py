@@ -35,6 +35,13 @@ class EndpointConfig(_Strict):
     timeout_s: float = Field(default=120.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def cache_identity(self) -> str:
+        """What a cached answer is tied to: the backend, where it is served and the model. Two endpoints that
+        both call their model "default" but serve different weights never share answers; replicas of one
+        model each have their own key, and a lookup tries them all."""
+        return f"{self.backend}|{self.base_url}|{self.model or self.name}"
+
     def settings(self) -> BackendSettings:
         """Backend settings with the API key read from the environment (never stored in config)."""
         key = ""

@@ -198,7 +198,7 @@ class Engine:
         keys: dict[str, str] = {}
         if self._cache is not None:
             for endpoint in endpoints:
-                model = endpoint.config.model or endpoint.name
+                model = endpoint.config.cache_identity
                 if model not in keys:
                     keys[model] = request_key(model, normalized)
                     hit = self._cache.get(keys[model])
@@ -217,7 +217,7 @@ class Engine:
             except (RateLimited, TransientError) as first:
                 result, state = await self._retry_after(first, endpoints, kind, request, estimated)
         if self._cache is not None:
-            model = state.config.model or state.name
+            model = state.config.cache_identity
             key = keys.get(model) or request_key(model, normalized)
             self._cache.put(key, kind=kind, model=model, result=_to_cache(result))
         return result
@@ -296,7 +296,8 @@ class Engine:
         as soon as it is known. A reached budget stops scheduling and is reported in ``stopped``."""
         workers = concurrency or self.config.max_concurrency
         report: BatchReport[T] = BatchReport()
-        self.accounting.total = total
+        # progress counts across batches: this batch adds its items to what earlier batches finished
+        self.accounting.total = None if total is None else self.accounting.done + self.accounting.failed + total
         send, receive = anyio.create_memory_object_stream[T](0)
         stop = anyio.Event()
 

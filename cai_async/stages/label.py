@@ -36,6 +36,7 @@ __all__ = [
     "multiple_choice_prompt",
     "parse_choice",
     "run_label",
+    "single_response_prompt",
 ]
 
 JUDGMENT = pl.Struct({
@@ -154,6 +155,20 @@ def multiple_choice_prompt(
     return (
         f"Consider the following conversation between a human and an assistant:\n\n{_transcript(messages)}\n\n"
         f"{question}\n\nOptions:\n(A) {first}\n\n(B) {second}\n\n{_COT_INSTRUCTION if cot else _INSTRUCTION}"
+    )
+
+
+def _text(value: Any) -> str:
+    return _transcript(value) if isinstance(value, list) else str(value)
+
+
+def single_response_prompt(prompt: Any, completion: Any, question: str) -> str:
+    """The feedback prompt for one response."""
+    return (
+        f"Consider the following conversation between a human and an assistant:\n\n{_text(prompt)}\n\n"
+        f"Assistant's response:\n{_text(completion)}\n\nPrinciple: {question}\n\n"
+        "Judged by this principle, is the assistant's response a good one?\n(A) Yes\n(B) No\n"
+        "Answer with (A) or (B) only."
     )
 
 

@@ -17,24 +17,9 @@ from backends.types import ScoreRequest
 from cai_async.constitution import draw_principles
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine, EngineConfig
+from cai_async.stages.label import single_response_prompt
 
-__all__ = ["ConstitutionalReward", "single_response_prompt"]
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, list):  # conversational: a list of messages
-        return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in value)
-    return str(value)
-
-
-def single_response_prompt(prompt: Any, completion: Any, question: str) -> str:
-    """The feedback prompt for one response."""
-    return (
-        f"Consider the following conversation between a human and an assistant:\n\n{_text(prompt)}\n\n"
-        f"Assistant's response:\n{_text(completion)}\n\nPrinciple: {question}\n\n"
-        "Judged by this principle, is the assistant's response a good one?\n(A) Yes\n(B) No\n"
-        "Answer with (A) or (B) only."
-    )
+__all__ = ["ConstitutionalReward"]
 
 
 class ConstitutionalReward:
@@ -61,7 +46,7 @@ class ConstitutionalReward:
         return self._engine
 
     async def _one(self, engine: Engine, prompt: Any, completion: Any, index: int) -> float:
-        rng = random.Random(f"{self.seed}:{index}:{_text(completion)[:200]}")
+        rng = random.Random(f"{self.seed}:{index}:{str(completion)[:200]}")
         scores = []
         for principle in draw_principles(self.principles, self.ensemble, rng=rng, mode="weighted"):
             request = ScoreRequest([{"role": "user", "content": single_response_prompt(
