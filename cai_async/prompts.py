@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
 
 from backends.errors import ConfigError
 
-__all__ = ["PromptRow", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
+__all__ = ["PromptRow", "PromptSource", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
@@ -158,3 +159,25 @@ def load_prompts(
             "conversations that end with an assistant turn, set last_assistant_turn to drop or as_response"
         )
     return rows
+
+
+class PromptSource(BaseModel):
+    """Where a stage's prompts come from: the file (or saved dataset), its columns and how many rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = ""
+    prompt_column: str = "prompt"
+    id_column: str | None = None
+    split: str | None = None
+    last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip"
+    """For conversations ending with an assistant turn: skip the row, drop the turn, or use it as the
+    response (e.g. hh-rlhf transcripts)."""
+    limit: int | None = Field(default=None, ge=1)
+
+    def load(self, *, response_column: str | None = None, extra_columns: tuple[str, ...] = ()) -> list[PromptRow]:
+        """The selected prompts (the first ``limit`` usable rows)."""
+        rows = load_prompts(self.input, column=self.prompt_column, id_column=self.id_column,
+                            response_column=response_column, split=self.split,
+                            last_assistant_turn=self.last_assistant_turn, extra_columns=extra_columns)
+        return rows[: self.limit] if self.limit else rows

@@ -93,6 +93,23 @@ def server(_server_process: TestServer) -> TestServer:
     return _server_process
 
 
+def kill_repeatedly(args: list[str], delays: tuple[float, ...]) -> int:
+    """Start ``args`` once per delay and ``kill -9`` it after that delay if it is still running; the kills."""
+    import signal
+    import time
+
+    kills = 0
+    for delay in delays:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        time.sleep(delay)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            kills += 1
+        process.wait()
+    return kills
+
+
 @pytest.fixture
 def free_port() -> int:
     """A loopback port with nothing listening on it."""

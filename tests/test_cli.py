@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import polars as pl
 import pytest
 
 from cai_async import read_shards
-from tests.conftest import SHARED_DATA, TestServer
+from tests.conftest import SHARED_DATA, TestServer, kill_repeatedly
 
 CAI = [sys.executable, "-c", "from cai_async.cli import main; main()"]
 
@@ -102,15 +101,7 @@ def test_kill_9_mid_run_loses_nothing_and_repays_little(tmp_path: Path, server: 
     args = [*CAI, "generate", "--input", str(prompts), "--base-url", server.base_url, "--model", "m",
             "--run-dir", str(tmp_path / "run"), "--progress", "off", "--max-concurrency", str(concurrency),
             "--set", "generate.shard_rows=25"]
-    kills = 0
-    for delay in (1.0, 1.5, 0.7):
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        time.sleep(delay)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            kills += 1
-        process.wait()
+    kills = kill_repeatedly(args, (1.0, 1.5, 0.7))
     assert kills >= 2, "the run finished before it could be killed; raise n"
     final = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import polars as pl
 import pytest
 
 from cai_async import Recipe, load_constitution, read_shards, run_recipe
-from tests.conftest import SHARED_DATA, TestServer
+from tests.conftest import SHARED_DATA, TestServer, kill_repeatedly
 from tests.test_cli import CAI, cai
 
 HH_PROMPTS = SHARED_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
@@ -233,15 +231,7 @@ def test_kill_9_mid_chain_loses_nothing_and_repays_only_in_flight_calls(tmp_path
     args = [*CAI, "sl", "--input", str(prompts), "--base-url", server.base_url, "--model", "m", "--run-dir",
             str(tmp_path / "run"), "--progress", "off", "--max-concurrency", str(concurrency),
             "--num-revisions", "2", "--set", "sl.shard_rows=10"]
-    kills = 0
-    for delay in (1.2, 0.8, 1.6, 1.0):
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        time.sleep(delay)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            kills += 1
-        process.wait()
+    kills = kill_repeatedly(args, (1.2, 0.8, 1.6, 1.0))
     assert kills >= 3, "the run finished before it could be killed; raise n"
     assert 0 < read_shards(tmp_path / "run" / "sl").height < n
     final = subprocess.run(args, capture_output=True, text=True, timeout=180)

@@ -5,31 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from backends.types import ChatRequest
 from cai_async.engine import Engine
-from cai_async.prompts import PromptRow, load_prompts
+from cai_async.prompts import PromptRow, PromptSource
 from cai_async.stages.common import StageReport, write_rows
 from cai_async.store import ShardWriter
 
 __all__ = ["GenerateConfig", "GenerateReport", "run_generate"]
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(PromptSource):
     """Options of the generate stage."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    input: str = ""
-    prompt_column: str = "prompt"
-    id_column: str | None = None
     system_prompt: str | None = None
     max_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0)
     seed: int | None = 0
     role: str = "policy"
-    limit: int | None = Field(default=None, ge=1)
     shard_rows: int = Field(default=64, ge=1)
 
 
@@ -39,9 +33,7 @@ class GenerateReport(StageReport):
 
 async def run_generate(engine: Engine, config: GenerateConfig, out_dir: str | Path) -> GenerateReport:
     """Answer every prompt not already in ``out_dir``; finished rows are written as they arrive."""
-    prompts = load_prompts(config.input, column=config.prompt_column, id_column=config.id_column)
-    if config.limit:
-        prompts = prompts[: config.limit]
+    prompts = config.load()
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows)
     done = writer.existing_ids()
     todo = [p for p in prompts if p.id not in done]

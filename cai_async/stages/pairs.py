@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from backends.errors import BudgetExceeded, CaiError, ConfigError
 from backends.types import ChatRequest
 from cai_async.engine import Engine
-from cai_async.prompts import PromptRow, load_prompts
+from cai_async.prompts import PromptRow, PromptSource
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
 __all__ = ["PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "load_pairs", "pair_id", "run_pairs"]
@@ -59,20 +59,13 @@ def pair_id(prompt_id: str, a: str, b: str) -> str:
     return hashlib.sha1(f"{prompt_id}\x1f{a}\x1f{b}".encode()).hexdigest()[:16]
 
 
-class PairsConfig(BaseModel):
-    """Where pairs come from (recipe key ``rl.pairs``)."""
-
-    model_config = ConfigDict(extra="forbid")
+class PairsConfig(PromptSource):
+    """Where pairs come from (recipe key ``rl.pairs``): ``input`` holds prompts (``generate``) or two response
+    columns (``columns``)."""
 
     source: Literal["generate", "sl", "columns"] = "generate"
-    input: str = ""
-    """Prompts (``generate``) or a file with two response columns (``columns``)."""
     sl_run: str | None = None
     """``sl``: the run directory whose chains give (initial, revised); default: this run."""
-    prompt_column: str = "prompt"
-    id_column: str | None = None
-    split: str | None = None
-    last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip"
     response_a_column: str = "response_a"
     response_b_column: str = "response_b"
     k: int = Field(default=2, ge=2, le=16)
@@ -83,7 +76,6 @@ class PairsConfig(BaseModel):
     seed: int = 0
     max_pairs_per_prompt: int = Field(default=1, ge=1)
     policy_role: str = "policy"
-    limit: int | None = Field(default=None, ge=1)
     shard_rows: int = Field(default=64, ge=1)
     flush_every_s: float = Field(default=10.0, gt=0)
 
@@ -146,9 +138,7 @@ def _static_pairs(config: PairsConfig, run_dir: Path) -> tuple[list[PairRow], in
             dropped += lost
         return pairs, chains.height, dropped
     columns = (config.response_a_column, config.response_b_column)
-    prompts = load_prompts(config.input, column=config.prompt_column, id_column=config.id_column,
-                           split=config.split, last_assistant_turn=config.last_assistant_turn,
-                           extra_columns=columns)[: config.limit]
+    prompts = config.load(extra_columns=columns)
     for prompt in prompts:
         values = dict(prompt.extra)
         rows, lost = _distinct_pairs(
@@ -174,8 +164,7 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
             report.skipped = len(selected) - len({p.prompt_id for p in fresh})
             writer.extend(_record(p) for p in fresh)
             return report
-        prompts = load_prompts(config.input, column=config.prompt_column, id_column=config.id_column,
-                               split=config.split, last_assistant_turn=config.last_assistant_turn)[: config.limit]
+        prompts = config.load()
         selected = {p.id for p in prompts}
         todo = [p for p in prompts if p.id not in done]
         report.prompts, report.skipped = len(prompts), len(prompts) - len(todo)

@@ -22,7 +22,7 @@ from cai_async.constitution import Constitution, DrawMode, draw_principles
 from cai_async.constitution_io import load_constitution
 from cai_async.engine import Engine
 from cai_async.exports import ExportConfig
-from cai_async.prompts import PromptRow, load_prompts
+from cai_async.prompts import PromptRow, PromptSource
 from cai_async.stages.cleaning import NO_ISSUES_PATTERN, clean_revision
 from cai_async.stages.common import CALL_FIELDS, MESSAGES, StageReport, call_fields, write_rows
 from cai_async.store import ShardWriter
@@ -102,21 +102,11 @@ class EarlyStopConfig(BaseModel):
         return value
 
 
-class SLConfig(BaseModel):
+class SLConfig(PromptSource):
     """Options of the SL-CAI stage (recipe key ``sl``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    input: str = ""
-    prompt_column: str = "prompt"
-    id_column: str | None = None
     response_column: str | None = None
     """Take initial responses from this column instead of generating them."""
-    split: str | None = None
-    last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip"
-    """For conversations ending with an assistant turn: skip the row, drop the turn, or use it as the
-    initial response (e.g. hh-rlhf transcripts)."""
-    limit: int | None = Field(default=None, ge=1)
     constitution: str = "harmless"
     """A built-in name (``seed``, ``harmless``) or a YAML/JSON/TOML file in any supported layout."""
     num_revisions: int = Field(default=1, ge=1, le=32)
@@ -272,11 +262,7 @@ async def run_sl(engine: Engine, config: SLConfig, out_dir: str | Path, *, run_i
     if config.few_shot > len(constitution.few_shot):
         raise CaiError(f"sl.few_shot={config.few_shot} but constitution {constitution.name!r} has "
                        f"{len(constitution.few_shot)} few-shot examples")
-    prompts = load_prompts(config.input, column=config.prompt_column, id_column=config.id_column,
-                           response_column=config.response_column, split=config.split,
-                           last_assistant_turn=config.last_assistant_turn)
-    if config.limit:
-        prompts = prompts[: config.limit]
+    prompts = config.load(response_column=config.response_column)
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=CHAIN_SCHEMA,
                          flush_every_s=config.flush_every_s)
     done = writer.existing_ids()
