@@ -51,6 +51,7 @@ BackendFactory = Callable[[BackendSettings], Backend]
 _REGISTRY: dict[str, str | BackendFactory] = {
     "openai": "backends.openai_http:OpenAIBackend",
     "llamacpp": "backends.llamacpp:LlamaCppBackend",
+    "transformers": "backends.hf:TransformersBackend",
 }
 
 _EXTRA_HINT = {

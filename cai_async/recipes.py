@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import polars as pl
@@ -178,8 +178,8 @@ async def run_recipe(
     )
     summary: dict[str, Any] = {"run_dir": str(run_dir), "started": time.time(), "stages": {}}
     try:
-        if any(stage is not None for stage in (recipe.generate, recipe.sl, recipe.rl, recipe.eval)):
-            await _run_engine_stages(recipe, run_dir, summary, progress)
+        if any(stage is not None for stage in (recipe.generate, recipe.sl, recipe.rl)):
+            await _run_engine_stages(recipe, run_dir, summary, progress, phase="data")
         if recipe.train is not None:
             from cai_async.train.run import run_training
 
@@ -187,6 +187,8 @@ async def run_recipe(
                 summary["stages"][f"train/{stage}"] = await anyio.to_thread.run_sync(
                     functools.partial(run_training, stage, recipe.train, run_dir, engine_config=recipe.engine)
                 )
+        if recipe.eval is not None:  # after training, so a trained model can be one of the models
+            await _run_engine_stages(recipe, run_dir, summary, progress, phase="eval")
     finally:
         summary["finished"] = time.time()
         _write_json(run_dir / "summary.json", summary)
@@ -198,11 +200,26 @@ async def _run_engine_stages(
     run_dir: Path,
     summary: dict[str, Any],
     progress: Callable[[Engine], AbstractAsyncContextManager[Any]] | None,
+    *,
+    phase: Literal["data", "eval"],
 ) -> None:
-    async with Engine(recipe.engine, run_dir=run_dir) as engine:
+    """Data stages run with every group but those only the evaluation names (a model trained later in the run
+    need not exist yet); the evaluation runs with all of them."""
+    config = recipe.engine
+    if phase == "data" and recipe.eval is not None:
+        used = {"policy", "critic"} | ({recipe.generate.role} if recipe.generate else set())
+        used |= {recipe.sl.policy_role, recipe.sl.critic_role} if recipe.sl else set()
+        used |= {recipe.rl.pairs.policy_role, recipe.rl.label.critic_role} if recipe.rl else set()
+        eval_only = {m.group for m in recipe.eval.models} - used
+        config = config.model_copy(update={"groups": {k: v for k, v in config.groups.items() if k not in eval_only}})
+    async with Engine(config, run_dir=run_dir) as engine:
         display = progress(engine) if progress is not None else nullcontext()
         try:
             async with display:
+                if phase == "eval":
+                    assert recipe.eval is not None
+                    summary["stages"]["eval"] = await run_eval_stage(engine, recipe.eval, run_dir)
+                    return
                 if recipe.generate is not None:
                     summary["stages"]["generate"] = _report(
                         await run_generate(engine, recipe.generate, run_dir / "generate")
@@ -211,7 +228,5 @@ async def _run_engine_stages(
                     summary["stages"]["sl"] = await run_sl_stage(engine, recipe.sl, run_dir)
                 if recipe.rl is not None:
                     summary["stages"]["rl"] = await run_rl_stage(engine, recipe.rl, run_dir)
-                if recipe.eval is not None:
-                    summary["stages"]["eval"] = await run_eval_stage(engine, recipe.eval, run_dir)
         finally:
-            summary["engine"] = engine.summary()
+            summary["engine" if phase == "data" else "engine_eval"] = engine.summary()

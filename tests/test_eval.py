@@ -137,7 +137,7 @@ def test_cli_eval(tmp_path: Path, server: TestServer) -> None:
                                                       f"'{server.base_url}'}}]\n  progress: off"))
     out = cai("eval", str(recipe), "--n", "4")
     assert out.returncode == 0, out.stderr
-    assert "overrefusal_rule 100.0%" in out.stderr and "report:" in out.stderr
+    assert "eval m" in out.stderr and "overrefusal_rule 100.0%" in out.stderr and "report:" in out.stderr
     missing = tmp_path / "none.yaml"
     missing.write_text("run_dir: x\n")
     bad = cai("eval", str(missing))

@@ -231,3 +231,24 @@ def test_online_rl_errors_are_clear(tmp_path: Path, tiny: Path) -> None:
         run_training("rl", config(tiny, rl_algorithm="grpo"), run_dir)
     with pytest.raises(ConfigError, match="no trained reward model"):
         run_training("rl", config(tiny, rl_algorithm="grpo", reward_from="reward_model"), run_dir)
+
+
+def test_a_trained_model_serves_through_the_transformers_backend(tmp_path: Path, tiny: Path) -> None:
+    import anyio
+
+    from backends import BackendSettings, ChatRequest, ScoreRequest, create_backend
+
+    run_dir = write_exports(tmp_path)
+    summary = run_training("sft", config(tiny, max_steps=120, learning_rate=3e-2), run_dir)
+    backend = create_backend("transformers", BackendSettings(endpoint="after", model=summary["output_dir"]))
+
+    async def ask() -> tuple[str, dict[str, float]]:
+        chat = await backend.chat(ChatRequest([{"role": "user", "content": QUESTIONS[0]}], max_tokens=12))
+        score = await backend.score(ScoreRequest([{"role": "user", "content": "Pick (A) or (B)."}]))
+        return chat.text, score.probs
+
+    text, probs = anyio.run(ask)
+    assert text.startswith("I can't help")  # the trained model answers as it was taught
+    assert sum(probs.values()) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="not a model folder"):
+        create_backend("transformers", BackendSettings(endpoint="x", model=str(tmp_path)))

@@ -128,9 +128,23 @@ def _print_training(stage: dict[str, Any]) -> None:
     console.print(f"  {stage['output_dir']}/ ({', '.join(stage['artefacts'])})")
 
 
+def _print_eval(metrics: dict[str, Any]) -> None:
+    for model, entry in metrics["models"].items():
+        parts = [f"{key} {value['value']:.1%}" for key, value in entry.items()
+                 if isinstance(value, dict) and value.get("value") is not None]
+        console.print(f"[bold]eval {escape(model)}[/]: {', '.join(parts)}; errors {entry['errors']}")
+    for key, delta in (metrics.get("compare") or {}).items():
+        if delta is not None:
+            console.print(f"  Δ {key}: {delta:+.1%}")
+    console.print(f"  report: {metrics['report']}")
+
+
 def _print_stage(name: str, stage: dict[str, Any]) -> None:
     if name.startswith("train/"):
         _print_training(stage)
+        return
+    if name == "eval":
+        _print_eval(stage)
         return
     recorded = f", {stage['errors']} recorded errors" if "errors" in stage else ""
     console.print(
@@ -410,15 +424,7 @@ def evaluate(
 
     summary = anyio.run(lambda: run_recipe(recipe_obj, progress=lambda e: progress_display(
         e, recipe_obj.engine.progress)))
-    metrics = summary["stages"]["eval"]
-    for model, entry in metrics["models"].items():
-        parts = [f"{key} {value['value']:.1%}" for key, value in entry.items()
-                 if isinstance(value, dict) and value.get("value") is not None]
-        console.print(f"[bold]{escape(model)}[/]: {', '.join(parts)}; errors {entry['errors']}")
-    for key, delta in (metrics.get("compare") or {}).items():
-        if delta is not None:
-            console.print(f"  Δ {key}: {delta:+.1%}")
-    console.print(f"report: {metrics['report']}")
+    _print_eval(summary["stages"]["eval"])
 
 
 @app.command()
