@@ -177,6 +177,9 @@ async def run_recipe(
         yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
     )
     summary: dict[str, Any] = {"run_dir": str(run_dir), "started": time.time(), "stages": {}}
+    from cai_async.plan import plan_recipe
+
+    summary["plan"] = plan_recipe(recipe)["total"]  # the estimate, beside what the engine accounts below
     try:
         if any(stage is not None for stage in (recipe.generate, recipe.sl, recipe.rl)):
             await _run_engine_stages(recipe, run_dir, summary, progress, phase="data")

@@ -40,6 +40,13 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
         info["cost_usd"] = engine.get("cost_usd", 0.0)
         info["calls"] = sum(e.get("calls", 0) for e in engine.get("endpoints", {}).values())
         info["cache_hits"] = engine.get("cache_hits", 0)
+        if "plan" in summary:
+            plan = summary["plan"]
+            info["estimate_vs_actual"] = {
+                "calls": [plan["calls"], info["calls"] + info["cache_hits"]],
+                "tokens": [plan["input_tokens"] + plan["output_tokens"], info["tokens"]],
+                "cost_usd": [plan["cost_usd"], info["cost_usd"]],
+            }
         info["unrecorded_failures"] = {
             name: stage.get("failed", 0) for name, stage in summary.get("stages", {}).items()
         }

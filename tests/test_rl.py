@@ -289,3 +289,21 @@ def test_label_cli_and_bad_input(tmp_path: Path, server: TestServer) -> None:
     out = cai(*base, "--input", str(HH_PROMPTS), "--limit", "3", "--ensemble", "1", "--no-swap")
     assert out.returncode == 0 and "rl/labels: 3 labelled" in out.stderr
     assert "dpo:" in out.stderr and LabelConfig().swap is True
+
+
+def test_plan_counts_the_calls_a_run_makes_and_bounds_its_cost(tmp_path: Path, server: TestServer) -> None:
+    from cai_async.plan import plan_recipe
+
+    recipe = rl_recipe(server, tmp_path / "run", sl=True, pairs={"source": "sl"}, ensemble=2)
+    recipe.engine.groups["policy"][0].price_in = 0.15
+    recipe.engine.groups["policy"][0].price_out = 0.60
+    recipe.engine.groups["policy"][0].rpm = 600
+    estimate = plan_recipe(recipe)
+    summary = run(recipe)
+    actual_calls = sum(e["calls"] for e in summary["engine"]["endpoints"].values())
+    assert estimate["total"]["calls"] == actual_calls == 8 * 3 + 8 * 2 * 2  # 1 revision; 2 principles × 2 orders
+    assert 0 < summary["engine"]["cost_usd"] <= estimate["total"]["cost_usd"]  # outputs estimated at max_tokens
+    assert summary["plan"]["calls"] == actual_calls  # the estimate is kept beside the accounting
+    assert estimate["stages"][0]["min_minutes_by_rate_limits"] > 0
+    out = cai("plan", str(Path(__file__).resolve().parent.parent / "recipes" / "hosted-openai.yaml"))
+    assert out.returncode == 0 and "total" in out.stdout and "$" in out.stdout

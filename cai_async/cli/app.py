@@ -455,6 +455,23 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], 
     _run(_load(recipe, sets or [], {}, {}))
 
 
+@app.command()
+def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], sets: SetOpt = None) -> None:
+    """Estimate a recipe's calls, tokens, dollars and rate-limited time before spending anything."""
+    from cai_async.plan import plan_recipe
+
+    estimate = plan_recipe(_load(recipe, sets or [], {}, {}))
+    for row in estimate["stages"]:
+        limit = f", ≥ {row['min_minutes_by_rate_limits']} min at the rate limits" \
+            if row["min_minutes_by_rate_limits"] else ""
+        typer.echo(f"{row['stage']:<8} {row['group']:<10} {row['calls']:>7} calls  {row['input_tokens']:>10} in  "
+                   f"{row['output_tokens']:>9} out  ${row['cost_usd']:.4f}{limit}")
+    total = estimate["total"]
+    typer.echo(f"{'total':<19} {total['calls']:>7} calls  {total['input_tokens']:>10} in  "
+               f"{total['output_tokens']:>9} out  ${total['cost_usd']:.4f}")
+    typer.echo(f"({estimate['method']})")
+
+
 @app.command("config")
 def show_config(recipe: RecipeArg = None, sets: SetOpt = None) -> None:
     """Print the resolved configuration (defaults → RECIPE → --set)."""

@@ -1,0 +1,154 @@
+"""``cai plan``: before spending, estimate a recipe's calls, input/output tokens, dollars and the wall time its
+endpoints' rate limits allow. Tokens are approximated (4 characters a token plus a few per message, outputs at
+their ``max_tokens`` cap), so the dollar figure is an upper-leaning estimate; the run's summary sets the
+estimate beside what was actually spent."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.errors import CaiError
+from cai_async.constitution_io import load_constitution
+
+__all__ = ["StagePlan", "plan_recipe"]
+
+_PER_MESSAGE = 4
+
+
+def _tokens(text: str) -> int:
+    return len(text) // 4 + _PER_MESSAGE
+
+
+@dataclass
+class StagePlan:
+    """Estimated work of one stage on one endpoint group."""
+
+    stage: str
+    group: str
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, calls: int, input_tokens: int, output_tokens: int) -> None:
+        self.calls += calls
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+
+
+def _prompts(source: Any) -> list[str]:
+    try:
+        return [r.prompt for r in source.load()]
+    except CaiError:
+        return []
+
+
+def _plan_sl(recipe: Any) -> list[StagePlan]:
+    sl = recipe.sl
+    prompts = _prompts(sl)
+    constitution = load_constitution(sl.constitution)
+    request = max((len(p.critique) + len(p.revision)) // 4 for p in constitution.principles)
+    policy, critic = StagePlan("sl", sl.policy_role), StagePlan("sl", sl.critic_role)
+    for text in prompts:
+        base = _tokens(text)
+        if sl.response_column is None:
+            policy.add(1, base, sl.max_tokens)
+        for _ in range(sl.num_revisions):
+            context = base + sl.max_tokens + request
+            critic.add(1, context, sl.critique_max_tokens)
+            critic.add(1, context + sl.critique_max_tokens + request, sl.revision_max_tokens)
+    policy.notes.append(f"{len(prompts)} prompts; every round assumed to run (early stop only saves)")
+    if sl.export.helpful is not None:
+        share = sl.export.helpful.ratio
+        needed = math.ceil(share / (1 - share) * len(prompts)) if share else 0
+        policy.add(needed, needed * 40, needed * sl.export.helpful.max_tokens)
+        policy.notes.append(f"{needed} helpfulness answers for the sft mix")
+    return [policy, critic]
+
+
+def _plan_rl(recipe: Any) -> list[StagePlan]:
+    rl = recipe.rl
+    pairs_plan, label_plan = StagePlan("rl", rl.pairs.policy_role), StagePlan("rl", rl.label.critic_role)
+    if rl.pairs.source == "generate":
+        prompts = _prompts(rl.pairs)
+        for text in prompts:
+            pairs_plan.add(rl.pairs.k, rl.pairs.k * _tokens(text), rl.pairs.k * rl.pairs.max_tokens)
+        pairs = len(prompts) * rl.pairs.max_pairs_per_prompt
+        prompt_len, response_len = (sum(map(_tokens, prompts)) // max(1, len(prompts)), rl.pairs.max_tokens)
+    elif rl.pairs.source == "sl" and recipe.sl is not None:
+        pairs = len(_prompts(recipe.sl))
+        prompt_len, response_len = 40, recipe.sl.max_tokens
+    else:
+        pairs = len(_prompts(rl.pairs)) if rl.pairs.input else 0
+        prompt_len, response_len = 40, 128
+    judgments = pairs * rl.label.ensemble * (2 if rl.label.swap else 1)
+    feedback = prompt_len + 2 * response_len + 60
+    output = rl.label.cot.max_tokens if rl.label.cot.enabled else 1
+    label_plan.add(judgments, judgments * feedback, judgments * output)
+    label_plan.notes.append(f"{pairs} pairs × {rl.label.ensemble} principles × {2 if rl.label.swap else 1} orders")
+    return [pairs_plan, label_plan]
+
+
+def _plan_eval(recipe: Any) -> list[StagePlan]:
+    from cai_async.evaluation.suites import load_suite
+
+    ev = recipe.eval
+    plans = {m.group: StagePlan("eval", m.group) for m in ev.models}
+    judge = StagePlan("eval", ev.judge_role)
+    for suite in ev.suites:
+        try:
+            prompts = load_suite(suite, ev.data_dir, n=ev.n, seed=ev.seed)
+        except CaiError:
+            continue
+        for model in ev.models:
+            for p in prompts:
+                plans[model.group].add(1, _tokens(p.prompt), ev.max_tokens)
+                if suite != "helpfulness":
+                    judge.add(1 + ev.ensemble, (1 + ev.ensemble) * (_tokens(p.prompt) + ev.max_tokens + 80),
+                              1 + ev.ensemble)
+        if suite == "helpfulness":
+            pairs = len(prompts) * (len(ev.models) - 1)
+            judge.add(2 * pairs, 2 * pairs * (2 * ev.max_tokens + 120), 2 * pairs)
+    return [*plans.values(), judge]
+
+
+def plan_recipe(recipe: Any) -> dict[str, Any]:
+    """Estimated calls, tokens, dollars and rate-limited minutes per stage and group, and in total."""
+    plans: list[StagePlan] = []
+    if recipe.generate is not None:
+        gen = StagePlan("generate", recipe.generate.role)
+        for text in _prompts(recipe.generate):
+            gen.add(1, _tokens(text), recipe.generate.max_tokens)
+        plans.append(gen)
+    if recipe.sl is not None:
+        plans += _plan_sl(recipe)
+    if recipe.rl is not None:
+        plans += _plan_rl(recipe)
+    if recipe.eval is not None:
+        plans += _plan_eval(recipe)
+    rows = []
+    total = {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+    for plan in plans:
+        if not plan.calls:
+            continue
+        try:
+            endpoints = recipe.engine.group(plan.group)
+        except CaiError:
+            endpoints = []
+        weights = sum(e.weight for e in endpoints) or 1.0
+        cost = sum(e.weight / weights * e.cost(plan.input_tokens, plan.output_tokens) for e in endpoints)
+        rpm = sum(e.rpm for e in endpoints if e.rpm) or None
+        tpm = sum(e.tpm for e in endpoints if e.tpm) or None
+        minutes = max(plan.calls / rpm if rpm else 0.0,
+                      (plan.input_tokens + plan.output_tokens) / tpm if tpm else 0.0)
+        rows.append({"stage": plan.stage, "group": plan.group, "calls": plan.calls,
+                     "input_tokens": plan.input_tokens, "output_tokens": plan.output_tokens,
+                     "cost_usd": round(cost, 4), "min_minutes_by_rate_limits": round(minutes, 2) if minutes else None,
+                     "notes": plan.notes})
+        for key in ("calls", "input_tokens", "output_tokens"):
+            total[key] += rows[-1][key]
+        total["cost_usd"] = round(total["cost_usd"] + cost, 4)
+    return {"stages": rows, "total": total,
+            "method": "approximate tokens: 4 characters a token + 4 a message; outputs at max_tokens (upper bound)"}
