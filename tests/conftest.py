@@ -93,16 +93,22 @@ def server(_server_process: TestServer) -> TestServer:
     return _server_process
 
 
-def kill_repeatedly(args: list[str], delays: tuple[float, ...]) -> int:
-    """Start ``args`` once per delay and ``kill -9`` it after that delay if it is still running; the kills."""
+def kill_repeatedly(args: list[str], delays: tuple[float, ...], server: TestServer, *, step: int = 25) -> int:
+    """Run ``args`` once per delay and ``kill -9`` it mid-run: once the server has answered ``step`` more calls
+    (so a slow or busy machine still kills it while it works), plus that delay's share of a second; returns how
+    many runs were killed rather than finished."""
     import signal
     import time
 
     kills = 0
     for delay in delays:
+        target = server.stats().get("ok", 0) + step
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        time.sleep(delay)
+        deadline = time.monotonic() + 60
+        while process.poll() is None and server.stats().get("ok", 0) < target and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay / 4)
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             kills += 1
