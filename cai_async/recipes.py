@@ -112,9 +112,9 @@ def _report(report: StageReport) -> dict[str, Any]:
 
 
 def _pairs_report(report: PairsReport) -> dict[str, Any]:
-    return {"prompts": report.prompts, "skipped_already_done": report.skipped, "pairs_written": report.pairs,
-            "identical_dropped": report.identical_dropped, "failed": report.failed,
-            "failures": report.failures[:50], "stopped": report.stopped, "seconds": round(report.seconds, 3)}
+    data = _report(report)
+    return {"prompts": data.pop("total"), "pairs_written": data.pop("written"),
+            "identical_dropped": report.identical_dropped, **data}
 
 
 async def run_rl_stage(engine: Engine, config: RLConfig, run_dir: Path) -> dict[str, Any]:

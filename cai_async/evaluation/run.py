@@ -138,10 +138,10 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path) -> d
     todo = [i for i in items if i.id not in done]
     report = StageReport(total=len(items), skipped=len(items) - len(todo))
     await write_rows(engine, todo, _Judge(engine, config).sample, writer, report)
+    samples = read_shards(out / "samples")
     pair_report = StageReport()
     if "helpfulness" in config.suites and len(config.models) > 1:
-        pair_report = await _pairwise(engine, config, out)
-    samples = read_shards(out / "samples")
+        pair_report = await _pairwise(engine, config, samples, out)
     metrics = eval_metrics(samples, read_shards(out / "pairwise"), config)
     metrics["run"] = {"samples": report.total, "already_done": report.skipped, "written": report.written,
                       "failed_not_recorded": report.failed, "failures": report.failures[:50],
@@ -149,9 +149,8 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path) -> d
     return metrics
 
 
-async def _pairwise(engine: Engine, config: EvalConfig, out: Path) -> StageReport:
+async def _pairwise(engine: Engine, config: EvalConfig, samples: pl.DataFrame, out: Path) -> StageReport:
     baseline = config.baseline or config.models[0].name
-    samples = read_shards(out / "samples")
     helpful = samples.filter((pl.col("suite") == "helpfulness") & (pl.col("status") == "ok"))
     by_key = {(r["model"], r["prompt_id"]): r for r in helpful.iter_rows(named=True)}
     pairs = []

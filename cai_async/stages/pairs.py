@@ -18,6 +18,7 @@ from backends.errors import BudgetExceeded, CaiError, ConfigError
 from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.prompts import PromptRow, PromptSource
+from cai_async.stages.common import StageReport
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
 __all__ = ["PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "load_pairs", "pair_id", "run_pairs"]
@@ -81,17 +82,10 @@ class PairsConfig(PromptSource):
 
 
 @dataclass
-class PairsReport:
-    """What a pairs run did."""
+class PairsReport(StageReport):
+    """What a pairs run did: ``total`` prompts, ``written`` pairs, duplicates dropped, and the pairs selected."""
 
-    prompts: int = 0
-    skipped: int = 0
-    pairs: int = 0
     identical_dropped: int = 0
-    failed: int = 0
-    failures: list[dict[str, str]] = field(default_factory=list)
-    stopped: str | None = None
-    seconds: float = 0.0
     rows: list[PairRow] = field(default_factory=list)
     """Every pair of the selected prompts, made by this run or an earlier one."""
 
@@ -158,7 +152,7 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
     selected: set[str] = set()
     try:
         if config.source != "generate":
-            pairs, report.prompts, report.identical_dropped = _static_pairs(config, Path(run_dir))
+            pairs, report.total, report.identical_dropped = _static_pairs(config, Path(run_dir))
             selected = {p.prompt_id for p in pairs}
             fresh = [p for p in pairs if p.prompt_id not in done]
             report.skipped = len(selected) - len({p.prompt_id for p in fresh})
@@ -167,7 +161,7 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
         prompts = config.load()
         selected = {p.id for p in prompts}
         todo = [p for p in prompts if p.id not in done]
-        report.prompts, report.skipped = len(prompts), len(prompts) - len(todo)
+        report.total, report.skipped = len(prompts), len(prompts) - len(todo)
 
         async def sample(row: PromptRow) -> list[tuple[str, str]]:
             responses = []
@@ -195,7 +189,7 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
         report.stopped = str(exc)
     finally:
         writer.flush()
-        report.pairs = writer.written
+        report.written = writer.written
         report.rows = [p for p in load_pairs(out_dir) if p.prompt_id in selected]
         report.seconds = time.perf_counter() - start
     return report
