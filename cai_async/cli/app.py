@@ -82,6 +82,8 @@ def _load(recipe: Path | None, sets: list[str], extra: dict[str, Any], endpoint:
     base = load_recipe(recipe) if recipe is not None else Recipe()
     data = base.model_dump(mode="json")
     data = _endpoint_overrides(data, endpoint)
+    if extra.pop(_BATCH, None):
+        data = _use_batch(data)
     pairs = [f"{k}={json.dumps(v)}" for k, v in extra.items() if v is not None]
     data = apply_overrides(data, [*pairs, *sets])
     return validate(Recipe, data, source=str(recipe) if recipe else "command line")
@@ -205,19 +207,37 @@ KeyEnvOpt = Annotated[str | None, typer.Option(help="Name of the env var holding
 RpmOpt = Annotated[float | None, typer.Option(help="Requests per minute limit.")]
 TpmOpt = Annotated[float | None, typer.Option(help="Tokens per minute limit.")]
 ConcurrencyOpt = Annotated[int | None, typer.Option(help="Global concurrency cap.")]
-BudgetOpt = Annotated[float | None, typer.Option(help="Stop scheduling new calls at this cost.")]
+BudgetOpt = Annotated[float | None, typer.Option(
+    "--max-cost", "--budget-usd", help="Dollars: stop scheduling new calls once spent + committed would pass it.")]
+BatchOpt = Annotated[bool, typer.Option(
+    "--batch", help="Send every OpenAI-compatible endpoint's calls through its Batch API (about half price).")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Disable the request cache.")]
 ProgressOpt = Annotated[str | None, typer.Option(help="auto | rich | plain | off")]
 
 
 def _engine_flags(max_concurrency: int | None, budget_usd: float | None, progress: str | None,
-                  no_cache: bool) -> dict[str, Any]:
+                  no_cache: bool, batch: bool = False) -> dict[str, Any]:
     return {
         "engine.max_concurrency": max_concurrency,
         "engine.budget_usd": budget_usd,
         "engine.progress": progress,
         "engine.cache.enabled": False if no_cache else None,
+        _BATCH: True if batch else None,
     }
+
+
+_BATCH = "endpoints.mode=batch"
+
+
+def _use_batch(recipe_data: dict[str, Any]) -> dict[str, Any]:
+    """``--batch``: every OpenAI-compatible endpoint of the recipe switches to the Batch API."""
+    endpoints = [e for group in recipe_data.get("engine", {}).get("groups", {}).values() for e in group
+                 if e.get("backend", "openai") == "openai"]
+    if not endpoints:
+        raise CaiError_("--batch needs an OpenAI-compatible endpoint (backend: openai); this recipe has none")
+    for endpoint in endpoints:
+        endpoint["mode"] = "batch"
+    return recipe_data
 
 
 def _endpoint_flags(backend: str | None, model: str | None, base_url: str | None, api_key_env: str | None,
@@ -255,13 +275,14 @@ def generate(
     tpm: TpmOpt = None,
     max_concurrency: ConcurrencyOpt = None,
     budget_usd: BudgetOpt = None,
+    batch: BatchOpt = False,
     no_cache: NoCacheOpt = False,
     progress: ProgressOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Answer prompts with the policy group and write Parquet (defaults → RECIPE → flags)."""
     extra = {"run_dir": run_dir, "generate.input": input, "generate.limit": limit,
-             **_engine_flags(max_concurrency, budget_usd, progress, no_cache)}
+             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
     endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "generate"))
 
@@ -284,6 +305,7 @@ def sl(
     tpm: TpmOpt = None,
     max_concurrency: ConcurrencyOpt = None,
     budget_usd: BudgetOpt = None,
+    batch: BatchOpt = False,
     no_cache: NoCacheOpt = False,
     progress: ProgressOpt = None,
     sets: SetOpt = None,
@@ -292,7 +314,8 @@ def sl(
     flags)."""
     extra = {"run_dir": run_dir, "sl.input": input, "sl.limit": limit, "sl.prompt_column": prompt_column,
              "sl.response_column": response_column, "sl.constitution": constitution,
-             "sl.num_revisions": num_revisions, **_engine_flags(max_concurrency, budget_usd, progress, no_cache)}
+             "sl.num_revisions": num_revisions,
+             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
     endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "sl"))
 
@@ -317,6 +340,7 @@ def label(
     tpm: TpmOpt = None,
     max_concurrency: ConcurrencyOpt = None,
     budget_usd: BudgetOpt = None,
+    batch: BatchOpt = False,
     no_cache: NoCacheOpt = False,
     progress: ProgressOpt = None,
     sets: SetOpt = None,
@@ -325,7 +349,7 @@ def label(
     extra = {"run_dir": run_dir, "rl.pairs.source": pairs_source, "rl.pairs.input": input,
              "rl.pairs.sl_run": sl_run, "rl.pairs.limit": limit, "rl.label.principles": principles,
              "rl.label.ensemble": ensemble, "rl.label.swap": swap, "rl.label.cot.enabled": cot,
-             **_engine_flags(max_concurrency, budget_usd, progress, no_cache)}
+             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
     endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "rl"))
 
@@ -409,11 +433,14 @@ def evaluate(
     compare: Annotated[tuple[str, str] | None, typer.Option(help="BEFORE AFTER: highlight the deltas.")] = None,
     run_dir: RunDirOpt = None,
     progress: ProgressOpt = None,
+    budget_usd: BudgetOpt = None,
+    batch: BatchOpt = False,
     sets: SetOpt = None,
 ) -> None:
     """Evaluate models on harmlessness, over-refusal, jailbreaks and helpfulness; write an HTML report."""
     extra: dict[str, Any] = {"run_dir": run_dir, "eval.n": n, "engine.progress": progress,
-                             "eval.compare": list(compare) if compare else None}
+                             "eval.compare": list(compare) if compare else None, "engine.budget_usd": budget_usd,
+                             _BATCH: batch or None}
     recipe_obj = _load(recipe, sets or [], extra, {})
     if recipe_obj.eval is None:
         raise CaiError_(f"{recipe}: no eval section (models: [{{name, group}}], suites, n)")
@@ -450,25 +477,30 @@ def show(
 
 
 @app.command()
-def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], sets: SetOpt = None) -> None:
+def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], budget_usd: BudgetOpt = None,
+        batch: BatchOpt = False, sets: SetOpt = None) -> None:
     """Run every stage a recipe lists, in order."""
-    _run(_load(recipe, sets or [], {}, {}))
+    _run(_load(recipe, sets or [], {"engine.budget_usd": budget_usd, _BATCH: batch or None}, {}))
 
 
 @app.command()
-def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], sets: SetOpt = None) -> None:
+def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], batch: BatchOpt = False,
+         sets: SetOpt = None) -> None:
     """Estimate a recipe's calls, tokens, dollars and rate-limited time before spending anything."""
     from cai_async.plan import plan_recipe
 
-    estimate = plan_recipe(_load(recipe, sets or [], {}, {}))
+    estimate = plan_recipe(_load(recipe, sets or [], {_BATCH: batch or None}, {}))
     for row in estimate["stages"]:
         limit = f", ≥ {row['min_minutes_by_rate_limits']} min at the rate limits" \
             if row["min_minutes_by_rate_limits"] else ""
+        rounds = f", {row['batch_rounds']} batch rounds" if row["mode"] == "batch" else ""
         typer.echo(f"{row['stage']:<8} {row['group']:<10} {row['calls']:>7} calls  {row['input_tokens']:>10} in  "
-                   f"{row['output_tokens']:>9} out  ${row['cost_usd']:.4f}{limit}")
+                   f"{row['output_tokens']:>9} out  ${row['cost_usd']:.4f} ({row['mode']}){limit}{rounds}")
     total = estimate["total"]
     typer.echo(f"{'total':<19} {total['calls']:>7} calls  {total['input_tokens']:>10} in  "
                f"{total['output_tokens']:>9} out  ${total['cost_usd']:.4f}")
+    typer.echo(f"priced online: ${total['cost_usd_online']:.4f}; through the Batch API: "
+               f"${total['cost_usd_batch']:.4f} (--batch)")
     typer.echo(f"({estimate['method']})")
 
 

@@ -10,11 +10,32 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from backends.errors import ConfigError
 from backends.registry import BackendSettings, Secret
 
-__all__ = ["BreakerConfig", "CacheConfig", "EndpointConfig", "EngineConfig", "RetryConfig"]
+__all__ = ["BatchOptions", "BreakerConfig", "CacheConfig", "EndpointConfig", "EngineConfig", "RetryConfig"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class BatchOptions(_Strict):
+    """How an endpoint in ``mode: batch`` uses the provider's Batch API (``/v1/files`` + ``/v1/batches``).
+
+    Requests are collected into rounds: a batch is submitted once no new request has come for ``linger_s``
+    (every chain that is ready has asked for its next step), or when it is full. Limits default to OpenAI's:
+    50,000 requests and 200 MB per input file. Prices default to half the online ones (OpenAI's batch discount).
+    """
+
+    max_requests: int = Field(default=50_000, ge=1, description="requests per batch; larger rounds are split")
+    max_file_mb: float = Field(default=190.0, gt=0, description="input file size per batch (provider: 200 MB)")
+    completion_window: Literal["24h"] = "24h"
+    linger_s: float = Field(default=2.0, ge=0, description="quiet time that closes a round")
+    poll_initial_s: float = Field(default=5.0, gt=0)
+    poll_max_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, description="batches a failed or expired request may go through")
+    request_retries: int = Field(default=6, ge=1, description="tries of each upload/create/poll/download call")
+    in_flight: int = Field(default=10_000, ge=1, description="items (chains, pairs) kept waiting on batches")
+    price_in: float | None = Field(default=None, ge=0, description="USD per million input tokens; unset: half online")
+    price_out: float | None = Field(default=None, ge=0, description="USD per million output tokens; unset: half")
 
 
 class EndpointConfig(_Strict):
@@ -33,7 +54,25 @@ class EndpointConfig(_Strict):
     price_in: float = Field(default=0.0, ge=0, description="USD per million input tokens")
     price_out: float = Field(default=0.0, ge=0, description="USD per million output tokens")
     timeout_s: float = Field(default=120.0, gt=0)
+    mode: Literal["online", "batch"] = Field(
+        default="online", description="batch: send the calls through the provider's Batch API (about half price)"
+    )
+    batch: BatchOptions = Field(default_factory=BatchOptions)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _batch_needs_openai(self) -> EndpointConfig:
+        if self.mode == "batch" and self.backend != "openai":
+            raise ValueError(
+                f"endpoint {self.name or self.model!r}: mode batch needs an OpenAI-compatible endpoint "
+                f"(backend openai), not {self.backend!r}; use mode online for local models"
+            )
+        return self
+
+    @property
+    def backend_kind(self) -> str:
+        """The registered backend that serves this endpoint: ``openai-batch`` in batch mode."""
+        return "openai-batch" if self.mode == "batch" else self.backend
 
     @property
     def cache_identity(self) -> str:
@@ -42,8 +81,9 @@ class EndpointConfig(_Strict):
         model each have their own key, and a lookup tries them all."""
         return f"{self.backend}|{self.base_url}|{self.model or self.name}"
 
-    def settings(self) -> BackendSettings:
-        """Backend settings with the API key read from the environment (never stored in config)."""
+    def settings(self, *, state_dir: str | None = None) -> BackendSettings:
+        """Backend settings with the API key read from the environment (never stored in config);
+        ``state_dir`` is where a backend may keep state across runs (the Batch API's journal)."""
         key = ""
         if self.api_key_env:
             key = os.environ.get(self.api_key_env, "")
@@ -58,12 +98,22 @@ class EndpointConfig(_Strict):
             base_url=self.base_url,
             api_key=Secret(key),
             timeout_s=self.timeout_s,
-            options=dict(self.options),
+            options={**self.options, "batch": self.batch.model_dump()} if self.mode == "batch" else dict(self.options),
+            state_dir=state_dir,
         )
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """Price of a call in USD."""
-        return (prompt_tokens * self.price_in + completion_tokens * self.price_out) / 1_000_000
+    def prices(self, mode: Literal["online", "batch"] | None = None) -> tuple[float, float]:
+        """USD per million input and output tokens in ``mode`` (default: the endpoint's own mode)."""
+        if (mode or self.mode) == "online":
+            return self.price_in, self.price_out
+        price_in = self.batch.price_in if self.batch.price_in is not None else self.price_in / 2
+        price_out = self.batch.price_out if self.batch.price_out is not None else self.price_out / 2
+        return price_in, price_out
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, mode: Literal["online", "batch"] | None = None) -> float:
+        """Price of a call in USD (batch prices in batch mode)."""
+        price_in, price_out = self.prices(mode)
+        return (prompt_tokens * price_in + completion_tokens * price_out) / 1_000_000
 
 
 class RetryConfig(_Strict):

@@ -33,11 +33,12 @@ class EndpointState:
         self.config = config
         self.name = config.name
         self.backend = backend
+        online = config.mode == "online"  # a batch endpoint queues calls: no per-call rate or concurrency limit
         self.limits = EndpointLimits(
-            rpm=config.rpm, tpm=config.tpm, learn=config.learn_limits and config.backend == "openai",
-            sleep=sleep, clock=clock,
+            rpm=config.rpm if online else None, tpm=config.tpm if online else None,
+            learn=online and config.learn_limits and config.backend == "openai", sleep=sleep, clock=clock,
         )
-        self.capacity = anyio.CapacityLimiter(config.max_concurrency or math.inf)
+        self.capacity = anyio.CapacityLimiter((config.max_concurrency if online else None) or math.inf)
         self.inflight = 0
         self._breaker = breaker
         self._clock = clock

@@ -6,7 +6,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AsyncExitStack, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 import anyio
 from tenacity import Future, RetryCallState, stop_after_attempt, stop_after_delay
 
-from backends.errors import BackendError, BudgetExceeded, CaiError, RateLimited, TransientError
+from backends.errors import BackendError, BudgetExceeded, CaiError, ConfigError, RateLimited, TransientError
 from backends.registry import create_backend
 from backends.types import Backend, ChatRequest, ChatResult, ScoreRequest, ScoreResult, Usage
 from cai_async.engine.accounting import Accounting
@@ -112,6 +112,8 @@ class Engine:
         self._cache: RequestCache | None = None
         self._global: anyio.CapacityLimiter | None = None
         self._retry = retry_policy(config.retry, sleep=sleep)
+        self._stack = AsyncExitStack()
+        self._committed_usd = 0.0
 
     @property
     def cache(self) -> RequestCache | None:
@@ -126,8 +128,10 @@ class Engine:
                     state = self._endpoints.get(endpoint.name)
                     if state is None:
                         backend = self._injected.get(endpoint.name) or create_backend(
-                            endpoint.backend, endpoint.settings()
+                            endpoint.backend_kind, endpoint.settings(state_dir=self._state_dir(endpoint.name))
                         )
+                        if hasattr(backend, "__aenter__"):  # backends with background work (Batch API rounds)
+                            await self._stack.enter_async_context(backend)  # type: ignore[arg-type]
                         state = EndpointState(
                             endpoint, backend, self.config.breaker, sleep=self._sleep, clock=self._clock
                         )
@@ -147,8 +151,13 @@ class Engine:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def _state_dir(self, endpoint: str) -> str:
+        """Where an endpoint's backend keeps state across runs: ``<run dir>/batches/<endpoint>``."""
+        return str((self._run_dir or Path(".")) / "batches" / endpoint)
+
     async def aclose(self) -> None:
         """Close every backend and the cache."""
+        await self._stack.aclose()  # backends with a task group: must close in this task's own cancel scope
         with anyio.CancelScope(shield=True):
             for state in self._endpoints.values():
                 await state.backend.aclose()
@@ -168,6 +177,9 @@ class Engine:
         per model when every endpoint is in-process llama.cpp — then an item's calls follow each other and
         reuse the KV cache for their shared prefix instead of evicting each other's."""
         endpoints = [state for role in roles for state in self.group(role)]
+        batch = [state.config.batch.in_flight for state in endpoints if state.config.mode == "batch"]
+        if batch:  # calls wait for their batch round: keep enough items waiting to fill it
+            return max(batch)
         if endpoints and all(state.config.backend == "llamacpp" for state in endpoints):
             return max(1, len({state.config.model for state in endpoints}))
         return self.config.max_concurrency
@@ -184,13 +196,24 @@ class Engine:
         assert isinstance(result, ScoreResult)
         return result
 
-    def _check_budget(self) -> None:
+    def _commit_budget(self, endpoints: list[EndpointState], request: Request) -> float:
+        """Check the budget before a call and commit the call's worst-case cost (its estimated prompt, its full
+        ``max_tokens``) until it is answered, so even thousands of calls in flight (a batch) cannot overshoot."""
         budget = self.config.budget_usd
-        if budget is not None and self.accounting.cost_usd >= budget:
+        if budget is None:
+            return 0.0
+        output = request.max_tokens if isinstance(request, ChatRequest) else 1
+        worst = max(e.config.cost(estimate_tokens(request) - output, output) for e in endpoints)
+        spent = self.accounting.cost_usd
+        if spent + self._committed_usd + worst > budget:
+            done = self.accounting.done
             raise BudgetExceeded(
-                f"budget of ${budget:.2f} reached (spent ${self.accounting.cost_usd:.4f}); no new calls are "
-                "scheduled. Raise engine.budget_usd and rerun: finished calls come back from the cache for free"
+                f"budget of ${budget:.2f} reached (spent ${spent:.4f}, ${self._committed_usd:.4f} more committed "
+                f"to calls in flight; {done} items finished); no new calls are scheduled. Raise the budget "
+                "(--max-cost or engine.budget_usd) and rerun: finished calls come back from the cache for free"
             )
+        self._committed_usd += worst
+        return worst
 
     async def _call(self, role: str, kind: Literal["chat", "score"], request: Any) -> ChatResult | ScoreResult:
         endpoints = self.group(role)
@@ -206,16 +229,22 @@ class Engine:
                         self.accounting.cache_hits += 1
                         self.accounting.endpoint(hit.get("endpoint") or endpoint.name).cache_hits += 1
                         return _from_cache(kind, hit)
-        self._check_budget()
+        committed = self._commit_budget(endpoints, request)
         assert self._global is not None, "use the engine inside 'async with Engine(...)'"
         estimated = estimate_tokens(request)
-        limiter = nullcontext() if _BOUNDED.get() else self._global
-        async with limiter:
-            try:
-                # Fast path: most calls succeed first time and skip tenacity's per-attempt bookkeeping.
-                result, state = await self._attempt(endpoints, kind, request, estimated, False)
-            except (RateLimited, TransientError) as first:
-                result, state = await self._retry_after(first, endpoints, kind, request, estimated)
+        batch = all(e.config.mode == "batch" for e in endpoints)
+        limiter = nullcontext() if _BOUNDED.get() or batch else self._global  # batch calls only wait in a queue
+        try:
+            async with limiter:
+                try:
+                    # Fast path: most calls succeed first time and skip tenacity's per-attempt bookkeeping.
+                    result, state = await self._attempt(endpoints, kind, request, estimated, False)
+                except (RateLimited, TransientError) as first:
+                    if batch:  # the batch backend retries inside (resubmission); a rerun resumes its batches
+                        raise
+                    result, state = await self._retry_after(first, endpoints, kind, request, estimated)
+        finally:
+            self._committed_usd -= committed
         if self._cache is not None:
             model = state.config.cache_identity
             key = keys.get(model) or request_key(model, normalized)
@@ -300,6 +329,7 @@ class Engine:
         self.accounting.total = None if total is None else self.accounting.done + self.accounting.failed + total
         send, receive = anyio.create_memory_object_stream[T](0)
         stop = anyio.Event()
+        fatal: list[ConfigError] = []
 
         async def produce() -> None:
             async with send:
@@ -316,6 +346,11 @@ class Engine:
                 outcome: R | CaiError
                 try:
                     outcome = await call(item)
+                except ConfigError as exc:  # wrong for every item (e.g. no Batch API): stop and say so
+                    fatal.append(exc)
+                    stop.set()
+                    tg.cancel_scope.cancel()
+                    return
                 except CaiError as exc:
                     outcome = exc
                     if isinstance(exc, BudgetExceeded):
@@ -335,6 +370,8 @@ class Engine:
             tg.start_soon(produce)
             for _ in range(workers):
                 tg.start_soon(work)
+        if fatal:
+            raise fatal[0]
         return report
 
     def summary(self) -> dict[str, Any]:
@@ -343,4 +380,8 @@ class Engine:
         snap["limits"] = {
             name: {"rpm": state.limits.rpm, "tpm": state.limits.tpm} for name, state in self._endpoints.items()
         }
+        batches = {name: state.backend.summary() for name, state in self._endpoints.items()
+                   if state.config.mode == "batch" and hasattr(state.backend, "summary")}
+        if batches:
+            snap["batches"] = batches
         return snap

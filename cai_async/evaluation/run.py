@@ -137,7 +137,9 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path) -> d
     done = writer.existing_ids()
     todo = [i for i in items if i.id not in done]
     report = StageReport(total=len(items), skipped=len(items) - len(todo))
-    await write_rows(engine, todo, _Judge(engine, config).sample, writer, report)
+    roles = [config.judge_role, *(m.group for m in config.models)]
+    await write_rows(engine, todo, _Judge(engine, config).sample, writer, report,
+                     concurrency=engine.item_concurrency(*roles))
     samples = read_shards(out / "samples")
     pair_report = StageReport()
     if "helpfulness" in config.suites and len(config.models) > 1:

@@ -61,5 +61,5 @@ async def run_generate(engine: Engine, config: GenerateConfig, out_dir: str | Pa
             "cached": result.cached,
         }
 
-    await write_rows(engine, todo, answer, writer, report)
+    await write_rows(engine, todo, answer, writer, report, concurrency=engine.item_concurrency(config.role))
     return report

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from backends.errors import BudgetExceeded, NoChoiceFound, PermanentError
+from backends.errors import CaiError, NoChoiceFound, PermanentError
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult
 from cai_async.constitution import ComparisonPrinciple, ComparisonSet, draw_principles
 from cai_async.constitution_io import load_comparison_set
@@ -269,15 +270,29 @@ class Labeller:
         rng = random.Random(f"{cfg.seed}:{pair.id}")
         drawn = draw_principles(self.principles, min(cfg.ensemble, len(self.principles.principles)), rng=rng,
                                 mode="weighted" if self.principles.draw != "priority" else "priority")
-        judgments: list[_Judgment] = []
-        try:
-            for principle in drawn:
-                for order in ("AB", "BA") if cfg.swap else ("AB",):
-                    judgments.append(await self._judge(pair, principle, order))
-        except BudgetExceeded:
-            raise
-        except PermanentError as exc:
-            record.update(status="error", error=f"{type(exc).__name__}: {exc}")
+        slots = [(principle, order) for principle in drawn for order in (("AB", "BA") if cfg.swap else ("AB",))]
+        outcomes: list[_Judgment | CaiError | None] = [None] * len(slots)
+
+        async def judge(index: int) -> None:
+            try:
+                outcomes[index] = await self._judge(pair, *slots[index])
+            except CaiError as exc:
+                outcomes[index] = exc
+
+        if self.engine.item_concurrency(cfg.critic_role) > 1:  # all at once: one round when batched
+            async with anyio.create_task_group() as tg:
+                for index in range(len(slots)):
+                    tg.start_soon(judge, index)
+        else:  # one local model: one after the other, sharing the KV cache of the conversation
+            for index in range(len(slots)):
+                await judge(index)
+        errors = [o for o in outcomes if isinstance(o, CaiError)]
+        for error in errors:
+            if not isinstance(error, PermanentError):
+                raise error  # transient or budget: not recorded, so a rerun retries the pair
+        if errors:
+            record.update(status="error", error=f"{type(errors[0]).__name__}: {errors[0]}")
+        judgments = [o for o in outcomes if isinstance(o, _Judgment)]
         per_principle = []
         for principle in drawn:
             by_order = {j.order: j.p_a for j in judgments if j.principle == principle.name}

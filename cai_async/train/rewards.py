@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.from_thread import BlockingPortal
 
-from backends.errors import NoChoiceFound
+from backends.errors import ConfigError, NoChoiceFound
 from backends.types import ScoreRequest
 from cai_async.constitution import draw_principles
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine, EngineConfig
 from cai_async.stages.label import single_response_prompt
 
-__all__ = ["ConstitutionalReward"]
+__all__ = ["ConstitutionalReward", "SyncReward"]
 
 
 class ConstitutionalReward:
@@ -29,6 +30,12 @@ class ConstitutionalReward:
 
     def __init__(self, engine_config: EngineConfig, run_dir: str | Path, *, principles: str = "harmless",
                  ensemble: int = 2, role: str = "critic", seed: int = 0) -> None:
+        batched = [e.name for e in engine_config.group(role) if e.mode == "batch"]
+        if batched:
+            raise ConfigError(
+                f"online RL needs its rewards now, not in a batch: the {role} endpoint(s) {', '.join(batched)} are in "
+                "mode batch; use mode online for the critic (batch mode suits the data stages)"
+            )
         self.engine_config = engine_config
         self.run_dir = Path(run_dir)
         self.principles = load_comparison_set(principles)
@@ -80,3 +87,17 @@ class ConstitutionalReward:
         if self._stack is not None:
             await self._stack.aclose()
             self._stack = self._engine = None
+
+
+class SyncReward:
+    """A :class:`ConstitutionalReward` for trainers that call reward functions synchronously (TRL's experimental
+    online DPO): each call runs on a blocking portal's event loop, where the engine stays open between calls."""
+
+    __name__ = "constitutional_reward"
+
+    def __init__(self, reward: ConstitutionalReward, portal: BlockingPortal) -> None:
+        self.reward = reward
+        self._portal = portal
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        return self._portal.call(self.reward, prompts, completions)

@@ -7,15 +7,18 @@ from __future__ import annotations
 import csv
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+import anyio.from_thread
 
 from backends.errors import ConfigError
 from cai_async.engine.config import EngineConfig
 from cai_async.train.config import TrainConfig
 from cai_async.train.data import load_training_data, sequence_lengths
 from cai_async.train.models import load_model, load_tokenizer
-from cai_async.train.rewards import ConstitutionalReward
+from cai_async.train.rewards import ConstitutionalReward, SyncReward
 
 __all__ = ["run_training", "training_device"]
 
@@ -128,16 +131,24 @@ def run_training(
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     reward = None
-    if kind == "rl":
-        reward = _online_reward(config, root, engine_config)
-    trainer = _build(stage, algorithm, config, out, flags, dtype, tokenizer, dataset, [_callback(rows)], reward)
-    try:
-        result = trainer.train()
-    finally:
-        if isinstance(reward, ConstitutionalReward) and reward.opened:
-            import asyncio
+    with ExitStack() as stack:
+        if kind == "rl":
+            reward = _online_reward(config, root, engine_config)
+            if algorithm == "online_dpo" and isinstance(reward, ConstitutionalReward):
+                # online DPO calls reward functions synchronously: the async reward runs on a portal's loop
+                portal = stack.enter_context(anyio.from_thread.start_blocking_portal())
+                stack.callback(portal.call, reward.aclose)
+                reward = SyncReward(reward, portal)
+        trainer = _build(stage, algorithm, config, out, flags, dtype, tokenizer, dataset, [_callback(rows)], reward)
+        try:
+            result = trainer.train()
+        finally:
+            if isinstance(reward, ConstitutionalReward) and reward.opened:
+                import asyncio
 
-            asyncio.run_coroutine_threadsafe(reward.aclose(), trainer.async_loop).result(timeout=60)
+                asyncio.run_coroutine_threadsafe(reward.aclose(), trainer.async_loop).result(timeout=60)
+    if isinstance(reward, SyncReward):
+        reward = reward.reward
     if isinstance(reward, ConstitutionalReward):
         summary["reward_judgments"] = reward.calls
     summary["seconds"] = round(time.perf_counter() - start, 2)
@@ -160,11 +171,6 @@ def run_training(
 
 
 def _online_reward(config: TrainConfig, root: Path, engine_config: EngineConfig | None) -> Any:
-    if config.rl_algorithm == "online_dpo":
-        raise ConfigError(
-            "rl_algorithm 'online_dpo' lives in trl.experimental and needs a pairwise judge object; it is not wired "
-            "in this build. Use 'grpo' or 'rloo' (online, with the constitutional reward) or 'soft_dpo' (offline)"
-        )
     if config.reward_from == "reward_model":
         folder = root / "train" / "reward"
         model = folder / "merged" if (folder / "merged").is_dir() else folder
@@ -214,6 +220,14 @@ def _build(stage: str, algorithm: str, config: TrainConfig, out: Path, flags: di
     common.pop("max_length")
     online = {"num_generations": config.num_generations, "max_completion_length": config.max_completion_length,
               "beta": config.beta}
+    if algorithm == "online_dpo":  # trl.experimental: two samples per prompt, ranked by the reward, then DPO
+        from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+        args = OnlineDPOConfig(**common, max_new_tokens=config.max_completion_length, max_length=config.max_length,
+                               beta=[config.beta], temperature=1.0)
+        return OnlineDPOTrainer(model=model, reward_funcs=[reward], args=args,
+                                train_dataset=dataset.select_columns(["prompt"]), processing_class=tokenizer,
+                                peft_config=peft, callbacks=callbacks)
     config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if algorithm == "grpo" else (
         trl.RLOOConfig, trl.RLOOTrainer)
     return trainer_cls(model=model, reward_funcs=[reward], args=config_cls(**common, **online),
