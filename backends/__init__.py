@@ -1,7 +1,8 @@
 """Model backends for cai-async: the ``Backend`` protocol, its request/result types, the error tree and
-a registry that imports backends lazily by name (``openai``, ``llamacpp``)."""
+a registry that imports backends lazily by name (``openai``, ``openai-batch``, ``llamacpp``, ``transformers``)."""
 
 from backends.errors import (
+    AuthenticationFailed,
     BackendError,
     BudgetExceeded,
     CaiError,
@@ -26,6 +27,7 @@ from backends.types import (
 )
 
 __all__ = [
+    "AuthenticationFailed",
     "Backend",
     "BackendError",
     "BackendSettings",

@@ -1,12 +1,15 @@
 """The one small error tree of cai-async, translated at the backend edge.
 
 ``CaiError`` → ``BackendError`` → ``RateLimited`` / ``TransientError`` / ``PermanentError``,
-and ``ConfigError`` for bad configuration. Messages say what to fix; they never carry secrets.
+and ``ConfigError`` for bad configuration. ``AuthenticationFailed`` (401/403) is both a backend error and a
+configuration error: the key is wrong for every call, so a run stops with one message instead of recording
+each item as failed for good. Messages say what to fix; they never carry secrets.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationFailed",
     "BackendError",
     "BudgetExceeded",
     "CaiError",
@@ -56,6 +59,11 @@ class TransientError(BackendError):
 
 class PermanentError(BackendError):
     """A failure retrying cannot fix: 4xx other than 408/429, a malformed answer, a bad model file."""
+
+
+class AuthenticationFailed(BackendError, ConfigError):
+    """The endpoint refused the API key (401/403): fix the variable named by ``api_key_env`` and rerun. A run
+    stops at the first one (nothing is recorded as failed, so the rerun does every item)."""
 
 
 class NoChoiceFound(PermanentError):

@@ -247,7 +247,7 @@ class OpenAIBatchBackend:
             self._abandon(entry, self._error(TransientError, f"{type(exc).__name__}: {exc}"))
 
     def _abandon(self, entry: BatchEntry, exc: CaiError) -> None:
-        if isinstance(exc, ConfigError) or (isinstance(exc, PermanentError) and exc.status in (401, 403)):
+        if isinstance(exc, ConfigError):  # including AuthenticationFailed
             self._fatal = exc  # every further call gets the same clear message
             self._queue.clear()
             for cid in list(self._waiters):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from backends.errors import BackendError, PermanentError, RateLimited, TransientError
+from backends.errors import AuthenticationFailed, BackendError, PermanentError, RateLimited, TransientError
 from backends.scoring import normalize_choice_logprobs
 from backends.types import ChatRequest, ChatResult, RateLimitInfo, ScoreRequest, ScoreResult, Usage, plain_messages
 
@@ -71,7 +71,7 @@ def error_for_status(status: int, detail: str, make: ErrorFactory, *, retry_afte
         return make(RateLimited, f"rate limited (429): {detail}", status=status, retry_after=retry_after)
     if status in (401, 403):
         return make(
-            PermanentError,
+            AuthenticationFailed,
             f"authentication failed ({status}); check the API key in the endpoint's api_key_env variable",
             status=status,
         )

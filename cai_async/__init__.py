@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from backends import (
+        AuthenticationFailed,
         Backend,
         BackendError,
         BudgetExceeded,
@@ -120,6 +121,7 @@ _LAZY: dict[str, str] = {
     "StageReport": "cai_async.stages.common",
     "single_response_prompt": "cai_async.stages.label",
     "Backend": "backends",
+    "AuthenticationFailed": "backends",
     "BackendError": "backends",
     "BatchReport": "cai_async.engine",
     "BreakerConfig": "cai_async.engine",
@@ -217,6 +219,7 @@ __all__ = [
     "CHAIN_SCHEMA",
     "LABEL_SCHEMA",
     "PAIR_SCHEMA",
+    "AuthenticationFailed",
     "Backend",
     "BackendError",
     "BatchReport",

@@ -46,6 +46,18 @@ def _listing(items: list[dict[str, Any]], request: web.Request) -> dict[str, Any
 
 def add_batch_routes(app: web.Application, state: Any) -> None:
     """Add the files and batches endpoints to the test server's app; ``state`` is its shared state."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+        key = state.config.api_key
+        if key and request.path.startswith(("/v1/files", "/v1/batches")) and \
+                request.headers.get("Authorization") != f"Bearer {key}":
+            state.stats["401"] += 1
+            return _error(401, "Incorrect API key provided")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app.middlewares.append(authenticate)
     def new_file(data: bytes, filename: str, purpose: str) -> dict[str, Any]:
         file_id = f"file-{len(state.files) + 1:06d}"
         state.files[file_id] = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),

@@ -148,6 +148,28 @@ def test_a_provider_without_batches_is_a_clear_error(tmp_path: Path, server: Tes
     assert "Traceback" not in out.stderr
 
 
+def test_a_wrong_key_stops_the_run_records_nothing_and_never_leaks(
+    tmp_path: Path, server: TestServer
+) -> None:
+    secret = "sk-batch-SECRET-4242"
+    server.configure(api_key="the-right-key")
+    run_dir = tmp_path / "run"
+    rec = recipe(server, run_dir, stage="sl", limit=4, mode="online")
+    rec.engine.groups["policy"][0].api_key_env = "CAI_BATCH_KEY"
+    args = ["sl", str(_write(tmp_path, rec)), "--batch"]  # the flag switches the recipe's endpoint to batch
+    out = cai(*args, env={**os.environ, "CAI_BATCH_KEY": secret})
+    assert out.returncode == 2 and "authentication failed (401)" in out.stderr and "api_key_env" in out.stderr
+    assert secret not in out.stderr + out.stdout and "Traceback" not in out.stderr
+    assert read_shards(run_dir / "sl").is_empty()  # nothing recorded as failed for good
+    server.configure(api_key=secret)
+    out = cai(*args, env={**os.environ, "CAI_BATCH_KEY": secret})
+    assert out.returncode == 0, out.stderr
+    assert set(read_shards(run_dir / "sl")["status"]) == {"ok"} and server.stats()["batches"] == 3
+    for file in run_dir.rglob("*"):
+        if file.is_file():
+            assert secret.encode() not in file.read_bytes(), file
+
+
 def test_a_failed_batch_fails_its_requests_without_resubmitting(tmp_path: Path, server: TestServer) -> None:
     server.configure(batch_outcome="failed")
     summary = run(recipe(server, tmp_path / "run", limit=5))

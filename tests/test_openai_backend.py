@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from backends import (
+    AuthenticationFailed,
     BackendSettings,
     ChatRequest,
+    ConfigError,
     PermanentError,
     RateLimited,
     ScoreRequest,
@@ -122,10 +124,11 @@ async def test_wrong_key_never_leaks(server: TestServer) -> None:
         "openai", BackendSettings(endpoint="t", base_url=server.base_url, api_key=Secret(secret))
     )
     try:
-        with pytest.raises(PermanentError) as info:
+        with pytest.raises(AuthenticationFailed) as info:
             await b.chat(ChatRequest(USER))
     finally:
         await b.aclose()
+    assert isinstance(info.value, ConfigError) and not isinstance(info.value, PermanentError)
     assert "authentication failed (401)" in str(info.value)
     assert secret not in str(info.value) and secret not in repr(info.value)
     assert secret not in repr(b)
