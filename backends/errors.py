@@ -8,6 +8,8 @@ each item as failed for good. Messages say what to fix; they never carry secrets
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AuthenticationFailed",
     "BackendError",
@@ -47,10 +49,18 @@ class RateLimited(BackendError):
     """The endpoint refused the call for rate limiting (HTTP 429); retry after ``retry_after`` seconds."""
 
     def __init__(
-        self, message: str, *, endpoint: str = "", status: int | None = 429, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        endpoint: str = "",
+        status: int | None = 429,
+        retry_after: float | None = None,
+        rate_limit: Any = None,
     ) -> None:
         super().__init__(message, endpoint=endpoint, status=status)
         self.retry_after = retry_after
+        self.rate_limit = rate_limit
+        """The ``x-ratelimit-*`` headers of the 429 (a :class:`backends.types.RateLimitInfo`), when sent."""
 
 
 class TransientError(BackendError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -208,7 +209,14 @@ class OpenAIBatchBackend:
             taken, self._queue = self._queue, []
             self._queued = anyio.Event()
             for chunk in self._split(taken):
-                entry = self.journal.prepare(chunk)
+                try:
+                    entry = self.journal.prepare(chunk)
+                except (OSError, sqlite3.Error) as exc:  # a full disk, say: nothing was sent, nothing is lost
+                    problem = ConfigError(f"endpoint {self.name!r}: cannot write the batch journal in "
+                                          f"{self.journal.folder} ({exc}); free space or fix permissions and rerun")
+                    for cid, _ in chunk:
+                        self._deliver(cid, problem)
+                    continue
                 for cid, _ in chunk:
                     self._in_flight[cid] = entry.local_id
                 log.info("endpoint %s: batch %s of %d requests prepared", self.name, entry.local_id, len(chunk))

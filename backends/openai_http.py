@@ -196,7 +196,8 @@ class OpenAIBackend:
                 detail = str(parsed["error"].get("message", detail))
         except orjson.JSONDecodeError:
             pass
-        raise error_for_status(status, detail, self._error, retry_after=parse_retry_after(headers))
+        raise error_for_status(status, detail, self._error, retry_after=parse_retry_after(headers),
+                               rate_limit=parse_rate_limit_headers(headers))
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         payload, rate_limit, latency = await self._post(chat_body(self.model, request))

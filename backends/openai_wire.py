@@ -65,10 +65,18 @@ def usage_of(payload: dict[str, Any]) -> Usage:
     )
 
 
-def error_for_status(status: int, detail: str, make: ErrorFactory, *, retry_after: float | None = None) -> BackendError:
+def error_for_status(
+    status: int,
+    detail: str,
+    make: ErrorFactory,
+    *,
+    retry_after: float | None = None,
+    rate_limit: RateLimitInfo | None = None,
+) -> BackendError:
     """The error an HTTP status means: 429 rate limited; 408/409/5xx transient (retried); other 4xx permanent."""
     if status == 429:
-        return make(RateLimited, f"rate limited (429): {detail}", status=status, retry_after=retry_after)
+        return make(RateLimited, f"rate limited (429): {detail}", status=status, retry_after=retry_after,
+                    rate_limit=rate_limit)
     if status in (401, 403):
         return make(
             AuthenticationFailed,

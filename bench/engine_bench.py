@@ -149,13 +149,17 @@ async def scenario(server: TestServer, name: str, ideal: float, n: int, conc: in
     print(f"\n{name}: {n} requests, concurrency {conc}, server {server_cfg} — ideal {ideal:.1f}s; target: {target}")
     rows = []
     for label, endpoint in variants.items():
+        server.configure(**server_cfg)  # every variant starts from the same server state (full rate buckets)
         outcome = await run_cai(server, n, conc, f"{name}-{label}", **endpoint)
         outcome.name = f"cai-async {label}".strip()
         rows.append(outcome)
+    server.configure(**server_cfg)
     gather = await run_gather(server, n, conc, name)
     rows.append(gather)
+    server.configure(**server_cfg)
     rows.append(await run_raw_aiohttp(server, n, conc, name))
     if seq_sample:
+        server.configure(**server_cfg)
         rows.append(run_sequential(server, n, seq_sample, name))
     for row in rows:
         print(row.row(ideal))

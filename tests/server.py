@@ -56,6 +56,7 @@ class ServerConfig:
     record: bool = False  # keep every request body's messages, served at GET /requests
     reply: str = ""  # a fixed chat answer (e.g. a chain-of-thought ending "The answer is (A)")
     prefer_when: dict[str, str] = field(default_factory=dict)  # substring of the prompt → preferred choice
+    fail_status: int = 0  # answer every chat request with this status (e.g. 404: a model the server lacks)
     # Batch API (/v1/files, /v1/batches): see tests/server_batches.py
     batches: bool = True  # False: /v1/batches answers 404, like a provider without a Batch API
     batch_validating_s: float = 0.05
@@ -246,6 +247,10 @@ def build_app(config: ServerConfig) -> web.Application:
             assert request.transport is not None
             request.transport.abort()
             raise ConnectionResetError("dropped by test server")
+        if cfg.fail_status:
+            state.stats[str(cfg.fail_status)] += 1
+            return _json({"error": {"message": f"The model {body.get('model')!r} does not exist"}},
+                         status=cfg.fail_status)
         status, payload = state.complete(body)
         if status != 200:
             return _json(payload, status=status)

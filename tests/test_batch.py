@@ -90,6 +90,21 @@ def test_chains_go_through_as_rounds(tmp_path: Path, server: TestServer) -> None
     assert all(r["rounds"][0]["revision"].startswith("Reply ") for r in chains.iter_rows(named=True))
 
 
+def test_rl_samples_and_judgments_each_take_one_round(tmp_path: Path, server: TestServer) -> None:
+    rec = Recipe.model_validate({
+        "run_dir": str(tmp_path / "run"),
+        "engine": {"groups": {"policy": [endpoint(server)]}, "progress": "off"},
+        "rl": {"pairs": {"source": "generate", "input": str(HH_PROMPTS), "id_column": "id", "limit": 6, "k": 3,
+                         "temperatures": [0.7, 1.0]},
+               "label": {"ensemble": 2, "swap": True}},
+    })
+    summary = run(rec)
+    stats = server.stats()
+    assert stats["batches"] == 2  # the K samples of every prompt, then every judgment of every pair
+    assert stats["batch_requests"] == 6 * 3 + summary["stages"]["rl"]["pairs"]["pairs_written"] * 4
+    assert summary["stages"]["rl"]["labelled"] == summary["stages"]["rl"]["pairs"]["pairs_written"] > 0
+
+
 def test_rounds_split_at_request_and_size_limits(tmp_path: Path, server: TestServer) -> None:
     server.configure(batch_max_requests=7)  # the provider rejects larger batches
     run(recipe(server, tmp_path / "count", max_requests=7))

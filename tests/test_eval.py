@@ -88,13 +88,13 @@ def test_before_after_report_with_deltas_and_helpfulness(tmp_path: Path, server:
 def test_a_model_that_always_fails_shows_in_the_report(tmp_path: Path, server: TestServer) -> None:
     locked = start_server()
     try:
-        locked.configure(api_key="sk-other")  # every call answered 401: a permanent failure
+        locked.configure(fail_status=404)  # every call answered 404 (no such model): a permanent failure
         metrics = run(eval_recipe(tmp_path / "run", {"broken": [endpoint("x", locked)],
                                                      "critic": [endpoint("judge", server)]}, ["broken"]))
     finally:
         locked.process.terminate()
     model = metrics["models"]["broken"]
-    assert model["errors"] == 6 + 6 + 6 and "401" in model["error_examples"][0]
+    assert model["errors"] == 6 + 6 + 6 and "404" in model["error_examples"][0]
     assert model["harmful_rate"]["value"] is None
     html = Path(metrics["report"]).read_text()
     assert "Failures (18 samples)" in html

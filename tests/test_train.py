@@ -233,6 +233,33 @@ def test_online_rl_errors_are_clear(tmp_path: Path, tiny: Path) -> None:
         run_training("rl", config(tiny, rl_algorithm="grpo", reward_from="reward_model"), run_dir)
 
 
+def test_accelerate_launch_trains_on_two_processes(tmp_path: Path, tiny: Path, free_port: int) -> None:
+    """The multi-GPU path (accelerate launch, DDP) on two CPU processes: each trains its share of every step,
+    the main process alone writes the model, and the model loads back."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    run_dir = write_exports(tmp_path / "run")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"run_dir": str(run_dir), "train": {
+        "model": str(tiny), "max_steps": 3, "batch_size": 2, "max_length": 128, "learning_rate": 2e-2,
+        "lora": {"enabled": False}, "device": "cpu"}}))
+    config = Path(__file__).resolve().parent.parent / "recipes" / "accelerate" / "cpu_ddp.yaml"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    out = subprocess.run([str(accelerate), "launch", "--config_file", str(config), "--main_process_port",
+                          str(free_port), "-m", "cai_async.cli", "train", "sft", str(recipe)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "train" / "sft" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch"] == 4 and summary["steps"] == 3
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "train" / "sft").num_parameters() > 0
+
+
 def test_a_trained_model_serves_through_the_transformers_backend(tmp_path: Path, tiny: Path) -> None:
     import anyio
 

@@ -49,6 +49,12 @@ class EndpointConfig(_Strict):
     rpm: float | None = Field(default=None, gt=0, description="requests/minute; unset: learned from headers")
     tpm: float | None = Field(default=None, gt=0, description="tokens/minute; unset: learned from headers")
     learn_limits: bool = True
+    slow_start: bool = Field(
+        default=False,
+        description="with no rpm/tpm configured, send one call first and hold the rest until its rate-limit headers "
+        "are read (costs one round trip at start; off: start at full concurrency and learn from the first answers "
+        "and any 429s)",
+    )
     max_concurrency: int | None = Field(default=None, ge=1, description="calls in flight; unset: the engine's cap")
     weight: float = Field(default=1.0, gt=0)
     price_in: float = Field(default=0.0, ge=0, description="USD per million input tokens")

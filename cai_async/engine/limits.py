@@ -50,6 +50,11 @@ class TokenBucket:
         self._tokens -= amount
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
+    def cap(self, level: float) -> None:
+        """Hold no more than ``level`` tokens (what the endpoint says remains)."""
+        self._refill()
+        self._tokens = min(self._tokens, level)
+
     def refund(self, amount: float) -> None:
         """Give back (positive) or take more (negative) tokens after the true usage is known."""
         self._refill()
@@ -65,6 +70,7 @@ class EndpointLimits:
         rpm: float | None,
         tpm: float | None,
         learn: bool,
+        slow_start: bool = False,
         sleep: Sleep = anyio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -76,10 +82,11 @@ class EndpointLimits:
         self.learn = learn and not self.configured
         self._paused_until = 0.0
         self._first_answer: anyio.Event | None = None
-        self._probe_taken = not self.learn
+        self._probe_taken = not (self.learn and slow_start)
         self._done_times: deque[float] = deque(maxlen=2048)
         self._since_429 = 0
         self._last_cut = -1e9
+        self._from_headers = False
 
     @property
     def rpm(self) -> float | None:
@@ -114,38 +121,55 @@ class EndpointLimits:
         """Send nothing to this endpoint for ``seconds`` (after a 429)."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)
 
-    def on_success(self, info: RateLimitInfo | None, estimated_tokens: float, actual_tokens: int) -> None:
-        """Correct the token estimate and learn limits from headers or probe upward."""
+    def on_success(
+        self, info: RateLimitInfo | None, estimated_tokens: float, actual_tokens: int, in_flight: int = 0
+    ) -> None:
+        """Correct the token estimate and learn limits from headers or probe upward. ``in_flight``: calls
+        sent and not yet answered, which the headers' ``remaining`` counts do not know of yet."""
         now = self._clock()
         self._done_times.append(now)
         if self.tokens is not None and actual_tokens:
             self.tokens.refund(estimated_tokens - actual_tokens)
         if not self.learn:
             return
-        if info is not None:
-            if info.limit_requests:
-                if self.requests is None:
-                    self.requests = TokenBucket(info.limit_requests, clock=self._clock)
-                elif self.requests.per_minute != info.limit_requests:
-                    self.requests.set_rate(info.limit_requests)
-            if info.limit_tokens:
-                if self.tokens is None:
-                    self.tokens = TokenBucket(info.limit_tokens, clock=self._clock)
-                elif self.tokens.per_minute != info.limit_tokens:
-                    self.tokens.set_rate(info.limit_tokens)
+        if info is not None and self._learn_headers(info, in_flight):
             return
         self._since_429 += 1
-        if self.requests is not None and self._since_429 >= 50:
+        if self.requests is not None and self._since_429 >= 50 and not self._from_headers:
             # No headers: probe upward after a clean run of calls.
             self._since_429 = 0
             self.requests.set_rate(self.requests.per_minute * 1.1)
 
-    def on_rate_limited(self, retry_after: float | None, fallback_s: float) -> None:
-        """A 429: pause for ``Retry-After`` (or ``fallback_s``) and, when learning blind, halve the rate."""
+    def _learn_headers(self, info: RateLimitInfo, in_flight: int = 0) -> bool:
+        """Take the limits an answer's headers state (a success's or a 429's); ``True`` if there were any."""
+        if not (info.limit_requests or info.limit_tokens):
+            return False
+        self._from_headers = True
+        if info.limit_requests:
+            remaining = None if info.remaining_requests is None else info.remaining_requests - in_flight
+            self.requests = self._learned(self.requests, info.limit_requests, remaining)
+        if info.limit_tokens:
+            self.tokens = self._learned(self.tokens, info.limit_tokens, info.remaining_tokens)
+        return True
+
+    def _learned(self, bucket: TokenBucket | None, limit: float, remaining: int | None) -> TokenBucket:
+        """A bucket at the stated limit; a new one starts from what the endpoint says remains less the calls
+        still in flight, not full (the first calls, sent before any limit was known, used the burst)."""
+        if bucket is None:
+            bucket = TokenBucket(limit, clock=self._clock)
+            if remaining is not None:
+                bucket.cap(remaining)
+        elif bucket.per_minute != limit:
+            bucket.set_rate(limit)
+        return bucket
+
+    def on_rate_limited(self, retry_after: float | None, fallback_s: float, info: RateLimitInfo | None = None) -> None:
+        """A 429: pause for ``Retry-After`` (or ``fallback_s``); learn the limits its headers state, or, when
+        learning blind, halve the rate."""
         self.pause(retry_after if retry_after is not None else fallback_s)
         self._since_429 = 0
-        if not self.learn:
-            return
+        if not self.learn or (info is not None and self._learn_headers(info)) or self._from_headers:
+            return  # configured or told by the headers: the 429s of a first burst do not lower the limit
         now = self._clock()
         if now - self._last_cut < 1.0:
             return  # one cut per second: the 429s of calls already in flight say the same thing

@@ -36,7 +36,8 @@ class EndpointState:
         online = config.mode == "online"  # a batch endpoint queues calls: no per-call rate or concurrency limit
         self.limits = EndpointLimits(
             rpm=config.rpm if online else None, tpm=config.tpm if online else None,
-            learn=online and config.learn_limits and config.backend == "openai", sleep=sleep, clock=clock,
+            learn=online and config.learn_limits and config.backend == "openai", slow_start=config.slow_start,
+            sleep=sleep, clock=clock,
         )
         self.capacity = anyio.CapacityLimiter((config.max_concurrency if online else None) or math.inf)
         self.inflight = 0

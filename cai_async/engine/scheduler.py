@@ -5,14 +5,15 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast
 
 import anyio
+import anyio.lowlevel
 from tenacity import Future, RetryCallState, stop_after_attempt, stop_after_delay
 
 from backends.errors import BackendError, BudgetExceeded, CaiError, ConfigError, RateLimited, TransientError
@@ -73,15 +74,6 @@ def _from_cache(kind: str, data: dict[str, Any]) -> ChatResult | ScoreResult:
     if kind == "chat":
         return ChatResult(text=data["text"], finish_reason=data["finish_reason"], cached=True, **common)
     return ScoreResult(probs=data["probs"], method=data["method"], cached=True, **common)
-
-
-async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
 
 
 class Engine:
@@ -248,7 +240,7 @@ class Engine:
         if self._cache is not None:
             model = state.config.cache_identity
             key = keys.get(model) or request_key(model, normalized)
-            self._cache.put(key, kind=kind, model=model, result=_to_cache(result))
+            await self._cache.store(key, kind=kind, model=model, result=_to_cache(result))
         return result
 
     async def _retry_after(
@@ -293,7 +285,7 @@ class Engine:
                     if isinstance(exc, RateLimited):
                         stats.rate_limited += 1
                         fallback = min(self.config.retry.max_wait_s, self.config.retry.initial_s * 4)
-                        state.limits.on_rate_limited(exc.retry_after, max(fallback, 0.5))
+                        state.limits.on_rate_limited(exc.retry_after, max(fallback, 0.5), exc.rate_limit)
                     elif isinstance(exc, TransientError):
                         state.record_failure()
                     log.debug("call failed on %s: %s", state.name, exc)
@@ -303,7 +295,7 @@ class Engine:
         state.limits.answered()
         state.record_success()
         usage = result.usage
-        state.limits.on_success(result.rate_limit, estimated, usage.total_tokens)
+        state.limits.on_success(result.rate_limit, estimated, usage.total_tokens, state.inflight)
         stats.calls += 1
         stats.prompt_tokens += usage.prompt_tokens
         stats.completion_tokens += usage.completion_tokens
@@ -327,22 +319,34 @@ class Engine:
         report: BatchReport[T] = BatchReport()
         # progress counts across batches: this batch adds its items to what earlier batches finished
         self.accounting.total = None if total is None else self.accounting.done + self.accounting.failed + total
-        send, receive = anyio.create_memory_object_stream[T](0)
         stop = anyio.Event()
         fatal: list[ConfigError] = []
+        # Workers pull the next item themselves when free: no producer task, no hand-over per item, and never
+        # more items out of the iterable than workers. A sync iterator needs no lock (next() does not yield).
+        lock = anyio.Lock()
+        source: Iterator[T] | AsyncIterator[T] = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
 
-        async def produce() -> None:
-            async with send:
-                async for item in _aiter(items):
-                    if stop.is_set():
-                        return
-                    await send.send(item)
-                    report.submitted += 1
+        async def pull() -> tuple[bool, T | None]:
+            if isinstance(source, AsyncIterator):
+                async with lock:
+                    try:
+                        return True, await anext(source)
+                    except StopAsyncIteration:
+                        return False, None
+            for item in source:
+                return True, item
+            return False, None
 
         async def work() -> None:
             if workers <= self.config.max_concurrency:
                 _BOUNDED.set(True)  # the worker pool already bounds concurrency: skip the global limiter
-            async for item in receive:
+            while not stop.is_set():
+                await anyio.lowlevel.checkpoint()  # cache hits return without yielding: let others run
+                more, got = await pull()
+                if not more or stop.is_set():
+                    return
+                item = cast(T, got)
+                report.submitted += 1
                 outcome: R | CaiError
                 try:
                     outcome = await call(item)
@@ -366,8 +370,7 @@ class Engine:
                 if inspect.isawaitable(maybe):
                     await maybe
 
-        async with receive, anyio.create_task_group() as tg:
-            tg.start_soon(produce)
+        async with anyio.create_task_group() as tg:
             for _ in range(workers):
                 tg.start_soon(work)
         if fatal:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import anyio
 import polars as pl
 
 from backends.errors import CaiError
@@ -14,7 +15,9 @@ from backends.types import ChatResult, ScoreResult
 from cai_async.engine import Engine
 from cai_async.store import MESSAGES, ShardWriter
 
-__all__ = ["CALL_FIELDS", "MESSAGES", "StageReport", "call_fields", "write_rows"]
+__all__ = ["CALL_FIELDS", "MESSAGES", "StageReport", "call_fields", "gather_calls", "write_rows"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,6 +71,28 @@ async def write_rows(
         writer.flush()
         report.written = writer.written
         report.seconds = time.perf_counter() - start
+
+
+async def gather_calls(calls: Sequence[Callable[[], Awaitable[T]]], *, together: bool) -> list[T | CaiError]:
+    """Run an item's independent calls (K samples, principles × orders) and return each outcome in order, a
+    ``CaiError`` in place of a result. ``together``: all at once — more parallelism online, and one round in
+    batch mode; otherwise one after another, so a local model reuses the KV cache of their shared prefix."""
+    outcomes: list[T | CaiError | None] = [None] * len(calls)
+
+    async def one(index: int) -> None:
+        try:
+            outcomes[index] = await calls[index]()
+        except CaiError as exc:
+            outcomes[index] = exc
+
+    if together:
+        async with anyio.create_task_group() as tg:
+            for index in range(len(calls)):
+                tg.start_soon(one, index)
+    else:
+        for index in range(len(calls)):
+            await one(index)
+    return [outcome for outcome in outcomes if outcome is not None]
 
 
 CALL_FIELDS: dict[str, pl.DataType] = {

@@ -10,10 +10,10 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import anyio
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,7 +22,7 @@ from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult
 from cai_async.constitution import ComparisonPrinciple, ComparisonSet, draw_principles
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine
-from cai_async.stages.common import StageReport, write_rows
+from cai_async.stages.common import StageReport, gather_calls, write_rows
 from cai_async.stages.pairs import PairRow
 from cai_async.store import MESSAGES, ShardWriter
 
@@ -271,21 +271,8 @@ class Labeller:
         drawn = draw_principles(self.principles, min(cfg.ensemble, len(self.principles.principles)), rng=rng,
                                 mode="weighted" if self.principles.draw != "priority" else "priority")
         slots = [(principle, order) for principle in drawn for order in (("AB", "BA") if cfg.swap else ("AB",))]
-        outcomes: list[_Judgment | CaiError | None] = [None] * len(slots)
-
-        async def judge(index: int) -> None:
-            try:
-                outcomes[index] = await self._judge(pair, *slots[index])
-            except CaiError as exc:
-                outcomes[index] = exc
-
-        if self.engine.item_concurrency(cfg.critic_role) > 1:  # all at once: one round when batched
-            async with anyio.create_task_group() as tg:
-                for index in range(len(slots)):
-                    tg.start_soon(judge, index)
-        else:  # one local model: one after the other, sharing the KV cache of the conversation
-            for index in range(len(slots)):
-                await judge(index)
+        outcomes = await gather_calls([partial(self._judge, pair, *slot) for slot in slots],
+                                      together=self.engine.item_concurrency(cfg.critic_role) > 1)
         errors = [o for o in outcomes if isinstance(o, CaiError)]
         for error in errors:
             if not isinstance(error, PermanentError):

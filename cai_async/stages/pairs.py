@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from backends.errors import BudgetExceeded, CaiError, ConfigError
 from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.prompts import PromptRow, PromptSource
-from cai_async.stages.common import StageReport
+from cai_async.stages.common import StageReport, gather_calls
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
 __all__ = ["PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "load_pairs", "pair_id", "run_pairs"]
@@ -163,15 +164,21 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
         todo = [p for p in prompts if p.id not in done]
         report.total, report.skipped = len(prompts), len(prompts) - len(todo)
 
+        together = engine.item_concurrency(config.policy_role) > 1
+
         async def sample(row: PromptRow) -> list[tuple[str, str]]:
-            responses = []
-            for i in range(config.k):
+            async def one(i: int) -> tuple[str, str]:
                 temperature = config.temperatures[i % len(config.temperatures)]
                 request = ChatRequest(row.conversation(), max_tokens=config.max_tokens, temperature=temperature,
                                       seed=config.seed + i)
                 result = await engine.chat(config.policy_role, request)
-                responses.append((result.text, f"seed {config.seed + i}, temperature {temperature:g}"))
-            return responses
+                return result.text, f"seed {config.seed + i}, temperature {temperature:g}"
+
+            outcomes = await gather_calls([partial(one, i) for i in range(config.k)], together=together)
+            for outcome in outcomes:
+                if isinstance(outcome, CaiError):
+                    raise outcome
+            return [o for o in outcomes if not isinstance(o, CaiError)]
 
         def on_result(row: PromptRow, outcome: list[tuple[str, str]] | CaiError) -> None:
             if isinstance(outcome, CaiError):

@@ -103,7 +103,8 @@ def run_training(
     stage: str, config: TrainConfig, run_dir: str | Path, *, engine_config: EngineConfig | None = None
 ) -> dict[str, Any]:
     """Train ``stage`` (sft | reward | dpo | rl) and return a summary (steps, losses, timings, artefacts).
-    Online RL with ``reward_from: critic`` judges completions through ``engine_config``'s critic group."""
+    Online RL with ``reward_from: critic`` judges completions through ``engine_config``'s critic group. Under
+    ``accelerate launch`` every process trains its share and only the main process writes the artefacts."""
     config.check_stage(stage)
     root = Path(run_dir)
     out = Path(config.output_dir) / stage if config.output_dir else root / "train" / stage
@@ -152,7 +153,12 @@ def run_training(
     if isinstance(reward, ConstitutionalReward):
         summary["reward_judgments"] = reward.calls
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    trainer.save_model(str(out))
+    summary["processes"] = trainer.accelerator.num_processes  # > 1 under accelerate launch (DDP, ZeRO-3)
+    summary["global_batch"] = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps \
+        * trainer.accelerator.num_processes
+    trainer.save_model(str(out))  # collective under ZeRO-3: every process takes part; only the main one writes
+    if not trainer.is_world_process_zero():
+        return summary
     tokenizer.save_pretrained(str(out))
     if config.merge and config.lora.enabled:
         merged = trainer.model.merge_and_unload()
