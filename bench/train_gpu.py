@@ -34,7 +34,7 @@ def build_model(folder: Path, prompts: list[str], *, small: bool = False) -> int
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>")
     fast.chat_template = CHATML_TRAINING_TEMPLATE.replace("@SYSTEM@", "You are a helpful AI assistant.")
     fast.save_pretrained(folder)
-    hidden, layers = (64, 2) if small else (1152, 24)
+    hidden, layers = (64, 2) if small else (1408, 24)  # ~0.52B parameters with the 16k vocabulary
     config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
                          num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
                          max_position_embeddings=2048,

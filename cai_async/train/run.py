@@ -156,22 +156,26 @@ def run_training(
     summary["processes"] = trainer.accelerator.num_processes  # > 1 under accelerate launch (DDP, ZeRO-3)
     summary["global_batch"] = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps \
         * trainer.accelerator.num_processes
-    trainer.save_model(str(out))  # collective under ZeRO-3: every process takes part; only the main one writes
-    if not trainer.is_world_process_zero():
-        return summary
-    tokenizer.save_pretrained(str(out))
-    if config.merge and config.lora.enabled:
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(out / "merged"))
-        tokenizer.save_pretrained(str(out / "merged"))
-        summary["merged_dir"] = str(out / "merged")
-    _write_metrics(rows, out)
     losses = [float(r["loss"]) for r in rows if "loss" in r]
     summary.update(steps=result.global_step, train_loss=float(result.training_loss),
-                   first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-                   artefacts=sorted(p.name for p in out.iterdir()))
+                   first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
     if stage == "reward":
         summary["rows_dropped_too_long"] = too_long
+    trainer.save_model(str(out))  # collective under ZeRO-3: every process takes part; only the main one writes
+    main = trainer.is_world_process_zero()
+    if main:
+        tokenizer.save_pretrained(str(out))
+    if config.merge and config.lora.enabled:
+        summary["merged_dir"] = str(out / "merged")
+        if main:
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(str(out / "merged"))
+            tokenizer.save_pretrained(str(out / "merged"))
+    if not main:
+        summary["artefacts"] = []
+        return summary
+    _write_metrics(rows, out)
+    summary["artefacts"] = sorted(p.name for p in out.iterdir())
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
