@@ -1,11 +1,15 @@
 """``cai plan``: before spending, estimate a recipe's calls, input/output tokens, dollars and the wall time its
-endpoints' rate limits allow. Tokens are approximated (4 characters a token plus a few per message, outputs at
-their ``max_tokens`` cap), so the dollar figure is an upper-leaning estimate; the run's summary sets the
-estimate beside what was actually spent."""
+endpoints' rate limits allow. Prompt tokens are counted with the model's own tokenizer where one is at hand (a
+local GGUF's), otherwise approximated (4 characters a token; a hosted model's tokenizer cannot be fetched
+offline); outputs are counted at their ``max_tokens`` cap, so the dollar figure leans high. The run's summary
+sets the estimate beside what was actually spent."""
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,8 +21,48 @@ __all__ = ["StagePlan", "plan_recipe"]
 _PER_MESSAGE = 4
 
 
-def _tokens(text: str) -> int:
+Count = Callable[[str], int]
+
+
+def _approximate(text: str) -> int:
     return len(text) // 4 + _PER_MESSAGE
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _token_counter(recipe: Any) -> tuple[Count, str]:
+    """The tokenizer of the first group served wholly by one local GGUF model, else the approximation."""
+    for endpoints in recipe.engine.groups.values():
+        models = {e.model for e in endpoints if e.backend == "llamacpp"}
+        if len(models) != 1 or len(models) != len({e.model for e in endpoints}):
+            continue
+        try:
+            from llama_cpp import Llama
+
+            from backends.llamacpp import check_gguf, embedded_model_path
+
+            model = models.pop()
+            path = embedded_model_path() if model in ("", "embedded") else check_gguf(model)
+            with _quiet_stderr():  # llama.cpp notes a context-size warning even with verbose=False
+                vocab = Llama(model_path=str(path), vocab_only=True, verbose=False, n_ctx=64)
+        except (ImportError, CaiError, ValueError):
+            continue
+
+        def count(text: str, vocab: Any = vocab) -> int:
+            return len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)) + _PER_MESSAGE
+
+        return count, f"prompt tokens counted with the tokenizer of {path.name}"
+    return _approximate, "approximate prompt tokens: 4 characters a token + 4 a message"
 
 
 @dataclass
@@ -47,7 +91,7 @@ def _prompts(source: Any) -> list[str]:
         return []
 
 
-def _plan_sl(recipe: Any) -> list[StagePlan]:
+def _plan_sl(recipe: Any, count: Count) -> list[StagePlan]:
     sl = recipe.sl
     prompts = _prompts(sl)
     constitution = load_constitution(sl.constitution)
@@ -55,7 +99,7 @@ def _plan_sl(recipe: Any) -> list[StagePlan]:
     policy = StagePlan("sl", sl.policy_role, rounds=1 if sl.response_column is None else 0)
     critic = StagePlan("sl", sl.critic_role, rounds=2 * sl.num_revisions)
     for text in prompts:
-        base = _tokens(text)
+        base = count(text)
         if sl.response_column is None:
             policy.add(1, base, sl.max_tokens)
         for _ in range(sl.num_revisions):
@@ -71,15 +115,15 @@ def _plan_sl(recipe: Any) -> list[StagePlan]:
     return [policy, critic]
 
 
-def _plan_rl(recipe: Any) -> list[StagePlan]:
+def _plan_rl(recipe: Any, count: Count) -> list[StagePlan]:
     rl = recipe.rl
     pairs_plan, label_plan = StagePlan("rl", rl.pairs.policy_role), StagePlan("rl", rl.label.critic_role)
     if rl.pairs.source == "generate":
         prompts = _prompts(rl.pairs)
         for text in prompts:
-            pairs_plan.add(rl.pairs.k, rl.pairs.k * _tokens(text), rl.pairs.k * rl.pairs.max_tokens)
+            pairs_plan.add(rl.pairs.k, rl.pairs.k * count(text), rl.pairs.k * rl.pairs.max_tokens)
         pairs = len(prompts) * rl.pairs.max_pairs_per_prompt
-        prompt_len, response_len = (sum(map(_tokens, prompts)) // max(1, len(prompts)), rl.pairs.max_tokens)
+        prompt_len, response_len = (sum(map(count, prompts)) // max(1, len(prompts)), rl.pairs.max_tokens)
     elif rl.pairs.source == "sl" and recipe.sl is not None:
         pairs = len(_prompts(recipe.sl))
         prompt_len, response_len = 40, recipe.sl.max_tokens
@@ -94,7 +138,7 @@ def _plan_rl(recipe: Any) -> list[StagePlan]:
     return [pairs_plan, label_plan]
 
 
-def _plan_eval(recipe: Any) -> list[StagePlan]:
+def _plan_eval(recipe: Any, count: Count) -> list[StagePlan]:
     from cai_async.evaluation.suites import load_suite
 
     ev = recipe.eval
@@ -107,9 +151,9 @@ def _plan_eval(recipe: Any) -> list[StagePlan]:
             continue
         for model in ev.models:
             for p in prompts:
-                plans[model.group].add(1, _tokens(p.prompt), ev.max_tokens)
+                plans[model.group].add(1, count(p.prompt), ev.max_tokens)
                 if suite != "helpfulness":
-                    judge.add(1 + ev.ensemble, (1 + ev.ensemble) * (_tokens(p.prompt) + ev.max_tokens + 80),
+                    judge.add(1 + ev.ensemble, (1 + ev.ensemble) * (count(p.prompt) + ev.max_tokens + 80),
                               1 + ev.ensemble)
         if suite == "helpfulness":
             pairs = len(prompts) * (len(ev.models) - 1)
@@ -147,17 +191,18 @@ def _row(plan: StagePlan, endpoints: list[Any]) -> dict[str, Any]:
 def plan_recipe(recipe: Any) -> dict[str, Any]:
     """Estimated calls, tokens, dollars and rate-limited minutes per stage and group, and in total."""
     plans: list[StagePlan] = []
+    count, method = _token_counter(recipe)
     if recipe.generate is not None:
         gen = StagePlan("generate", recipe.generate.role)
         for text in _prompts(recipe.generate):
-            gen.add(1, _tokens(text), recipe.generate.max_tokens)
+            gen.add(1, count(text), recipe.generate.max_tokens)
         plans.append(gen)
     if recipe.sl is not None:
-        plans += _plan_sl(recipe)
+        plans += _plan_sl(recipe, count)
     if recipe.rl is not None:
-        plans += _plan_rl(recipe)
+        plans += _plan_rl(recipe, count)
     if recipe.eval is not None:
-        plans += _plan_eval(recipe)
+        plans += _plan_eval(recipe, count)
     rows: list[dict[str, Any]] = []
     total: dict[str, float] = dict.fromkeys(_SUMMED, 0)
     for plan in plans:
@@ -171,4 +216,4 @@ def plan_recipe(recipe: Any) -> dict[str, Any]:
         for key in _SUMMED:
             total[key] = round(total[key] + rows[-1][key], 4)
     return {"stages": rows, "total": total,
-            "method": "approximate tokens: 4 characters a token + 4 a message; outputs at max_tokens (upper bound)"}
+            "method": f"{method}; outputs at max_tokens (upper bound)"}

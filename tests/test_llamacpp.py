@@ -201,3 +201,26 @@ async def test_label_quality_offline_on_the_embedded_model(tmp_path: Path) -> No
     assert metrics["methods"] == ["logits"] and metrics["critic_models"] == ["SmolLM2-135M-Instruct.Q4_1"]
     assert metrics["variants"][0]["answered"] == 3
     assert "indistinguishable from chance" in (tmp_path / "lq" / "report.md").read_text()
+
+
+def test_plan_counts_prompt_tokens_with_the_gguf_tokenizer(tmp_path: Path) -> None:
+    from llama_cpp import Llama
+
+    from cai_async import Recipe
+    from cai_async.plan import plan_recipe
+    from tests.conftest import SHARED_DATA
+
+    prompts = SHARED_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
+    recipe = Recipe.model_validate({
+        "run_dir": str(tmp_path / "run"),
+        "engine": {"groups": {"policy": [{"backend": "llamacpp", "model": "embedded"}]}},
+        "generate": {"input": str(prompts), "id_column": "id", "limit": 5, "max_tokens": 32},
+    })
+    plan = plan_recipe(recipe)
+    assert "tokenizer of SmolLM2-135M-Instruct.Q4_1.gguf" in plan["method"]
+    vocab = Llama(model_path=str(embedded_model_path()), vocab_only=True, verbose=False, n_ctx=64)
+    texts = [row.prompt for row in recipe.generate.load()]  # type: ignore[union-attr]
+    exact = sum(len(vocab.tokenize(t.encode(), add_bos=False, special=False)) + 4 for t in texts)
+    row = plan["stages"][0]
+    assert row["calls"] == 5 and row["input_tokens"] == exact and row["output_tokens"] == 5 * 32
+    assert exact != sum(len(t) // 4 + 4 for t in texts)  # not the 4-characters approximation
