@@ -289,3 +289,21 @@ def _write(tmp_path: Path, rec: Recipe) -> Path:
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(rec.model_dump(mode="json")))
     return path
+
+
+def test_evaluation_runs_in_batch_mode_with_the_same_numbers(tmp_path: Path, server: TestServer) -> None:
+    from tests.test_eval import eval_recipe
+
+    def groups(mode: str) -> dict[str, Any]:
+        return {name: [{**endpoint(server, mode), "name": name}] for name in ("policy", "critic")}
+
+    server.configure(prefer="A")
+    online = anyio.run(run_recipe, eval_recipe(tmp_path / "online", groups("online"), ["policy"],
+                                               suites=["harmlessness", "overrefusal"]))
+    server.reset()
+    batch = anyio.run(run_recipe, eval_recipe(tmp_path / "batch", groups("batch"), ["policy"],
+                                              suites=["harmlessness", "overrefusal"]))
+    assert server.stats().get("ok", 0) == 0 and server.stats()["batches"] >= 2  # answers, then judgments
+    left, right = online["stages"]["eval"]["models"]["policy"], batch["stages"]["eval"]["models"]["policy"]
+    for key in ("harmful_rate", "overrefusal_rule", "overrefusal_judge"):
+        assert left[key]["value"] == right[key]["value"] and left[key]["n"] == right[key]["n"] > 0
