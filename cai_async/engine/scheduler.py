@@ -188,14 +188,14 @@ class Engine:
         assert isinstance(result, ScoreResult)
         return result
 
-    def _commit_budget(self, endpoints: list[EndpointState], request: Request) -> float:
+    def _commit_budget(self, endpoints: list[EndpointState], request: Request, estimated: int) -> float:
         """Check the budget before a call and commit the call's worst-case cost (its estimated prompt, its full
         ``max_tokens``) until it is answered, so even thousands of calls in flight (a batch) cannot overshoot."""
         budget = self.config.budget_usd
         if budget is None:
             return 0.0
         output = request.max_tokens if isinstance(request, ChatRequest) else 1
-        worst = max(e.config.cost(estimate_tokens(request) - output, output) for e in endpoints)
+        worst = max(e.config.cost(estimated - output, output) for e in endpoints)
         spent = self.accounting.cost_usd
         if spent + self._committed_usd + worst > budget:
             done = self.accounting.done
@@ -221,9 +221,9 @@ class Engine:
                         self.accounting.cache_hits += 1
                         self.accounting.endpoint(hit.get("endpoint") or endpoint.name).cache_hits += 1
                         return _from_cache(kind, hit)
-        committed = self._commit_budget(endpoints, request)
         assert self._global is not None, "use the engine inside 'async with Engine(...)'"
         estimated = estimate_tokens(request)
+        committed = self._commit_budget(endpoints, request, estimated)
         batch = all(e.config.mode == "batch" for e in endpoints)
         limiter = nullcontext() if _BOUNDED.get() or batch else self._global  # batch calls only wait in a queue
         try:
