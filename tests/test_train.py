@@ -225,6 +225,20 @@ def test_online_rl_with_the_constitutional_reward(tmp_path: Path, tiny: Path, se
     assert rewards and all(r == pytest.approx(0.9, abs=1e-3) for r in rewards)
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "online_dpo"])
+def test_online_rl_with_the_trained_reward_model(tmp_path: Path, tiny: Path, algorithm: str) -> None:
+    import json
+
+    run_dir = write_exports(tmp_path, repeat=1)
+    run_training("reward", config(tiny, max_steps=4), run_dir)  # full finetune: a folder with config.json
+    summary = run_training("rl", config(tiny, rl_algorithm=algorithm, reward_from="reward_model", max_steps=2,
+                                        num_generations=4, max_completion_length=6), run_dir)
+    assert summary["algorithm"] == algorithm and summary["steps"] == 2 and "reward_judgments" not in summary
+    rows = json.loads((Path(summary["output_dir"]) / "metrics.json").read_text())
+    key = "objective/scores" if algorithm == "online_dpo" else "reward"
+    assert any(key in row for row in rows)
+
+
 def test_online_rl_errors_are_clear(tmp_path: Path, tiny: Path) -> None:
     run_dir = write_exports(tmp_path, repeat=1)
     with pytest.raises(ConfigError, match="needs the recipe's engine"):
