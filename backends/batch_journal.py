@@ -130,13 +130,17 @@ class BatchJournal:
         assert entry is not None
         return entry
 
-    def unfinished(self) -> list[BatchEntry]:
-        """Batches not yet ``done``, oldest first: a rerun drives these to the end before submitting anew."""
+    def entries(self) -> list[BatchEntry]:
+        """Every batch, oldest first."""
         rows = self._db.execute(
             "SELECT local_id, state, requests, bytes, created, file_id, batch_id, status, detail FROM batches "
-            "WHERE state != 'done' ORDER BY created"
+            "ORDER BY created"
         ).fetchall()
         return [BatchEntry(*row) for row in rows]
+
+    def unfinished(self) -> list[BatchEntry]:
+        """Batches not yet ``done``, oldest first: a rerun drives these to the end before submitting anew."""
+        return [entry for entry in self.entries() if entry.state != "done"]
 
     def members(self, local_id: str) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT custom_id FROM members WHERE local_id = ?", (local_id,))]

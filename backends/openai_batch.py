@@ -99,7 +99,7 @@ class OpenAIBatchBackend:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    async def __aenter__(self) -> OpenAIBatchBackend:
+    def _open_client(self) -> None:
         try:
             import openai
         except ModuleNotFoundError:
@@ -108,6 +108,35 @@ class OpenAIBatchBackend:
             base_url=self._settings.base_url, api_key=self._settings.api_key.get() or "unused",
             timeout=self._settings.timeout_s, max_retries=0,  # retried here, where a repeat cannot double-submit
         )
+
+    async def cancel_unfinished(self) -> list[dict[str, Any]]:
+        """Stop paying for a run that will not be resumed: cancel every batch the journal has in flight at the
+        provider, wait for each to settle, and record what it finished (cancelled requests are submitted again
+        by a later run); batches never submitted are dropped locally. Returns what became of each batch."""
+        self._open_client()
+        done: list[dict[str, Any]] = []
+        try:
+            for entry in self.journal.unfinished():
+                if entry.state == "creating" and (found := await self._step("find", self._find_batch, entry)):
+                    entry = self.journal.update(entry.local_id, state="submitted", batch_id=found)
+                if entry.state != "submitted":  # nothing was created at the provider: nothing to pay for
+                    self.journal.finish(entry.local_id, [], [], status="dropped")
+                    done.append({"batch": entry.local_id, "status": "dropped", "requests": entry.requests})
+                    continue
+                try:
+                    await self._step("cancel", lambda e: self._client.batches.cancel(e.batch_id), entry)
+                except PermanentError as exc:  # finished already (409 and the like): collect it as it is
+                    log.info("endpoint %s: batch %s not cancelled: %s", self.name, entry.batch_id, exc)
+                batch = await self._poll(entry)
+                await self._finish(entry, batch)
+                done.append({"batch": entry.local_id, "id": entry.batch_id, "status": batch.status,
+                             "requests": entry.requests})
+        finally:
+            await self.aclose()
+        return done
+
+    async def __aenter__(self) -> OpenAIBatchBackend:
+        self._open_client()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._in_flight = self.journal.in_flight()
@@ -389,6 +418,8 @@ class OpenAIBatchBackend:
             else:
                 outcomes.append(Outcome(cid, error=f"missing from batch {batch.id}'s output ({batch.status})",
                                         retry=True))
+        if batch.status == "cancelled":  # not run, not failed: no attempt is spent, a later run submits them again
+            outcomes = [o for o in outcomes if not o.retry]
         missing = sum(1 for cid in members if cid not in by_id)
         if missing and batch.status != "failed":
             log.warning("endpoint %s: %d request(s) of batch %s came back in neither file (%s); resubmitting",

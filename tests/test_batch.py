@@ -260,6 +260,31 @@ def test_kill_9_with_batches_in_flight_submits_nothing_twice(tmp_path: Path, ser
     assert chains.height == 10 and chains["id"].n_unique() == 10 and set(chains["status"]) == {"ok"}
 
 
+def test_cancel_stops_paying_for_an_abandoned_run_and_a_rerun_resubmits(tmp_path: Path, server: TestServer) -> None:
+    server.configure(batch_progress_s=30)  # a batch that would take long
+    run_dir = tmp_path / "run"
+    config = _write(tmp_path, recipe(server, run_dir, stage="sl", limit=6))
+    process = subprocess.Popen([*CAI, "run", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while server.stats().get("batches", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    listed = cai("batches", "list", str(run_dir))
+    assert listed.returncode == 0 and "submitted" in listed.stdout and "batch_000001" in listed.stdout
+    out = cai("batches", "cancel", str(run_dir))
+    assert out.returncode == 0, out.stderr
+    assert "batch_000001  cancelled  6 requests" in out.stdout
+    journal = BatchJournal(run_dir / "batches" / "srv")
+    assert journal.unfinished() == [] and journal.summary()["failed_attempts"] == 0  # cancelled is not failed
+    server.configure(batch_progress_s=0.2)
+    assert cai("run", str(config)).returncode == 0
+    stats = server.stats()
+    assert stats["batch_repeats"] == 6  # only the cancelled requests went again
+    assert set(read_shards(run_dir / "sl")["status"]) == {"ok"}
+
+
 def test_max_cost_stops_scheduling_and_says_how_far_it_got(tmp_path: Path, server: TestServer) -> None:
     rec = recipe(server, tmp_path / "run", limit=40, engine={"budget_usd": 0.002})
     summary = run(rec)

@@ -30,6 +30,8 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect or clear a run's request cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 constitution_app = typer.Typer(help="List, show and convert constitutions.", no_args_is_help=True)
+batches_app = typer.Typer(help="A run's Batch API batches: list them, or cancel those in flight.", no_args_is_help=True)
+app.add_typer(batches_app, name="batches")
 app.add_typer(constitution_app, name="constitution")
 console = Console(stderr=True, soft_wrap=True)
 
@@ -572,6 +574,48 @@ def cache_clear(run_dir: Annotated[Path, typer.Argument(help="Run directory.")])
     cache = RequestCache(run_dir / "cache.sqlite")
     typer.echo(f"cleared {cache.clear()} cached calls")
     cache.close()
+
+
+def _batch_endpoints(run_dir: Path) -> list[Any]:
+    from cai_async.recipes import load_recipe
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise CaiError_(f"{run_dir}: no config.yaml here; is it a run directory?")
+    endpoints = [e for group in load_recipe(config).engine.groups.values() for e in group if e.mode == "batch"
+                 and (run_dir / "batches" / e.name / "journal.sqlite").is_file()]
+    if not endpoints:
+        raise CaiError_(f"{run_dir}: no endpoint of this run sent batches")
+    return endpoints
+
+
+@batches_app.command("list")
+def batches_list(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
+    """Every batch of a run: its state here, its id and status at the provider, its size."""
+    from backends.batch_journal import BatchJournal
+
+    for endpoint in _batch_endpoints(run_dir):
+        journal = BatchJournal(run_dir / "batches" / endpoint.name)
+        for entry in journal.entries():
+            typer.echo(f"{endpoint.name}  {entry.local_id}  {entry.state:<10} {entry.batch_id or '-':<24} "
+                       f"{entry.status or '-':<12} {entry.requests} requests")
+        journal.close()
+
+
+@batches_app.command("cancel")
+def batches_cancel(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
+    """Cancel a run's batches still in flight at the provider (for a run you will not resume), keep what they
+    finished; a later run submits the cancelled requests again. Needs the run's API key variable set."""
+    from backends.openai_batch import OpenAIBatchBackend
+
+    for endpoint in _batch_endpoints(run_dir):
+        backend = OpenAIBatchBackend(endpoint.settings(state_dir=str(run_dir / "batches" / endpoint.name)))
+        outcome = anyio.run(backend.cancel_unfinished)
+        for batch in outcome:
+            typer.echo(f"{endpoint.name}  {batch['batch']}  {batch.get('id') or '-'}  {batch['status']}  "
+                       f"{batch['requests']} requests")
+        if not outcome:
+            typer.echo(f"{endpoint.name}: no batch in flight")
 
 
 class CaiError_(CaiError):
