@@ -121,7 +121,7 @@ class _State:
         self.rpm_bucket = _Bucket(self.config.rpm) if self.config.rpm else None
         self.tpm_bucket = _Bucket(self.config.tpm) if self.config.tpm else None
 
-    def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def complete(self, body: dict[str, Any], digest: str | None = None) -> tuple[int, dict[str, Any]]:
         """The answer to a chat-completion body, as (HTTP status, JSON): planted statuses, no choices, empty
         text, logprobs with the planted preference. Shared by the online path and the Batch API."""
         cfg = self.config
@@ -149,7 +149,7 @@ class _State:
             entries = _choice_logprobs(messages, prefer, top)
             choice["message"]["content"] = entries[0]["token"]
             choice["logprobs"] = {"content": [{**entries[0], "top_logprobs": entries}]}
-        digest = hashlib.sha256(orjson.dumps([messages, body.get("seed"), body.get("logprobs")])).hexdigest()
+        digest = digest or hashlib.sha256(orjson.dumps([messages, body.get("seed"), body.get("logprobs")])).hexdigest()
         return 200, {
             "id": f"chatcmpl-{digest[:12]}",
             "object": "chat.completion",
@@ -251,7 +251,7 @@ def build_app(config: ServerConfig) -> web.Application:
             state.stats[str(cfg.fail_status)] += 1
             return _json({"error": {"message": f"The model {body.get('model')!r} does not exist"}},
                          status=cfg.fail_status)
-        status, payload = state.complete(body)
+        status, payload = state.complete(body, key)
         if status != 200:
             return _json(payload, status=status)
         if "malformed" in markers:

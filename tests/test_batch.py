@@ -232,10 +232,7 @@ def test_an_interrupted_upload_or_creation_is_found_not_repeated(
 def test_kill_9_with_batches_in_flight_submits_nothing_twice(tmp_path: Path, server: TestServer) -> None:
     server.configure(batch_progress_s=1.5)
     run_dir = tmp_path / "run"
-    config = tmp_path / "recipe.yaml"
-    import yaml
-
-    config.write_text(yaml.safe_dump(recipe(server, run_dir, stage="sl", limit=10).model_dump(mode="json")))
+    config = _write(tmp_path, recipe(server, run_dir, stage="sl", limit=10))
     kills = 0
     for _ in range(2):  # kill in round 1, then again in a later round
         process = subprocess.Popen([*CAI, "run", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -33,8 +33,8 @@ class _Flush:
 
 
 class RequestCache:
-    """Finished calls by request key. Every put is committed before it returns, so a kill -9 keeps it;
-    :meth:`store` lets the calls that finish in the same moment share one transaction (group commit)."""
+    """Finished calls by request key. :meth:`store` returns only once the call is committed, so a kill -9 keeps
+    it; the calls that finish in the same moment share one transaction (group commit)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -61,13 +61,6 @@ class RequestCache:
             return None
         value: dict[str, Any] = orjson.loads(row[0])
         return value
-
-    def put(self, key: str, *, kind: str, model: str, result: dict[str, Any]) -> None:
-        """Store one finished call."""
-        self._db.execute(
-            "INSERT OR REPLACE INTO calls (key, kind, model, result, created) VALUES (?, ?, ?, ?, ?)",
-            (key, kind, model, orjson.dumps(result), time.time()),
-        )
 
     async def store(self, key: str, *, kind: str, model: str, result: dict[str, Any]) -> None:
         """Store one finished call and return once it is committed. The first caller of a moment waits one
