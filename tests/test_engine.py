@@ -300,3 +300,45 @@ async def test_missing_key_variable_is_a_clear_config_error(server: TestServer, 
             pass
 
 
+
+
+@pytest.mark.parametrize("slow_start", [True, False])
+async def test_slow_start_holds_calls_until_the_first_answer_only_when_asked(slow_start: bool) -> None:
+    from cai_async.engine.limits import EndpointLimits
+
+    limits = EndpointLimits(rpm=None, tpm=None, learn=True, slow_start=slow_start)
+    await limits.acquire(10)  # the first call always goes at once
+    second = anyio.Event()
+
+    async def call() -> None:
+        await limits.acquire(10)
+        second.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await anyio.sleep(0.05)
+        assert second.is_set() is (not slow_start)  # held back only in slow start
+        limits.answered()  # the first answer (its headers read) releases the rest
+        with anyio.fail_after(1):
+            await second.wait()
+
+
+def test_max_cost_flag_stops_a_run(tmp_path: Path, server: TestServer) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"),
+        "engine": {"groups": {"policy": [{"backend": "openai", "model": "m", "base_url": server.base_url,
+                                          "price_in": 2.0, "price_out": 8.0}]}, "progress": "off"},
+        "generate": {"input": str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf"
+                                  / "harmless_base_test_first_human_turns.jsonl"), "id_column": "id", "limit": 40},
+    }))
+    out = subprocess.run([sys.executable, "-m", "cai_async.cli", "run", str(recipe), "--max-cost", "0.002"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "stopped:" in out.stderr and "budget of $0.00" in out.stderr
+    assert 0 < server.stats()["ok"] < 40
