@@ -17,13 +17,17 @@ __all__ = [
     "ComparisonPrinciple",
     "ComparisonSet",
     "Constitution",
+    "ContrastExample",
     "DrawMode",
     "FewShotExample",
     "Principle",
+    "draw_passes",
     "draw_principles",
 ]
 
-DrawMode = Literal["random", "weighted", "priority"]
+DrawMode = Literal["random", "weighted", "priority", "all"]
+"""How principles are chosen for a chain: one per round (``random``, ``weighted`` by weight, ``priority`` order),
+or ``all``: every enabled principle in each pass, in priority order (the method's revision loop)."""
 
 
 def _not_blank(value: str) -> str:
@@ -32,11 +36,39 @@ def _not_blank(value: str) -> str:
     return value
 
 
+class ContrastExample(BaseModel):
+    """A good and a bad critique of one flawed response, shown to the model (labelled as such) before the
+    principle's critique request when few-shot examples are on: what a useful critique looks like."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str
+    response: str
+    good: str
+    """Specific: quotes the response, names the harm (or the needless refusal) and what to change."""
+    bad: str
+    """Vague, or only echoes the response."""
+
+    _check_text = field_validator("prompt", "response", "good", "bad")(_not_blank)
+
+    def text(self) -> str:
+        """The contrast as plain text, to put before a critique request."""
+        return (
+            "Here is an example of a good and a bad critique for this kind of request.\n"
+            f"Request: {self.prompt}\nResponse: {self.response}\n"
+            f"Good critique (specific, quotes the response, names the problem): {self.good}\n"
+            f"Bad critique (vague, only echoes the response): {self.bad}\n"
+            "Write a critique like the good one, about the last response."
+        )
+
+
 class Principle(BaseModel):
     """One principle: the request that asks for a critique and the request that asks for a revision.
 
-    ``weight`` (≥ 0; 0 disables the principle) drives ``weighted`` draws; ``priority`` (lower first) drives
-    ``priority`` draws."""
+    ``weight`` (≥ 0; 0 disables the principle) is the principle's share: of the draws in ``weighted`` mode, of
+    the passes that apply it in ``all`` mode (relative to the heaviest principle). ``priority`` (lower first)
+    orders ``priority`` draws and the principles of an ``all`` pass. ``contrast`` is an optional good/bad
+    critique pair shown with the critique request when few-shot examples are on."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,8 +78,15 @@ class Principle(BaseModel):
     weight: float = Field(default=1.0, ge=0)
     priority: int = 0
     tags: tuple[str, ...] = ()
+    contrast: ContrastExample | None = None
 
     _check_text = field_validator("name", "critique", "revision")(_not_blank)
+
+    def critique_request(self, *, teach: bool = False) -> str:
+        """The critique request, after the contrast example when ``teach`` and the principle has one."""
+        if teach and self.contrast is not None:
+            return f"{self.contrast.text()}\n\n{self.critique}"
+        return self.critique
 
 
 class FewShotExample(BaseModel):
@@ -174,6 +213,13 @@ class ComparisonSet(_PrincipleSet[ComparisonPrinciple]):
 
     draw: DrawMode = "weighted"
 
+    @field_validator("draw")
+    @classmethod
+    def _one_per_draw(cls, value: str) -> str:
+        if value == "all":
+            raise ValueError("comparison sets draw an ensemble of principles: use random, weighted or priority")
+        return value
+
 
 def _weighted_order(pool: Sequence[P], rng: random.Random) -> list[P]:
     """Weighted sampling without replacement (Efraimidis–Spirakis keys u^(1/w))."""
@@ -194,6 +240,8 @@ def draw_principles(
     priority order (lower first, ties in file order). Principles with weight 0 are never drawn."""
     mode = mode or constitution.draw
     pool: list[Any] = [p for p in constitution.principles if p.weight > 0]
+    if mode == "all":
+        return [p for one_pass in draw_passes(constitution, rounds, rng=rng, mode="all") for p in one_pass]
     drawn: list[Any] = []
     while len(drawn) < rounds:
         if mode == "priority":
@@ -205,3 +253,18 @@ def draw_principles(
             rng.shuffle(cycle)
         drawn.extend(cycle[: rounds - len(drawn)])
     return drawn
+
+
+def draw_passes(
+    constitution: Constitution | ComparisonSet, passes: int, *, rng: random.Random, mode: DrawMode | None = None
+) -> list[list[Any]]:
+    """The principles of each revision pass of one chain. ``all``: every enabled principle in priority order
+    (lower first, ties in file order), each kept in a pass with probability weight ÷ the heaviest weight (so
+    equal weights apply every principle every pass). Other modes: one principle per pass, as
+    :func:`draw_principles` draws them."""
+    mode = mode or constitution.draw
+    if mode != "all":
+        return [[p] for p in draw_principles(constitution, passes, rng=rng, mode=mode)]
+    pool = sorted((p for p in constitution.principles if p.weight > 0), key=lambda p: p.priority)
+    heaviest = max(p.weight for p in pool)
+    return [[p for p in pool if p.weight >= heaviest or rng.random() < p.weight / heaviest] for _ in range(passes)]

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from backends.errors import ConfigError
-from cai_async.configio import read_mapping, validate
+from cai_async.configio import read_document, read_mapping, validate, yaml_load
 from cai_async.constitution import ComparisonSet, Constitution
 
 __all__ = [
@@ -34,7 +34,7 @@ def _builtins(folder_name: str) -> list[str]:
 
 
 def _builtin_mapping(folder_name: str, name: str) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(
+    data: dict[str, Any] = yaml_load(
         resources.files("cai_async").joinpath(f"{folder_name}/{name}.yaml").read_text("utf-8")
     )
     return data
@@ -112,6 +112,37 @@ def _from_list_layout(data: Mapping[str, Any], name: str, source: str) -> dict[s
     }
 
 
+_SEED_KEYS = {"principle": "name", "critique_prompt": "critique", "revision_prompt": "revision"}
+_SEED_OPTIONAL = ("weight", "priority", "tags")
+
+
+def _is_seed_item(item: Any) -> bool:
+    return isinstance(item, dict) and "critique_prompt" in item
+
+
+def _from_seed_layout(items: list[Any], name: str, source: str, where: str = "") -> dict[str, Any]:
+    """``[{"principle", "critique_prompt", "revision_prompt"}, ...]`` (the seed document's layout; in TOML,
+    ``[[principles]]`` tables with those keys). File order is priority order unless ``priority`` is given,
+    and every principle is applied in each revision pass (``draw: all``), as the method's loop does."""
+    principles = []
+    for index, item in enumerate(items):
+        at = f"{where}{index}"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: {at}: expected a mapping with principle, critique_prompt, revision_prompt")
+        missing = [key for key in _SEED_KEYS if key not in item]
+        unknown = sorted(set(item) - set(_SEED_KEYS) - set(_SEED_OPTIONAL))
+        if missing or unknown:
+            problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+                [f"unknown key {', '.join(unknown)} (allowed: {', '.join([*_SEED_KEYS, *_SEED_OPTIONAL])})"]
+                if unknown else [])
+            raise ConfigError(f"{source}: {at}: {'; '.join(problems)}")
+        principle = {ours: item[theirs] for theirs, ours in _SEED_KEYS.items()}
+        principle["priority"] = index
+        principle.update({key: item[key] for key in _SEED_OPTIONAL if key in item})
+        principles.append(principle)
+    return {"name": name, "draw": "all", "principles": principles}
+
+
 def _from_dict_layout(data: Mapping[str, Any], name: str, source: str) -> dict[str, Any]:
     """``{"harmful0": {"prompt": [critique], "edit_request": revision}, ...}`` (the paper's layout)."""
     principles = []
@@ -126,10 +157,22 @@ def _from_dict_layout(data: Mapping[str, Any], name: str, source: str) -> dict[s
     return {"name": name, "principles": principles}
 
 
-def constitution_from_mapping(data: Mapping[str, Any], *, name: str = "constitution", source: str = "") -> Constitution:
+def constitution_from_mapping(
+    data: Mapping[str, Any] | list[Any], *, name: str = "constitution", source: str = ""
+) -> Constitution:
     """A constitution from parsed data in any supported layout; errors name ``source`` and the key."""
     source = source or name
-    if "principles" in data or not data:
+    if isinstance(data, list):
+        payload = _from_seed_layout(data, name, source)
+    elif not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: not a constitution: expected a mapping or a list of principles")
+    elif isinstance(data.get("principles"), list) and any(_is_seed_item(p) for p in data["principles"]):
+        extra = set(data) - {"principles", "name", "description", "version", "draw"}
+        if extra:
+            raise ConfigError(f"{source}: {', '.join(sorted(extra))}: unknown key (check the spelling)")
+        payload = {**_from_seed_layout(data["principles"], name, source, "principles."),
+                   **{k: v for k, v in data.items() if k != "principles"}}
+    elif "principles" in data or not data:
         payload = dict(data)
         payload.setdefault("name", name)
     elif "constitutions" in data:
@@ -158,7 +201,8 @@ def load_constitution(source: str | Path | Constitution) -> Constitution:
         raise ConfigError(
             f"{text}: no such constitution file or built-in (built-ins: {', '.join(builtin_constitutions())})"
         )
-    return constitution_from_mapping(read_mapping(path), name=path.stem, source=str(path))
+    data = read_document(path)
+    return constitution_from_mapping(data if data is not None else {}, name=path.stem, source=str(path))
 
 
 def _toml_value(value: Any) -> str:
@@ -186,7 +230,7 @@ def _to_toml(data: Mapping[str, Any]) -> str:
 def save_constitution(constitution: Constitution, path: str | Path) -> Path:
     """Write ``constitution`` as YAML, JSON or TOML (by the file's suffix)."""
     target = Path(path)
-    data = constitution.model_dump(mode="json")
+    data = constitution.model_dump(mode="json", exclude_none=True)  # TOML has no null
     if target.suffix == ".json":
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     elif target.suffix == ".toml":

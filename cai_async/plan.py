@@ -94,25 +94,40 @@ def _prompts(source: Any) -> list[str]:
 def _plan_sl(recipe: Any, count: Count) -> list[StagePlan]:
     sl = recipe.sl
     prompts = _prompts(sl)
-    constitution = load_constitution(sl.constitution)
-    request = max((len(p.critique) + len(p.revision)) // 4 for p in constitution.principles)
+    constitution = load_constitution(sl.constitution).with_weights(sl.principle_weights)
+    request = max((len(p.critique_request(teach=sl.few_shot > 0)) + len(p.revision)) // 4
+                  for p in constitution.principles)
+    steps = _steps_per_pass(constitution, sl.draw)
     policy = StagePlan("sl", sl.policy_role, rounds=1 if sl.response_column is None else 0)
-    critic = StagePlan("sl", sl.critic_role, rounds=2 * sl.num_revisions)
+    critic = StagePlan("sl", sl.critic_role, rounds=2 * sl.num_revisions * max(1, round(steps)))
+    revision_role = sl.revision_role or sl.policy_role
+    reviser = policy if revision_role == sl.policy_role else StagePlan("sl", revision_role)
     for text in prompts:
         base = count(text)
         if sl.response_column is None:
             policy.add(1, base, sl.max_tokens)
-        for _ in range(sl.num_revisions):
-            context = base + sl.max_tokens + request
-            critic.add(1, context, sl.critique_max_tokens)
-            critic.add(1, context + sl.critique_max_tokens + request, sl.revision_max_tokens)
+        calls = round(sl.num_revisions * steps)
+        context = base + sl.max_tokens + request
+        critic.add(calls, calls * context, calls * sl.critique_max_tokens)
+        reviser.add(calls, calls * (context + sl.critique_max_tokens + request), calls * sl.revision_max_tokens)
     policy.notes.append(f"{len(prompts)} prompts; every round assumed to run (early stop only saves)")
+    if steps != 1:
+        critic.notes.append(f"{steps:g} principles per pass on average (draw: all)")
     if sl.export.helpful is not None:
         share = sl.export.helpful.ratio
         needed = math.ceil(share / (1 - share) * len(prompts)) if share else 0
         policy.add(needed, needed * 40, needed * sl.export.helpful.max_tokens)
         policy.notes.append(f"{needed} helpfulness answers for the sft mix")
-    return [policy, critic]
+    return [policy, critic] if reviser is policy else [policy, critic, reviser]
+
+
+def _steps_per_pass(constitution: Any, draw: str | None) -> float:
+    """Expected critique → revision steps in one pass: 1, or with ``draw: all`` the enabled principles, each
+    counted by its chance of being applied (weight ÷ the heaviest)."""
+    if (draw or constitution.draw) != "all":
+        return 1.0
+    weights: list[float] = [p.weight for p in constitution.principles if p.weight > 0]
+    return sum(w / max(weights) for w in weights)
 
 
 def _plan_rl(recipe: Any, count: Count) -> list[StagePlan]:

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +17,8 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai_async.configio import apply_overrides, load_config, validate
+from backends.errors import ConfigError
+from cai_async.configio import apply_overrides, read_mapping, validate
 from cai_async.constitution_io import builtin_comparison_sets, builtin_constitutions
 from cai_async.engine import Engine, EngineConfig
 from cai_async.evaluation.run import EvalConfig, run_eval
@@ -31,7 +32,42 @@ from cai_async.stages.sl import SLConfig, SLReport, run_sl
 from cai_async.store import read_shards
 from cai_async.train.config import TrainConfig
 
-__all__ = ["RLConfig", "Recipe", "load_recipe", "run_recipe", "run_rl_stage", "run_sl_stage"]
+__all__ = [
+    "METHOD_KEYS",
+    "RLConfig",
+    "Recipe",
+    "lift_method_keys",
+    "load_recipe",
+    "run_recipe",
+    "run_rl_stage",
+    "run_sl_stage",
+]
+
+METHOD_KEYS: dict[str, tuple[str, str]] = {
+    "constitution": ("sl", "constitution"),
+    "num_revisions": ("sl", "num_revisions"),
+    "principle_weights": ("sl", "principle_weights"),
+    "sl_epochs": ("train", "sl_epochs"),
+    "rl_algorithm": ("train", "rl_algorithm"),
+    "rl_learning_rate": ("train", "rl_learning_rate"),
+}
+"""The method's own configuration keys, accepted at a recipe's top level as aliases of their nested homes."""
+
+
+def lift_method_keys(data: dict[str, Any], *, source: str, replace: bool = False) -> dict[str, Any]:
+    """Move the top-level :data:`METHOD_KEYS` to their sections. A key given both ways is an error naming both,
+    unless ``replace`` (command-line overrides, which win over the file)."""
+    result = dict(data)
+    for alias, (section, key) in METHOD_KEYS.items():
+        if alias not in result:
+            continue
+        value = result.pop(alias)
+        home = dict(result.get(section) or {})
+        if key in home and not replace:
+            raise ConfigError(f"{source}: {alias} and {section}.{key} are both given; keep one of them")
+        home[key] = value
+        result[section] = home
+    return result
 
 
 class RLConfig(BaseModel):
@@ -67,7 +103,8 @@ def _resolve(base: Path, value: str) -> str:
 def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recipe:
     """Defaults → recipe file → ``key=value`` overrides. Relative file paths written in the recipe (inputs,
     constitution) resolve against the recipe's folder; ``run_dir`` stays relative to where the command runs."""
-    recipe = load_config(Recipe, path)
+    data = lift_method_keys(read_mapping(path), source=str(path)) if path is not None else {}
+    recipe = validate(Recipe, data, source=str(path) if path is not None else "defaults")
     if path is not None:
         base = Path(path).parent
         if recipe.generate is not None:
@@ -84,7 +121,8 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
         if recipe.eval is not None:
             recipe.eval.data_dir = _resolve(base, recipe.eval.data_dir)
     if overrides:
-        recipe = validate(Recipe, apply_overrides(recipe.model_dump(mode="json"), overrides), source=str(path))
+        data = apply_overrides(recipe.model_dump(mode="json"), overrides)
+        recipe = validate(Recipe, lift_method_keys(data, source=str(path), replace=True), source=str(path))
     return recipe
 
 
@@ -167,7 +205,7 @@ async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path) -> d
 async def run_recipe(
     recipe: Recipe,
     *,
-    progress: Callable[[Engine], AbstractAsyncContextManager[Any]] | None = None,
+    progress: Callable[[Engine, str], AbstractAsyncContextManager[Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the recipe's stages; write ``config.yaml`` (no secrets: keys are named by variable) and
     ``summary.json`` into the run directory; return the summary."""
@@ -198,11 +236,30 @@ async def run_recipe(
     return summary
 
 
+def _usage(engine: Engine) -> dict[str, Any]:
+    accounting = engine.accounting
+    return {"calls": sum(s.calls for s in accounting.endpoints.values()), "cache_hits": accounting.cache_hits,
+            "tokens": accounting.tokens, "cost_usd": accounting.cost_usd}
+
+
+async def _reported(work: Awaitable[StageReport]) -> dict[str, Any]:
+    return _report(await work)
+
+
+async def _stage(summary: dict[str, Any], name: str, engine: Engine, work: Awaitable[dict[str, Any]]) -> None:
+    """Run one stage and keep its report, with the calls, tokens and dollars it spent, under ``name``."""
+    before = _usage(engine)
+    report = await work
+    after = _usage(engine)
+    report["usage"] = {key: round(after[key] - before[key], 6) for key in after}
+    summary["stages"][name] = report
+
+
 async def _run_engine_stages(
     recipe: Recipe,
     run_dir: Path,
     summary: dict[str, Any],
-    progress: Callable[[Engine], AbstractAsyncContextManager[Any]] | None,
+    progress: Callable[[Engine, str], AbstractAsyncContextManager[Any]] | None,
     *,
     phase: Literal["data", "eval"],
 ) -> None:
@@ -211,25 +268,27 @@ async def _run_engine_stages(
     config = recipe.engine
     if phase == "data" and recipe.eval is not None:
         used = {"policy", "critic"} | ({recipe.generate.role} if recipe.generate else set())
-        used |= {recipe.sl.policy_role, recipe.sl.critic_role} if recipe.sl else set()
+        used |= {recipe.sl.policy_role, recipe.sl.critic_role, recipe.sl.revision_role or ''} if recipe.sl else set()
         used |= {recipe.rl.pairs.policy_role, recipe.rl.label.critic_role} if recipe.rl else set()
         eval_only = {m.group for m in recipe.eval.models} - used
         config = config.model_copy(update={"groups": {k: v for k, v in config.groups.items() if k not in eval_only}})
     async with Engine(config, run_dir=run_dir) as engine:
-        display = progress(engine) if progress is not None else nullcontext()
+
+        async def stage(name: str, work: Awaitable[dict[str, Any]]) -> None:
+            display = progress(engine, name) if progress is not None else nullcontext()
+            async with display:  # one progress display per stage
+                await _stage(summary, name, engine, work)
+
         try:
-            async with display:
-                if phase == "eval":
-                    assert recipe.eval is not None
-                    summary["stages"]["eval"] = await run_eval_stage(engine, recipe.eval, run_dir)
-                    return
-                if recipe.generate is not None:
-                    summary["stages"]["generate"] = _report(
-                        await run_generate(engine, recipe.generate, run_dir / "generate")
-                    )
-                if recipe.sl is not None:
-                    summary["stages"]["sl"] = await run_sl_stage(engine, recipe.sl, run_dir)
-                if recipe.rl is not None:
-                    summary["stages"]["rl"] = await run_rl_stage(engine, recipe.rl, run_dir)
+            if phase == "eval":
+                assert recipe.eval is not None
+                await stage("eval", run_eval_stage(engine, recipe.eval, run_dir))
+                return
+            if recipe.generate is not None:
+                await stage("generate", _reported(run_generate(engine, recipe.generate, run_dir / "generate")))
+            if recipe.sl is not None:
+                await stage("sl", run_sl_stage(engine, recipe.sl, run_dir))
+            if recipe.rl is not None:
+                await stage("rl", run_rl_stage(engine, recipe.rl, run_dir))
         finally:
             summary["engine" if phase == "data" else "engine_eval"] = engine.summary()

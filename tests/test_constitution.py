@@ -26,7 +26,7 @@ def test_builtins_load_with_their_draw_modes() -> None:
     assert {"seed", "harmless"} <= set(builtin_constitutions())
     seed = load_constitution("seed")
     assert [p.name for p in seed.principles] == ["harmlessness", "privacy", "honesty", "fairness", "helpfulness"]
-    assert seed.draw == "priority"
+    assert seed.draw == "all"  # the method's loop: every principle in each pass, harmlessness first
     harmless = load_constitution("harmless")
     assert len(harmless.principles) >= 8 and harmless.draw == "random"
 

@@ -146,7 +146,7 @@ def _sl_recipe(run_dir: Path, prompts: Path, endpoint: dict[str, Any], **sl: Any
     return Recipe.model_validate({
         "run_dir": str(run_dir),
         "engine": {"groups": {"policy": [endpoint]}, "progress": "off"},
-        "sl": {"input": str(prompts), "constitution": "seed", "num_revisions": 2, "max_tokens": 32,
+        "sl": {"input": str(prompts), "constitution": "seed", "draw": "priority", "num_revisions": 2, "max_tokens": 32,
                "critique_max_tokens": 24, "revision_max_tokens": 32, **sl},
     })
 

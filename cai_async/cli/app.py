@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,10 +38,12 @@ ProgressMode = Literal["auto", "rich", "plain", "off"]
 
 
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log engine events.")] = False) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+def _root(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Log engine events, and show other libraries' warnings and progress bars.")] = False,
+) -> None:
+    from cai_async.runlog import quiet_console
+
+    quiet_console(verbose=verbose)
 
 
 @app.command()
@@ -79,7 +80,7 @@ def _endpoint_overrides(
 
 def _load(recipe: Path | None, sets: list[str], extra: dict[str, Any], endpoint: dict[str, Any]) -> Any:
     from cai_async.configio import apply_overrides, validate
-    from cai_async.recipes import Recipe, load_recipe
+    from cai_async.recipes import Recipe, lift_method_keys, load_recipe
 
     base = load_recipe(recipe) if recipe is not None else Recipe()
     data = base.model_dump(mode="json")
@@ -87,39 +88,76 @@ def _load(recipe: Path | None, sets: list[str], extra: dict[str, Any], endpoint:
     if extra.pop(_BATCH, None):
         data = _use_batch(data)
     pairs = [f"{k}={json.dumps(v)}" for k, v in extra.items() if v is not None]
-    data = apply_overrides(data, [*pairs, *sets])
+    data = lift_method_keys(apply_overrides(data, [*pairs, *sets]), source="--set", replace=True)
     return validate(Recipe, data, source=str(recipe) if recipe else "command line")
 
 
 def _run(recipe_obj: Any) -> None:
     from cai_async.cli.progress import progress_display
     from cai_async.recipes import run_recipe
+    from cai_async.runlog import attach_run_log
 
+    attach_run_log(recipe_obj.run_dir)
     mode = recipe_obj.engine.progress
     try:
-        summary = anyio.run(lambda: run_recipe(recipe_obj, progress=lambda e: progress_display(e, mode)))
+        summary = anyio.run(lambda: run_recipe(
+            recipe_obj, progress=lambda e, stage: progress_display(e, mode, label=stage)))
     except KeyboardInterrupt:
         console.print("interrupted: finished results are kept; rerun the same command to resume")
         raise typer.Exit(130) from None
     run_dir = Path(summary["run_dir"])
     for name, stage in summary["stages"].items():
         _print_stage(name, stage)
-    engine = summary.get("engine")
-    if engine is not None:
-        console.print(
-            f"calls: {sum(e['calls'] for e in engine['endpoints'].values())}, cache hits: {engine['cache_hits']}, "
-            f"tokens: {engine['tokens']}, cost: ${engine['cost_usd']:.4f}"
-        )
     if "sl" in summary["stages"]:
         _print_chain(run_dir)
     elif "generate" in summary["stages"]:
         _print_example(run_dir / "generate")
-    written = [f"{p.name}/" for p in sorted(run_dir.iterdir()) if p.is_dir()]
-    console.print(f"outputs: {run_dir}/ (summary.json, config.yaml, cache.sqlite, {', '.join(written)})")
+    _print_summary_table(summary)
+    _print_next(run_dir, summary)
+
+
+def _stage_row(name: str, stage: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+    """(stage, rows, failures, time, tokens, cost) of one stage's report, for the closing table."""
+    usage = stage.get("usage") or {}
+    tokens = f"{usage['tokens']:,}" if usage else "-"
+    cost = f"${usage['cost_usd']:.4f}" if usage else "-"
+    if name.startswith("train/"):
+        return name, f"{stage['rows']:,}", "0", f"{stage['seconds']:.1f}s", tokens, cost
+    if name == "eval":
+        run = stage.get("run", {})
+        failed = run.get("failed_not_recorded", 0) + run.get("pairwise_failed", 0)
+        errors = sum(entry.get("errors", 0) for entry in stage.get("models", {}).values())
+        return (name, f"{run.get('written', 0) + run.get('already_done', 0):,}", f"{failed + errors}",
+                f"{run.get('seconds', 0):.1f}s", tokens, cost)
+    rows = stage.get("written", 0) + stage.get("skipped_already_done", 0)
+    failures = stage.get("failed", 0) + stage.get("errors", 0)
+    return name, f"{rows:,}", f"{failures}", f"{stage.get('seconds', 0):.1f}s", tokens, cost
+
+
+def _print_summary_table(summary: dict[str, Any]) -> None:
+    """One table for the whole run: each stage's rows, failures, time, tokens and cost."""
+    from rich.table import Table
+
+    table = Table(title="run summary", title_justify="left")
+    for column in ("stage", "rows", "failures", "time", "tokens", "cost"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, stage in summary["stages"].items():
+        table.add_row(*_stage_row(name, stage))
+    console.print(table)
+
+
+def _print_next(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The files a user opens next: exports, the evaluation report, the log; and how to inspect the run."""
+    console.print(f"outputs: {run_dir}/ (summary.json, config.yaml, cache.sqlite, run.log)")
     for stage in summary["stages"].values():
         for name, export in stage.get("exports", {}).items():
             console.print(f"  {name}: {export['path']} ({export['rows']} rows)")
-    console.print(f"inspect: cai show {run_dir}")
+        if "artefacts" in stage:
+            console.print(f"  model: {stage['output_dir']}")
+    report = summary["stages"].get("eval", {}).get("report")
+    if report:
+        console.print(f"  evaluation report: {report}")
+    console.print(f"inspect: cai show {run_dir}; constitution card: cai constitution card NAME --run {run_dir}")
 
 
 def _print_training(stage: dict[str, Any]) -> None:
@@ -387,10 +425,13 @@ def label_quality(
     recipe_obj = _load(recipe, sets or [], extra, endpoint)
     label_config = (recipe_obj.rl or RLConfig()).label
     folder = Path(out) if out else Path(recipe_obj.run_dir) / "label_quality"
+    from cai_async.runlog import attach_run_log
+
+    attach_run_log(recipe_obj.run_dir)
 
     async def go() -> dict[str, Any]:
         async with Engine(recipe_obj.engine, run_dir=recipe_obj.run_dir) as engine:
-            async with progress_display(engine, recipe_obj.engine.progress):
+            async with progress_display(engine, recipe_obj.engine.progress, label="label-quality"):
                 return await run_label_quality(engine, label_config, input, folder, limit=limit)
 
     try:
@@ -420,9 +461,11 @@ def train(
     extra = {"run_dir": run_dir, "train.model": model, data_key: data, "train.rl_algorithm": rl_algorithm,
              "train.max_steps": max_steps, "train.lora.enabled": lora, "train.merge": merge}
     recipe_obj = _load(recipe, sets or [], extra, {})
+    from cai_async.runlog import attach_run_log
     from cai_async.train.config import TrainConfig
     from cai_async.train.run import run_training
 
+    attach_run_log(recipe_obj.run_dir)
     config = recipe_obj.train or TrainConfig()
     config.check_stage(stage)
     _print_training(run_training(stage, config, recipe_obj.run_dir, engine_config=recipe_obj.engine))
@@ -450,9 +493,11 @@ def evaluate(
         setattr(recipe_obj, name, None)
     from cai_async.cli.progress import progress_display
     from cai_async.recipes import run_recipe
+    from cai_async.runlog import attach_run_log
 
-    summary = anyio.run(lambda: run_recipe(recipe_obj, progress=lambda e: progress_display(
-        e, recipe_obj.engine.progress)))
+    attach_run_log(recipe_obj.run_dir)
+    summary = anyio.run(lambda: run_recipe(recipe_obj, progress=lambda e, stage: progress_display(
+        e, recipe_obj.engine.progress, label=stage)))
     _print_eval(summary["stages"]["eval"])
 
 
@@ -551,6 +596,25 @@ def constitution_convert(
 
     c = load_constitution(source)
     typer.echo(f"wrote {save_constitution(c, target)} ({len(c.principles)} principles, hash {c.content_hash})")
+
+
+@constitution_app.command("card")
+def constitution_card(
+    source: Annotated[str, typer.Argument(help="Built-in name or file in any supported layout.")],
+    run: Annotated[Path | None, typer.Option(help="A run directory: add what each principle did there.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/card, or ./card-NAME).")] = None,
+) -> None:
+    """Write the constitution card (Markdown + self-contained HTML): the page a team publishes and iterates
+    from — principles, texts, examples, hash, and with --run per-principle statistics of that run."""
+    from cai_async.card import write_card
+    from cai_async.constitution_io import load_constitution
+
+    if run is not None and not run.is_dir():
+        raise CaiError_(f"{run}: no such run directory")
+    constitution = load_constitution(source)
+    folder = out or (run / "card" if run is not None else Path(f"card-{constitution.name}"))
+    paths = write_card(constitution, folder, run_dir=run)
+    typer.echo(f"wrote {paths['markdown']} and {paths['html']}")
 
 
 @cache_app.command("stats")

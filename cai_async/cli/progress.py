@@ -23,9 +23,9 @@ from cai_async.engine import Engine, plain_progress
 __all__ = ["progress_display"]
 
 
-async def _rich(engine: Engine) -> None:
+async def _rich(engine: Engine, label: str) -> None:
     columns = (
-        TextColumn("[bold]cai"),
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:.1f}/s"),
@@ -53,9 +53,10 @@ async def _rich(engine: Engine) -> None:
 
 @asynccontextmanager
 async def progress_display(
-    engine: Engine, mode: Literal["auto", "rich", "plain", "off"] = "auto", *, interval_s: float = 10.0
+    engine: Engine, mode: Literal["auto", "rich", "plain", "off"] = "auto", *, interval_s: float = 10.0,
+    label: str = "cai",
 ) -> AsyncIterator[None]:
-    """Show progress of ``engine`` while the body runs."""
+    """Show progress of ``engine`` while the body runs, named ``label`` (the stage)."""
     if mode == "auto":
         mode = "rich" if sys.stderr.isatty() else "plain"
     if mode == "off":
@@ -63,9 +64,9 @@ async def progress_display(
         return
     async with anyio.create_task_group() as tg:
         if mode == "rich":
-            tg.start_soon(_rich, engine)
+            tg.start_soon(_rich, engine, label)
         else:
-            tg.start_soon(lambda: plain_progress(engine.accounting, interval_s=interval_s))
+            tg.start_soon(lambda: plain_progress(engine.accounting, interval_s=interval_s, label=label))
         try:
             yield
         finally:

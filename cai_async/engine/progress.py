@@ -13,7 +13,7 @@ from cai_async.engine.accounting import Accounting
 __all__ = ["format_progress", "plain_progress"]
 
 
-def format_progress(snapshot: dict[str, Any], elapsed_s: float) -> str:
+def format_progress(snapshot: dict[str, Any], elapsed_s: float, *, label: str = "cai") -> str:
     """One line: done/total, rate, ETA, tokens/s, cost, failures."""
     done = snapshot["done"] + snapshot["failed"]
     total = snapshot["total"]
@@ -24,15 +24,17 @@ def format_progress(snapshot: dict[str, Any], elapsed_s: float) -> str:
     of_total = f"/{total}" if total else ""
     tokens_rate = snapshot["tokens"] / elapsed_s if elapsed_s > 0 else 0.0
     return (
-        f"[cai] {done}{of_total} done ({snapshot['failed']} failed, {snapshot['cache_hits']} cached) "
+        f"[{label}] {done}{of_total} done ({snapshot['failed']} failed, {snapshot['cache_hits']} cached) "
         f"{rate:.1f}/s{eta} {tokens_rate:.0f} tok/s ${snapshot['cost_usd']:.4f}"
     )
 
 
-async def plain_progress(accounting: Accounting, *, interval_s: float = 10.0, stream: TextIO | None = None) -> None:
-    """Print a progress line every ``interval_s`` until cancelled."""
+async def plain_progress(
+    accounting: Accounting, *, interval_s: float = 10.0, stream: TextIO | None = None, label: str = "cai"
+) -> None:
+    """Print a progress line (named ``label``) every ``interval_s`` until cancelled."""
     out = stream or sys.stderr
     start = time.monotonic()
     while True:
         await anyio.sleep(interval_s)
-        print(format_progress(accounting.snapshot(), time.monotonic() - start), file=out, flush=True)
+        print(format_progress(accounting.snapshot(), time.monotonic() - start, label=label), file=out, flush=True)

@@ -1,4 +1,5 @@
-"""SL-CAI: prompt → initial response → (critique → revision) × N, one principle drawn per round.
+"""SL-CAI: prompt → initial response → (critique → revision) × N passes: one principle drawn per pass, or every
+principle in priority order (``draw: all``, the method's loop).
 
 Chains run concurrently through the engine; the steps of one chain run in order. Every step is kept in the
 chain row (``CHAIN_SCHEMA``). Finished chains are written as Parquet shards; a rerun skips them, and a chain
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.errors import BudgetExceeded, CaiError, PermanentError
 from backends.types import ChatRequest, ChatResult
-from cai_async.constitution import Constitution, DrawMode, draw_principles
+from cai_async.constitution import Constitution, DrawMode, Principle, draw_passes
 from cai_async.constitution_io import load_constitution
 from cai_async.engine import Engine
 from cai_async.exports import ExportConfig
@@ -110,11 +111,13 @@ class SLConfig(PromptSource):
     constitution: str = "harmless"
     """A built-in name (``seed``, ``harmless``) or a YAML/JSON/TOML file in any supported layout."""
     num_revisions: int = Field(default=1, ge=1, le=32)
+    """Revision passes: one principle each, or every principle each with ``draw: all``."""
     draw: DrawMode | None = None
-    """How principles are drawn per round; default: the constitution's own ``draw``."""
+    """How principles are drawn per pass; default: the constitution's own ``draw``."""
     principle_weights: dict[str, float] = Field(default_factory=dict)
     few_shot: int = Field(default=0, ge=0)
-    """How many of the constitution's few-shot examples go before each request, as prior turns."""
+    """How many of the constitution's few-shot examples go before each request, as prior turns; when > 0, a
+    principle's good/bad critique pair (``contrast``) also goes before its critique request."""
     system_prompt: str | None = None
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     clean_revisions: bool = True
@@ -124,7 +127,11 @@ class SLConfig(PromptSource):
     temperature: float = Field(default=0.0, ge=0)
     seed: int = 0
     policy_role: str = "policy"
+    """The group that writes the initial responses."""
     critic_role: str = "critic"
+    """The group that writes the critiques (falls back to ``policy`` when the engine has no such group)."""
+    revision_role: str | None = None
+    """The group that writes the revisions; default: ``policy_role`` (a stronger critic, the policy revises)."""
     chain_concurrency: int | None = Field(default=None, ge=1)
     """Chains in flight; default: the engine's cap, or one per model when every endpoint is in-process
     llama.cpp (so a chain's steps follow each other and reuse the KV cache)."""
@@ -180,6 +187,42 @@ class ChainRunner:
             ))
         return result
 
+    async def _round(
+        self, number: int, principle: Principle, conversation: list[dict[str, str]], current: str,
+        record: dict[str, Any], results: list[ChatResult],
+    ) -> str | None:
+        """One critique → revision step under ``principle``; the revised text, or None when the critique found
+        nothing to fix (early stop)."""
+        cfg = self.config
+        request = principle.critique_request(teach=cfg.few_shot > 0)
+        asked = [*self.prefix, *conversation, {"role": "assistant", "content": current},
+                 {"role": "user", "content": request}]
+        critique = await self._chat("critique", cfg.critic_role, asked, cfg.critique_max_tokens)
+        results.append(critique)
+        step: dict[str, Any] = {
+            "round": number, "principle": principle.name, "critique_request": request,
+            "critique": critique.text.strip(), "revision_request": principle.revision, "revision": None,
+            "revision_raw": None, "cleaned": False, "early_stop": False,
+            **call_fields("critique", critique), **call_fields("revision", None),
+        }
+        record["rounds"].append(step)
+        if self.stop_rule is not None and self.stop_rule.search(critique.text):
+            step["early_stop"] = True
+            return None
+        asked += [{"role": "assistant", "content": critique.text.strip()},
+                  {"role": "user", "content": principle.revision}]
+        revision = await self._chat("revision", cfg.revision_role or cfg.policy_role, asked, cfg.revision_max_tokens)
+        results.append(revision)
+        raw = revision.text.strip()
+        text, cleaned = clean_revision(raw, principle.revision) if cfg.clean_revisions else (raw, False)
+        step.update(revision=text, revision_raw=raw, cleaned=cleaned, **call_fields("revision", revision))
+        if not text:
+            raise _StepFailed("revision", EmptyResponse(
+                f"round {number} ({principle.name}): the revision is empty once wrapper text is removed "
+                f"({raw[:80]!r}); set sl.clean_revisions=false to keep it raw, or use a stronger model"
+            ))
+        return text
+
     async def run(self, row: PromptRow) -> dict[str, Any]:
         """The chain row for ``row``; a failed step is recorded in it (``status="error"``) with the steps
         that finished, unless the failure is worth retrying (then it is raised)."""
@@ -212,36 +255,17 @@ class ChainRunner:
                 current = initial.text.strip()
                 record.update(initial_response=current, **call_fields("initial", initial))
             rng = random.Random(f"{cfg.seed}:{row.id}")
-            principles = draw_principles(self.constitution, cfg.num_revisions, rng=rng, mode=cfg.draw)
-            for number, principle in enumerate(principles, start=1):
-                asked = [*self.prefix, *conversation, {"role": "assistant", "content": current},
-                         {"role": "user", "content": principle.critique}]
-                critique = await self._chat("critique", cfg.critic_role, asked, cfg.critique_max_tokens)
-                results.append(critique)
-                step: dict[str, Any] = {
-                    "round": number, "principle": principle.name, "critique_request": principle.critique,
-                    "critique": critique.text.strip(), "revision_request": principle.revision, "revision": None,
-                    "revision_raw": None, "cleaned": False, "early_stop": False,
-                    **call_fields("critique", critique), **call_fields("revision", None),
-                }
-                record["rounds"].append(step)
-                if self.stop_rule is not None and self.stop_rule.search(critique.text):
-                    step["early_stop"] = True
+            for number, principles in enumerate(
+                draw_passes(self.constitution, cfg.num_revisions, rng=rng, mode=cfg.draw), start=1
+            ):
+                revised = False
+                for principle in principles:
+                    revision_text = await self._round(number, principle, conversation, current, record, results)
+                    if revision_text is not None:
+                        current, revised = revision_text, True
+                if not revised and self.stop_rule is not None:  # no principle of the pass asked for a change
                     record["stopped_early"] = True
                     break
-                asked += [{"role": "assistant", "content": critique.text.strip()},
-                          {"role": "user", "content": principle.revision}]
-                revision = await self._chat("revision", cfg.critic_role, asked, cfg.revision_max_tokens)
-                results.append(revision)
-                raw = revision.text.strip()
-                text, cleaned = clean_revision(raw, principle.revision) if cfg.clean_revisions else (raw, False)
-                step.update(revision=text, revision_raw=raw, cleaned=cleaned, **call_fields("revision", revision))
-                if not text:
-                    raise _StepFailed("revision", EmptyResponse(
-                        f"round {number}: the revision is empty once wrapper text is removed ({raw[:80]!r}); "
-                        "set sl.clean_revisions=false to keep it raw, or use a stronger critic model"
-                    ))
-                current = text
         except _StepFailed as failed:
             if not isinstance(failed.error, PermanentError):
                 raise failed.error from None
@@ -278,5 +302,6 @@ async def run_sl(engine: Engine, config: SLConfig, out_dir: str | Path, *, run_i
 
     await write_rows(engine, todo, runner.run, writer, report, count=count,
                      concurrency=config.chain_concurrency
-                     or engine.item_concurrency(config.policy_role, config.critic_role))
+                     or engine.item_concurrency(config.policy_role, config.critic_role,
+                                                    config.revision_role or config.policy_role))
     return report

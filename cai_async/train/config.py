@@ -12,7 +12,8 @@ from backends.errors import ConfigError
 __all__ = ["LoraSettings", "RLAlgorithm", "TrainConfig", "TrainStage"]
 
 TrainStage = Literal["sft", "reward", "dpo", "rl"]
-RLAlgorithm = Literal["dpo", "soft_dpo", "grpo", "rloo", "online_dpo", "ppo"]
+RLAlgorithm = Literal["dpo", "soft_dpo", "grpo", "rloo", "online_dpo"]
+_ALGORITHMS: tuple[str, ...] = RLAlgorithm.__args__  # type: ignore[attr-defined]
 
 _PPO = (
     "rl_algorithm 'ppo': TRL 1.16 no longer ships a PPO trainer and cai-async does not carry a home-made one. "
@@ -87,12 +88,18 @@ class TrainConfig(BaseModel):
     save_steps: int = Field(default=0, ge=0)
     """Checkpoint every N steps (0: only at the end)."""
 
-    @field_validator("rl_algorithm")
+    @field_validator("rl_algorithm", mode="before")
     @classmethod
-    def _no_ppo(cls, value: str) -> str:
-        if value == "ppo":
+    def _algorithm(cls, value: object) -> object:
+        """Names are case-insensitive (``DPO``, ``Soft-DPO``); ``ppo`` says where to go instead."""
+        if not isinstance(value, str):
+            return value
+        name = value.strip().lower().replace("-", "_")
+        if name == "ppo":
             raise ValueError(_PPO)
-        return value
+        if name not in _ALGORITHMS:
+            raise ValueError(f"unknown rl_algorithm {value!r}: use one of {', '.join(_ALGORITHMS)}")
+        return name
 
     def check_stage(self, stage: str) -> None:
         if stage not in ("sft", "reward", "dpo", "rl"):

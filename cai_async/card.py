@@ -1,0 +1,202 @@
+"""The constitution card: the page a team publishes about its constitution and iterates from — principles in
+priority order with weights, critique and revision texts, few-shot and contrast examples, the content hash;
+and, given a run, what each principle did there (times applied, early stops, how much revisions changed the
+text), the AI-feedback label quality and the evaluation deltas. Written as Markdown and self-contained HTML."""
+
+from __future__ import annotations
+
+import difflib
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from cai_async.constitution import Constitution
+from cai_async.constitution_io import load_constitution
+from cai_async.store import read_shards
+
+__all__ = ["card_data", "card_html", "card_markdown", "write_card"]
+
+
+def _change(before: str, after: str) -> float:
+    """How much a revision changed the text: 1 − difflib's similarity ratio (0 = unchanged, 1 = all new)."""
+    return 1.0 - difflib.SequenceMatcher(None, before, after, autojunk=False).ratio()
+
+
+def _principle_stats(constitution: Constitution, chains: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    stats: dict[str, dict[str, Any]] = {p.name: {"applied": 0, "early_stops": 0, "revisions": 0, "changes": []}
+                                        for p in constitution.principles}
+    for row in chains.iter_rows(named=True):
+        current = row["initial_response"] or ""
+        for step in row["rounds"] or []:
+            entry = stats.get(step["principle"])
+            if entry is None:
+                continue
+            entry["applied"] += 1
+            entry["early_stops"] += bool(step["early_stop"])
+            if step["revision"] is not None:
+                entry["revisions"] += 1
+                entry["changes"].append(_change(current, step["revision"]))
+                current = step["revision"]
+    for entry in stats.values():
+        changes = entry.pop("changes")
+        entry["mean_change"] = sum(changes) / len(changes) if changes else None
+    return stats
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def card_data(source: str | Path | Constitution, *, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Everything the card shows, as plain data (also written as ``card.json``)."""
+    constitution = load_constitution(source)
+    ordered = sorted(constitution.principles, key=lambda p: p.priority)
+    data: dict[str, Any] = {
+        "name": constitution.name, "version": constitution.version, "description": constitution.description,
+        "hash": constitution.content_hash, "draw": constitution.draw,
+        "principles": [p.model_dump(mode="json") for p in ordered],
+        "few_shot": [e.model_dump(mode="json") for e in constitution.few_shot],
+        "run": None,
+    }
+    if run_dir is None:
+        return data
+    root = Path(run_dir)
+    chains = read_shards(root / "sl")
+    matched = "hash"
+    if not chains.is_empty():
+        mine = chains.filter(pl.col("constitution_hash") == constitution.content_hash)
+        if mine.is_empty():
+            mine, matched = chains.filter(pl.col("constitution") == constitution.name), "name"
+        chains = mine
+    run: dict[str, Any] = {"dir": str(root), "chains": chains.height, "matched_by": matched,
+                           "principles": _principle_stats(constitution, chains) if not chains.is_empty() else {}}
+    quality = _read_json(root / "label_quality" / "report.json")
+    if quality is not None:
+        run["label_quality"] = {"pairs": quality.get("pairs"), "position_consistency": quality.get(
+            "position_consistency"), "per_principle": quality.get("per_principle", [])}
+    metrics = _read_json(root / "eval" / "metrics.json")
+    if metrics is not None and metrics.get("compare"):
+        run["eval"] = {"models": metrics.get("compare_models"), "deltas": metrics["compare"]}
+    data["run"] = run
+    return data
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def card_markdown(data: dict[str, Any]) -> str:
+    """The card as Markdown."""
+    lines = [f"# Constitution card: {data['name']} (v{data['version']})", ""]
+    if data["description"]:
+        lines += [data["description"], ""]
+    lines += [f"Content hash `{data['hash']}` · draw `{data['draw']}` · {len(data['principles'])} principles · "
+              f"{len(data['few_shot'])} few-shot examples", "", "## Principles (priority order)", ""]
+    for p in data["principles"]:
+        tags = f" · tags: {', '.join(p['tags'])}" if p["tags"] else ""
+        lines += [f"### {p['name']}", "", f"priority {p['priority']} · weight {p['weight']:g}{tags}", "",
+                  f"**Critique request.** {p['critique']}", "", f"**Revision request.** {p['revision']}", ""]
+        if p.get("contrast"):
+            c = p["contrast"]
+            lines += [f"*Contrast example* — request: {c['prompt']} — response: {c['response']}", "",
+                      f"- good critique: {c['good']}", f"- bad critique: {c['bad']}", ""]
+    if data["few_shot"]:
+        lines += ["## Few-shot examples", ""]
+        for index, e in enumerate(data["few_shot"], start=1):
+            lines += [f"{index}. **User:** {e['prompt']}", f"   **Response:** {e['response']}",
+                      f"   **Critique:** {e['critique']}", f"   **Revision:** {e['revision']}", ""]
+    run = data["run"]
+    if run:
+        lines += [f"## In run `{run['dir']}`", "",
+                  f"{run['chains']} chains (matched by constitution {run['matched_by']}).", "",
+                  "| principle | applied | early stops | revisions | mean change |", "|---|---|---|---|---|"]
+        for name, s in run["principles"].items():
+            lines.append(f"| {name} | {s['applied']} | {s['early_stops']} | {s['revisions']} | "
+                         f"{_pct(s['mean_change'])} |")
+        if run.get("label_quality"):
+            q = run["label_quality"]
+            lines += ["", f"AI-feedback label quality ({q['pairs']} human-labelled pairs, position consistency "
+                          f"{_pct(q['position_consistency'])}):", "",
+                      "| comparison principle | pairs | accuracy | consistency |", "|---|---|---|---|"]
+            for p in q["per_principle"]:
+                lines.append(f"| {p['variant']} | {p['pairs']} | {_pct(p['accuracy'])} | "
+                             f"{_pct(p['position_consistency'])} |")
+        if run.get("eval"):
+            before, after = run["eval"]["models"]
+            lines += ["", f"Evaluation, {after} − {before}:", ""]
+            lines += [f"- {key}: {'–' if d is None else f'{d:+.1%}'}" for key, d in run["eval"]["deltas"].items()]
+    return "\n".join(lines) + "\n"
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}
+.p{border-left:4px solid #4a7;padding-left:1rem;margin:1.2rem 0}.good{color:#185}.bad{color:#a33}
+code{background:#f3f3f3;padding:0 .2rem}small{color:#666}"""
+
+
+def card_html(data: dict[str, Any]) -> str:
+    """The card as one self-contained HTML page (no scripts, no external resources)."""
+    e = html.escape
+    parts = [f"<h1>Constitution card: {e(data['name'])} <small>v{e(data['version'])}</small></h1>"]
+    if data["description"]:
+        parts.append(f"<p>{e(data['description'])}</p>")
+    parts.append(f"<p>Content hash <code>{e(data['hash'])}</code> · draw <code>{e(data['draw'])}</code> · "
+                 f"{len(data['principles'])} principles · {len(data['few_shot'])} few-shot examples</p>")
+    parts.append("<h2>Principles (priority order)</h2>")
+    for p in data["principles"]:
+        block = [f'<div class="p"><h3>{e(p["name"])}</h3><small>priority {p["priority"]} · weight '
+                 f'{p["weight"]:g}{" · tags: " + e(", ".join(p["tags"])) if p["tags"] else ""}</small>',
+                 f"<p><b>Critique request.</b> {e(p['critique'])}</p>",
+                 f"<p><b>Revision request.</b> {e(p['revision'])}</p>"]
+        if p.get("contrast"):
+            c = p["contrast"]
+            block.append(f"<p><i>Contrast example.</i> Request: {e(c['prompt'])}<br>Response: {e(c['response'])}"
+                         f"<br><span class=good>Good critique: {e(c['good'])}</span>"
+                         f"<br><span class=bad>Bad critique: {e(c['bad'])}</span></p>")
+        parts.append("".join(block) + "</div>")
+    if data["few_shot"]:
+        parts.append("<h2>Few-shot examples</h2><ol>")
+        parts += [f"<li><b>User:</b> {e(x['prompt'])}<br><b>Response:</b> {e(x['response'])}<br><b>Critique:</b> "
+                  f"{e(x['critique'])}<br><b>Revision:</b> {e(x['revision'])}</li>" for x in data["few_shot"]]
+        parts.append("</ol>")
+    run = data["run"]
+    if run:
+        parts.append(f"<h2>In run <code>{e(run['dir'])}</code></h2><p>{run['chains']} chains (matched by "
+                     f"constitution {e(run['matched_by'])}).</p><table><tr><th>principle</th><th>applied</th>"
+                     "<th>early stops</th><th>revisions</th><th>mean change</th></tr>")
+        parts += [f"<tr><td>{e(name)}</td><td>{s['applied']}</td><td>{s['early_stops']}</td><td>{s['revisions']}"
+                  f"</td><td>{_pct(s['mean_change'])}</td></tr>" for name, s in run["principles"].items()]
+        parts.append("</table>")
+        if run.get("label_quality"):
+            q = run["label_quality"]
+            parts.append(f"<h3>AI-feedback label quality</h3><p>{q['pairs']} human-labelled pairs, position "
+                         f"consistency {_pct(q['position_consistency'])}.</p><table><tr><th>comparison principle"
+                         "</th><th>pairs</th><th>accuracy</th><th>consistency</th></tr>")
+            parts += [f"<tr><td>{e(p['variant'])}</td><td>{p['pairs']}</td><td>{_pct(p['accuracy'])}</td>"
+                      f"<td>{_pct(p['position_consistency'])}</td></tr>" for p in q["per_principle"]]
+            parts.append("</table>")
+        if run.get("eval"):
+            before, after = run["eval"]["models"]
+            parts.append(f"<h3>Evaluation: {e(after)} − {e(before)}</h3><ul>")
+            parts += [f"<li>{e(key)}: {'–' if d is None else f'{d:+.1%}'}</li>"
+                      for key, d in run["eval"]["deltas"].items()]
+            parts.append("</ul>")
+    body = "\n".join(parts)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Constitution card: '
+            f"{e(data['name'])}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def write_card(source: str | Path | Constitution, out_dir: str | Path, *,
+               run_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write ``card.md``, ``card.html`` and ``card.json`` into ``out_dir``; return their paths."""
+    data = card_data(source, run_dir=run_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / "card.md", "html": out / "card.html", "json": out / "card.json"}
+    paths["markdown"].write_text(card_markdown(data), encoding="utf-8")
+    paths["html"].write_text(card_html(data), encoding="utf-8")
+    paths["json"].write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    return paths
