@@ -137,7 +137,9 @@ def test_ctrl_c_keeps_finished_rows_and_cache_commands(tmp_path: Path, server: T
             "--run-dir", str(run_dir), "--progress", "rich", "--max-concurrency", "8",
             "--set", "generate.shard_rows=1000"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
+    deadline = time.monotonic() + 60  # interrupt once it works, however slowly a busy machine starts it
+    while server.stats().get("ok", 0) < 24 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130, err

@@ -144,6 +144,14 @@ def _print_summary_table(summary: dict[str, Any]) -> None:
     for name, stage in summary["stages"].items():
         table.add_row(*_stage_row(name, stage))
     console.print(table)
+    for key in ("engine", "engine_eval"):
+        engine = summary.get(key)
+        if engine is not None:
+            console.print(
+                f"{'evaluation ' if key == 'engine_eval' else ''}calls: "
+                f"{sum(e['calls'] for e in engine['endpoints'].values())}, cache hits: {engine['cache_hits']}, "
+                f"tokens: {engine['tokens']}, cost: ${engine['cost_usd']:.4f}"
+            )
 
 
 def _print_next(run_dir: Path, summary: dict[str, Any]) -> None:
