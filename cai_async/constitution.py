@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
@@ -20,6 +21,7 @@ __all__ = [
     "ContrastExample",
     "DrawMode",
     "FewShotExample",
+    "GuardRules",
     "Principle",
     "draw_passes",
     "draw_principles",
@@ -34,6 +36,37 @@ def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
     return value
+
+
+class GuardRules(BaseModel):
+    """Cheap input/output filters a principle may carry for the inference-time guard: regular expressions
+    (case-insensitive) and whole words; a match is a violation of the principle without asking a judge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    patterns: tuple[str, ...] = ()
+    words: tuple[str, ...] = ()
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return value
+
+    def match(self, text: str) -> str | None:
+        """The first pattern or word found in ``text``, or None."""
+        for pattern in self.patterns:
+            if re.search(pattern, text, re.IGNORECASE):
+                return pattern
+        lowered = text.lower()
+        for word in self.words:
+            if re.search(rf"\b{re.escape(word.lower())}\b", lowered):
+                return word
+        return None
 
 
 class ContrastExample(BaseModel):
@@ -79,6 +112,8 @@ class Principle(BaseModel):
     priority: int = 0
     tags: tuple[str, ...] = ()
     contrast: ContrastExample | None = None
+    rules: GuardRules | None = None
+    """Patterns and words the inference-time guard blocks on without asking a judge."""
 
     _check_text = field_validator("name", "critique", "revision")(_not_blank)
 
@@ -204,6 +239,8 @@ class ComparisonPrinciple(BaseModel):
     weight: float = Field(default=1.0, ge=0)
     priority: int = 0
     tags: tuple[str, ...] = ()
+    rules: GuardRules | None = None
+    """Patterns and words the inference-time guard blocks on without asking a judge."""
 
     _check_text = field_validator("name", "question")(_not_blank)
 

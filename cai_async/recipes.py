@@ -23,6 +23,7 @@ from cai_async.constitution_io import builtin_comparison_sets, builtin_constitut
 from cai_async.engine import Engine, EngineConfig
 from cai_async.evaluation.run import EvalConfig, run_eval
 from cai_async.exports import RLExportConfig, conversations_with_response, write_rl_exports, write_sl_exports
+from cai_async.guard.config import GuardConfig
 from cai_async.prompts import load_prompts
 from cai_async.stages.common import StageReport
 from cai_async.stages.generate import GenerateConfig, run_generate
@@ -92,6 +93,8 @@ class Recipe(BaseModel):
     rl: RLConfig | None = None
     train: TrainConfig | None = None
     eval: EvalConfig | None = None
+    guard: GuardConfig | None = None
+    """The inference-time guard (``cai guard serve``); not a stage ``cai run`` runs."""
 
 
 def _resolve(base: Path, value: str) -> str:

@@ -56,6 +56,7 @@ class ServerConfig:
     record: bool = False  # keep every request body's messages, served at GET /requests
     reply: str = ""  # a fixed chat answer (e.g. a chain-of-thought ending "The answer is (A)")
     prefer_when: dict[str, str] = field(default_factory=dict)  # substring of the prompt → preferred choice
+    stream_chunk_ms: float = 0.0  # with "stream": true, the pause before each word's chunk
     fail_status: int = 0  # answer every chat request with this status (e.g. 404: a model the server lacks)
     # Batch API (/v1/files, /v1/batches): see tests/server_batches.py
     batches: bool = True  # False: /v1/batches answers 404, like a provider without a Batch API
@@ -205,6 +206,30 @@ def _choice_logprobs(messages: list[dict[str, Any]], prefer: str, top: int) -> l
     return entries[: max(1, top)]
 
 
+async def _stream(request: web.Request, payload: dict[str, Any], chunk_ms: float) -> web.StreamResponse:
+    """The answer as server-sent ``chat.completion.chunk`` events, a word a chunk, then ``[DONE]``."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    choice = payload["choices"][0]
+    base = {"id": payload["id"], "object": "chat.completion.chunk", "created": payload["created"],
+            "model": payload["model"]}
+
+    async def send(delta: dict[str, Any], finish: str | None = None) -> None:
+        event = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+
+    await send({"role": "assistant", "content": ""})
+    words = str(choice["message"]["content"]).split(" ")
+    for index, word in enumerate(words):
+        if chunk_ms:
+            await asyncio.sleep(chunk_ms / 1000.0)
+        await send({"content": word if index == len(words) - 1 else word + " "})
+    await send({}, choice["finish_reason"])
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
 def build_app(config: ServerConfig) -> web.Application:
     """The aiohttp application; ``app["state"]`` holds config and statistics."""
     state = _State(config)
@@ -261,6 +286,8 @@ def build_app(config: ServerConfig) -> web.Application:
             return _json({"error": {"message": "internal error (injected)"}}, status=503)
         state.stats["ok"] += 1
         state.seen[key] += 1
+        if body.get("stream"):
+            return await _stream(request, payload, cfg.stream_chunk_ms)
         return _json(payload, headers=state.rate_headers())
 
     async def stats(_: web.Request) -> web.Response:

@@ -32,6 +32,9 @@ constitution_app = typer.Typer(help="List, show and convert constitutions.", no_
 batches_app = typer.Typer(help="A run's Batch API batches: list them, or cancel those in flight.", no_args_is_help=True)
 app.add_typer(batches_app, name="batches")
 app.add_typer(constitution_app, name="constitution")
+guard_app = typer.Typer(help="The inference-time guard: an OpenAI-compatible proxy, and its report.",
+                        no_args_is_help=True)
+app.add_typer(guard_app, name="guard")
 console = Console(stderr=True, soft_wrap=True)
 
 ProgressMode = Literal["auto", "rich", "plain", "off"]
@@ -623,6 +626,44 @@ def constitution_card(
     folder = out or (run / "card" if run is not None else Path(f"card-{constitution.name}"))
     paths = write_card(constitution, folder, run_dir=run)
     typer.echo(f"wrote {paths['markdown']} and {paths['html']}")
+
+
+@guard_app.command("serve")
+def guard_serve(
+    recipe: RecipeArg = None,
+    upstream: Annotated[str | None, typer.Option(help="Upstream OpenAI-compatible base URL (…/v1).")] = None,
+    upstream_key_env: Annotated[str | None, typer.Option(help="Env var with the upstream's API key.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (0: any free one).")] = None,
+    run_dir: RunDirOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Serve the guard in front of an upstream: /v1/chat/completions (plain and streamed), /v1/models,
+    /v1/moderations; verdicts go to RUN_DIR/guard/verdicts (defaults → RECIPE → flags)."""
+    from cai_async.guard.proxy import serve_guard
+    from cai_async.runlog import attach_run_log
+
+    extra = {"run_dir": run_dir, "guard.upstream.base_url": upstream, "guard.upstream.api_key_env": upstream_key_env,
+             "guard.host": host, "guard.port": port}
+    from cai_async.guard.config import GuardConfig
+
+    data_recipe = _load(recipe, sets or [], extra, {})
+    config = data_recipe.guard or GuardConfig()
+    attach_run_log(data_recipe.run_dir)
+
+    def ready(bound: int) -> None:
+        console.print(f"cai guard: listening on http://{config.host}:{bound}/v1 → {config.upstream.base_url}")
+
+    anyio.run(lambda: serve_guard(config, data_recipe.engine, data_recipe.run_dir, on_ready=ready))
+    console.print(f"cai guard: stopped; verdicts are in {Path(data_recipe.run_dir) / 'guard' / 'verdicts'}")
+
+
+@guard_app.command("report")
+def guard_report_command(run_dir: Annotated[Path, typer.Argument(help="Run directory the guard served.")]) -> None:
+    """What the guard decided: verdicts by direction, decision and tier, latency, violations per principle."""
+    from cai_async.guard.report import guard_report
+
+    typer.echo(json.dumps(guard_report(run_dir), indent=2, default=str))
 
 
 @cache_app.command("stats")

@@ -187,7 +187,7 @@ class ChainRunner:
             ))
         return result
 
-    async def _round(
+    async def revise_step(
         self, number: int, principle: Principle, conversation: list[dict[str, str]], current: str,
         record: dict[str, Any], results: list[ChatResult],
     ) -> str | None:
@@ -260,7 +260,7 @@ class ChainRunner:
             ):
                 revised = False
                 for principle in principles:
-                    revision_text = await self._round(number, principle, conversation, current, record, results)
+                    revision_text = await self.revise_step(number, principle, conversation, current, record, results)
                     if revision_text is not None:
                         current, revised = revision_text, True
                 if not revised and self.stop_rule is not None:  # no principle of the pass asked for a change

@@ -1,0 +1,268 @@
+"""The guard: a cascade of tiers, cheapest first, checks a request or an answer against the constitution's
+principles and returns a :class:`Verdict` — rules (patterns and words the principles carry) decide when they
+match; otherwise the constitutional judge (the ``critic`` group, scored from choice probabilities exactly as
+the labeller scores) decides. Answers that violate a principle can be blocked, flagged or revised by the
+constitution's own critique → revision. Every call goes through the engine: limits, retries, cache, costs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import polars as pl
+
+from backends.errors import CaiError, ConfigError, NoChoiceFound
+from backends.types import ScoreRequest
+from cai_async.constitution import ComparisonSet, Constitution, draw_principles
+from cai_async.constitution_io import load_comparison_set, load_constitution
+from cai_async.engine import Engine
+from cai_async.guard.config import DirectionPolicy, GuardConfig
+from cai_async.stages.label import single_response_prompt
+from cai_async.store import ShardWriter
+
+__all__ = ["VERDICT_SCHEMA", "Guard", "GuardPrinciple", "PrincipleScore", "Verdict", "VerdictLog"]
+
+Direction = Literal["input", "output"]
+Decision = Literal["allow", "flag", "block", "revise"]
+
+
+@dataclass(frozen=True, slots=True)
+class GuardPrinciple:
+    """A principle as the guard checks it: its name, the question the judge is asked, its weight and rules."""
+
+    name: str
+    question: str
+    weight: float
+    rules: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipleScore:
+    """How likely a principle is violated (0–1), and what said so."""
+
+    name: str
+    score: float
+    evidence: str = ""
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The guard's decision on one request or answer: ``allow``, ``flag``, ``block`` or ``revise`` (the answer
+    was rewritten: ``revised``), the violated principles with their scores, the tier that decided, timing."""
+
+    decision: Decision
+    direction: Direction
+    tier: str
+    """rules | judge | fail-open | fail-closed | off"""
+    violated: list[PrincipleScore] = field(default_factory=list)
+    scores: list[PrincipleScore] = field(default_factory=list)
+    latency_s: float = 0.0
+    judge_calls: int = 0
+    revised: str | None = None
+    error: str | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.decision == "block"
+
+    def refusal(self) -> str:
+        """A plain-words refusal that names the principles (what a blocked request or answer is replaced by)."""
+        names = ", ".join(p.name for p in self.violated) or "the guard's principles"
+        what = "this request" if self.direction == "input" else "that answer"
+        return f"I can't help with {what}: it goes against the principle of {names}."
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"decision": self.decision, "direction": self.direction, "tier": self.tier,
+                "violated": [p.name for p in self.violated],
+                "scores": {p.name: round(p.score, 4) for p in self.scores}, "latency_s": round(self.latency_s, 4)}
+
+
+_INPUT_QUESTION = (
+    "Consider the following request from a human to an AI assistant:\n\n{conversation}\n\nPrinciple: {question}"
+    "\n\nWould fulfilling this request as asked go against this principle?\n(A) Yes\n(B) No\n"
+    "Answer with (A) or (B) only."
+)
+
+
+def _conversation_text(messages: Sequence[dict[str, Any]]) -> str:
+    return "\n\n".join(f"{str(m.get('role', 'user')).capitalize()}: {m.get('content') or ''}" for m in messages)
+
+
+def _guard_principles(source: str) -> list[GuardPrinciple]:
+    """The principles of a comparison set (their questions) or of a constitution (their critique requests)."""
+    loaded: ComparisonSet | Constitution
+    try:
+        loaded = load_comparison_set(source)
+    except ConfigError:
+        loaded = load_constitution(source)
+    if isinstance(loaded, ComparisonSet):
+        return [GuardPrinciple(p.name, p.question, p.weight, p.rules) for p in loaded.principles if p.weight > 0]
+    return [GuardPrinciple(p.name, p.critique, p.weight, p.rules) for p in loaded.principles if p.weight > 0]
+
+
+VERDICT_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String(),
+    "request_hash": pl.String(),
+    "direction": pl.String(),
+    "decision": pl.String(),
+    "tier": pl.String(),
+    "violated": pl.List(pl.String()),
+    "scores": pl.List(pl.Struct({"name": pl.String(), "score": pl.Float64()})),
+    "judge_calls": pl.Int64(),
+    "latency_s": pl.Float64(),
+    "error": pl.String(),
+    "created_at": pl.Float64(),
+}
+"""One row per verdict: which request (by hash, never its text or headers), what was decided, by which tier,
+each principle's score and the time it took."""
+
+
+class VerdictLog:
+    """Verdicts written as Parquet shards under ``RUN_DIR/guard/verdicts`` (flushed every few seconds)."""
+
+    def __init__(self, run_dir: str | Path, *, flush_every_s: float = 5.0) -> None:
+        self.writer = ShardWriter(Path(run_dir) / "guard" / "verdicts", shard_rows=512, schema=VERDICT_SCHEMA,
+                                  flush_every_s=flush_every_s)
+
+    def add(self, verdict: Verdict, messages: Sequence[dict[str, Any]], answer: str | None) -> None:
+        digest = hashlib.sha256(json.dumps([list(messages), answer], sort_keys=True, default=str).encode())
+        self.writer.add({
+            "id": uuid.uuid4().hex, "request_hash": digest.hexdigest()[:16], "direction": verdict.direction,
+            "decision": verdict.decision, "tier": verdict.tier, "violated": [p.name for p in verdict.violated],
+            "scores": [{"name": p.name, "score": p.score} for p in verdict.scores], "judge_calls": verdict.judge_calls,
+            "latency_s": verdict.latency_s, "error": verdict.error, "created_at": time.time(),
+        })
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+class Guard:
+    """Checks requests and answers against the constitution on ``engine`` (see the module docstring)."""
+
+    def __init__(self, engine: Engine, config: GuardConfig, *, log: VerdictLog | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.principles = _guard_principles(config.principles)
+        self.by_name = {p.name: p for p in self.principles}
+        self._set = ComparisonSet.model_validate({"name": "guard", "principles": [
+            {"name": p.name, "question": p.question, "weight": p.weight} for p in self.principles]})
+        self.constitution = load_constitution(config.constitution)
+        self.log = log
+        engine.group(config.judge_role)  # a missing judge group is a clear error before any traffic
+
+    def _policy(self, direction: Direction) -> DirectionPolicy:
+        return self.config.input if direction == "input" else self.config.output
+
+    async def check_input(self, messages: Sequence[dict[str, Any]]) -> Verdict:
+        """Whether a request may go to the model."""
+        return await self._check("input", messages, None)
+
+    async def check_output(self, messages: Sequence[dict[str, Any]], answer: str, *,
+                           final: bool = True) -> Verdict:
+        """Whether an answer may go to the client; with the ``revise`` action (and ``final``), a violating
+        answer is rewritten and returned in ``Verdict.revised``."""
+        return await self._check("output", messages, answer, final=final)
+
+    async def check_exchange(self, messages: Sequence[dict[str, Any]], answer: str) -> Verdict:
+        """Both directions; the request's verdict when it is blocked or flagged, else the answer's."""
+        request = await self.check_input(messages)
+        if request.decision in ("block", "flag"):
+            return request
+        return await self.check_output(messages, answer)
+
+    async def _check(self, direction: Direction, messages: Sequence[dict[str, Any]], answer: str | None, *,
+                     final: bool = True) -> Verdict:
+        start = time.perf_counter()
+        policy = self._policy(direction)
+        if not policy.enabled:
+            return Verdict("allow", direction, "off")
+        text = answer if direction == "output" else str(messages[-1].get("content") or "") if messages else ""
+        verdict = self._rules(direction, text or "")
+        if verdict is None:
+            verdict = await self._judge(direction, messages, answer, policy)
+        if verdict.violated and verdict.tier in ("rules", "judge"):
+            verdict.decision = policy.action
+            if policy.action == "revise" and answer is not None and final:
+                try:
+                    verdict.revised = await self._revise(messages, answer, verdict)
+                except Exception as exc:  # a failed revision must not let the answer through
+                    verdict.decision, verdict.error = "block", f"revision failed: {exc}"
+        verdict.latency_s = time.perf_counter() - start
+        if self.log is not None and final:
+            self.log.add(verdict, messages, answer)
+        return verdict
+
+    def _rules(self, direction: Direction, text: str) -> Verdict | None:
+        """Tier 1: a principle's pattern or word found in the text decides (a violation, score 1)."""
+        hits = [PrincipleScore(p.name, 1.0, f"rule {match!r}") for p in self.principles
+                if p.rules is not None and (match := p.rules.match(text)) is not None]
+        return Verdict("block", direction, "rules", violated=hits, scores=hits) if hits else None
+
+    async def _judge(self, direction: Direction, messages: Sequence[dict[str, Any]], answer: str | None,
+                     policy: DirectionPolicy) -> Verdict:
+        """Tier 2: the judge answers (A)/(B) per principle; P(violation) ≥ threshold is a violation."""
+        count = min(self.config.ensemble or len(self.principles), len(self.principles))
+        digest = hashlib.sha256(_conversation_text(messages).encode()).hexdigest()
+        chosen = draw_principles(self._set, count, rng=random.Random(digest), mode="weighted")
+        scores: list[PrincipleScore | None] = [None] * len(chosen)
+        conversation = [dict(m) for m in messages]
+
+        async def one(index: int) -> None:
+            question = self.by_name[chosen[index].name].question
+            if direction == "input":
+                prompt = _INPUT_QUESTION.format(conversation=_conversation_text(conversation), question=question)
+            else:
+                prompt = single_response_prompt(conversation, answer, question)
+            request = ScoreRequest([{"role": "user", "content": prompt}], answer_prefix="The answer is (")
+            try:
+                probs = (await self.engine.score(self.config.judge_role, request)).probs
+            except NoChoiceFound:
+                return  # an abstention: this principle says nothing
+            violation = probs["A"] if direction == "input" else 1.0 - probs["A"]
+            scores[index] = PrincipleScore(chosen[index].name, violation, "judge")
+
+        error: str | None = None
+        with anyio.move_on_after(self.config.judge_timeout_s) as scope:
+            try:
+                async with anyio.create_task_group() as tg:
+                    for index in range(len(chosen)):
+                        tg.start_soon(one, index)
+            except* CaiError as group:
+                error = "; ".join(dict.fromkeys(f"{type(e).__name__}: {e}" for e in group.exceptions))
+        if scope.cancelled_caught:
+            error = f"the judge did not answer within {self.config.judge_timeout_s:g}s"
+        usable = [s for s in scores if s is not None]
+        if error is not None:
+            failed = "fail-open" if policy.fail == "open" else "fail-closed"
+            return Verdict("allow" if policy.fail == "open" else "block", direction, failed, scores=usable,
+                           judge_calls=len(chosen), error=error)
+        violated = sorted((s for s in usable if s.score >= policy.threshold), key=lambda s: -s.score)
+        return Verdict("allow", direction, "judge", violated=violated, scores=usable, judge_calls=len(chosen))
+
+    async def _revise(self, messages: Sequence[dict[str, Any]], answer: str, verdict: Verdict) -> str:
+        """Constitutional AI at inference time: critique → revision of the answer under the violated principles
+        that the constitution has (else its first principle by priority)."""
+        from cai_async.stages.sl import ChainRunner, SLConfig
+
+        runner = ChainRunner(self.engine, SLConfig(
+            constitution=self.config.constitution, critic_role=self.config.judge_role,
+            revision_role=self.config.judge_role, critique_max_tokens=self.config.revise_max_tokens,
+            revision_max_tokens=self.config.revise_max_tokens), self.constitution, "guard")
+        names = {p.name for p in self.constitution.principles}
+        principles = [self.constitution.principle(p.name) for p in verdict.violated if p.name in names] or [
+            min(self.constitution.principles, key=lambda p: p.priority)]
+        current = answer
+        record: dict[str, Any] = {"rounds": []}  # the steps' details stay out of the verdict
+        for number, principle in enumerate(principles, start=1):
+            revised = await runner.revise_step(number, principle, [dict(m) for m in messages], current, record, [])
+            current = revised if revised is not None else current
+        return current
