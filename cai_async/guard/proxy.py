@@ -164,6 +164,8 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
             if answer.status != 200:
                 return web.Response(body=await answer.read(), status=answer.status,
                                     content_type=answer.content_type or "application/json")
+            if not config.output.enabled and flagged_input is None:  # nothing to check: relay the bytes
+                return await _relay_bytes(request, answer)
             if stream and answer.content_type == "text/event-stream":
                 return await _relay_stream(request, guard, config, messages, answer, flagged_input)
             payload = await answer.json(content_type=None)
@@ -216,6 +218,17 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/moderations", moderations)
     return app
+
+
+async def _relay_bytes(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+    """The upstream's answer as it comes, chunk by chunk (a stream stays a stream)."""
+    response = web.StreamResponse(status=answer.status, headers={
+        "Content-Type": answer.headers.get("Content-Type", "application/json")})
+    await response.prepare(request)
+    async for data in answer.content.iter_any():
+        await response.write(data)
+    await response.write_eof()
+    return response
 
 
 async def _stream_text(request: web.Request, body: dict[str, Any], text: str, finish: str,
