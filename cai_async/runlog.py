@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 
 __all__ = ["LOG_NAME", "OUR_LOGGERS", "attach_run_log", "quiet_console"]
@@ -57,7 +56,6 @@ def quiet_console(*, verbose: bool) -> None:
     console._cai_console = True  # type: ignore[attr-defined]
     root.addHandler(console)
     logging.captureWarnings(True)
-    warnings.simplefilter("default")
     for noisy in ("urllib3", "filelock", "fsspec", "asyncio", "matplotlib", "PIL", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
