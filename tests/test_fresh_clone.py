@@ -60,8 +60,8 @@ def test_the_quickstart_evaluation_runs_in_a_fresh_clone(clone: Path) -> None:
 
 
 def test_label_quality_runs_in_a_fresh_clone(clone: Path) -> None:
-    out = _cai(clone, "label-quality", "--limit", "4", "--backend", "llamacpp", "--model", "embedded",
-               "--run-dir", "runs/lq", "--progress", "off")
+    out = _cai(clone, "label-quality", "--limit", "4", "--ensemble", "1", "--backend", "llamacpp", "--model",
+               "embedded", "--run-dir", "runs/lq", "--progress", "off")
     assert out.returncode == 0, out.stderr[-3000:]
     folder = clone / "runs" / "lq" / "label_quality"
     report = json.loads((folder / "report.json").read_text())
