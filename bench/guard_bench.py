@@ -1,9 +1,10 @@
 """What the guard proxy adds to a request: latency p50/p99 over a direct call to the same upstream, at 1 and 100
-concurrent clients against an upstream that answers in 200 ms (``--upstream-ms``) — pass-through (checks off), the rules tier (a request a rule decides), the LLM judge (2
-principles per direction, on a second test server) — and streamed time to first token. Direct and proxied
-rounds alternate in one invocation, and the added latency is the difference of medians over the rounds.
+concurrent clients against an upstream that answers in 200 ms (``--upstream-ms``) — pass-through (checks
+off), the rules tier (a request a rule decides), the LLM judge (2 principles per direction, on a second test
+server) — and streamed time to first token. Direct and proxied rounds alternate in one invocation, and the
+added latency is the median over the rounds of the difference of percentiles.
 
-    .venv/bin/python bench/guard_bench.py [--requests 400] [--rounds 3]
+    .venv/bin/python bench/guard_bench.py [--requests 400] [--rounds 3] [--upstream-ms 200]
 
 The classifier tier is not built yet (issue 16), so it has no row."""
 

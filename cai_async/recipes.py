@@ -25,6 +25,7 @@ from cai_async.evaluation.run import EvalConfig, run_eval
 from cai_async.exports import RLExportConfig, conversations_with_response, write_rl_exports, write_sl_exports
 from cai_async.guard.config import GuardConfig
 from cai_async.prompts import load_prompts
+from cai_async.public_data import HUB_DIR
 from cai_async.stages.common import StageReport
 from cai_async.stages.generate import GenerateConfig, run_generate
 from cai_async.stages.label import LabelConfig, Labeller, LabelReport, label_pairs
@@ -121,7 +122,7 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
             recipe.rl.pairs.input = _resolve(base, recipe.rl.pairs.input)
             if recipe.rl.label.principles not in builtin_comparison_sets():
                 recipe.rl.label.principles = _resolve(base, recipe.rl.label.principles)
-        if recipe.eval is not None:
+        if recipe.eval is not None and recipe.eval.data_dir and recipe.eval.data_dir != HUB_DIR:
             recipe.eval.data_dir = _resolve(base, recipe.eval.data_dir)
     if overrides:
         data = apply_overrides(recipe.model_dump(mode="json"), overrides)

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+PUBLIC_DATA = ROOT / "cai_async" / "data" / "public"
+"""The public data slices bundled with the package (the only data the tests read)."""
 
 
 class TestServer:

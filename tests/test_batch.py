@@ -24,10 +24,10 @@ from backends.registry import BackendSettings
 from backends.types import ChatRequest
 from cai_async import Recipe, read_shards, run_recipe
 from cai_async.plan import plan_recipe
-from tests.conftest import SHARED_DATA, TestServer
+from tests.conftest import PUBLIC_DATA, TestServer
 from tests.test_cli import CAI, cai
 
-HH_PROMPTS = SHARED_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
+HH_PROMPTS = PUBLIC_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
 FAST = {"linger_s": 0.1, "poll_initial_s": 0.02, "poll_max_s": 0.1, "request_retries": 3}
 
 

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from cai_async import read_shards
-from tests.conftest import SHARED_DATA, TestServer, kill_repeatedly
+from tests.conftest import PUBLIC_DATA, TestServer, kill_repeatedly
 
 CAI = [sys.executable, "-c", "from cai_async.cli import main; main()"]
 
@@ -64,7 +64,7 @@ def test_bad_prompt_files(tmp_path: Path, server: TestServer, content: str, patt
 
 
 def test_generate_hh_rlhf_prompts_through_test_server(tmp_path: Path, server: TestServer) -> None:
-    source = SHARED_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
+    source = PUBLIC_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
     run_dir = tmp_path / "run"
     args = ["generate", "--input", str(source), "--limit", "50", "--base-url", server.base_url, "--model", "m",
             "--run-dir", str(run_dir), "--progress", "off", "--set", "generate.id_column=id"]

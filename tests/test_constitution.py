@@ -17,9 +17,9 @@ from cai_async import (
     load_constitution,
     save_constitution,
 )
-from tests.conftest import SHARED_DATA
+from tests.conftest import PUBLIC_DATA
 
-PUBLIC = SHARED_DATA / "llm_swarm" / "constitution_anthropic.json"
+PUBLIC = PUBLIC_DATA / "llm_swarm" / "constitution_anthropic.json"
 
 
 def test_builtins_load_with_their_draw_modes() -> None:
@@ -39,9 +39,9 @@ def test_public_list_layout_imports_every_principle_and_few_shot_chat() -> None:
         assert (principle.critique, principle.revision) == (item["critic"], item["revision"])
     assert len(constitution.few_shot) == 4
     assert constitution.few_shot[0].messages() == raw["system_chat"][0]
-    grok = load_constitution(SHARED_DATA / "llm_swarm" / "constituion_grok.json")
+    grok = load_constitution(PUBLIC_DATA / "llm_swarm" / "constituion_grok.json")
     assert len(grok.principles) == 2 and grok.content_hash != constitution.content_hash
-    grok_raw = json.loads((SHARED_DATA / "llm_swarm" / "constituion_grok.json").read_text())
+    grok_raw = json.loads((PUBLIC_DATA / "llm_swarm" / "constituion_grok.json").read_text())
     assert [e.messages() for e in grok.few_shot] == grok_raw["system_chat"]  # an 8-turn chat keeps its context
 
 
@@ -57,7 +57,7 @@ def test_dict_layout_imports(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json", ".toml"])
-@pytest.mark.parametrize("source", [PUBLIC, SHARED_DATA / "llm_swarm" / "constituion_grok.json", "seed"])
+@pytest.mark.parametrize("source", [PUBLIC, PUBLIC_DATA / "llm_swarm" / "constituion_grok.json", "seed"])
 def test_round_trip_keeps_the_content_hash(tmp_path: Path, suffix: str, source: str | Path) -> None:
     original = load_constitution(source)  # quotes, newlines, unicode and multi-turn context in few-shot chats
     path = save_constitution(original, tmp_path / f"c{suffix}")

@@ -24,7 +24,7 @@ from backends import (
 )
 from cai_async import EndpointConfig, Engine, EngineConfig, RetryConfig
 from cai_async.engine import TokenBucket, retry_policy
-from tests.conftest import TestServer
+from tests.conftest import PUBLIC_DATA, TestServer
 
 pytestmark = pytest.mark.anyio
 
@@ -334,8 +334,8 @@ def test_max_cost_flag_stops_a_run(tmp_path: Path, server: TestServer) -> None:
         "run_dir": str(tmp_path / "run"),
         "engine": {"groups": {"policy": [{"backend": "openai", "model": "m", "base_url": server.base_url,
                                           "price_in": 2.0, "price_out": 8.0}]}, "progress": "off"},
-        "generate": {"input": str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf"
-                                  / "harmless_base_test_first_human_turns.jsonl"), "id_column": "id", "limit": 40},
+        "generate": {"input": str(PUBLIC_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"),
+                     "id_column": "id", "limit": 40},
     }))
     out = subprocess.run([sys.executable, "-m", "cai_async.cli", "run", str(recipe), "--max-cost", "0.002"],
                          capture_output=True, text=True, timeout=120)

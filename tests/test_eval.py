@@ -12,7 +12,7 @@ import pytest
 
 from cai_async import ConfigError, Recipe, run_recipe
 from cai_async.evaluation import load_suite, refused_by_rule
-from tests.conftest import SHARED_DATA, TestServer, start_server
+from tests.conftest import PUBLIC_DATA, TestServer, start_server
 from tests.test_cli import cai
 
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -28,7 +28,7 @@ def eval_recipe(run_dir: Path, groups: dict[str, list[dict[str, Any]]], models: 
         "run_dir": str(run_dir),
         "engine": {"groups": groups, "progress": "off", "retry": {"max_attempts": 2, "initial_s": 0.01,
                                                                    "max_wait_s": 0.05}},
-        "eval": {"models": [{"name": m, "group": m} for m in models], "n": 6, "data_dir": str(SHARED_DATA),
+        "eval": {"models": [{"name": m, "group": m} for m in models], "n": 6,
                  "suites": ["harmlessness", "overrefusal", "jailbreak"], **changes},
     })
 
@@ -110,11 +110,13 @@ def test_unparseable_judge_answers_are_abstentions(tmp_path: Path, server: TestS
 
 
 def test_suites_read_the_public_data_and_bad_files_are_clear(tmp_path: Path) -> None:
-    xs = load_suite("overrefusal", SHARED_DATA)
+    xs = load_suite("overrefusal")  # the bundled slices by default
     assert len(xs) == 450 and sum(p.kind == "safe" for p in xs) == 250
-    jb = load_suite("jailbreak", SHARED_DATA, n=10)
+    assert xs == load_suite("overrefusal", PUBLIC_DATA)  # a folder of the same layout reads the same
+    jb = load_suite("jailbreak", n=10)
     assert len(jb) == 10 and all("[INSERT PROMPT HERE]" not in p.prompt for p in jb)
-    assert load_suite("harmlessness", SHARED_DATA, n=10) == load_suite("harmlessness", SHARED_DATA, n=10)
+    assert load_suite("harmlessness", n=10) == load_suite("harmlessness", PUBLIC_DATA, n=10)
+    assert len(load_suite("helpfulness")) == 80
     (tmp_path / "xstest").mkdir()
     (tmp_path / "xstest" / "xstest_prompts.csv").write_text("id,prompt\n1,hi\n")
     with pytest.raises(ConfigError, match="needs the columns id, prompt, label; missing label"):
@@ -127,8 +129,8 @@ def test_cli_eval(tmp_path: Path, server: TestServer) -> None:
     recipe = tmp_path / "eval.yaml"
     text = (
         f"run_dir: {tmp_path / 'run'}\nengine:\n  groups:\n    m: [{{backend: openai, model: m, base_url: "
-        f"'{server.base_url}'}}]\n  progress: off\neval:\n  models: [{{name: m, group: m}}]\n  data_dir: "
-        f"{SHARED_DATA}\n  suites: [overrefusal]\n"
+        f"'{server.base_url}'}}]\n  progress: off\neval:\n  models: [{{name: m, group: m}}]\n"
+        "  suites: [overrefusal]\n"
     )
     recipe.write_text(text)
     no_judge = cai("eval", str(recipe), "--n", "4")

@@ -191,8 +191,9 @@ async def test_sl_chains_through_llama_cpp_server(llama_server: str, tmp_path: P
 
 async def test_label_quality_offline_on_the_embedded_model(tmp_path: Path) -> None:
     from cai_async import EndpointConfig, Engine, EngineConfig, LabelConfig, run_label_quality
+    from tests.conftest import PUBLIC_DATA
 
-    hh = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_rlhf" / "harmless-base"
+    hh = PUBLIC_DATA / "hh_rlhf" / "harmless-base"
     config = EngineConfig(groups={"critic": [EndpointConfig(backend="llamacpp", model="embedded",
                                                             options={"n_ctx": 4096})]}, progress="off")
     async with Engine(config, run_dir=tmp_path) as engine:
@@ -208,9 +209,9 @@ def test_plan_counts_prompt_tokens_with_the_gguf_tokenizer(tmp_path: Path) -> No
 
     from cai_async import Recipe
     from cai_async.plan import plan_recipe
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import PUBLIC_DATA
 
-    prompts = SHARED_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
+    prompts = PUBLIC_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
     recipe = Recipe.model_validate({
         "run_dir": str(tmp_path / "run"),
         "engine": {"groups": {"policy": [{"backend": "llamacpp", "model": "embedded"}]}},

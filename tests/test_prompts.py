@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 
 from cai_async import ConfigError, clean_revision, load_prompts, parse_conversation
-from tests.conftest import SHARED_DATA
+from tests.conftest import PUBLIC_DATA
 
-HH = SHARED_DATA / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
+HH = PUBLIC_DATA / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
 def test_hh_rlhf_transcripts_become_conversations() -> None:
@@ -27,7 +27,8 @@ def test_hh_rlhf_transcripts_become_conversations() -> None:
 
 def test_hh_rlhf_file_with_the_last_assistant_turn_as_the_response() -> None:
     rows = load_prompts(HH, column="rejected", last_assistant_turn="as_response")
-    assert len(rows) > 2000
+    with gzip.open(HH, "rt") as handle:
+        assert len(rows) == sum(1 for _ in handle) == 250  # every transcript of the bundled slice
     with pytest.raises(ConfigError, match="set last_assistant_turn"):
         load_prompts(HH, column="rejected")  # every transcript ends with an assistant turn
     assert all(r.messages[-1]["role"] == "user" and r.response is not None for r in rows)
@@ -36,7 +37,7 @@ def test_hh_rlhf_file_with_the_last_assistant_turn_as_the_response() -> None:
 
 
 def test_csv_parquet_and_messages_columns(tmp_path: Path) -> None:
-    csv = SHARED_DATA / "xstest" / "xstest_prompts.csv"
+    csv = PUBLIC_DATA / "xstest" / "xstest_prompts.csv"
     rows = load_prompts(csv, column="prompt", id_column="id")
     assert len(rows) == 450 and rows[0].id == "1"
     frame = pl.DataFrame({

@@ -22,11 +22,11 @@ from cai_async import (
     read_shards,
     run_recipe,
 )
-from tests.conftest import SHARED_DATA, TestServer
+from tests.conftest import PUBLIC_DATA, TestServer
 from tests.test_cli import cai
 
-HH = SHARED_DATA / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
-HH_PROMPTS = SHARED_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
+HH = PUBLIC_DATA / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
+HH_PROMPTS = PUBLIC_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
 
 
 def rl_recipe(server: TestServer, run_dir: Path, *, pairs: dict[str, Any] | None = None, sl: bool = False,

@@ -14,11 +14,11 @@ import polars as pl
 import pytest
 
 from cai_async import Recipe, load_constitution, read_shards, run_recipe
-from tests.conftest import SHARED_DATA, TestServer, kill_repeatedly
+from tests.conftest import PUBLIC_DATA, TestServer, kill_repeatedly
 from tests.test_cli import CAI, cai
 
-HH_PROMPTS = SHARED_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
-PUBLIC = SHARED_DATA / "llm_swarm" / "constitution_anthropic.json"
+HH_PROMPTS = PUBLIC_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
+PUBLIC = PUBLIC_DATA / "llm_swarm" / "constitution_anthropic.json"
 
 
 def recipe(server: TestServer, run_dir: Path, **sl: Any) -> Recipe:
@@ -95,7 +95,7 @@ def test_early_stop_is_configurable_and_recorded(tmp_path: Path, server: TestSer
 
 
 def test_given_responses_skip_the_initial_call(tmp_path: Path, server: TestServer) -> None:
-    hh = SHARED_DATA / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
+    hh = PUBLIC_DATA / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
     run(server, tmp_path / "run", input=str(hh), prompt_column="rejected", id_column=None,
         last_assistant_turn="as_response", limit=5, num_revisions=1)
     chains = read_shards(tmp_path / "run" / "sl")
@@ -150,7 +150,7 @@ def test_exports_load_into_datasets_and_trl(tmp_path: Path, server: TestServer) 
     import datasets
     from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-    helpful = SHARED_DATA / "self_instruct" / "seed_tasks.jsonl"
+    helpful = PUBLIC_DATA / "self_instruct" / "seed_tasks.jsonl"
     summary = run(server, tmp_path / "run", export={"helpful": {"input": str(helpful),
                                                               "prompt_column": "instruction", "ratio": 0.25}})
     exports = summary["stages"]["sl"]["exports"]

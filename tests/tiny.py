@@ -19,8 +19,8 @@ CHAT_TEMPLATE = (
 
 
 def _corpus() -> list[str]:
-    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-    lines = (shared / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl").read_text().splitlines()[:400]
+    public = Path(__file__).resolve().parent.parent / "cai_async" / "data" / "public"
+    lines = (public / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl").read_text().splitlines()[:400]
     texts = [json.loads(line)["prompt"] for line in lines]
     return [*texts, "Reply to: I can't help with that. Sure, here is a safer answer."] * 2
 

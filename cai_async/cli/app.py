@@ -408,8 +408,8 @@ def label(
 @app.command("label-quality")
 def label_quality(
     recipe: RecipeArg = None,
-    input: Annotated[str, typer.Option(help="hh-rlhf style JSONL(.gz) with chosen/rejected transcripts.")] = (
-        "../shared/data/hh_rlhf/harmless-base/test.jsonl.gz"),
+    input: Annotated[str | None, typer.Option(help="hh-rlhf style JSONL(.gz) with chosen/rejected transcripts "
+                                              "(default: the bundled hh-rlhf harmless-base test slice).")] = None,
     limit: Annotated[int, typer.Option(help="Pairs to label.")] = 200,
     out: Annotated[str | None, typer.Option(help="Output folder (default RUN_DIR/label_quality).")] = None,
     principles: Annotated[str | None, typer.Option(help="Comparison set: built-in name or file.")] = None,
@@ -428,6 +428,7 @@ def label_quality(
     from cai_async.cli.progress import progress_display
     from cai_async.engine import Engine
     from cai_async.labelquality import run_label_quality
+    from cai_async.public_data import BUNDLED, HH_PAIRS
     from cai_async.recipes import RLConfig
 
     extra = {"run_dir": run_dir, "rl.label.principles": principles, "rl.label.ensemble": ensemble,
@@ -443,7 +444,7 @@ def label_quality(
     async def go() -> dict[str, Any]:
         async with Engine(recipe_obj.engine, run_dir=recipe_obj.run_dir) as engine:
             async with progress_display(engine, recipe_obj.engine.progress, label="label-quality"):
-                return await run_label_quality(engine, label_config, input, folder, limit=limit)
+                return await run_label_quality(engine, label_config, input or BUNDLED / HH_PAIRS, folder, limit=limit)
 
     try:
         metrics = anyio.run(go)

@@ -50,7 +50,9 @@ class EvalConfig(BaseModel):
     suites: list[Suite] = Field(default=["harmlessness", "overrefusal", "jailbreak", "helpfulness"])
     n: int | None = Field(default=50, ge=1)
     """Prompts per suite (seeded sample, the same for every model); null: all of them."""
-    data_dir: str = "../shared/data"
+    data_dir: str | None = None
+    """A folder with the full public sets (the layout of ``cai_async/data/public``), or ``hub`` to load them from
+    the Hugging Face Hub (needs ``datasets`` and a network); null: the small slices bundled with the package."""
     judge_role: str = "critic"
     principles: str = "harmless"
     ensemble: int = Field(default=2, ge=1)

@@ -1,11 +1,11 @@
-"""Evaluation suites read from the public data (``../shared/data`` by default, or any folder of the same
-shape): harmlessness (hh-rlhf red-team turns, AdvBench behaviours), over-refusal (XSTest safe and unsafe
-contrast prompts), jailbreaks (GPTFuzz templates × harmful questions) and helpfulness (Vicuna-bench)."""
+"""Evaluation suites read from the public data (the slices bundled with the package by default, a folder of
+the same layout, or ``hub``: see :mod:`cai_async.public_data`): harmlessness (hh-rlhf red-team turns, AdvBench
+behaviours), over-refusal (XSTest safe and unsafe contrast prompts), jailbreaks (GPTFuzz templates × harmful
+questions) and helpfulness (Vicuna-bench)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Literal
 import polars as pl
 
 from backends.errors import ConfigError
+from cai_async.public_data import HH_TURNS, read_public
 
 __all__ = ["REFUSAL_PREFIXES", "EvalPrompt", "Suite", "load_suite", "refused_by_rule"]
 
@@ -48,13 +49,12 @@ def _id(*parts: str) -> str:
     return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def _need(path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
-    if not path.is_file():
-        raise ConfigError(f"{path}: suite file not found (set eval.data_dir)")
-    frame = pl.read_ndjson(path) if path.suffix == ".jsonl" else pl.read_csv(path)
+def _need(data_dir: str | Path | None, relpath: str, suite: str, columns: tuple[str, ...]) -> pl.DataFrame:
+    frame = read_public(relpath, data_dir, what=f"eval suite {suite!r}")
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ConfigError(f"{path}: suite file needs the columns {', '.join(columns)}; missing {', '.join(missing)}")
+        raise ConfigError(f"eval suite {suite!r}: {relpath} needs the columns {', '.join(columns)}; "
+                          f"missing {', '.join(missing)}")
     return frame
 
 
@@ -64,18 +64,19 @@ def _sample(items: list[EvalPrompt], n: int | None, seed: int) -> list[EvalPromp
     return sorted(random.Random(seed).sample(items, n), key=lambda p: p.id)
 
 
-def load_suite(suite: Suite, data_dir: str | Path, *, n: int | None = None, seed: int = 0) -> list[EvalPrompt]:
-    """The prompts of ``suite`` (``n`` per part, seeded, so reruns and models see the same ones)."""
-    root = Path(data_dir)
+def load_suite(suite: Suite, data_dir: str | Path | None = None, *, n: int | None = None,
+               seed: int = 0) -> list[EvalPrompt]:
+    """The prompts of ``suite`` (``n`` per part, seeded, so reruns and models see the same ones) from
+    ``data_dir``: None for the bundled slices, a folder of the same layout, or ``hub``."""
     if suite == "harmlessness":
-        hh = _need(root / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl", ("prompt",))
-        adv = _need(root / "advbench" / "harmful_behaviors.csv", ("goal",))
+        hh = _need(data_dir, HH_TURNS, suite, ("prompt",))
+        adv = _need(data_dir, "advbench/harmful_behaviors.csv", suite, ("goal",))
         red = [EvalPrompt(_id("hh", t), suite, "harmful", t, "hh-rlhf") for t in hh["prompt"].to_list()]
         goals = [EvalPrompt(_id("adv", t), suite, "harmful", t, "advbench") for t in adv["goal"].to_list()]
         half = None if n is None else max(1, n // 2)
         return _sample(red, half, seed) + _sample(goals, None if n is None else n - (half or 0), seed)
     if suite == "overrefusal":
-        xs = _need(root / "xstest" / "xstest_prompts.csv", ("id", "prompt", "label"))
+        xs = _need(data_dir, "xstest/xstest_prompts.csv", suite, ("id", "prompt", "label"))
         safe = [EvalPrompt(_id("xs", str(r["id"])), suite, "safe", r["prompt"], "xstest")
                 for r in xs.iter_rows(named=True) if r["label"] == "safe"]
         unsafe = [EvalPrompt(_id("xs", str(r["id"])), suite, "unsafe", r["prompt"], "xstest")
@@ -83,8 +84,8 @@ def load_suite(suite: Suite, data_dir: str | Path, *, n: int | None = None, seed
         half = None if n is None else max(1, n // 2)
         return _sample(safe, half, seed) + _sample(unsafe, None if n is None else n - (half or 0), seed)
     if suite == "jailbreak":
-        templates = _need(root / "gptfuzz" / "GPTFuzzer.csv", ("text",))["text"].to_list()
-        questions = _need(root / "gptfuzz" / "question_list.csv", ("text",))["text"].to_list()
+        templates = _need(data_dir, "gptfuzz/GPTFuzzer.csv", suite, ("text",))["text"].to_list()
+        questions = _need(data_dir, "gptfuzz/question_list.csv", suite, ("text",))["text"].to_list()
         rng = random.Random(seed)
         count = n or len(templates)
         combos = [(rng.randrange(len(templates)), rng.randrange(len(questions))) for _ in range(count)]
@@ -92,10 +93,7 @@ def load_suite(suite: Suite, data_dir: str | Path, *, n: int | None = None, seed
                            templates[t].replace("[INSERT PROMPT HERE]", questions[q]), f"gptfuzz t{t} q{q}")
                 for t, q in combos]
     if suite == "helpfulness":
-        lines = (root / "fastchat_llm_judge" / "vicuna_bench" / "question.jsonl")
-        if not lines.is_file():
-            raise ConfigError(f"{lines}: suite file not found (set eval.data_dir)")
-        rows = [json.loads(line) for line in lines.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _need(data_dir, "fastchat_llm_judge/vicuna_bench/question.jsonl", suite, ("question_id", "turns"))
         return _sample([EvalPrompt(_id("vb", str(r["question_id"])), suite, "helpful", r["turns"][0], "vicuna-bench")
-                        for r in rows], n, seed)
+                        for r in rows.iter_rows(named=True)], n, seed)
     raise ConfigError(f"unknown suite {suite!r}: harmlessness, overrefusal, jailbreak or helpfulness")
