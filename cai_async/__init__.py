@@ -73,6 +73,13 @@ if TYPE_CHECKING:
         write_rl_exports,
         write_sl_exports,
     )
+    from cai_async.judging import (
+        CotConfig,
+        combine_orders,
+        multiple_choice_prompt,
+        parse_choice,
+        single_response_prompt,
+    )
     from cai_async.labelquality import expected_calibration_error, human_pairs, quality_metrics, run_label_quality
     from cai_async.prompts import PromptRow, load_prompts, parse_conversation
     from cai_async.recipes import Recipe, RLConfig, load_recipe, run_eval_stage, run_recipe, run_rl_stage, run_sl_stage
@@ -88,18 +95,7 @@ if TYPE_CHECKING:
         run_sl,
     )
     from cai_async.stages.common import StageReport
-    from cai_async.stages.label import (
-        LABEL_SCHEMA,
-        CotConfig,
-        LabelConfig,
-        Labeller,
-        LabelReport,
-        combine_orders,
-        multiple_choice_prompt,
-        parse_choice,
-        run_label,
-        single_response_prompt,
-    )
+    from cai_async.stages.label import LABEL_SCHEMA, LabelConfig, Labeller, LabelReport, run_label
     from cai_async.stages.pairs import PAIR_SCHEMA, PairRow, PairsConfig, PairsReport, load_pairs, run_pairs
     from cai_async.store import ShardWriter, read_shards, write_parquet_atomic
     from cai_async.train.config import TrainConfig
@@ -119,7 +115,7 @@ _LAZY: dict[str, str] = {
     "run_training": "cai_async.train.run",
     "run_eval_stage": "cai_async.recipes",
     "StageReport": "cai_async.stages.common",
-    "single_response_prompt": "cai_async.stages.label",
+    "single_response_prompt": "cai_async.judging",
     "Backend": "backends",
     "AuthenticationFailed": "backends",
     "BackendError": "backends",
@@ -135,7 +131,7 @@ _LAZY: dict[str, str] = {
     "ComparisonSet": "cai_async.constitution",
     "ConfigError": "backends",
     "Constitution": "cai_async.constitution",
-    "CotConfig": "cai_async.stages.label",
+    "CotConfig": "cai_async.judging",
     "DrawMode": "cai_async.constitution",
     "EarlyStopConfig": "cai_async.stages",
     "EndpointConfig": "cai_async.engine",
@@ -176,7 +172,7 @@ _LAZY: dict[str, str] = {
     "builtin_constitutions": "cai_async.constitution_io",
     "chain_text": "cai_async.runinfo",
     "clean_revision": "cai_async.stages",
-    "combine_orders": "cai_async.stages.label",
+    "combine_orders": "cai_async.judging",
     "constitution_from_mapping": "cai_async.constitution_io",
     "create_backend": "backends",
     "describe_run": "cai_async.runinfo",
@@ -191,9 +187,9 @@ _LAZY: dict[str, str] = {
     "load_prompts": "cai_async.prompts",
     "load_recipe": "cai_async.recipes",
     "mix_helpful": "cai_async.exports",
-    "multiple_choice_prompt": "cai_async.stages.label",
+    "multiple_choice_prompt": "cai_async.judging",
     "pairs_frame": "cai_async.exports",
-    "parse_choice": "cai_async.stages.label",
+    "parse_choice": "cai_async.judging",
     "parse_conversation": "cai_async.prompts",
     "quality_metrics": "cai_async.labelquality",
     "read_mapping": "cai_async.configio",
