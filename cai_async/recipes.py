@@ -31,7 +31,7 @@ from cai_async.stages.sl import SLConfig, SLReport, run_sl
 from cai_async.store import read_shards
 from cai_async.train.config import TrainConfig
 
-__all__ = ["RLConfig", "Recipe", "load_recipe", "run_recipe", "run_rl_stage", "run_sl_stage"]
+__all__ = ["RLConfig", "Recipe", "load_recipe", "run_eval_stage", "run_recipe", "run_rl_stage", "run_sl_stage"]
 
 
 class RLConfig(BaseModel):
