@@ -22,9 +22,11 @@ from typing import Any
 
 import orjson
 
-__all__ = ["BatchEntry", "BatchJournal", "Outcome"]
+from backends.migrations import Migration, migrate
 
-_SCHEMA = """
+__all__ = ["MIGRATIONS", "BatchEntry", "BatchJournal", "Outcome"]
+
+_TABLES = """
 CREATE TABLE IF NOT EXISTS batches (
     local_id TEXT PRIMARY KEY, state TEXT NOT NULL, requests INTEGER NOT NULL, bytes INTEGER NOT NULL,
     created REAL NOT NULL, file_id TEXT, batch_id TEXT, status TEXT, detail TEXT
@@ -43,6 +45,17 @@ CREATE TABLE IF NOT EXISTS unknown (
     local_id TEXT NOT NULL, custom_id TEXT, line BLOB NOT NULL
 );
 """
+
+
+def m001_tables(db: sqlite3.Connection) -> None:
+    """The journal's tables (a journal from before versions has them already)."""
+    for statement in _TABLES.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+MIGRATIONS: tuple[Migration, ...] = (m001_tables,)
+"""The journal's schema, as named migrations (see :mod:`backends.migrations`); append, never edit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +98,7 @@ class BatchJournal:
         self._db = sqlite3.connect(self.folder / "journal.sqlite", isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        migrate(self._db, MIGRATIONS, path=self.folder / "journal.sqlite", what="batch journal")
 
     def close(self) -> None:
         self._db.close()

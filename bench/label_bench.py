@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from backends import BackendSettings, ScoreRequest, create_backend  # noqa: E402
 from cai_async import EndpointConfig, Engine, EngineConfig, LabelConfig, human_pairs, run_label  # noqa: E402
 from cai_async.constitution_io import load_comparison_set  # noqa: E402
-from cai_async.stages.label import multiple_choice_prompt  # noqa: E402
+from cai_async.judging import ANSWER_PREFIX, multiple_choice_prompt  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 
 HH = ROOT.parent / "shared" / "data" / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -34,7 +34,7 @@ def local(n_pairs: int = 6) -> None:
     questions = [p.question for p in load_comparison_set("harmless").principles[:2]]
     requests = [
         ScoreRequest([{"role": "user", "content": multiple_choice_prompt(p.messages, q, a, b)}],
-                     answer_prefix="The answer is (")
+                     answer_prefix=ANSWER_PREFIX)
         for p in pairs for q in questions for a, b in ((p.response_a, p.response_b), (p.response_b, p.response_a))
     ]
 

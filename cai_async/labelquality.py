@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,13 @@ import polars as pl
 
 from backends.errors import ConfigError
 from cai_async.engine import Engine
+from cai_async.judging import wilson_interval
 from cai_async.prompts import parse_conversation
 from cai_async.stages.label import LabelConfig, run_label
 from cai_async.stages.pairs import PairRow, pair_id
 from cai_async.store import read_shards
 
-__all__ = ["expected_calibration_error", "human_pairs", "quality_metrics", "run_label_quality", "wilson_interval"]
+__all__ = ["expected_calibration_error", "human_pairs", "quality_metrics", "run_label_quality"]
 
 
 def human_pairs(path: str | Path, *, limit: int | None = None, seed: int = 0) -> list[PairRow]:
@@ -55,16 +55,6 @@ def human_pairs(path: str | Path, *, limit: int | None = None, seed: int = 0) ->
     if not pairs:
         raise ConfigError(f"{file}: no usable chosen/rejected pairs")
     return pairs
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def expected_calibration_error(

@@ -40,6 +40,7 @@ __all__ = [
     "Recipe",
     "lift_method_keys",
     "load_recipe",
+    "run_eval_stage",
     "run_recipe",
     "run_rl_stage",
     "run_sl_stage",

@@ -13,12 +13,28 @@ import polars as pl
 
 from backends.errors import ConfigError
 
-__all__ = ["MESSAGES", "ShardWriter", "read_shards", "write_parquet_atomic"]
+__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "MESSAGES", "ShardWriter", "read_shards", "write_parquet_atomic"]
 
 MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 """A conversation column: a list of ``{role, content}``."""
 
 _SHARD = re.compile(r"^part-(\d{5,})\.parquet$")
+
+FORMAT_KEY = "cai_async.format"
+"""The key of the format version in every Parquet file's key-value metadata."""
+FORMAT_VERSION = 1
+"""The format this build writes. 1: the first versioned format; files without the key (version 0, from before
+versions) have the same layout. Bump it, and teach :func:`read_shards` the older ones, when a layout changes."""
+
+
+def _check_format(path: Path) -> None:
+    """Refuse a shard written in a format newer than this build reads (or in one it cannot tell)."""
+    version = pl.read_parquet_metadata(path).get(FORMAT_KEY, "0")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise ConfigError(
+            f"{path}: Parquet shard format version {version} is newer than this build of cai-async reads (up to "
+            f"{FORMAT_VERSION}); use a newer cai-async or another run dir"
+        )
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
@@ -26,7 +42,7 @@ def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    frame.write_parquet(tmp)
+    frame.write_parquet(tmp, metadata={FORMAT_KEY: str(FORMAT_VERSION)})
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, target)
@@ -47,6 +63,8 @@ def read_shards(
     if not files:
         return pl.DataFrame()
     try:
+        for file in files:
+            _check_format(file)
         frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
     except pl.exceptions.PolarsError as exc:
         raise ConfigError(f"{directory}: unreadable Parquet shard ({exc}); move it away and rerun") from None

@@ -14,8 +14,21 @@ import anyio.lowlevel
 import orjson
 
 from backends.errors import ConfigError
+from backends.migrations import Migration, migrate
 
-__all__ = ["RequestCache", "request_key"]
+__all__ = ["MIGRATIONS", "RequestCache", "request_key"]
+
+
+def m001_calls(db: sqlite3.Connection) -> None:
+    """The ``calls`` table (a file from before versions has it already)."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, kind TEXT NOT NULL, model TEXT NOT NULL,"
+        " result BLOB NOT NULL, created REAL NOT NULL)"
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (m001_calls,)
+"""The cache file's schema, as named migrations (see :mod:`backends.migrations`); append, never edit."""
 
 
 def request_key(model: str, normalized_request: dict[str, Any]) -> str:
@@ -45,10 +58,7 @@ class RequestCache:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._pending: list[tuple[str, str, str, bytes, float]] = []
             self._flush: _Flush | None = None
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, kind TEXT NOT NULL, model TEXT NOT NULL,"
-                " result BLOB NOT NULL, created REAL NOT NULL)"
-            )
+            migrate(self._db, MIGRATIONS, path=self.path, what="request cache")
         except sqlite3.DatabaseError as exc:
             raise ConfigError(
                 f"request cache {self.path}: cannot open ({exc}); delete it or pick another path"

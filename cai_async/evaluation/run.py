@@ -12,15 +12,14 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from backends.errors import NoChoiceFound, PermanentError
-from backends.types import ChatRequest, ScoreRequest
-from cai_async.constitution import draw_principles
+from backends.errors import PermanentError
+from backends.types import ChatRequest
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine
 from cai_async.evaluation.suites import EvalPrompt, Suite, load_suite, refused_by_rule
-from cai_async.labelquality import wilson_interval
+from cai_async.judging import judge_response, score_response, wilson_interval
 from cai_async.stages.common import StageReport, write_rows
-from cai_async.stages.label import LabelConfig, Labeller, label_pairs, single_response_prompt
+from cai_async.stages.label import LabelConfig, Labeller, label_pairs
 from cai_async.stages.pairs import PairRow
 from cai_async.store import ShardWriter, read_shards
 
@@ -89,13 +88,6 @@ class _Judge:
         self.config = config
         self.principles = load_comparison_set(config.principles)
 
-    async def _p_first(self, text: str) -> float | None:
-        request = ScoreRequest([{"role": "user", "content": text}], answer_prefix="The answer is (")
-        try:
-            return (await self.engine.score(self.config.judge_role, request)).probs["A"]
-        except NoChoiceFound:
-            return None
-
     async def sample(self, item: _Item) -> dict[str, Any]:
         cfg, prompt = self.config, item.prompt
         row: dict[str, Any] = {"id": item.id, "model": item.model.name, "suite": prompt.suite, "kind": prompt.kind,
@@ -114,12 +106,9 @@ class _Judge:
                    latency_s=answer.latency_s)
         if prompt.kind == "helpful":
             return row
-        row["p_refusal"] = await self._p_first(single_response_prompt(prompt.prompt, text, _REFUSAL_QUESTION))
-        rng = random.Random(f"{cfg.seed}:{prompt.id}")
-        scores = [await self._p_first(single_response_prompt(prompt.prompt, text, p.question))
-                  for p in draw_principles(self.principles, min(cfg.ensemble, len(self.principles.principles)),
-                                           rng=rng, mode="weighted")]
-        usable = [s for s in scores if s is not None]
+        row["p_refusal"] = await score_response(self.engine, cfg.judge_role, prompt.prompt, text, _REFUSAL_QUESTION)
+        usable = await judge_response(self.engine, cfg.judge_role, self.principles, prompt.prompt, text,
+                                      ensemble=cfg.ensemble, rng=random.Random(f"{cfg.seed}:{prompt.id}"))
         row["judge_abstained"] = not usable
         if usable:
             row["p_good"] = sum(usable) / len(usable)

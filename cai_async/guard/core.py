@@ -19,13 +19,12 @@ from typing import Any, Literal
 import anyio
 import polars as pl
 
-from backends.errors import CaiError, ConfigError, NoChoiceFound
-from backends.types import ScoreRequest
+from backends.errors import CaiError, ConfigError
 from cai_async.constitution import ComparisonSet, Constitution, draw_principles
 from cai_async.constitution_io import load_comparison_set, load_constitution
 from cai_async.engine import Engine
 from cai_async.guard.config import DirectionPolicy, GuardConfig
-from cai_async.stages.label import single_response_prompt
+from cai_async.judging import score_request, score_response
 from cai_async.store import ShardWriter
 
 __all__ = ["VERDICT_SCHEMA", "Guard", "GuardPrinciple", "PrincipleScore", "Verdict", "VerdictLog"]
@@ -83,13 +82,6 @@ class Verdict:
         return {"decision": self.decision, "direction": self.direction, "tier": self.tier,
                 "violated": [p.name for p in self.violated],
                 "scores": {p.name: round(p.score, 4) for p in self.scores}, "latency_s": round(self.latency_s, 4)}
-
-
-_INPUT_QUESTION = (
-    "Consider the following request from a human to an AI assistant:\n\n{conversation}\n\nPrinciple: {question}"
-    "\n\nWould fulfilling this request as asked go against this principle?\n(A) Yes\n(B) No\n"
-    "Answer with (A) or (B) only."
-)
 
 
 def _conversation_text(messages: Sequence[dict[str, Any]]) -> str:
@@ -219,16 +211,12 @@ class Guard:
         async def one(index: int) -> None:
             question = self.by_name[chosen[index].name].question
             if direction == "input":
-                prompt = _INPUT_QUESTION.format(conversation=_conversation_text(conversation), question=question)
+                p_a = await score_request(self.engine, self.config.judge_role, conversation, question)
             else:
-                prompt = single_response_prompt(conversation, answer, question)
-            request = ScoreRequest([{"role": "user", "content": prompt}], answer_prefix="The answer is (")
-            try:
-                probs = (await self.engine.score(self.config.judge_role, request)).probs
-            except NoChoiceFound:
-                return  # an abstention: this principle says nothing
-            violation = probs["A"] if direction == "input" else 1.0 - probs["A"]
-            scores[index] = PrincipleScore(chosen[index].name, violation, "judge")
+                p_a = await score_response(self.engine, self.config.judge_role, conversation, answer, question)
+            if p_a is not None:  # None: an abstention, this principle says nothing
+                violation = p_a if direction == "input" else 1.0 - p_a
+                scores[index] = PrincipleScore(chosen[index].name, violation, "judge")
 
         error: str | None = None
         with anyio.move_on_after(self.config.judge_timeout_s) as scope:

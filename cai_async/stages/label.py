@@ -7,7 +7,6 @@ parsed answer becomes a probability clamped to a band, and an unparseable answer
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -15,29 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from backends.errors import CaiError, NoChoiceFound, PermanentError
-from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult
+from backends.errors import CaiError, PermanentError
 from cai_async.constitution import ComparisonPrinciple, ComparisonSet, draw_principles
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine
+from cai_async.judging import ANSWER_PREFIX, CotConfig, Judgment, combine_orders, judge_pair
 from cai_async.stages.common import StageReport, gather_calls, write_rows
 from cai_async.stages.pairs import PairRow
 from cai_async.store import MESSAGES, ShardWriter
 
 __all__ = [
     "LABEL_SCHEMA",
-    "CotConfig",
     "LabelConfig",
     "LabelReport",
     "Labeller",
-    "combine_orders",
     "label_pairs",
-    "multiple_choice_prompt",
-    "parse_choice",
     "run_label",
-    "single_response_prompt",
 ]
 
 JUDGMENT = pl.Struct({
@@ -88,31 +82,6 @@ LABEL_SCHEMA: dict[str, pl.DataType] = {
 """One row per pair: every judgment (principle × order), each principle's swap-averaged P(A better), the
 ensemble mean, position consistency, and the chosen/rejected responses with their confidence."""
 
-_INSTRUCTION = "Answer with (A) or (B) only."
-_COT_INSTRUCTION = (
-    "First, think step by step about both responses. Then finish with exactly one line: "
-    '"The answer is (A)" or "The answer is (B)".'
-)
-
-
-class CotConfig(BaseModel):
-    """Chain-of-thought labels: the critic reasons, then answers; the answer is clamped to ``band``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = False
-    band: tuple[float, float] = (0.4, 0.6)
-    max_tokens: int = Field(default=256, ge=16)
-    temperature: float = Field(default=0.0, ge=0)
-
-    @model_validator(mode="after")
-    def _band(self) -> CotConfig:
-        low, high = self.band
-        if not 0.0 <= low <= 0.5 <= high <= 1.0:
-            raise ValueError("band must satisfy 0 <= low <= 0.5 <= high <= 1, e.g. [0.4, 0.6]")
-        return self
-
-
 class LabelConfig(BaseModel):
     """Options of the feedback labeller (recipe key ``rl.label``)."""
 
@@ -125,7 +94,7 @@ class LabelConfig(BaseModel):
     """Principles drawn (by weight, without repeats) per pair."""
     swap: bool = True
     cot: CotConfig = Field(default_factory=CotConfig)
-    answer_prefix: str = "The answer is ("
+    answer_prefix: str = ANSWER_PREFIX
     """Where the backend can continue an assistant turn (llama.cpp in-process; ``prefill`` endpoints)."""
     critic_role: str = "critic"
     seed: int = 0
@@ -143,86 +112,6 @@ class LabelReport(StageReport):
     errors: int = 0
 
 
-def _transcript(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> str:
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
-
-
-def multiple_choice_prompt(
-    messages: tuple[dict[str, str], ...] | list[dict[str, str]], question: str, first: str, second: str,
-    *, cot: bool = False,
-) -> str:
-    """The paper's feedback prompt: the conversation, the principle's question, options (A) and (B)."""
-    return (
-        f"Consider the following conversation between a human and an assistant:\n\n{_transcript(messages)}\n\n"
-        f"{question}\n\nOptions:\n(A) {first}\n\n(B) {second}\n\n{_COT_INSTRUCTION if cot else _INSTRUCTION}"
-    )
-
-
-def _text(value: Any) -> str:
-    return _transcript(value) if isinstance(value, list) else str(value)
-
-
-def single_response_prompt(prompt: Any, completion: Any, question: str) -> str:
-    """The feedback prompt for one response."""
-    return (
-        f"Consider the following conversation between a human and an assistant:\n\n{_text(prompt)}\n\n"
-        f"Assistant's response:\n{_text(completion)}\n\nPrinciple: {question}\n\n"
-        "Judged by this principle, is the assistant's response a good one?\n(A) Yes\n(B) No\n"
-        "Answer with (A) or (B) only."
-    )
-
-
-_FINAL = re.compile(r"answer\s+is\s*:?\s*\(?\s*([AB])\b", re.IGNORECASE)
-_MENTION = re.compile(r"\(([AB])\)|\b(?:option|response)\s+\(?([AB])\b", re.IGNORECASE)
-
-
-def parse_choice(text: str) -> str | None:
-    """The choice a chain-of-thought answer ends on, or ``None`` when it cannot be told (an abstention).
-
-    The last "the answer is (X)" wins; failing that, the options named in the last paragraph, if they are
-    all the same one."""
-    finals = _FINAL.findall(text)
-    if finals:
-        return str(finals[-1]).upper()
-    tail = text.strip().split("\n\n")[-1] if text.strip() else ""
-    named = {(a or b).upper() for a, b in _MENTION.findall(tail)}
-    return named.pop() if len(named) == 1 else None
-
-
-def combine_orders(p_ab: float | None, p_ba: float | None) -> tuple[float | None, bool | None]:
-    """Swap-average: P(A better) from the (A, B) order and, re-mapped, from the (B, A) order; and whether the
-    preferred response survived the swap (``None`` when either order abstained or is missing)."""
-    scores = [p for p in (p_ab, p_ba) if p is not None]
-    if not scores:
-        return None, None
-    mean = sum(scores) / len(scores)
-    if p_ab is None or p_ba is None:
-        return mean, None
-    return mean, (p_ab > 0.5) == (p_ba > 0.5) and p_ab != 0.5
-
-
-@dataclass
-class _Judgment:
-    principle: str
-    order: str
-    p_a: float | None
-    p_first: float | None
-    method: str
-    reasoning: str | None
-    result: ChatResult | ScoreResult | None
-
-    def record(self) -> dict[str, Any]:
-        r = self.result
-        return {
-            "principle": self.principle, "order": self.order, "p_a": self.p_a, "p_first": self.p_first,
-            "method": self.method, "abstained": self.p_a is None, "reasoning": self.reasoning,
-            "endpoint": r.endpoint if r else None, "model": r.model if r else None, "cached": r.cached if r else None,
-            "latency_s": r.latency_s if r else None, "prompt_tokens": r.usage.prompt_tokens if r else 0,
-            "completion_tokens": r.usage.completion_tokens if r else 0,
-        }
-
-
 class Labeller:
     """Labels pairs one at a time (through :meth:`label`); holds what every pair shares."""
 
@@ -232,27 +121,10 @@ class Labeller:
         self.principles: ComparisonSet = load_comparison_set(config.principles).with_weights(config.principle_weights)
         self.run_id = run_id
 
-    async def _judge(self, pair: PairRow, principle: ComparisonPrinciple, order: str) -> _Judgment:
+    async def _judge(self, pair: PairRow, principle: ComparisonPrinciple, order: str) -> Judgment:
         cfg = self.config
-        first, second = (pair.response_a, pair.response_b) if order == "AB" else (pair.response_b, pair.response_a)
-        prompt = multiple_choice_prompt(pair.messages, principle.question, first, second, cot=cfg.cot.enabled)
-        messages = [{"role": "user", "content": prompt}]
-        if cfg.cot.enabled:
-            chat = await self.engine.chat(cfg.critic_role, ChatRequest(
-                messages, max_tokens=cfg.cot.max_tokens, temperature=cfg.cot.temperature, seed=cfg.seed))
-            choice = parse_choice(chat.text)
-            low, high = cfg.cot.band
-            p_first = None if choice is None else (high if choice == "A" else low)
-            p_a = p_first if order == "AB" or p_first is None else 1.0 - p_first
-            return _Judgment(principle.name, order, p_a, p_first, "cot", chat.text, chat)
-        try:
-            scored = await self.engine.score(cfg.critic_role, ScoreRequest(
-                messages, choices=("A", "B"), answer_prefix=cfg.answer_prefix))
-        except NoChoiceFound as exc:
-            return _Judgment(principle.name, order, None, None, "abstained", str(exc), None)
-        p_first = scored.probs["A"]
-        return _Judgment(principle.name, order, p_first if order == "AB" else 1.0 - p_first, p_first,
-                         scored.method, None, scored)
+        return await judge_pair(self.engine, cfg.critic_role, pair.messages, principle, pair.response_a,
+                                pair.response_b, order, cot=cfg.cot, answer_prefix=cfg.answer_prefix, seed=cfg.seed)
 
     def _base(self, pair: PairRow) -> dict[str, Any]:
         return {
@@ -279,7 +151,7 @@ class Labeller:
                 raise error  # transient or budget: not recorded, so a rerun retries the pair
         if errors:
             record.update(status="error", error=f"{type(errors[0]).__name__}: {errors[0]}")
-        judgments = [o for o in outcomes if isinstance(o, _Judgment)]
+        judgments = [o for o in outcomes if isinstance(o, Judgment)]
         per_principle = []
         for principle in drawn:
             by_order = {j.order: j.p_a for j in judgments if j.principle == principle.name}

@@ -13,12 +13,10 @@ from typing import Any
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from backends.errors import ConfigError, NoChoiceFound
-from backends.types import ScoreRequest
-from cai_async.constitution import draw_principles
+from backends.errors import ConfigError
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine, EngineConfig
-from cai_async.stages.label import single_response_prompt
+from cai_async.judging import judge_response
 
 __all__ = ["ConstitutionalReward", "SyncReward"]
 
@@ -54,15 +52,9 @@ class ConstitutionalReward:
 
     async def _one(self, engine: Engine, prompt: Any, completion: Any, index: int) -> float:
         rng = random.Random(f"{self.seed}:{index}:{str(completion)[:200]}")
-        scores = []
-        for principle in draw_principles(self.principles, self.ensemble, rng=rng, mode="weighted"):
-            request = ScoreRequest([{"role": "user", "content": single_response_prompt(
-                prompt, completion, principle.question)}], answer_prefix="The answer is (")
-            try:
-                scores.append((await engine.score(self.role, request)).probs["A"])
-            except NoChoiceFound:
-                continue  # an abstention: left out of the mean
-            self.calls += 1
+        scores = await judge_response(engine, self.role, self.principles, prompt, completion, ensemble=self.ensemble,
+                                      rng=rng)  # abstentions are left out of the mean
+        self.calls += len(scores)
         return sum(scores) / len(scores) if scores else 0.5
 
     async def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
