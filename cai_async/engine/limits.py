@@ -89,6 +89,11 @@ class EndpointLimits:
         self._from_headers = False
 
     @property
+    def paused_until(self) -> float:
+        """When the pause after the last 429 ends (clock time; in the past when there is none)."""
+        return self._paused_until
+
+    @property
     def rpm(self) -> float | None:
         return self.requests.per_minute if self.requests else None
 
