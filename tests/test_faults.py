@@ -339,7 +339,9 @@ def chaos(server: TestServer, stop: threading.Event, phases: list[dict[str, Any]
     server.configure(retry_after_s=0, dead=False, trickle_s=0)
 
 
-CHAOS_PHASES = [{"retry_after_s": 3}, {"dead": True}, {"trickle_s": 2}, {}]
+CHAOS_PHASES = [{"dead": True}, {}, {"trickle_s": 2}, {}, {"retry_after_s": 2}, {}]
+"""Dead (connections dropped), healthy, trickling past the timeout, healthy, a 429 storm with a Retry-After past
+``max_wait_s``, healthy."""
 
 
 def chaos_recipe(run_dir: Path, source: Path, healthy: TestServer, flaky: TestServer, n: int) -> Recipe:
@@ -360,7 +362,7 @@ def test_chaos_loses_and_duplicates_nothing(tmp_path: Path, server: TestServer) 
     server.configure(latency_ms=5)
     flaky = start_server("--latency-ms", "5")
     stop = threading.Event()
-    driver = threading.Thread(target=chaos, args=(flaky, stop, CHAOS_PHASES, 0.7), daemon=True)
+    driver = threading.Thread(target=chaos, args=(flaky, stop, CHAOS_PHASES, 0.4), daemon=True)
     try:
         driver.start()
         summary = anyio.run(run_recipe, chaos_recipe(tmp_path / "run", prompts(tmp_path, n), server, flaky, n))
@@ -374,5 +376,5 @@ def test_chaos_loses_and_duplicates_nothing(tmp_path: Path, server: TestServer) 
     rows = read_shards(tmp_path / "run" / "sl", unique_by=None)
     assert rows.height == n and rows["id"].n_unique() == n  # 0 lost, 0 duplicated
     assert set(rows["status"]) == {"ok"} and summary["stages"]["sl"]["failed"] == 0
-    assert stats["requests"] > 0 and stats.get("429", 0) + stats.get("dead", 0) > 0  # the chaos did happen
+    assert stats.get("429", 0) + stats.get("dead", 0) + stats.get("trickled", 0) > 0  # the chaos did happen
 

@@ -58,6 +58,8 @@ class EndpointState:
         self.down_cause: str | None = None
         """Why the endpoint is down (``None`` while it is up): the cause of its last connection failure."""
         self.down_since = 0.0
+        self.tripped = False
+        """The breaker opened (failures in a row): once ``cooloff_s`` has passed, one probe call goes first."""
         self.probing = False
         self.horizon_until = 0.0
         """Rate limited past ``retry.max_wait_s``: no calls before this clock time."""
@@ -67,10 +69,10 @@ class EndpointState:
 
     def available(self, now: float) -> bool:
         """Whether a call may go here now: not past a rate-limit horizon or a pause after a 429, not cooling
-        off, and when down only as the one probe call once ``probe_s`` has passed."""
+        off, and when down or tripped only as the one probe call once ``probe_s`` (``cooloff_s``) has passed."""
         if now < self.horizon_until or now < self.limits.paused_until or now < self.open_until:
             return False
-        return self.down_cause is None or not self.probing
+        return (self.down_cause is None and not self.tripped) or not self.probing
 
     def ready_at(self) -> float:
         """The clock time from which the endpoint may take a call again."""
@@ -81,6 +83,7 @@ class EndpointState:
         if self.down_cause is not None:
             log.warning("endpoint %s is back up", self.name)
             self.down_cause = None
+        self.tripped = False
         self.probing = False
 
     def record_failure(self, error: TransientError) -> None:
@@ -99,6 +102,7 @@ class EndpointState:
             self.open_until = now + self._breaker.probe_s
         elif self.consecutive_failures >= self._breaker.failures:
             self.open_until = now + self._breaker.cooloff_s
+            self.tripped = True
             self._notices.warn(f"breaker:{self.name}", f"endpoint {self.name} failed {self.consecutive_failures} "
                                f"times in a row; cooling off for {self._breaker.cooloff_s:g}s (last: {error})")
 
@@ -133,12 +137,15 @@ async def choose_endpoint(
     role: str = "",
     retry: RetryConfig | None = None,
     breaker: BreakerConfig | None = None,
+    avoid: str = "",
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> EndpointState:
-    """The available endpoint with the fewest outstanding requests per unit of weight.
+    """The available endpoint with the fewest outstanding requests per unit of weight (among those whose rate
+    limit lets a call go now, when there are any).
 
-    When none is available, wait for the first to come back (half-open: one probe call goes to a down
+    ``avoid`` (the endpoint a retried call just failed on) is taken only when no other is available. When none
+    is available, wait for the first to come back (half-open: one probe call goes to a down
     endpoint). A group whose every endpoint stays down for ``breaker.down_grace_s`` raises
     :class:`EndpointDown`; one whose endpoints wait past a rate-limit horizon raises it too with
     ``retry.long_wait: stop`` (else the wait is logged once and shown in the progress).
@@ -148,15 +155,18 @@ async def choose_endpoint(
     while True:
         now = clock()
         best: EndpointState | None = None
-        best_load = 0.0
+        best_load = (0.0, 0.0)
+        others = avoid and any(e.name != avoid and e.available(now) for e in endpoints)
         for endpoint in endpoints:
-            if not endpoint.available(now):
+            if not endpoint.available(now) or (others and endpoint.name == avoid):
                 continue
-            load = (endpoint.inflight + 1) / endpoint.config.weight
+            # an endpoint whose rate limit would hold the call (after its 429s) loses to one that can take it now
+            delay = endpoint.limits.delay() if len(endpoints) > 1 else 0.0
+            load = (delay if delay > 0.05 else 0.0, (endpoint.inflight + 1) / endpoint.config.weight)
             if best is None or load < best_load:
                 best, best_load = endpoint, load
         if best is not None:
-            if best.down_cause is not None:
+            if best.down_cause is not None or best.tripped:
                 best.probing = True
             return best
         wake = min(e.ready_at() for e in endpoints)

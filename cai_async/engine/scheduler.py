@@ -305,16 +305,22 @@ class Engine:
             stop=stop_after_attempt(self.config.retry.max_attempts - 1)
             | stop_after_delay(max(0.0, self.config.retry.max_time_s - (time.monotonic() - started))),
         )
+        last = first
         async for attempt in retrying:
             with attempt:
-                return await self._attempt(role, endpoints, kind, request, estimated, True)
+                try:  # a retry goes to another endpoint than the one that just failed, when one can take it
+                    return await self._attempt(role, endpoints, kind, request, estimated, True, avoid=last.endpoint)
+                except BackendError as exc:
+                    last = exc
+                    raise
         raise first  # pragma: no cover - tenacity re-raises the last error itself
 
     async def _attempt(
-        self, role: str, endpoints: list[EndpointState], kind: str, request: Any, estimated: int, is_retry: bool
+        self, role: str, endpoints: list[EndpointState], kind: str, request: Any, estimated: int, is_retry: bool,
+        avoid: str = "",
     ) -> tuple[ChatResult | ScoreResult, EndpointState]:
         state = await choose_endpoint(endpoints, role=role, retry=self.config.retry, breaker=self.config.breaker,
-                                      sleep=self._sleep, clock=self._clock)
+                                      avoid=avoid, sleep=self._sleep, clock=self._clock)
         probe = state.probing
         stats = self.accounting.endpoint(state.name)
         if is_retry:
@@ -336,9 +342,11 @@ class Engine:
                         stats.rate_limited += 1
                         fallback = min(self.config.retry.max_wait_s, self.config.retry.initial_s * 4)
                         wait = _learned_wait(exc)
-                        state.limits.on_rate_limited(wait, max(fallback, 0.5), exc.rate_limit)
                         if wait is not None and state.rate_limited_until(wait, self.config.retry):
+                            state.limits.pause(wait)  # a quota's horizon says nothing of the rate: keep it
                             self.accounting.waiting[state.name] = time.time() + wait
+                        else:
+                            state.limits.on_rate_limited(wait, max(fallback, 0.5), exc.rate_limit)
                         state.record_success()  # an answer: the endpoint is up, only busy
                     elif isinstance(exc, TransientError):
                         state.record_failure(exc)
