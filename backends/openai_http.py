@@ -204,6 +204,9 @@ class OpenAIBackend:
             ) from None
         if not isinstance(payload, dict):
             raise self._error(InvalidAnswer, "answered with JSON that is not an object", status=status)
+        if isinstance(payload.get("error"), dict) and "choices" not in payload:  # a 5xx in a 200's clothing
+            detail = str(payload["error"].get("message", payload["error"]))[:300]
+            raise self._error(TransientError, f"answered status {status} with an error body: {detail}", status=status)
         return payload, rate_limit, latency
 
     def _raise_for_status(self, status: int, raw: bytes, headers: Any) -> None:

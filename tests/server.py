@@ -5,7 +5,8 @@ Real HTTP on 127.0.0.1 (aiohttp). Deterministic answers; configurable latency; R
 rates; ``logprobs``/``top_logprobs`` for choice scoring, with an optional planted preference.
 
 Per-request faults are planted with markers in the last user message: ``@@status:NNN@@``,
-``@@malformed@@``, ``@@nochoices@@``, ``@@empty@@``, ``@@nologprobs@@``, ``@@drop@@``, ``@@html@@``.
+``@@malformed@@``, ``@@nochoices@@``, ``@@empty@@``, ``@@nologprobs@@``, ``@@drop@@``, ``@@html@@``,
+``@@error200@@`` (an error body with status 200).
 Whole-server faults (switched at run time, so a rerun can find them healed): ``retry_after_s`` (every call
 429 with that ``Retry-After``), ``trickle_s`` (bodies sent a few bytes at a time over that long), ``html``
 (a proxy's HTML page with status 200), ``nochoices``, ``logprobs: false``, ``dead`` (connections dropped).
@@ -297,6 +298,8 @@ def build_app(config: ServerConfig) -> web.Application:
             return web.Response(body=b'{"choices": [', status=200, content_type="application/json")
         if "html" in markers:
             return web.Response(text=_HTML, status=200, content_type="text/html")
+        if "error200" in markers:
+            return _json({"error": {"message": "upstream overloaded", "type": "server_error"}})
         if cfg.error_rate and state.rng.random() < cfg.error_rate:
             state.stats["5xx"] += 1
             return _json({"error": {"message": "internal error (injected)"}}, status=503)

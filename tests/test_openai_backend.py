@@ -80,6 +80,7 @@ async def test_no_logprobs_is_a_clear_error_or_sampled_fallback(server: TestServ
     [
         ("@@malformed@@", TransientError, "a body that is not JSON"),
         ("@@html@@", TransientError, "status 200 with an HTML page"),
+        ("@@error200@@", TransientError, "status 200 with an error body: upstream overloaded"),
         ("@@nochoices@@", InvalidAnswer, "no choices"),
         ("@@status:400@@", PermanentError, "rejected \\(400\\)"),
         ("@@status:404@@", PermanentError, "check base_url and the model"),
