@@ -63,7 +63,6 @@ class EndpointState:
         self.probing = False
         self.horizon_until = 0.0
         """Rate limited past ``retry.max_wait_s``: no calls before this clock time."""
-        self.horizon_s = 0.0
         self.announced = 0.0
         """The horizon last announced as the wait of a whole group (said once per horizon)."""
 
@@ -114,10 +113,9 @@ class EndpointState:
         until = self._clock() + wait_s
         if until > self.horizon_until + 1.0:
             log.warning("endpoint %s is rate limited until %s (asked to wait %.0fs, more than retry.max_wait_s=%gs); "
-                        "its calls go to the group's other endpoints", self.name, wall_time(until, self._clock),
+                        "its calls go to the group's other endpoints, if any", self.name, wall_time(until, self._clock),
                         wait_s, retry.max_wait_s)
         self.horizon_until = max(self.horizon_until, until)
-        self.horizon_s = wait_s
         return True
 
 
@@ -173,8 +171,8 @@ async def choose_endpoint(
         if all(e.down_cause is not None for e in endpoints):
             deadline = max(e.down_since for e in endpoints) + breaker.down_grace_s
             if now >= deadline:
-                url = endpoints[0].config.base_url
-                check = f"curl {url.rstrip('/')}/models" if url else "the endpoint's backend and model"
+                urls = dict.fromkeys(e.config.base_url.rstrip("/") for e in endpoints if e.config.base_url)
+                check = "; ".join(f"curl {url}/models" for url in urls) or "the endpoints' backend and model"
                 raise EndpointDown(f"{_why_none(role, endpoints, now, clock)} for {breaker.down_grace_s:g}s; "
                                    f"stopping (finished items are kept; rerun to resume). Check: {check}")
             wake = min(wake, deadline)
