@@ -16,10 +16,11 @@ import anyio
 import pytest
 import yaml
 
-from backends import ChatRequest, ChatResult, Unreachable
+from backends import ChatRequest, ChatResult, RateLimited, RateLimitInfo, Unreachable
 from cai_async import EndpointConfig, Engine, EngineConfig, Recipe, read_shards, run_recipe
 from cai_async.configio import _LOADER, read_mapping
 from cai_async.engine.progress import format_progress
+from cai_async.engine.scheduler import _learned_wait
 from cai_async.exitcodes import FAILED_ROWS, OK, STOPPED, USER_ERROR
 from tests.conftest import TestServer, kill_repeatedly, start_server
 from tests.test_cli import CAI, cai
@@ -188,6 +189,15 @@ async def test_a_long_retry_after_with_no_other_endpoint_waits_visibly(
     assert "only rate limited, back in" in seen[0]
     waits = [r.getMessage() for r in caplog.records if "waiting until" in r.getMessage()]
     assert len(waits) == 1 and "only is rate limited until" in waits[0]
+
+
+def test_a_used_up_limit_without_retry_after_is_a_learned_wait() -> None:
+    used_up = RateLimitInfo(limit_requests=100, remaining_requests=0, reset_requests_s=120.0,
+                            limit_tokens=10_000, remaining_tokens=0, reset_tokens_s=600.0)
+    assert _learned_wait(RateLimited("429", rate_limit=used_up)) == 600.0  # the later of the two resets
+    left = RateLimitInfo(limit_requests=100, remaining_requests=3, reset_requests_s=120.0)
+    assert _learned_wait(RateLimited("429", rate_limit=left)) is None
+    assert _learned_wait(RateLimited("429", retry_after=7.0, rate_limit=used_up)) == 7.0  # Retry-After first
 
 
 # --- exit codes and reruns that heal ---------------------------------------------------------------------------
