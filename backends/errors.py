@@ -1,7 +1,9 @@
 """The one small error tree of cai-async, translated at the backend edge.
 
 ``CaiError`` → ``BackendError`` → ``RateLimited`` / ``TransientError`` / ``PermanentError``,
-and ``ConfigError`` for bad configuration. ``AuthenticationFailed`` (401/403) is both a backend error and a
+and ``ConfigError`` for bad configuration. ``RunStopped`` ends a run early (every endpoint of a group down, a
+rate-limit horizon with ``retry.long_wait: stop``, a refused key, the budget): the CLI exits 4 for it.
+``AuthenticationFailed`` (401/403) is both a backend error and a
 configuration error: the key is wrong for every call, so a run stops with one message instead of recording
 each item as failed for good. Messages say what to fix; they never carry secrets.
 """
@@ -16,10 +18,15 @@ __all__ = [
     "BudgetExceeded",
     "CaiError",
     "ConfigError",
+    "EndpointDown",
+    "InvalidAnswer",
+    "MissingLogprobs",
     "NoChoiceFound",
     "PermanentError",
     "RateLimited",
+    "RunStopped",
     "TransientError",
+    "Unreachable",
     "redact",
 ]
 
@@ -32,8 +39,18 @@ class ConfigError(CaiError):
     """A configuration, input file or option is wrong; the message says which and how to fix it."""
 
 
-class BudgetExceeded(CaiError):
+class RunStopped(CaiError):
+    """A run stopped before its items were done, for a reason that holds for every item (an endpoint group down,
+    a long rate-limit wait with ``retry.long_wait: stop``, a refused key, the budget); a rerun resumes."""
+
+
+class BudgetExceeded(RunStopped):
     """The configured cost cap was reached; no new calls are scheduled."""
+
+
+class EndpointDown(RunStopped):
+    """Every endpoint of a group is down (unreachable, or rate limited past ``retry.max_wait_s`` with
+    ``retry.long_wait: stop``); the message names each endpoint, its cause and how to check it."""
 
 
 class BackendError(CaiError):
@@ -64,14 +81,37 @@ class RateLimited(BackendError):
 
 
 class TransientError(BackendError):
-    """A failure worth retrying: 5xx, 408, timeouts, dropped connections."""
+    """A failure worth retrying: 5xx, 408, timeouts, dropped connections, a body that is not JSON (a proxy's
+    HTML error page, even with status 200)."""
+
+
+class Unreachable(TransientError):
+    """No answer at all: the connection was refused or timed out, or the answer trickled past ``timeout_s``.
+    Enough in a row mark the endpoint *down* (``engine.breaker``); ``cause`` says why in a few words
+    (``"connection refused to http://127.0.0.1:9/v1"``)."""
+
+    def __init__(self, message: str, *, endpoint: str = "", status: int | None = None, cause: str = "") -> None:
+        super().__init__(message, endpoint=endpoint, status=status)
+        self.cause = cause or message
 
 
 class PermanentError(BackendError):
-    """A failure retrying cannot fix: 4xx other than 408/429, a malformed answer, a bad model file."""
+    """A failure retrying cannot fix now: 4xx other than 408/429, a bad model file. Recorded in the row; a
+    rerun retries it only with ``--retry-errors`` (its subclasses :class:`InvalidAnswer` and
+    :class:`MissingLogprobs` are endpoint-side: a rerun retries them by default)."""
 
 
-class AuthenticationFailed(BackendError, ConfigError):
+class InvalidAnswer(PermanentError):
+    """The endpoint answered JSON that is not a usable completion (no choices, no text): endpoint-side, so a
+    rerun (perhaps with another model or endpoint) retries the row."""
+
+
+class MissingLogprobs(PermanentError):
+    """A scoring answer without logprobs: use an endpoint with logprobs or ``score_fallback: sample``, then
+    rerun (the row is retried)."""
+
+
+class AuthenticationFailed(BackendError, ConfigError, RunStopped):
     """The endpoint refused the API key (401/403): fix the variable named by ``api_key_env`` and rerun. A run
     stops at the first one (nothing is recorded as failed, so the rerun does every item)."""
 

@@ -28,7 +28,15 @@ import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from backends.batch_journal import BatchEntry, BatchJournal, Outcome
-from backends.errors import BackendError, CaiError, ConfigError, PermanentError, TransientError, redact
+from backends.errors import (
+    BackendError,
+    CaiError,
+    ConfigError,
+    MissingLogprobs,
+    PermanentError,
+    TransientError,
+    redact,
+)
 from backends.openai_wire import chat_body, chat_result, error_for_status, score_body, score_logprobs, score_result
 from backends.registry import BackendSettings
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult
@@ -176,7 +184,7 @@ class OpenAIBatchBackend:
         top = score_logprobs(payload, self._error)
         if top is None:
             raise self._error(
-                PermanentError, "batch answer carries no logprobs; scoring in batch mode needs a model that returns "
+                MissingLogprobs, "batch answer carries no logprobs; scoring in batch mode needs a model that returns "
                 "top_logprobs (or use mode: online with score_fallback: sample)",
             )
         return score_result(payload, top, request, model=self.model, endpoint=self.name, latency_s=latency)

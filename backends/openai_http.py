@@ -7,7 +7,9 @@ tenth of the CPU per request that ``httpx`` or the official SDK do (``bench/engi
 from __future__ import annotations
 
 import email.utils
+import errno
 import re
+import socket
 import time
 from collections import Counter
 from typing import Any
@@ -18,9 +20,11 @@ import orjson
 from backends.errors import (
     BackendError,
     ConfigError,
+    InvalidAnswer,
+    MissingLogprobs,
     NoChoiceFound,
-    PermanentError,
     TransientError,
+    Unreachable,
     redact,
 )
 from backends.openai_wire import (
@@ -102,6 +106,17 @@ def parse_rate_limit_headers(headers: Any) -> RateLimitInfo | None:
     )
 
 
+def _connect_cause(error: OSError | None) -> str:
+    """A connection failure in a few words: "connection refused", "cannot resolve host", "timed out"…"""
+    if isinstance(error, socket.gaierror):
+        return "cannot resolve host"
+    if error is not None and error.errno == errno.ECONNREFUSED:
+        return "connection refused"
+    if isinstance(error, TimeoutError) or (error is not None and error.errno == errno.ETIMEDOUT):
+        return "connection timed out"
+    return f"cannot connect ({(error.strerror if error is not None else None) or error or 'unknown error'})"
+
+
 class OpenAIBackend:
     """Chat and choice scoring over an OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
@@ -162,11 +177,12 @@ class OpenAIBackend:
                 status = resp.status
                 headers = resp.headers
         except TimeoutError:
-            raise self._error(TransientError, f"no answer within {self._settings.timeout_s:g}s (timeout)") from None
+            cause = f"no complete answer within {self._settings.timeout_s:g}s from {self._settings.base_url} (timeout)"
+            raise self._error(Unreachable, f"{cause}: the server is slow, overloaded or trickling its answer; "
+                              "check it, or raise the endpoint's timeout_s", cause=cause) from None
         except aiohttp.ClientConnectorError as exc:
-            raise self._error(
-                TransientError, f"cannot connect ({exc.os_error or exc}); is the server running and base_url right?"
-            ) from None
+            cause = f"{_connect_cause(exc.os_error)} to {self._settings.base_url}"
+            raise self._error(Unreachable, f"{cause}; is the server running and base_url right?", cause=cause) from None
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             raise self._error(TransientError, f"connection dropped ({type(exc).__name__})") from None
         except aiohttp.ClientError as exc:
@@ -177,15 +193,20 @@ class OpenAIBackend:
             self._raise_for_status(status, raw, headers)
         try:
             payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError:  # a proxy's error page, a cut body: worth retrying, maybe elsewhere
             excerpt = raw[:120].decode("utf-8", "replace")
+            what = "an HTML page" if raw.lstrip()[:1] == b"<" else "a body that is not JSON"
             raise self._error(
-                PermanentError,
-                f"answered with invalid JSON ({excerpt!r}); is base_url an OpenAI-compatible /v1 endpoint?",
+                TransientError,
+                f"answered status {status} with {what} ({excerpt!r}); a proxy or gateway error? "
+                "check that base_url is an OpenAI-compatible /v1 endpoint",
                 status=status,
             ) from None
         if not isinstance(payload, dict):
-            raise self._error(PermanentError, "answered with JSON that is not an object", status=status)
+            raise self._error(InvalidAnswer, "answered with JSON that is not an object", status=status)
+        if isinstance(payload.get("error"), dict) and "choices" not in payload:  # a 5xx in a 200's clothing
+            detail = str(payload["error"].get("message", payload["error"]))[:300]
+            raise self._error(TransientError, f"answered status {status} with an error body: {detail}", status=status)
         return payload, rate_limit, latency
 
     def _raise_for_status(self, status: int, raw: bytes, headers: Any) -> None:
@@ -212,7 +233,7 @@ class OpenAIBackend:
             if self._score_fallback == "sample":
                 return await self._score_by_sampling(body, request)
             raise self._error(
-                PermanentError,
+                MissingLogprobs,
                 "answer carries no logprobs; use an endpoint that supports logprobs/top_logprobs "
                 "or set the endpoint option score_fallback: sample",
             )

@@ -6,7 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from backends.errors import AuthenticationFailed, BackendError, PermanentError, RateLimited, TransientError
+from backends.errors import (
+    AuthenticationFailed,
+    BackendError,
+    InvalidAnswer,
+    PermanentError,
+    RateLimited,
+    TransientError,
+)
 from backends.scoring import normalize_choice_logprobs
 from backends.types import ChatRequest, ChatResult, RateLimitInfo, ScoreRequest, ScoreResult, Usage, plain_messages
 
@@ -93,7 +100,7 @@ def error_for_status(
 def _first_choice(payload: dict[str, Any], make: ErrorFactory) -> dict[str, Any]:
     choices = payload.get("choices")
     if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-        raise make(PermanentError, "answer has no choices; the endpoint may not support this model")
+        raise make(InvalidAnswer, "answer has no choices; the endpoint may not support this model")
     choice: dict[str, Any] = choices[0]
     return choice
 
@@ -111,7 +118,7 @@ def chat_result(
     choice = _first_choice(payload, make)
     text = (choice.get("message") or {}).get("content")
     if not isinstance(text, str):
-        raise make(PermanentError, "answer's first choice has no message content")
+        raise make(InvalidAnswer, "answer's first choice has no message content")
     return ChatResult(
         text=text,
         finish_reason=str(choice.get("finish_reason") or "stop"),

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
@@ -17,11 +18,12 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.errors import ConfigError
+from backends.errors import ConfigError, RunStopped
 from cai_async.configio import apply_overrides, read_mapping, validate
 from cai_async.constitution_io import builtin_comparison_sets, builtin_constitutions
 from cai_async.engine import Engine, EngineConfig
 from cai_async.evaluation.run import EvalConfig, run_eval
+from cai_async.exitcodes import leaves
 from cai_async.exports import RLExportConfig, conversations_with_response, write_rl_exports, write_sl_exports
 from cai_async.guard.config import GuardConfig
 from cai_async.prompts import load_prompts
@@ -89,6 +91,8 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_dir: str = "runs/default"
+    retry_errors: bool = False
+    """Rerun every row recorded with an error (by default only endpoint-side ones: invalid answers, no logprobs)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
     generate: GenerateConfig | None = None
     sl: SLConfig | None = None
@@ -141,9 +145,11 @@ def _report(report: StageReport) -> dict[str, Any]:
     data = {
         "total": report.total,
         "skipped_already_done": report.skipped,
+        "errors_kept": report.errors_kept,
         "written": report.written,
         "failed": report.failed,
         "failures": report.failures[:50],
+        "failure_classes": dict(Counter(f.get("class") or "error" for f in report.failures).most_common()),
         "stopped": report.stopped,
         "seconds": round(report.seconds, 3),
     }
@@ -160,19 +166,24 @@ def _pairs_report(report: PairsReport) -> dict[str, Any]:
             "identical_dropped": report.identical_dropped, **data}
 
 
-async def run_rl_stage(engine: Engine, config: RLConfig, run_dir: Path) -> dict[str, Any]:
+async def run_rl_stage(
+    engine: Engine, config: RLConfig, run_dir: Path, *, retry_errors: bool = False
+) -> dict[str, Any]:
     """Pairs into ``rl/pairs/``, AI-feedback labels into ``rl/labels/``, then the dpo and reward exports."""
     labeller = Labeller(engine, config.label, run_dir.name)  # a bad comparison set fails before any call
     pairs_report = await run_pairs(engine, config.pairs, run_dir / "rl" / "pairs", run_dir=run_dir)
-    report = _report(await label_pairs(labeller, pairs_report.rows, run_dir / "rl" / "labels"))
+    report = _report(await label_pairs(labeller, pairs_report.rows, run_dir / "rl" / "labels",
+                                       retry_errors=retry_errors))
     report["pairs"] = _pairs_report(pairs_report)
     report["exports"] = write_rl_exports(run_dir, read_shards(run_dir / "rl" / "labels"), config.export)
     return report
 
 
-async def run_sl_stage(engine: Engine, config: SLConfig, run_dir: Path) -> dict[str, Any]:
+async def run_sl_stage(
+    engine: Engine, config: SLConfig, run_dir: Path, *, retry_errors: bool = False
+) -> dict[str, Any]:
     """Chains into ``sl/``, helpfulness responses into ``helpful/`` when the mix needs them, then exports."""
-    report = _report(await run_sl(engine, config, run_dir / "sl", run_id=run_dir.name))
+    report = _report(await run_sl(engine, config, run_dir / "sl", run_id=run_dir.name, retry_errors=retry_errors))
     helpful = config.export.helpful
     helpful_rows = None
     chains = read_shards(run_dir / "sl")
@@ -235,7 +246,14 @@ async def run_recipe(
                 )
         if recipe.eval is not None:  # after training, so a trained model can be one of the models
             await _run_engine_stages(recipe, run_dir, summary, progress, phase="eval")
+    except BaseException as exc:  # group down, refused key: say in summary.json where and why the run stopped
+        stopped = next((leaf for leaf in leaves(exc) if isinstance(leaf, RunStopped)), None)
+        if stopped is not None:
+            summary["stopped"] = {"stage": summary.get("running"), "reason": str(stopped),
+                                  "class": type(stopped).__name__}
+        raise
     finally:
+        summary.pop("running", None)
         summary["finished"] = time.time()
         _write_json(run_dir / "summary.json", summary)
     return summary
@@ -280,6 +298,7 @@ async def _run_engine_stages(
     async with Engine(config, run_dir=run_dir) as engine:
 
         async def stage(name: str, work: Awaitable[dict[str, Any]]) -> None:
+            summary["running"] = name
             display = progress(engine, name) if progress is not None else nullcontext()
             async with display:  # one progress display per stage
                 await _stage(summary, name, engine, work)
@@ -292,8 +311,8 @@ async def _run_engine_stages(
             if recipe.generate is not None:
                 await stage("generate", _reported(run_generate(engine, recipe.generate, run_dir / "generate")))
             if recipe.sl is not None:
-                await stage("sl", run_sl_stage(engine, recipe.sl, run_dir))
+                await stage("sl", run_sl_stage(engine, recipe.sl, run_dir, retry_errors=recipe.retry_errors))
             if recipe.rl is not None:
-                await stage("rl", run_rl_stage(engine, recipe.rl, run_dir))
+                await stage("rl", run_rl_stage(engine, recipe.rl, run_dir, retry_errors=recipe.retry_errors))
         finally:
             summary["engine" if phase == "data" else "engine_eval"] = engine.summary()

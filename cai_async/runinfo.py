@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from backends.errors import ConfigError
+from cai_async.engine.ledger import read_ledger
 from cai_async.store import read_shards
 
 __all__ = ["chain_text", "describe_run"]
@@ -33,13 +34,28 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{root}: no such run directory")
     info: dict[str, Any] = {"run_dir": str(root), "stages": {}}
     summary_path = root / "summary.json"
+    ledger = read_ledger(root)  # read live: every process that worked on the run, killed ones too
+    if ledger is not None:
+        info.update(calls=ledger["calls"], cache_hits=ledger["cache_hits"], tokens=ledger["tokens"],
+                    cost_usd=ledger["cost_usd"], processes=ledger["processes"])
+        info["unfinished_processes"] = ledger["unfinished"]
+        cache = root / "cache.sqlite"
+        if cache.is_file():
+            from cai_async.engine.cache import RequestCache
+
+            stored = RequestCache(cache)
+            info["calls_paid_twice"] = max(0, ledger["calls"] - len(stored))  # answered, then lost to a kill
+            stored.close()
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         engine = summary.get("engine", {})
-        info["tokens"] = engine.get("tokens", 0)
-        info["cost_usd"] = engine.get("cost_usd", 0.0)
-        info["calls"] = sum(e.get("calls", 0) for e in engine.get("endpoints", {}).values())
-        info["cache_hits"] = engine.get("cache_hits", 0)
+        if ledger is None:
+            info["tokens"] = engine.get("tokens", 0)
+            info["cost_usd"] = engine.get("cost_usd", 0.0)
+            info["calls"] = sum(e.get("calls", 0) for e in engine.get("endpoints", {}).values())
+            info["cache_hits"] = engine.get("cache_hits", 0)
+        if summary.get("stopped"):
+            info["stopped"] = summary["stopped"]
         if "plan" in summary:
             plan = summary["plan"]
             info["estimate_vs_actual"] = {

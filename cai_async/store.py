@@ -56,9 +56,10 @@ def _shards(directory: Path) -> list[Path]:
 
 
 def read_shards(
-    directory: str | Path, *, unique_by: str | None = "id", keep: Literal["first", "last"] = "first"
+    directory: str | Path, *, unique_by: str | None = "id", keep: Literal["first", "last"] = "last"
 ) -> pl.DataFrame:
-    """All shards of a directory as one frame; rows repeated by ``unique_by`` keep their ``keep`` copy."""
+    """All shards of a directory as one frame; rows repeated by ``unique_by`` keep their ``keep`` copy (the
+    last: a rerun that retried an error row wrote the newer one)."""
     files = _shards(Path(directory))
     if not files:
         return pl.DataFrame()

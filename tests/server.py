@@ -5,7 +5,11 @@ Real HTTP on 127.0.0.1 (aiohttp). Deterministic answers; configurable latency; R
 rates; ``logprobs``/``top_logprobs`` for choice scoring, with an optional planted preference.
 
 Per-request faults are planted with markers in the last user message: ``@@status:NNN@@``,
-``@@malformed@@``, ``@@nochoices@@``, ``@@empty@@``, ``@@nologprobs@@``, ``@@drop@@``.
+``@@malformed@@``, ``@@nochoices@@``, ``@@empty@@``, ``@@nologprobs@@``, ``@@drop@@``, ``@@html@@``,
+``@@error200@@`` (an error body with status 200).
+Whole-server faults (switched at run time, so a rerun can find them healed): ``retry_after_s`` (every call
+429 with that ``Retry-After``), ``trickle_s`` (bodies sent a few bytes at a time over that long), ``html``
+(a proxy's HTML page with status 200), ``nochoices``, ``logprobs: false``, ``dead`` (connections dropped).
 
 Run: ``python -m tests.server --port 0 --latency-ms 200`` (prints ``PORT <n>`` when ready).
 The Batch API (``/v1/files``, ``/v1/batches``) follows OpenAI's documented behaviour: see
@@ -58,6 +62,12 @@ class ServerConfig:
     prefer_when: dict[str, str] = field(default_factory=dict)  # substring of the prompt → preferred choice
     stream_chunk_ms: float = 0.0  # with "stream": true, the pause before each word's chunk
     fail_status: int = 0  # answer every chat request with this status (e.g. 404: a model the server lacks)
+    retry_after_s: float = 0.0  # > 0: answer every chat request 429 with this Retry-After
+    trickle_s: float = 0.0  # > 0: send each answer's body a few bytes at a time over this many seconds
+    html: bool = False  # answer with a proxy's HTML error page, status 200
+    nochoices: bool = False  # answer JSON without choices (an invalid answer)
+    logprobs: bool = True  # False: never send logprobs (an endpoint without them)
+    dead: bool = False  # drop every connection without answering
     # Batch API (/v1/files, /v1/batches): see tests/server_batches.py
     batches: bool = True  # False: /v1/batches answers 404, like a provider without a Batch API
     batch_validating_s: float = 0.05
@@ -133,7 +143,7 @@ class _State:
             status = int(markers["status"])
             self.stats[str(status)] += 1
             return status, {"error": {"message": f"planted status {status}"}}
-        if "nochoices" in markers:
+        if "nochoices" in markers or cfg.nochoices:
             return 200, {"id": "x", "object": "chat.completion", "choices": []}
         max_tokens = int(body.get("max_tokens") or 16)
         text = "" if "empty" in markers else (cfg.reply or _answer_text(messages, body.get("seed")))
@@ -144,7 +154,7 @@ class _State:
             "message": {"role": "assistant", "content": text},
             "finish_reason": "stop" if completion_tokens < max_tokens else "length",
         }
-        if body.get("logprobs") and "nologprobs" not in markers:
+        if body.get("logprobs") and "nologprobs" not in markers and cfg.logprobs:
             top = int(body.get("top_logprobs") or 1)
             prefer = next((choice for text, choice in cfg.prefer_when.items() if text in last), cfg.prefer)
             entries = _choice_logprobs(messages, prefer, top)
@@ -181,6 +191,24 @@ class _State:
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+_HTML = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+
+
+async def _trickle(request: web.Request, body: bytes, seconds: float, state: _State) -> web.StreamResponse:
+    """Send ``body`` a few bytes at a time over ``seconds`` (a server that answers, but too slowly)."""
+    state.stats["trickled"] += 1
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    chunks = 20
+    step = max(1, len(body) // chunks)
+    for start in range(0, len(body), step):
+        await response.write(body[start:start + step])
+        await asyncio.sleep(seconds / chunks)
+    await response.write_eof()
+    return response
 
 
 def _answer_text(messages: list[dict[str, Any]], seed: Any) -> str:
@@ -239,6 +267,18 @@ def build_app(config: ServerConfig) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
         cfg = state.config
         state.stats["requests"] += 1
+        if cfg.dead:
+            state.stats["dead"] += 1
+            assert request.transport is not None
+            request.transport.abort()
+            raise ConnectionResetError("dead test server")
+        if cfg.retry_after_s:
+            state.stats["429"] += 1
+            return _json({"error": {"message": "Rate limit reached (long)", "type": "requests"}}, status=429,
+                         headers={"Retry-After": f"{cfg.retry_after_s:g}"})
+        if cfg.html:
+            state.stats["html"] += 1
+            return web.Response(text=_HTML, status=200, content_type="text/html")
         if cfg.api_key and request.headers.get("Authorization") != f"Bearer {cfg.api_key}":
             state.stats["401"] += 1
             return _json({"error": {"message": "Incorrect API key provided", "type": "auth"}}, status=401)
@@ -281,9 +321,15 @@ def build_app(config: ServerConfig) -> web.Application:
             return _json(payload, status=status)
         if "malformed" in markers:
             return web.Response(body=b'{"choices": [', status=200, content_type="application/json")
+        if "html" in markers:
+            return web.Response(text=_HTML, status=200, content_type="text/html")
+        if "error200" in markers:
+            return _json({"error": {"message": "upstream overloaded", "type": "server_error"}})
         if cfg.error_rate and state.rng.random() < cfg.error_rate:
             state.stats["5xx"] += 1
             return _json({"error": {"message": "internal error (injected)"}}, status=503)
+        if cfg.trickle_s:
+            return await _trickle(request, orjson.dumps(payload), cfg.trickle_s, state)
         state.stats["ok"] += 1
         state.seen[key] += 1
         if body.get("stream"):

@@ -173,7 +173,7 @@ def test_a_wrong_key_stops_the_run_records_nothing_and_never_leaks(
     rec.engine.groups["policy"][0].api_key_env = "CAI_BATCH_KEY"
     args = ["sl", str(_write(tmp_path, rec)), "--batch"]  # the flag switches the recipe's endpoint to batch
     out = cai(*args, env={**os.environ, "CAI_BATCH_KEY": secret})
-    assert out.returncode == 2 and "authentication failed (401)" in out.stderr and "api_key_env" in out.stderr
+    assert out.returncode == 4 and "authentication failed (401)" in out.stderr and "api_key_env" in out.stderr
     assert secret not in out.stderr + out.stdout and "Traceback" not in out.stderr
     assert read_shards(run_dir / "sl").is_empty()  # nothing recorded as failed for good
     server.configure(api_key=secret)

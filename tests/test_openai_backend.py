@@ -9,11 +9,13 @@ from backends import (
     BackendSettings,
     ChatRequest,
     ConfigError,
+    InvalidAnswer,
     PermanentError,
     RateLimited,
     ScoreRequest,
     Secret,
     TransientError,
+    Unreachable,
     create_backend,
 )
 from backends.openai_http import OpenAIBackend, parse_duration, parse_rate_limit_headers, parse_retry_after
@@ -76,8 +78,10 @@ async def test_no_logprobs_is_a_clear_error_or_sampled_fallback(server: TestServ
 @pytest.mark.parametrize(
     ("marker", "error", "pattern"),
     [
-        ("@@malformed@@", PermanentError, "invalid JSON"),
-        ("@@nochoices@@", PermanentError, "no choices"),
+        ("@@malformed@@", TransientError, "a body that is not JSON"),
+        ("@@html@@", TransientError, "status 200 with an HTML page"),
+        ("@@error200@@", TransientError, "status 200 with an error body: upstream overloaded"),
+        ("@@nochoices@@", InvalidAnswer, "no choices"),
         ("@@status:400@@", PermanentError, "rejected \\(400\\)"),
         ("@@status:404@@", PermanentError, "check base_url and the model"),
         ("@@status:503@@", TransientError, "server error 503"),
@@ -111,7 +115,7 @@ async def test_429_carries_retry_after(server: TestServer) -> None:
 async def test_unreachable_endpoint_is_transient_with_hint(free_port: int) -> None:
     b = create_backend("openai", BackendSettings(endpoint="dead", base_url=f"http://127.0.0.1:{free_port}/v1"))
     try:
-        with pytest.raises(TransientError, match=r"cannot connect.*is the server running"):
+        with pytest.raises(Unreachable, match=r"connection refused to http://127\.0\.0\.1:\d+/v1; is the server"):
             await b.chat(ChatRequest(USER))
     finally:
         await b.aclose()

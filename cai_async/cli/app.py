@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from backends.errors import CaiError
+from backends.errors import CaiError, RunStopped
 from backends.registry import available_backends
+from cai_async.exitcodes import STOPPED, USER_ERROR, exit_code, failure_count, leaves
 
 __all__ = ["app", "main"]
 
@@ -117,6 +118,12 @@ def _run(recipe_obj: Any) -> None:
         _print_example(run_dir / "generate")
     _print_summary_table(summary)
     _print_next(run_dir, summary)
+    code = exit_code(summary)
+    if code:
+        failed = sum(failure_count(stage) for stage in summary["stages"].values())
+        why = "stopped early" if code == STOPPED else f"{failed} items failed or recorded errors"
+        console.print(f"exit {code}: {why} (see above; a rerun resumes, `--retry-errors` retries error rows)")
+    raise typer.Exit(code)
 
 
 def _stage_row(name: str, stage: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
@@ -128,13 +135,11 @@ def _stage_row(name: str, stage: dict[str, Any]) -> tuple[str, str, str, str, st
         return name, f"{stage['rows']:,}", "0", f"{stage['seconds']:.1f}s", tokens, cost
     if name == "eval":
         run = stage.get("run", {})
-        failed = run.get("failed_not_recorded", 0) + run.get("pairwise_failed", 0)
-        errors = sum(entry.get("errors", 0) for entry in stage.get("models", {}).values())
-        return (name, f"{run.get('written', 0) + run.get('already_done', 0):,}", f"{failed + errors}",
+        failed = run.get("failed_not_recorded", 0) + run.get("pairwise_failed", 0) + failure_count(stage)
+        return (name, f"{run.get('written', 0) + run.get('already_done', 0):,}", f"{failed}",
                 f"{run.get('seconds', 0):.1f}s", tokens, cost)
     rows = stage.get("written", 0) + stage.get("skipped_already_done", 0)
-    failures = stage.get("failed", 0) + stage.get("errors", 0)
-    return name, f"{rows:,}", f"{failures}", f"{stage.get('seconds', 0):.1f}s", tokens, cost
+    return name, f"{rows:,}", f"{failure_count(stage)}", f"{stage.get('seconds', 0):.1f}s", tokens, cost
 
 
 def _print_summary_table(summary: dict[str, Any]) -> None:
@@ -155,6 +160,10 @@ def _print_summary_table(summary: dict[str, Any]) -> None:
                 f"{sum(e['calls'] for e in engine['endpoints'].values())}, cache hits: {engine['cache_hits']}, "
                 f"tokens: {engine['tokens']}, cost: ${engine['cost_usd']:.4f}"
             )
+            total = engine.get("run_total") or {}
+            if total.get("processes", 0) > 1:
+                console.print(f"run total over {total['processes']} processes: {total['calls']} calls, "
+                              f"tokens: {total['tokens']}, cost: ${total['cost_usd']:.4f}")
 
 
 def _print_next(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -200,6 +209,8 @@ def _print_stage(name: str, stage: dict[str, Any]) -> None:
         _print_eval(stage)
         return
     recorded = f", {stage['errors']} recorded errors" if "errors" in stage else ""
+    if stage.get("errors_kept"):
+        recorded += f" ({stage['errors_kept']} more kept from earlier runs; --retry-errors retries them)"
     console.print(
         f"[bold]{name}[/]: {stage['written']} written, {stage['skipped_already_done']} already done{recorded}, "
         f"{stage['failed']} failed (retried on rerun) in {stage['seconds']:.1f}s"
@@ -208,6 +219,8 @@ def _print_stage(name: str, stage: dict[str, Any]) -> None:
         console.print(f"[yellow]stopped:[/] {escape(stage['stopped'])}")
     for failure in stage["failures"][:5]:
         console.print(f"[red]failed[/] {failure['id']}: {escape(failure['error'])}")
+    if stage.get("failure_classes"):
+        console.print("  by class: " + ", ".join(f"{k} {v}" for k, v in stage["failure_classes"].items()))
     if "helpful" in stage:
         _print_stage(f"{name}/helpful", stage["helpful"])
     if "pairs" in stage:
@@ -263,6 +276,8 @@ BudgetOpt = Annotated[float | None, typer.Option(
 BatchOpt = Annotated[bool, typer.Option(
     "--batch", help="Send every OpenAI-compatible endpoint's calls through its Batch API (about half price).")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Disable the request cache.")]
+RetryErrorsOpt = Annotated[bool, typer.Option(
+    "--retry-errors", help="Rerun every row recorded with an error (default: only endpoint-side classes).")]
 ProgressOpt = Annotated[str | None, typer.Option(help="auto | rich | plain | off")]
 
 
@@ -346,6 +361,7 @@ def sl(
     response_column: Annotated[str | None, typer.Option(help="Take initial responses from this column.")] = None,
     constitution: Annotated[str | None, typer.Option(help="Built-in name or constitution file.")] = None,
     num_revisions: Annotated[int | None, typer.Option(help="Critique → revision rounds per prompt.")] = None,
+    retry_errors: RetryErrorsOpt = False,
     run_dir: RunDirOpt = None,
     limit: LimitOpt = None,
     backend: BackendOpt = None,
@@ -365,7 +381,7 @@ def sl(
     flags)."""
     extra = {"run_dir": run_dir, "sl.input": input, "sl.limit": limit, "sl.prompt_column": prompt_column,
              "sl.response_column": response_column, "sl.constitution": constitution,
-             "sl.num_revisions": num_revisions,
+             "sl.num_revisions": num_revisions, "retry_errors": retry_errors or None,
              **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
     endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "sl"))
@@ -381,6 +397,7 @@ def label(
     ensemble: Annotated[int | None, typer.Option(help="Principles per pair.")] = None,
     swap: Annotated[bool | None, typer.Option("--swap/--no-swap", help="Score both orders.")] = None,
     cot: Annotated[bool | None, typer.Option("--cot/--no-cot", help="Chain-of-thought labels.")] = None,
+    retry_errors: RetryErrorsOpt = False,
     run_dir: RunDirOpt = None,
     limit: LimitOpt = None,
     backend: BackendOpt = None,
@@ -400,6 +417,7 @@ def label(
     extra = {"run_dir": run_dir, "rl.pairs.source": pairs_source, "rl.pairs.input": input,
              "rl.pairs.sl_run": sl_run, "rl.pairs.limit": limit, "rl.label.principles": principles,
              "rl.label.ensemble": ensemble, "rl.label.swap": swap, "rl.label.cot.enabled": cot,
+             "retry_errors": retry_errors or None,
              **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
     endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "rl"))
@@ -511,6 +529,7 @@ def evaluate(
     summary = anyio.run(lambda: run_recipe(recipe_obj, progress=lambda e, stage: progress_display(
         e, recipe_obj.engine.progress, label=stage)))
     _print_eval(summary["stages"]["eval"])
+    raise typer.Exit(exit_code(summary))
 
 
 @app.command()
@@ -537,9 +556,10 @@ def show(
 
 @app.command()
 def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], budget_usd: BudgetOpt = None,
-        batch: BatchOpt = False, sets: SetOpt = None) -> None:
-    """Run every stage a recipe lists, in order."""
-    _run(_load(recipe, sets or [], {"engine.budget_usd": budget_usd, _BATCH: batch or None}, {}))
+        batch: BatchOpt = False, retry_errors: RetryErrorsOpt = False, sets: SetOpt = None) -> None:
+    """Run every stage a recipe lists, in order; the exit code covers them all (README: Exit codes)."""
+    _run(_load(recipe, sets or [], {"engine.budget_usd": budget_usd, _BATCH: batch or None,
+                                    "retry_errors": retry_errors or None}, {}))
 
 
 @app.command()
@@ -736,24 +756,20 @@ class CaiError_(CaiError):
     """A user error found by the CLI itself."""
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside (possibly nested) exception groups raised by task groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
 def main() -> None:
-    """Entry point: run the app; user errors become one line on stderr and exit code 2."""
+    """Entry point: run the app; user errors become one line on stderr and exit code 2, a run stopped early
+    (endpoint group down, refused key) one line and exit code 4."""
     try:
         app()
     except (CaiError, KeyboardInterrupt, BaseExceptionGroup) as exc:
-        leaves = _leaves(exc)
-        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        found = leaves(exc)
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in found):
             console.print("interrupted: finished results are kept; rerun the same command to resume")
             sys.exit(130)
-        if not all(isinstance(leaf, CaiError) for leaf in leaves):
+        if not all(isinstance(leaf, CaiError) for leaf in found):
             raise
-        for leaf in dict.fromkeys(str(leaf) for leaf in leaves):
-            console.print(Text.assemble(("error: ", "bold red"), leaf), highlight=False)
-        sys.exit(2)
+        stopped = [leaf for leaf in found if isinstance(leaf, RunStopped)]
+        label = "stopped: " if stopped else "error: "
+        for leaf in dict.fromkeys(str(leaf) for leaf in stopped or found):
+            console.print(Text.assemble((label, "bold red"), leaf), highlight=False)
+        sys.exit(STOPPED if stopped else USER_ERROR)

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 
 from cai_async.engine import Engine, plain_progress
+from cai_async.engine.progress import waiting_note
 
 __all__ = ["progress_display"]
 
@@ -31,11 +32,12 @@ async def _rich(engine: Engine, label: str) -> None:
         TextColumn("{task.fields[rate]:.1f}/s"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[tps]:.0f} tok/s ${task.fields[cost]:.4f} · {task.fields[failed]} failed"),
+        TextColumn("{task.fields[tps]:.0f} tok/s ${task.fields[cost]:.4f} · {task.fields[failed]} failed"
+                   "{task.fields[note]}"),
     )
     start = time.monotonic()
     with Progress(*columns, transient=False, refresh_per_second=4) as bar:
-        task = bar.add_task("calls", total=None, rate=0.0, tps=0.0, cost=0.0, failed=0)
+        task = bar.add_task("calls", total=None, rate=0.0, tps=0.0, cost=0.0, failed=0, note="")
         try:
             while True:
                 snap = engine.accounting.snapshot()
@@ -44,6 +46,7 @@ async def _rich(engine: Engine, label: str) -> None:
                 bar.update(
                     task, completed=done, total=snap["total"], rate=done / elapsed,
                     tps=snap["tokens"] / elapsed, cost=snap["cost_usd"], failed=snap["failed"],
+                    note=waiting_note(snap),
                 )
                 await anyio.sleep(0.25)
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,8 @@ class Accounting:
         self.failed = 0
         self.cache_hits = 0
         self.total: int | None = None
+        self.waiting: dict[str, float] = {}
+        """Endpoints rate limited past ``retry.max_wait_s``: when (``time.time()``) each takes calls again."""
 
     def endpoint(self, name: str) -> EndpointStats:
         stats = self.endpoints.get(name)
@@ -82,7 +85,9 @@ class Accounting:
         return sum(s.prompt_tokens + s.completion_tokens for s in self.endpoints.values())
 
     def snapshot(self) -> dict[str, Any]:
+        now = time.time()
         return {
+            "waiting": {name: round(until - now) for name, until in sorted(self.waiting.items()) if until > now},
             "done": self.done,
             "failed": self.failed,
             "total": self.total,

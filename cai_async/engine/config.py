@@ -123,19 +123,32 @@ class EndpointConfig(_Strict):
 
 
 class RetryConfig(_Strict):
-    """Retry policy: exponential backoff with jitter, ``Retry-After`` honoured, attempt and time caps."""
+    """Retry policy: exponential backoff with jitter, ``Retry-After`` honoured, attempt and time caps.
+
+    A ``Retry-After`` (or a wait learned from the rate-limit headers) longer than ``max_wait_s`` is a *horizon*:
+    the endpoint takes no calls until then and its calls go to the group's other endpoints at once; with none
+    left, ``long_wait`` says whether to wait (one line, then a countdown in the progress) or stop (exit 4).
+    """
 
     max_attempts: int = Field(default=8, ge=1)
     max_time_s: float = Field(default=600.0, gt=0)
     initial_s: float = Field(default=0.25, ge=0)
     max_wait_s: float = Field(default=30.0, ge=0)
+    long_wait: Literal["wait", "stop"] = Field(
+        default="wait", description="a group whose every endpoint waits past max_wait_s: wait visibly, or stop"
+    )
 
 
 class BreakerConfig(_Strict):
-    """Circuit breaker: after ``failures`` consecutive failures an endpoint cools off for ``cooloff_s``."""
+    """Circuit breaker and endpoint health. After ``failures`` consecutive failures an endpoint cools off for
+    ``cooloff_s``; when they were connection failures or timeouts it is *down* (with their cause) and gets one
+    probe call every ``probe_s``. A group whose every endpoint stays down for ``down_grace_s`` stops the stage
+    (exit 4; a rerun resumes)."""
 
     failures: int = Field(default=5, ge=1)
     cooloff_s: float = Field(default=15.0, ge=0)
+    probe_s: float = Field(default=2.0, gt=0, description="seconds between probe calls to a down endpoint")
+    down_grace_s: float = Field(default=10.0, ge=0, description="how long a whole group may be down before stopping")
 
 
 class CacheConfig(_Strict):

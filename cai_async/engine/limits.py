@@ -50,6 +50,11 @@ class TokenBucket:
         self._tokens -= amount
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
+    def wait_for(self, amount: float) -> float:
+        """Seconds a reservation of ``amount`` made now would wait (nothing is reserved)."""
+        self._refill()
+        return 0.0 if self._tokens >= amount else (amount - self._tokens) / self.rate
+
     def cap(self, level: float) -> None:
         """Hold no more than ``level`` tokens (what the endpoint says remains)."""
         self._refill()
@@ -89,6 +94,11 @@ class EndpointLimits:
         self._from_headers = False
 
     @property
+    def paused_until(self) -> float:
+        """When the pause after the last 429 ends (clock time; in the past when there is none)."""
+        return self._paused_until
+
+    @property
     def rpm(self) -> float | None:
         return self.requests.per_minute if self.requests else None
 
@@ -116,6 +126,10 @@ class EndpointLimits:
             wait = max(wait, self.tokens.reserve(estimated_tokens))
         if wait > 0:
             await self._sleep(wait)
+
+    def delay(self) -> float:
+        """Seconds a call sent now would wait for the request bucket (queued calls ahead of it included)."""
+        return self.requests.wait_for(1.0) if self.requests is not None else 0.0
 
     def pause(self, seconds: float) -> None:
         """Send nothing to this endpoint for ``seconds`` (after a 429)."""

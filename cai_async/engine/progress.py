@@ -10,7 +10,7 @@ import anyio
 
 from cai_async.engine.accounting import Accounting
 
-__all__ = ["format_progress", "plain_progress"]
+__all__ = ["format_progress", "plain_progress", "waiting_note"]
 
 
 def format_progress(snapshot: dict[str, Any], elapsed_s: float, *, label: str = "cai") -> str:
@@ -25,8 +25,20 @@ def format_progress(snapshot: dict[str, Any], elapsed_s: float, *, label: str = 
     tokens_rate = snapshot["tokens"] / elapsed_s if elapsed_s > 0 else 0.0
     return (
         f"[{label}] {done}{of_total} done ({snapshot['failed']} failed, {snapshot['cache_hits']} cached) "
-        f"{rate:.1f}/s{eta} {tokens_rate:.0f} tok/s ${snapshot['cost_usd']:.4f}"
+        f"{rate:.1f}/s{eta} {tokens_rate:.0f} tok/s ${snapshot['cost_usd']:.4f}{waiting_note(snapshot)}"
     )
+
+
+def waiting_note(snapshot: dict[str, Any]) -> str:
+    """The countdown of endpoints rate limited past ``retry.max_wait_s`` (``""`` when none waits)."""
+    waits = snapshot.get("waiting") or {}
+    return "".join(f" · {name} rate limited, back in {_clock(left)}" for name, left in waits.items())
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 async def plain_progress(

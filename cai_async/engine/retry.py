@@ -23,7 +23,8 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 def retry_wait(config: RetryConfig) -> Callable[[RetryCallState], float]:
-    """Seconds before the next attempt: ``Retry-After`` when the endpoint gave one, else exponential
+    """Seconds before the next attempt: ``Retry-After`` when the endpoint gave one (none past ``max_wait_s``:
+    the endpoint is then unavailable until that time and the call goes to another one at once), else exponential
     backoff with full jitter between 0 and ``initial_s * 2**attempt`` (capped at ``max_wait_s``)."""
     backoff = wait_random_exponential(multiplier=config.initial_s, max=config.max_wait_s)
 
@@ -31,6 +32,8 @@ def retry_wait(config: RetryConfig) -> Callable[[RetryCallState], float]:
         outcome = state.outcome
         exc = outcome.exception() if outcome is not None else None
         if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            if exc.retry_after > config.max_wait_s:
+                return 0.0  # a horizon: that endpoint takes no calls until then; try another one now
             return min(float(exc.retry_after), max(config.max_wait_s, 1.0) * 4)
         return float(backoff(state))
 

@@ -16,12 +16,22 @@ import anyio
 import anyio.lowlevel
 from tenacity import Future, RetryCallState, stop_after_attempt, stop_after_delay
 
-from backends.errors import BackendError, BudgetExceeded, CaiError, ConfigError, RateLimited, TransientError
+from backends.errors import (
+    BackendError,
+    BudgetExceeded,
+    CaiError,
+    ConfigError,
+    RateLimited,
+    RunStopped,
+    TransientError,
+)
 from backends.registry import create_backend
-from backends.types import Backend, ChatRequest, ChatResult, ScoreRequest, ScoreResult, Usage
+from backends.types import Backend, ChatRequest, ChatResult, RateLimitInfo, ScoreRequest, ScoreResult, Usage
 from cai_async.engine.accounting import Accounting
 from cai_async.engine.cache import RequestCache, request_key
 from cai_async.engine.config import EngineConfig
+from cai_async.engine.ledger import RunLedger
+from cai_async.engine.notices import Notices
 from cai_async.engine.pool import EndpointState, choose_endpoint
 from cai_async.engine.retry import retry_policy, retry_wait
 
@@ -55,6 +65,19 @@ class BatchReport(Generic[T]):
     """Why scheduling stopped early (budget), or ``None`` when every item was handled."""
 
 
+def _learned_wait(exc: RateLimited) -> float | None:
+    """How long a 429 asks to wait: its ``Retry-After``, else the reset time of a limit its headers say is used
+    up (``x-ratelimit-remaining-*: 0``)."""
+    if exc.retry_after is not None:
+        return float(exc.retry_after)
+    info = exc.rate_limit
+    if not isinstance(info, RateLimitInfo):
+        return None
+    resets = [reset for left, reset in ((info.remaining_requests, info.reset_requests_s),
+                                        (info.remaining_tokens, info.reset_tokens_s)) if left == 0 and reset]
+    return max(resets) if resets else None
+
+
 def _to_cache(result: ChatResult | ScoreResult) -> dict[str, Any]:
     base = {
         "model": result.model,
@@ -79,7 +102,8 @@ def _from_cache(kind: str, data: dict[str, Any]) -> ChatResult | ScoreResult:
 class Engine:
     """Schedules calls over endpoint groups. Use as ``async with Engine(config) as engine: ...``.
 
-    ``run_dir`` holds the request cache (``cache.sqlite``) unless ``config.cache.path`` says otherwise.
+    ``run_dir`` holds the request cache (``cache.sqlite``) unless ``config.cache.path`` says otherwise, and the
+    ledger of what every process that worked on it spent (``accounting.sqlite``).
     ``backends`` injects ready backend objects by endpoint name (tests, custom code); ``sleep`` and ``clock``
     replace time for tests.
     """
@@ -106,6 +130,9 @@ class Engine:
         self._retry = retry_policy(config.retry, sleep=sleep)
         self._stack = AsyncExitStack()
         self._committed_usd = 0.0
+        self.notices = Notices(log, clock=clock)
+        self._ledger: RunLedger | None = None
+        self._ledger_saved = 0.0
 
     @property
     def cache(self) -> RequestCache | None:
@@ -125,7 +152,8 @@ class Engine:
                         if hasattr(backend, "__aenter__"):  # backends with background work (Batch API rounds)
                             await self._stack.enter_async_context(backend)  # type: ignore[arg-type]
                         state = EndpointState(
-                            endpoint, backend, self.config.breaker, sleep=self._sleep, clock=self._clock
+                            endpoint, backend, self.config.breaker, sleep=self._sleep, clock=self._clock,
+                            notices=self.notices,
                         )
                         self._endpoints[endpoint.name] = state
                     states.append(state)
@@ -135,6 +163,8 @@ class Engine:
                 if path is None:
                     path = str((self._run_dir or Path(".")) / "cache.sqlite")
                 self._cache = RequestCache(path)
+            if self._run_dir is not None:
+                self._ledger = RunLedger(self._run_dir / "accounting.sqlite")
         except BaseException:
             await self.aclose()
             raise
@@ -156,6 +186,24 @@ class Engine:
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+        self.notices.flush()
+        if self._ledger is not None:
+            self._save_ledger(finished=True)
+            self._ledger.close()
+            self._ledger = None
+
+    def _save_ledger(self, *, finished: bool = False) -> None:
+        """Keep this process's counters in the run's ledger (every 0.2 s of calls, and at the end), so a kill
+        loses at most the calls in flight and 0.2 s of accounting."""
+        if self._ledger is None:
+            return
+        self._ledger_saved = self._clock()
+        stats = self.accounting.endpoints.values()
+        counters: dict[str, float] = {name: sum(getattr(s, name) for s in stats)
+                                      for name in ("calls", "failures", "retries", "rate_limited", "prompt_tokens",
+                                                   "completion_tokens", "cost_usd")}
+        counters["cache_hits"] = self.accounting.cache_hits
+        self._ledger.save(counters, finished=finished)
 
     def group(self, role: str) -> list[EndpointState]:
         """Live endpoints of a role; ``critic`` falls back to ``policy``."""
@@ -230,11 +278,11 @@ class Engine:
             async with limiter:
                 try:
                     # Fast path: most calls succeed first time and skip tenacity's per-attempt bookkeeping.
-                    result, state = await self._attempt(endpoints, kind, request, estimated, False)
+                    result, state = await self._attempt(role, endpoints, kind, request, estimated, False)
                 except (RateLimited, TransientError) as first:
                     if batch:  # the batch backend retries inside (resubmission); a rerun resumes its batches
                         raise
-                    result, state = await self._retry_after(first, endpoints, kind, request, estimated)
+                    result, state = await self._retry_after(first, role, endpoints, kind, request, estimated)
         finally:
             self._committed_usd -= committed
         if self._cache is not None:
@@ -244,7 +292,7 @@ class Engine:
         return result
 
     async def _retry_after(
-        self, first: BackendError, endpoints: list[EndpointState], kind: str, request: Any, estimated: int
+        self, first: BackendError, role: str, endpoints: list[EndpointState], kind: str, request: Any, estimated: int
     ) -> tuple[ChatResult | ScoreResult, EndpointState]:
         """Retry a call whose first attempt failed, under the tenacity policy (attempt 1 already spent)."""
         if self.config.retry.max_attempts <= 1:
@@ -257,15 +305,23 @@ class Engine:
             stop=stop_after_attempt(self.config.retry.max_attempts - 1)
             | stop_after_delay(max(0.0, self.config.retry.max_time_s - (time.monotonic() - started))),
         )
+        last = first
         async for attempt in retrying:
             with attempt:
-                return await self._attempt(endpoints, kind, request, estimated, True)
+                try:  # a retry goes to another endpoint than the one that just failed, when one can take it
+                    return await self._attempt(role, endpoints, kind, request, estimated, True, avoid=last.endpoint)
+                except BackendError as exc:
+                    last = exc
+                    raise
         raise first  # pragma: no cover - tenacity re-raises the last error itself
 
     async def _attempt(
-        self, endpoints: list[EndpointState], kind: str, request: Any, estimated: int, is_retry: bool
+        self, role: str, endpoints: list[EndpointState], kind: str, request: Any, estimated: int, is_retry: bool,
+        avoid: str = "",
     ) -> tuple[ChatResult | ScoreResult, EndpointState]:
-        state = await choose_endpoint(endpoints, sleep=self._sleep, clock=self._clock)
+        state = await choose_endpoint(endpoints, role=role, retry=self.config.retry, breaker=self.config.breaker,
+                                      avoid=avoid, sleep=self._sleep, clock=self._clock)
+        probe = state.probing
         stats = self.accounting.endpoint(state.name)
         if is_retry:
             stats.retries += 1
@@ -285,13 +341,24 @@ class Engine:
                     if isinstance(exc, RateLimited):
                         stats.rate_limited += 1
                         fallback = min(self.config.retry.max_wait_s, self.config.retry.initial_s * 4)
-                        state.limits.on_rate_limited(exc.retry_after, max(fallback, 0.5), exc.rate_limit)
+                        wait = _learned_wait(exc)
+                        if wait is not None and state.rate_limited_until(wait, self.config.retry):
+                            state.limits.pause(wait)  # a quota's horizon says nothing of the rate: keep it
+                            self.accounting.waiting[state.name] = time.time() + wait
+                        else:
+                            state.limits.on_rate_limited(wait, max(fallback, 0.5), exc.rate_limit)
+                        state.record_success()  # an answer: the endpoint is up, only busy
                     elif isinstance(exc, TransientError):
-                        state.record_failure()
+                        state.record_failure(exc)
+                        self.notices.warn(f"{state.name}:{type(exc).__name__}:{exc.status}", f"call failed: {exc}")
+                    else:
+                        state.record_success()  # an answer (a 4xx): the endpoint is up
                     log.debug("call failed on %s: %s", state.name, exc)
                     raise
         finally:
             state.inflight -= 1
+            if probe and state.probing:  # a probe cancelled before its answer: let another call probe
+                state.probing = False
         state.limits.answered()
         state.record_success()
         usage = result.usage
@@ -301,6 +368,8 @@ class Engine:
         stats.completion_tokens += usage.completion_tokens
         stats.cost_usd += state.config.cost(usage.prompt_tokens, usage.completion_tokens)
         stats.add_latency(result.latency_s)
+        if self._ledger is not None and self._clock() - self._ledger_saved >= 0.2:
+            self._save_ledger()
         return result, state
 
     async def run_batch(
@@ -320,7 +389,7 @@ class Engine:
         # progress counts across batches: this batch adds its items to what earlier batches finished
         self.accounting.total = None if total is None else self.accounting.done + self.accounting.failed + total
         stop = anyio.Event()
-        fatal: list[ConfigError] = []
+        fatal: list[ConfigError | RunStopped] = []
         # Workers pull the next item themselves when free: no producer task, no hand-over per item, and never
         # more items out of the iterable than workers. A sync iterator needs no lock (next() does not yield).
         lock = anyio.Lock()
@@ -350,16 +419,17 @@ class Engine:
                 outcome: R | CaiError
                 try:
                     outcome = await call(item)
-                except ConfigError as exc:  # wrong for every item (e.g. no Batch API): stop and say so
+                except BudgetExceeded as exc:
+                    outcome = exc
+                    report.stopped = str(exc)
+                    stop.set()
+                except (ConfigError, RunStopped) as exc:  # wrong for every item (no Batch API, group down): stop
                     fatal.append(exc)
                     stop.set()
                     tg.cancel_scope.cancel()
                     return
                 except CaiError as exc:
                     outcome = exc
-                    if isinstance(exc, BudgetExceeded):
-                        report.stopped = str(exc)
-                        stop.set()
                 if isinstance(outcome, CaiError):
                     report.failed += 1
                     self.accounting.failed += 1
@@ -380,6 +450,9 @@ class Engine:
     def summary(self) -> dict[str, Any]:
         """Accounting snapshot plus learned limits per endpoint."""
         snap = self.accounting.snapshot()
+        if self._ledger is not None:
+            self._save_ledger()
+            snap["run_total"] = self._ledger.totals()
         snap["limits"] = {
             name: {"rpm": state.limits.rpm, "tpm": state.limits.tpm} for name, state in self._endpoints.items()
         }

@@ -13,20 +13,66 @@ import polars as pl
 from backends.errors import CaiError
 from backends.types import ChatResult, ScoreResult
 from cai_async.engine import Engine
-from cai_async.store import MESSAGES, ShardWriter
+from cai_async.store import MESSAGES, ShardWriter, read_shards
 
-__all__ = ["CALL_FIELDS", "MESSAGES", "StageReport", "call_fields", "gather_calls", "write_rows"]
+__all__ = [
+    "CALL_FIELDS",
+    "HEALABLE",
+    "MESSAGES",
+    "StageReport",
+    "call_fields",
+    "error_fields",
+    "finished_ids",
+    "gather_calls",
+    "write_rows",
+]
+
+HEALABLE = frozenset({"InvalidAnswer", "MissingLogprobs", "EmptyResponse"})
+"""Error classes whose cause is on the endpoint's side (an unusable answer, no logprobs, empty text): a rerun
+retries rows recorded with them; other recorded errors (a 400, a context too long) only with ``retry_errors``."""
+
+
+def error_fields(error: CaiError) -> dict[str, str]:
+    """The ``error`` and ``error_class`` fields of a row that recorded ``error``."""
+    return {"error": f"{type(error).__name__}: {error}", "error_class": type(error).__name__}
+
+
+def finished_ids(writer: ShardWriter, *, retry_errors: bool = False, column: str = "id") -> tuple[set[str], int]:
+    """Ids of ``writer``'s directory a rerun skips: rows that finished ok, and rows recorded with an error a
+    rerun cannot heal (:data:`HEALABLE` are retried; with ``retry_errors`` every error row is); and how many
+    of the skipped rows are errors (kept: the stage still did not finish them)."""
+    frame = read_shards(writer.directory)
+    if frame.is_empty() or column not in frame.columns:
+        return set(), 0
+    if "status" not in frame.columns:
+        return {str(v) for v in frame[column].to_list()}, 0
+    done = set()
+    kept = 0
+    for row in frame.select(column, "status", *[c for c in ("error", "error_class") if c in frame.columns]).iter_rows(
+        named=True
+    ):
+        if row["status"] != "ok":
+            if retry_errors:
+                continue
+            kind = row.get("error_class") or str(row.get("error") or "").partition(":")[0]
+            if kind in HEALABLE:
+                continue
+            kept += 1
+        done.add(str(row[column]))
+    return done, kept
 
 T = TypeVar("T")
 
 
 @dataclass
 class StageReport:
-    """What a stage run did: rows asked for, already done, written, failed (not written: a rerun retries
-    them, with reasons), why it stopped early (budget), and how long it took."""
+    """What a stage run did: rows asked for, already done (some of them kept errors), written, failed (not
+    written: a rerun retries them, with reasons), why it stopped early (budget), and how long it took."""
 
     total: int = 0
     skipped: int = 0
+    errors_kept: int = 0
+    """Of ``skipped``: rows recorded with an error by an earlier run and not retried (see ``finished_ids``)."""
     written: int = 0
     failed: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
@@ -56,10 +102,12 @@ async def write_rows(
     def on_result(item: _HasId, outcome: dict[str, Any] | CaiError) -> None:
         if isinstance(outcome, CaiError):
             report.failed += 1
-            report.failures.append({"id": item.id, "error": f"{type(outcome).__name__}: {outcome}"})
+            report.failures.append({"id": item.id, "error": f"{type(outcome).__name__}: {outcome}",
+                                    "class": type(outcome).__name__})
             return
         if outcome.get("status", "ok") != "ok":
-            report.failures.append({"id": item.id, "error": str(outcome.get("error"))})
+            report.failures.append({"id": item.id, "error": str(outcome.get("error")),
+                                    "class": str(outcome.get("error_class") or "")})
         count(outcome)
         writer.add(outcome)
 

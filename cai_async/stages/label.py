@@ -21,7 +21,7 @@ from cai_async.constitution import ComparisonPrinciple, ComparisonSet, draw_prin
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine
 from cai_async.judging import ANSWER_PREFIX, CotConfig, Judgment, combine_orders, judge_pair
-from cai_async.stages.common import StageReport, gather_calls, write_rows
+from cai_async.stages.common import StageReport, error_fields, finished_ids, gather_calls, write_rows
 from cai_async.stages.pairs import PairRow
 from cai_async.store import MESSAGES, ShardWriter
 
@@ -56,6 +56,7 @@ LABEL_SCHEMA: dict[str, pl.DataType] = {
     "stage": pl.String(),
     "status": pl.String(),
     "error": pl.String(),
+    "error_class": pl.String(),
     "comparison_set": pl.String(),
     "comparison_hash": pl.String(),
     "prompt_id": pl.String(),
@@ -128,7 +129,7 @@ class Labeller:
 
     def _base(self, pair: PairRow) -> dict[str, Any]:
         return {
-            "id": pair.id, "run_id": self.run_id, "stage": "rl", "status": "ok", "error": None,
+            "id": pair.id, "run_id": self.run_id, "stage": "rl", "status": "ok", "error": None, "error_class": None,
             "comparison_set": self.principles.name, "comparison_hash": self.principles.content_hash,
             "prompt_id": pair.prompt_id, "pair_source": pair.source, "prompt": pair.prompt,
             "messages": list(pair.messages), "response_a": pair.response_a, "response_b": pair.response_b,
@@ -150,7 +151,7 @@ class Labeller:
             if not isinstance(error, PermanentError):
                 raise error  # transient or budget: not recorded, so a rerun retries the pair
         if errors:
-            record.update(status="error", error=f"{type(errors[0]).__name__}: {errors[0]}")
+            record.update(status="error", **error_fields(errors[0]))
         judgments = [o for o in outcomes if isinstance(o, Judgment)]
         per_principle = []
         for principle in drawn:
@@ -188,14 +189,16 @@ async def run_label(
     return await label_pairs(labeller, pairs, out_dir)
 
 
-async def label_pairs(labeller: Labeller, pairs: list[PairRow], out_dir: str | Path) -> LabelReport:
+async def label_pairs(
+    labeller: Labeller, pairs: list[PairRow], out_dir: str | Path, *, retry_errors: bool = False
+) -> LabelReport:
     """Label ``pairs`` with a ready :class:`Labeller` (built first, so a bad comparison set fails before any
-    pair is made)."""
+    pair is made); error rows are retried as :func:`~cai_async.stages.common.finished_ids` says."""
     engine, config = labeller.engine, labeller.config
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=LABEL_SCHEMA, flush_every_s=config.flush_every_s)
-    done = writer.existing_ids()
+    done, kept = finished_ids(writer, retry_errors=retry_errors)
     todo = [p for p in pairs if p.id not in done]
-    report = LabelReport(total=len(pairs), skipped=len(pairs) - len(todo))
+    report = LabelReport(total=len(pairs), skipped=len(pairs) - len(todo), errors_kept=kept)
 
     def count(row: dict[str, Any]) -> None:
         if row["status"] != "ok":

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backends.errors import BudgetExceeded, CaiError, PermanentError
+from backends.errors import BudgetExceeded, CaiError, InvalidAnswer, PermanentError
 from backends.types import ChatRequest, ChatResult
 from cai_async.constitution import Constitution, DrawMode, Principle, draw_passes
 from cai_async.constitution_io import load_constitution
@@ -25,7 +25,15 @@ from cai_async.engine import Engine
 from cai_async.exports import ExportConfig
 from cai_async.prompts import PromptRow, PromptSource
 from cai_async.stages.cleaning import NO_ISSUES_PATTERN, clean_revision
-from cai_async.stages.common import CALL_FIELDS, MESSAGES, StageReport, call_fields, write_rows
+from cai_async.stages.common import (
+    CALL_FIELDS,
+    MESSAGES,
+    StageReport,
+    call_fields,
+    error_fields,
+    finished_ids,
+    write_rows,
+)
 from cai_async.store import ShardWriter
 
 __all__ = [
@@ -60,6 +68,7 @@ CHAIN_SCHEMA: dict[str, pl.DataType] = {
     "stage": pl.String(),
     "status": pl.String(),
     "error": pl.String(),
+    "error_class": pl.String(),
     "error_step": pl.String(),
     "constitution": pl.String(),
     "constitution_hash": pl.String(),
@@ -81,8 +90,8 @@ CHAIN_SCHEMA: dict[str, pl.DataType] = {
 """One row per chain; ``rounds`` holds every critique → revision step with its endpoint, usage and timing."""
 
 
-class EmptyResponse(PermanentError):
-    """An endpoint answered with no text for a step that needs some."""
+class EmptyResponse(InvalidAnswer):
+    """An endpoint answered with no text for a step that needs some (endpoint-side: a rerun retries it)."""
 
 
 class EarlyStopConfig(BaseModel):
@@ -234,6 +243,7 @@ class ChainRunner:
             "stage": "sl",
             "status": "ok",
             "error": None,
+            "error_class": None,
             "error_step": None,
             "constitution": self.constitution.name,
             "constitution_hash": self.constitution.content_hash,
@@ -269,8 +279,7 @@ class ChainRunner:
         except _StepFailed as failed:
             if not isinstance(failed.error, PermanentError):
                 raise failed.error from None
-            record.update(status="error", error=f"{type(failed.error).__name__}: {failed.error}",
-                          error_step=failed.step)
+            record.update(status="error", **error_fields(failed.error), error_step=failed.step)
         record["num_rounds"] = len(record["rounds"])
         record["final_response"] = current if record["status"] == "ok" else None
         record["prompt_tokens"] = sum(r.usage.prompt_tokens for r in results)
@@ -280,8 +289,11 @@ class ChainRunner:
         return record
 
 
-async def run_sl(engine: Engine, config: SLConfig, out_dir: str | Path, *, run_id: str = "") -> SLReport:
-    """Run critique → revision chains for every prompt not already in ``out_dir``."""
+async def run_sl(
+    engine: Engine, config: SLConfig, out_dir: str | Path, *, run_id: str = "", retry_errors: bool = False
+) -> SLReport:
+    """Run critique → revision chains for every prompt not already in ``out_dir`` (error rows are retried when
+    their class is endpoint-side, or all of them with ``retry_errors``)."""
     constitution = load_constitution(config.constitution).with_weights(config.principle_weights)
     if config.few_shot > len(constitution.few_shot):
         raise CaiError(f"sl.few_shot={config.few_shot} but constitution {constitution.name!r} has "
@@ -289,9 +301,9 @@ async def run_sl(engine: Engine, config: SLConfig, out_dir: str | Path, *, run_i
     prompts = config.load(response_column=config.response_column)
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=CHAIN_SCHEMA,
                          flush_every_s=config.flush_every_s)
-    done = writer.existing_ids()
+    done, kept = finished_ids(writer, retry_errors=retry_errors)
     todo = [p for p in prompts if p.id not in done]
-    report = SLReport(total=len(prompts), skipped=len(prompts) - len(todo))
+    report = SLReport(total=len(prompts), skipped=len(prompts) - len(todo), errors_kept=kept)
     runner = ChainRunner(engine, config, constitution, run_id or Path(out_dir).parent.name)
 
     def count(row: dict[str, Any]) -> None:

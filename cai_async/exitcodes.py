@@ -1,0 +1,49 @@
+"""Exit codes a script can trust, and the one computed from a run's summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["FAILED_ROWS", "OK", "STOPPED", "USER_ERROR", "exit_code", "failure_count", "leaves"]
+
+OK = 0
+"""Every selected item finished ok."""
+USER_ERROR = 2
+"""A configuration, input or option is wrong (one line says what to fix); nothing ran."""
+FAILED_ROWS = 3
+"""The stages ran to the end, but some items failed (not written; a rerun retries them) or were recorded as
+errors; the summary says how many and why."""
+STOPPED = 4
+"""The run stopped early: budget reached, every endpoint of a group down, a long rate-limit wait with
+``retry.long_wait: stop``, or a refused API key. Finished items are kept; a rerun resumes."""
+
+
+def failure_count(stage: dict[str, Any]) -> int:
+    """Items of a stage summary that did not finish ok: failed (not written), recorded errors (this run's, and
+    earlier runs' kept without a retry), and the same for its nested parts (pairs, helpfulness responses) and
+    evaluated models."""
+    count = sum(int(stage.get(key) or 0) for key in ("failed", "errors", "errors_kept"))
+    for part in ("pairs", "helpful"):
+        if isinstance(stage.get(part), dict):
+            count += failure_count(stage[part])
+    models = stage.get("models")
+    if isinstance(models, dict):
+        count += sum(int(entry.get("errors") or 0) for entry in models.values() if isinstance(entry, dict))
+    return count
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """``STOPPED`` when the run or a stage stopped early, ``FAILED_ROWS`` when an item failed, else ``OK``."""
+    stages = summary.get("stages", {})
+    if summary.get("stopped") or any(isinstance(s, dict) and s.get("stopped") for s in stages.values()):
+        return STOPPED
+    if any(isinstance(s, dict) and failure_count(s) for s in stages.values()):
+        return FAILED_ROWS
+    return OK
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups raised by task groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
