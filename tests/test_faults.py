@@ -318,12 +318,12 @@ def test_set_reaches_list_items_and_misplaced_keys_get_a_hint(tmp_path: Path, se
     bad = cai("config", str(recipe), "--set", "engine.groups.policy.5.base_url=x")
     assert bad.returncode == USER_ERROR and "is a list of 2" in bad.stderr
     data = yaml.safe_load(recipe.read_text())
-    data["num_revisions"] = 2
+    data["critique_max_tokens"] = 64  # (num_revisions at the top level is an alias now: the method's key)
     data["engine"]["max_wait_s"] = 5
     recipe.write_text(yaml.safe_dump(data))
     out = cai("config", str(recipe))
     assert out.returncode == USER_ERROR
-    assert "unknown key num_revisions — did you mean sl.num_revisions?" in out.stderr
+    assert "unknown key critique_max_tokens — did you mean sl.critique_max_tokens?" in out.stderr
     assert "unknown key max_wait_s — did you mean engine.retry.max_wait_s?" in out.stderr
 
 
