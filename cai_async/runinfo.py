@@ -40,6 +40,8 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
         info["cost_usd"] = engine.get("cost_usd", 0.0)
         info["calls"] = sum(e.get("calls", 0) for e in engine.get("endpoints", {}).values())
         info["cache_hits"] = engine.get("cache_hits", 0)
+        if engine.get("local"):  # in-process models: threads, batching, the decode loop's counters
+            info["local_models"] = engine["local"]
         if "plan" in summary:
             plan = summary["plan"]
             info["estimate_vs_actual"] = {
