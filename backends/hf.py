@@ -84,6 +84,7 @@ class TransformersBackend:
         if self.batch_size < 1 or self._window_s < 0:
             raise ConfigError(f"endpoint {self.name!r}: batch_size must be at least 1 and batch_window_s at least 0")
         self._loaded: _Loaded | None = None
+        self._batches = self._largest = 0
 
     def _load(self) -> _Loaded:
         key = str(self.path.resolve())
@@ -166,6 +167,8 @@ class TransformersBackend:
                         if call not in group:
                             group = [call, *group[: self.batch_size - 1]]
                         loaded.pending = [c for c in loaded.pending if c not in group]
+                    self._batches += 1
+                    self._largest = max(self._largest, len(group))
                     await anyio.to_thread.run_sync(run_group, loaded, group)
         finally:
             with loaded.lock:
@@ -174,6 +177,11 @@ class TransformersBackend:
         if call.error is not None:
             raise call.error
         return call.result
+
+    def summary(self) -> dict[str, Any]:
+        """Batching settings and counters, for ``summary.json`` and tests."""
+        return {"model": self.model_name, "batch_size": self.batch_size, "batches": self._batches,
+                "largest_batch": self._largest}
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         result: ChatResult = await self._run(request)

@@ -88,7 +88,8 @@ class LlamaCppBackend:
     ``settings.model``: a GGUF path, or empty / ``"embedded"`` for SmolLM2-135M-Instruct. Options:
     ``n_ctx`` (2048 tokens per sequence), ``n_threads`` (the cores this process may use), ``n_threads_batch``
     (prompt evaluation; same default), ``batching`` (true: concurrent calls share one decode loop of
-    ``settings.max_concurrency`` sequences), ``batch_tokens`` (512: tokens per decode step),
+    ``settings.max_concurrency`` sequences), ``batch_tokens`` (512: tokens per decode step), ``flash_attn``
+    (true: llama.cpp's flash attention, on both paths so their answers agree),
     ``score_method`` (``"logits"``, or ``"logprobs"`` which loads with ``logits_all=True`` through the
     completion API, unbatched, kept for comparison).
     """

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from backends.cpus import cgroup_cpu_quota, detect_cores, physical_cores
 
 
@@ -83,3 +85,15 @@ def test_cgroup_v1_quota(tmp_path: Path) -> None:
 def test_this_machine_gives_a_usable_count() -> None:
     found = detect_cores()
     assert 1 <= found.threads <= found.allowed_cpus
+
+
+def test_endpoint_options_override_the_default_and_summaries_say_so() -> None:
+    pytest.importorskip("llama_cpp")
+    from backends import BackendSettings, create_backend
+
+    chosen = create_backend("llamacpp", BackendSettings(endpoint="x", options={"n_threads": 3, "n_threads_batch": 5}))
+    info = chosen.summary()  # type: ignore[attr-defined]
+    assert (info["n_threads"], info["n_threads_batch"], info["threads_from"]) == (3, 5, "endpoint option n_threads")
+    default = create_backend("llamacpp", BackendSettings(endpoint="y", max_concurrency=4)).summary()  # type: ignore[attr-defined]
+    assert default["n_threads"] == default["n_threads_batch"] == detect_cores().threads
+    assert default["threads_from"] == detect_cores().describe() and default["batching"] == "4 sequences"

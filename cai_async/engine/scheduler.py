@@ -390,7 +390,7 @@ class Engine:
         if batches:
             snap["batches"] = batches
         local = {name: state.backend.summary() for name, state in self._endpoints.items()
-                 if state.config.backend == "llamacpp" and hasattr(state.backend, "summary")}
+                 if state.config.backend in ("llamacpp", "transformers") and hasattr(state.backend, "summary")}
         if local:
             snap["local"] = local
         return snap
