@@ -1,9 +1,12 @@
 """In-process llama.cpp backend (llama-cpp-python) for GGUF models, by default the embedded SmolLM2.
 
-Calls run in a worker thread, one at a time per loaded model (``anyio.to_thread.run_sync`` with a
-``CapacityLimiter(1)``). The chat template comes from the GGUF. Choice scoring evaluates the prompt and
-reads the last position's logits (about 10× faster than ``logits_all=True`` logprobs, same numbers);
-the KV cache is reused across calls that share a prefix.
+By default concurrent calls to one loaded model share a decode loop (:mod:`backends.llamacpp_batch`):
+continuous batching over ``max_concurrency`` sequences (the endpoint's; 8 when unset) of ``n_ctx`` tokens
+each, so KV memory is ``n_ctx`` × sequences × the model's KV bytes per token. With the option
+``batching: false`` calls run one at a time per loaded model in a worker thread (``create_chat_completion``),
+reusing the KV cache across calls that share a prefix. Threads default to the cores this process may use
+(:func:`backends.cpus.detect_cores`). The chat template comes from the GGUF. Choice scoring evaluates the
+prompt and reads the last position's logits (about 10× faster than ``logits_all=True`` logprobs, same numbers).
 """
 
 from __future__ import annotations
@@ -12,21 +15,25 @@ import importlib.util
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 
+from backends.cpus import CoreCount, detect_cores
 from backends.errors import ConfigError, PermanentError
+from backends.llamacpp_batch import BatchDecoder, SamplingOptions
 from backends.registry import BackendSettings
 from backends.scoring import normalize_choice_logprobs
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult, Usage, plain_messages
 
-__all__ = ["EMBEDDED_MODEL_FILE", "LlamaCppBackend", "check_gguf", "embedded_model_path"]
+__all__ = ["DEFAULT_SEQUENCES", "EMBEDDED_MODEL_FILE", "LlamaCppBackend", "check_gguf", "embedded_model_path"]
 
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SEQUENCES = 8
+"""Sequences decoded together when the endpoint sets no ``max_concurrency``."""
 _INSTALL_HINT = "pip install 'cai-async[local]'"
 
 
@@ -60,18 +67,31 @@ class _Loaded:
     limiter: anyio.CapacityLimiter
     formatter: Any
     choice_tokens: dict[str, dict[int, str]]
+    decoders: dict[tuple[int, int, int], BatchDecoder] = field(default_factory=dict)
 
 
-_MODELS: dict[tuple[str, int, bool], _Loaded] = {}
+_MODELS: dict[tuple[str, int, bool, int, int, bool], _Loaded] = {}
 _MODELS_LOCK = threading.Lock()
+_CORES: CoreCount | None = None
+
+
+def _cores() -> CoreCount:
+    global _CORES
+    if _CORES is None:
+        _CORES = detect_cores()
+    return _CORES
 
 
 class LlamaCppBackend:
     """Chat and choice scoring with llama-cpp-python in this process.
 
     ``settings.model``: a GGUF path, or empty / ``"embedded"`` for SmolLM2-135M-Instruct. Options:
-    ``n_ctx`` (2048), ``n_threads`` (all cores), ``score_method`` (``"logits"``, or ``"logprobs"`` which
-    loads with ``logits_all=True`` through the completion API, kept for comparison).
+    ``n_ctx`` (2048 tokens per sequence), ``n_threads`` (the cores this process may use), ``n_threads_batch``
+    (prompt evaluation; same default), ``batching`` (true: concurrent calls share one decode loop of
+    ``settings.max_concurrency`` sequences), ``batch_tokens`` (512: tokens per decode step), ``flash_attn``
+    (true: llama.cpp's flash attention, on both paths so their answers agree),
+    ``score_method`` (``"logits"``, or ``"logprobs"`` which loads with ``logits_all=True`` through the
+    completion API, unbatched, kept for comparison).
     """
 
     def __init__(self, settings: BackendSettings) -> None:
@@ -85,18 +105,37 @@ class LlamaCppBackend:
         self.model_name = self.path.stem if model in ("", "embedded") else model
         options = settings.options
         self._n_ctx = int(options.get("n_ctx", 2048))
-        self._n_threads = int(options["n_threads"]) if "n_threads" in options else None
+        self._threads_source = "endpoint option n_threads" if "n_threads" in options else _cores().describe()
+        self._n_threads = int(options["n_threads"]) if "n_threads" in options else _cores().threads
+        self._n_threads_batch = int(options.get("n_threads_batch", self._n_threads))
+        if self._n_threads < 1 or self._n_threads_batch < 1:
+            raise ConfigError(f"endpoint {self.name!r}: n_threads and n_threads_batch must be at least 1")
         self._score_method = str(options.get("score_method", "logits"))
         if self._score_method not in ("logits", "logprobs"):
             raise ConfigError(f"endpoint {self.name!r}: score_method must be 'logits' or 'logprobs'")
+        batching = options.get("batching", True)
+        if not isinstance(batching, bool):
+            raise ConfigError(f"endpoint {self.name!r}: the option batching must be true or false")
+        self.sequences = (settings.max_concurrency or DEFAULT_SEQUENCES) if batching else 1
+        """Sequences decoded together; 1 when unbatched (the engine keeps this many chains in flight)."""
+        self._batching = batching
+        flash_attn = options.get("flash_attn", True)
+        if not isinstance(flash_attn, bool):
+            raise ConfigError(f"endpoint {self.name!r}: the option flash_attn must be true or false")
+        self._flash_attn = flash_attn
+        self._batch_tokens = int(options.get("batch_tokens", 512))
+        if self._batch_tokens < self.sequences:
+            raise ConfigError(f"endpoint {self.name!r}: batch_tokens ({self._batch_tokens}) must be at least the "
+                              f"sequences in the batch ({self.sequences})")
         self._loaded: _Loaded | None = None
+        self._decoder: BatchDecoder | None = None
 
     def __repr__(self) -> str:
         return f"LlamaCppBackend(endpoint={self.name!r}, path={str(self.path)!r})"
 
     def _load(self) -> _Loaded:
         logits_all = self._score_method == "logprobs"
-        key = (str(self.path), self._n_ctx, logits_all)
+        key = (str(self.path), self._n_ctx, logits_all, self._n_threads, self._n_threads_batch, self._flash_attn)
         with _MODELS_LOCK:
             loaded = _MODELS.get(key)
             if loaded is None:
@@ -108,6 +147,8 @@ class LlamaCppBackend:
                         model_path=str(self.path),
                         n_ctx=self._n_ctx,
                         n_threads=self._n_threads,
+                        n_threads_batch=self._n_threads_batch,
+                        flash_attn=self._flash_attn,
                         logits_all=logits_all,
                         verbose=False,
                     )
@@ -123,13 +164,45 @@ class LlamaCppBackend:
                 _MODELS[key] = loaded
         return loaded
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    def _load_decoder(self) -> BatchDecoder:
+        loaded = self._load()
+        key = (self.sequences, self._n_ctx, self._batch_tokens)
+        with _MODELS_LOCK:
+            decoder = loaded.decoders.get(key)
+            if decoder is None:
+                try:
+                    decoder = BatchDecoder(loaded.llama, sequences=self.sequences, n_ctx=self._n_ctx,
+                                           batch_tokens=self._batch_tokens, n_threads=self._n_threads,
+                                           n_threads_batch=self._n_threads_batch)
+                except RuntimeError as exc:
+                    raise ConfigError(f"endpoint {self.name!r}: {exc}; lower max_concurrency or n_ctx") from None
+                loaded.decoders[key] = decoder
+        return decoder
+
+    async def _ready(self) -> _Loaded:
         if self._loaded is None:
             self._loaded = await anyio.to_thread.run_sync(self._load)
-        return await anyio.to_thread.run_sync(fn, self._loaded, *args, limiter=self._loaded.limiter)
+        if self._batching and self._decoder is None:
+            self._decoder = await anyio.to_thread.run_sync(self._load_decoder)
+        return self._loaded
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loaded = await self._ready()
+        return await anyio.to_thread.run_sync(fn, loaded, *args, limiter=loaded.limiter)
 
     async def aclose(self) -> None:
         """Models stay loaded for the process (they are shared between endpoints); nothing to release."""
+
+    def summary(self) -> dict[str, Any]:
+        """Threads, batching and the shared decode loop's counters, for ``summary.json`` and ``cai show``."""
+        info: dict[str, Any] = {
+            "model": self.model_name, "n_threads": self._n_threads, "n_threads_batch": self._n_threads_batch,
+            "threads_from": self._threads_source, "n_ctx": self._n_ctx,
+            "batching": f"{self.sequences} sequences" if self._batching else "off",
+        }
+        if self._decoder is not None:
+            info["decode_loop"] = self._decoder.stats()
+        return info
 
     # -- chat -------------------------------------------------------------------------------------------
     def _chat_sync(self, loaded: _Loaded, request: ChatRequest) -> ChatResult:
@@ -162,9 +235,39 @@ class LlamaCppBackend:
     def _context_hint(self, exc: Exception) -> str:
         return f"endpoint {self.name!r}: {exc}; shorten the prompt or raise the endpoint option n_ctx ({self._n_ctx})"
 
+    def _chat_prompt(self, loaded: _Loaded, request: ChatRequest) -> tuple[list[int], tuple[str, ...]]:
+        """The prompt tokens and stop strings ``create_chat_completion`` would use."""
+        formatted = loaded.formatter(messages=plain_messages(request.messages))
+        tokens: list[int] = loaded.llama.tokenize(
+            formatted.prompt.encode("utf-8"), add_bos=not getattr(formatted, "added_special", False), special=True
+        )
+        extra = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop]
+        return tokens, tuple(stop for stop in (*request.stop, *extra) if stop)
+
+    def _check_length(self, tokens: list[int]) -> None:
+        if len(tokens) >= self._n_ctx:
+            raise PermanentError(
+                self._context_hint(ValueError(f"prompt of {len(tokens)} tokens exceeds the context")),
+                endpoint=self.name,
+            )
+
     async def chat(self, request: ChatRequest) -> ChatResult:
-        result: ChatResult = await self._run(self._chat_sync, request)
-        return result
+        if not self._batching:
+            result: ChatResult = await self._run(self._chat_sync, request)
+            return result
+        start = time.perf_counter()
+        loaded = await self._ready()
+        assert self._decoder is not None
+        tokens, stop = await anyio.to_thread.run_sync(self._chat_prompt, loaded, request)
+        self._check_length(tokens)
+        options = SamplingOptions(max_tokens=request.max_tokens, temperature=request.temperature,
+                                  top_p=request.top_p, seed=request.seed, stop=stop)
+        generation = await self._decoder.generate(tokens, options)
+        return ChatResult(
+            text=generation.text, finish_reason=generation.finish_reason,
+            usage=Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
+            model=self.model_name, endpoint=self.name, latency_s=time.perf_counter() - start,
+        )
 
     # -- scoring ----------------------------------------------------------------------------------------
     def _prompt_tokens(self, loaded: _Loaded, request: ScoreRequest) -> list[int]:
@@ -189,15 +292,29 @@ class LlamaCppBackend:
             loaded.choice_tokens[key] = cached
         return cached
 
+    def _score_result(
+        self, loaded: _Loaded, request: ScoreRequest, logits: Any, tokens: int, start: float
+    ) -> ScoreResult:
+        """Choice probabilities from the last position's logits."""
+        logits = np.asarray(logits, dtype=np.float64)
+        peak = float(logits.max())
+        log_norm = peak + math.log(float(np.exp(logits - peak).sum()))
+        candidates = self._candidates(loaded, request.choices)
+        logprobs = {variant: float(logits[token]) - log_norm for token, variant in candidates.items()}
+        return ScoreResult(
+            probs=normalize_choice_logprobs(logprobs, request.choices, endpoint=self.name),
+            method="logits",
+            usage=Usage(prompt_tokens=tokens, completion_tokens=0),
+            model=self.model_name,
+            endpoint=self.name,
+            latency_s=time.perf_counter() - start,
+        )
+
     def _score_sync(self, loaded: _Loaded, request: ScoreRequest) -> ScoreResult:
         start = time.perf_counter()
         llama = loaded.llama
         tokens = self._prompt_tokens(loaded, request)
-        if len(tokens) >= self._n_ctx:
-            raise PermanentError(
-                self._context_hint(ValueError(f"prompt of {len(tokens)} tokens exceeds the context")),
-                endpoint=self.name,
-            )
+        self._check_length(tokens)
         # Reuse the KV cache for the shared prefix; re-evaluate at least the last token for its logits.
         prefix = 0
         cached = llama.input_ids[: llama.n_tokens]
@@ -207,19 +324,8 @@ class LlamaCppBackend:
         llama.n_tokens = prefix
         llama.eval(tokens[prefix:])
         # Only the last position has logits when logits_all=False; read them straight from the context.
-        logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)).astype(np.float64)
-        peak = float(logits.max())
-        log_norm = peak + math.log(float(np.exp(logits - peak).sum()))
-        candidates = self._candidates(loaded, request.choices)
-        logprobs = {variant: float(logits[token]) - log_norm for token, variant in candidates.items()}
-        return ScoreResult(
-            probs=normalize_choice_logprobs(logprobs, request.choices, endpoint=self.name),
-            method="logits",
-            usage=Usage(prompt_tokens=len(tokens), completion_tokens=0),
-            model=self.model_name,
-            endpoint=self.name,
-            latency_s=time.perf_counter() - start,
-        )
+        logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),))
+        return self._score_result(loaded, request, logits, len(tokens), start)
 
     def _score_logprobs_sync(self, loaded: _Loaded, request: ScoreRequest) -> ScoreResult:
         start = time.perf_counter()
@@ -239,6 +345,14 @@ class LlamaCppBackend:
         )
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
-        fn = self._score_sync if self._score_method == "logits" else self._score_logprobs_sync
-        result: ScoreResult = await self._run(fn, request)
-        return result
+        if not self._batching or self._score_method == "logprobs":
+            fn = self._score_sync if self._score_method == "logits" else self._score_logprobs_sync
+            result: ScoreResult = await self._run(fn, request)
+            return result
+        start = time.perf_counter()
+        loaded = await self._ready()
+        assert self._decoder is not None
+        tokens = await anyio.to_thread.run_sync(self._prompt_tokens, loaded, request)
+        self._check_length(tokens)
+        logits, _ = await self._decoder.last_logits(tokens)
+        return self._score_result(loaded, request, logits, len(tokens), start)

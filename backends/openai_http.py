@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import logging
 import re
 import socket
 import time
@@ -117,6 +118,20 @@ def _connect_cause(error: OSError | None) -> str:
     return f"cannot connect ({(error.strerror if error is not None else None) or error or 'unknown error'})"
 
 
+log = logging.getLogger("cai_async.backends")
+
+_AT_ONCE_STATUSES = frozenset({500, 502, 503, 504})
+"""Server errors sent once more at once (without ``Retry-After``): a lone failure of one worker or connection."""
+
+
+class _AtOnce(Exception):
+    """A failure worth one immediate resend on another pooled connection, carrying the error to raise after."""
+
+    def __init__(self, error: BackendError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class OpenAIBackend:
     """Chat and choice scoring over an OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
@@ -134,6 +149,8 @@ class OpenAIBackend:
             )
         self.name = settings.endpoint
         self.model = settings.model
+        self.resent = 0
+        """Requests sent once more at once after a dropped connection or a 5xx (see ``_post``)."""
         self._settings = settings
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
@@ -170,6 +187,19 @@ class OpenAIBackend:
         return cls(text, endpoint=self.name, **kwargs)
 
     async def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], RateLimitInfo | None, float]:
+        """POST ``body``; a dropped connection or a 5xx without ``Retry-After`` is sent once more at once (the
+        pool hands out another connection) before it becomes a ``TransientError`` for the engine's backoff."""
+        try:
+            return await self._post_once(body)
+        except _AtOnce as failed:
+            log.debug("retrying at once after: %s", failed.error)
+        self.resent += 1
+        try:
+            return await self._post_once(body)
+        except _AtOnce as failed:
+            raise failed.error from None
+
+    async def _post_once(self, body: dict[str, Any]) -> tuple[dict[str, Any], RateLimitInfo | None, float]:
         start = time.perf_counter()
         try:
             async with self._client().post(self._url, data=orjson.dumps(body), headers=self._headers) as resp:
@@ -184,12 +214,17 @@ class OpenAIBackend:
             cause = f"{_connect_cause(exc.os_error)} to {self._settings.base_url}"
             raise self._error(Unreachable, f"{cause}; is the server running and base_url right?", cause=cause) from None
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise self._error(TransientError, f"connection dropped ({type(exc).__name__})") from None
+            raise _AtOnce(self._error(TransientError, f"connection dropped ({type(exc).__name__})")) from None
         except aiohttp.ClientError as exc:
             raise self._error(TransientError, f"HTTP client error {type(exc).__name__}: {exc}") from None
         latency = time.perf_counter() - start
         rate_limit = parse_rate_limit_headers(headers)
         if status != 200:
+            if status in _AT_ONCE_STATUSES and parse_retry_after(headers) is None:
+                try:
+                    self._raise_for_status(status, raw, headers)
+                except TransientError as exc:
+                    raise _AtOnce(exc) from None
             self._raise_for_status(status, raw, headers)
         try:
             payload = orjson.loads(raw)

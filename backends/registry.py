@@ -45,6 +45,8 @@ class BackendSettings:
     timeout_s: float = 120.0
     options: dict[str, Any] = field(default_factory=dict)
     state_dir: str | None = None
+    max_concurrency: int | None = None
+    """The endpoint's ``max_concurrency``: calls in flight (for in-process batching, sequences in the batch)."""
     """A folder the backend may keep state in across runs (the Batch API's journal); ``None``: none."""
 
 

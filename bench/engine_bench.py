@@ -182,7 +182,7 @@ async def network(selected: set[str]) -> None:
                            {"latency_ms": 50, "rpm": 3000},
                            {"(rpm configured)": {"rpm": 3000}, "(rpm learned)": {}}, 10)
         if "S4" in selected:
-            await scenario(server, "S4", 2.0, 1000, 50, "0 lost, <= 1.5x ideal",
+            await scenario(server, "S4", 2.0, 1000, 50, "0 lost, <= 1.3x ideal",
                            {"latency_ms": 100, "error_rate": 0.10, "drop_rate": 0.02, "rpm": 0}, {"": {}}, 20)
     finally:
         server.process.terminate()

@@ -56,6 +56,8 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             info["cache_hits"] = engine.get("cache_hits", 0)
         if summary.get("stopped"):
             info["stopped"] = summary["stopped"]
+        if engine.get("local"):  # in-process models: threads, batching, the decode loop's counters
+            info["local_models"] = engine["local"]
         if "plan" in summary:
             plan = summary["plan"]
             info["estimate_vs_actual"] = {

@@ -118,7 +118,7 @@ def test_precedence_defaults_then_yaml_then_flags(tmp_path: Path) -> None:
 
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
     shown = yaml.safe_load(cai("config", str(recipe)).stdout)
-    assert shown["engine"]["max_concurrency"] == 4  # from the YAML (default is 256)
+    assert shown["engine"]["max_concurrency"] == 16  # from the YAML (default is 256)
     assert shown["engine"]["retry"]["max_attempts"] == 8  # a default
     assert shown["sl"]["input"].endswith("cai_async/data/quickstart_prompts.jsonl")
     assert Path(shown["sl"]["input"]).is_file()  # resolved against the recipe's folder

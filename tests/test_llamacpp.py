@@ -171,6 +171,11 @@ async def test_sl_chains_on_the_embedded_model_in_process(tmp_path: Path) -> Non
         assert row["initial_model"] == "SmolLM2-135M-Instruct.Q4_1" and row["completion_tokens"] > 0
     error = chains.filter(chains["status"] == "error").row(0, named=True)
     assert error["error_step"] == "initial" and "n_ctx" in error["error"]
+    local_model = summary["engine"]["local"]["local"]  # threads and batching, in summary.json and cai show
+    assert local_model["n_threads"] >= 1 and local_model["batching"] == "8 sequences"
+    from cai_async.runinfo import describe_run
+
+    assert describe_run(tmp_path / "run")["local_models"]["local"]["decode_loop"]["decoded_tokens"] > 0
     again = await run_recipe(_sl_recipe(tmp_path / "run", prompts, endpoint))
     assert again["stages"]["sl"]["skipped_already_done"] == 3 and again["engine"]["endpoints"] == {}
 

@@ -164,3 +164,21 @@ def test_missing_base_url_and_unknown_backend_are_config_errors() -> None:
         create_backend("openai", BackendSettings(endpoint="x"))
     with pytest.raises(ConfigError, match=r"unknown backend 'nope'.*llamacpp, openai"):
         create_backend("nope", BackendSettings(endpoint="x"))
+
+
+async def test_a_lone_5xx_or_dropped_connection_is_sent_again_at_once(server: TestServer) -> None:
+    server.configure(error_rate=0.3, drop_rate=0.05, seed=3)
+    b = backend(server)
+    answered = failed = 0
+    try:
+        for index in range(40):
+            try:
+                await b.chat(ChatRequest([{"role": "user", "content": f"question {index}"}], max_tokens=4))
+                answered += 1
+            except TransientError:
+                failed += 1  # failed twice in a row: left to the engine's backoff
+    finally:
+        await b.aclose()
+    stats = server.stats()
+    assert b.resent > 0 and b.resent == stats["5xx"] + stats["dropped"] - failed  # every first failure resent once
+    assert answered + failed == 40 and answered > failed  # one more try rescues most calls, without any backoff

@@ -106,6 +106,7 @@ class EndpointConfig(_Strict):
             timeout_s=self.timeout_s,
             options={**self.options, "batch": self.batch.model_dump()} if self.mode == "batch" else dict(self.options),
             state_dir=state_dir,
+            max_concurrency=self.max_concurrency,
         )
 
     def prices(self, mode: Literal["online", "batch"] | None = None) -> tuple[float, float]:

@@ -213,15 +213,17 @@ class Engine:
         return [self._endpoints[name] for name in names]
 
     def item_concurrency(self, *roles: str) -> int:
-        """How many multi-call items (chains, pairs) to keep in flight for ``roles``: the engine's cap, or one
-        per model when every endpoint is in-process llama.cpp — then an item's calls follow each other and
-        reuse the KV cache for their shared prefix instead of evicting each other's."""
+        """How many multi-call items (chains, pairs) to keep in flight for ``roles``: the engine's cap, or, when
+        every endpoint is in-process llama.cpp, the sequences each model decodes together (one per model when
+        unbatched) — then an item's calls follow each other and reuse the KV cache for their shared prefix
+        instead of evicting each other's."""
         endpoints = [state for role in roles for state in self.group(role)]
         batch = [state.config.batch.in_flight for state in endpoints if state.config.mode == "batch"]
         if batch:  # calls wait for their batch round: keep enough items waiting to fill it
             return max(batch)
-        if endpoints and all(state.config.backend == "llamacpp" for state in endpoints):
-            return max(1, len({state.config.model for state in endpoints}))
+        if endpoints and all(state.config.backend == "llamacpp" for state in endpoints):  # batching: its sequences
+            per_model = {state.config.model: getattr(state.backend, "sequences", 1) for state in endpoints}
+            return max(1, sum(per_model.values()))
         return self.config.max_concurrency
 
     async def chat(self, role: str, request: ChatRequest) -> ChatResult:
@@ -460,4 +462,8 @@ class Engine:
                    if state.config.mode == "batch" and hasattr(state.backend, "summary")}
         if batches:
             snap["batches"] = batches
+        local = {name: state.backend.summary() for name, state in self._endpoints.items()
+                 if state.config.backend in ("llamacpp", "transformers") and hasattr(state.backend, "summary")}
+        if local:
+            snap["local"] = local
         return snap
