@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 
 from cai_async import Recipe, run_recipe  # noqa: E402
-from tests.conftest import SHARED_DATA, start_server  # noqa: E402
+from tests.conftest import start_server  # noqa: E402
 
-PROMPTS = SHARED_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
+PROMPTS = ROOT.parent / "shared" / "data" / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
 
 
 def recipe(base_url: str, run_dir: str, mode: str, prompts: int, revisions: int) -> Recipe:
