@@ -45,14 +45,14 @@ def _prompts(n: int) -> list[dict[str, str]]:
     return [json.loads(line) for line in PROMPTS.read_text().splitlines()[:n]]
 
 
-def plain_loop(llama: Any, prompts: list[dict[str, str]]) -> int:
+def plain_loop(llama: Any, prompts: list[dict[str, str]], max_tokens: int = MAX_TOKENS) -> int:
     """The sequential llama-cpp-python loop doing the same chains; returns completion tokens."""
     principles = load_constitution("seed").principles[:ROUNDS]
     tokens = 0
 
     def ask(messages: list[dict[str, str]]) -> str:
         nonlocal tokens
-        answer = llama.create_chat_completion(messages=messages, max_tokens=MAX_TOKENS, temperature=TEMPERATURE,
+        answer = llama.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=TEMPERATURE,
                                               top_p=1.0, seed=0)
         tokens += answer["usage"]["completion_tokens"]
         return str(answer["choices"][0]["message"]["content"] or "").strip()
@@ -69,7 +69,7 @@ def plain_loop(llama: Any, prompts: list[dict[str, str]]) -> int:
     return tokens
 
 
-def _recipe(folder: Path, prompts: Path, label: str, sequences: int | None) -> Recipe:
+def _recipe(folder: Path, prompts: Path, label: str, sequences: int | None, max_tokens: int) -> Recipe:
     endpoint: dict[str, Any] = {"name": "local", "backend": "llamacpp", "model": "embedded",
                                 "options": {"n_ctx": N_CTX}}
     if sequences is None:
@@ -81,12 +81,12 @@ def _recipe(folder: Path, prompts: Path, label: str, sequences: int | None) -> R
         "engine": {"groups": {"policy": [endpoint]}, "progress": "off", "cache": {"enabled": False},
                    "max_concurrency": max(64, sequences or 1)},
         "sl": {"input": str(prompts), "constitution": "seed", "num_revisions": ROUNDS, "temperature": TEMPERATURE,
-               "max_tokens": MAX_TOKENS, "critique_max_tokens": MAX_TOKENS, "revision_max_tokens": MAX_TOKENS},
+               "max_tokens": max_tokens, "critique_max_tokens": max_tokens, "revision_max_tokens": max_tokens},
     })
 
 
-def engine_run(folder: Path, prompts: Path, label: str, sequences: int | None) -> int:
-    summary = asyncio.run(run_recipe(_recipe(folder, prompts, label, sequences)))
+def engine_run(folder: Path, prompts: Path, label: str, sequences: int | None, max_tokens: int) -> int:
+    summary = asyncio.run(run_recipe(_recipe(folder, prompts, label, sequences, max_tokens)))
     return int(summary["engine"]["endpoints"]["local"]["completion_tokens"])
 
 
@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--batches", default="1,4,8,16")
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True, help="run the plain loop")
+    parser.add_argument("--unbatched", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--scoring", type=int, default=48, help="choice-scoring calls (0: skip)")
     args = parser.parse_args()
     from llama_cpp import Llama
@@ -143,7 +146,7 @@ def main() -> None:
     cores = detect_cores()
     print(f"threads: {cores.describe()}", flush=True)
     rows = _prompts(args.prompts)
-    configs: list[tuple[str, int | None]] = [("engine unbatched", None)]
+    configs: list[tuple[str, int | None]] = [("engine unbatched", None)] if args.unbatched else []
     configs += [(f"engine B={b}" + (" (default)" if b == DEFAULT_SEQUENCES else ""), b)
                 for b in map(int, args.batches.split(","))]
     llama = Llama(model_path=str(embedded_model_path()), n_ctx=N_CTX, n_threads=cores.threads, verbose=False)
@@ -155,20 +158,22 @@ def main() -> None:
         prompts = folder / "prompts.jsonl"
         prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
         for repeat in range(args.repeats):
-            start = time.perf_counter()
-            tokens = plain_loop(llama, rows)
-            results.setdefault("plain loop", []).append((time.perf_counter() - start, tokens))
-            print(f"repeat {repeat + 1}: plain loop {results['plain loop'][-1][0]:.1f} s", flush=True)
+            if args.plain:
+                start = time.perf_counter()
+                tokens = plain_loop(llama, rows, args.max_tokens)
+                results.setdefault("plain loop", []).append((time.perf_counter() - start, tokens))
+                print(f"repeat {repeat + 1}: plain loop {results['plain loop'][-1][0]:.1f} s", flush=True)
             for label, sequences in configs:
                 start = time.perf_counter()
-                tokens = engine_run(folder / f"r{repeat}", prompts, label, sequences)
+                tokens = engine_run(folder / f"r{repeat}", prompts, label, sequences, args.max_tokens)
                 results.setdefault(label, []).append((time.perf_counter() - start, tokens))
                 print(f"repeat {repeat + 1}: {label} {results[label][-1][0]:.1f} s", flush=True)
-    base = statistics.median(t / w for w, t in results["plain loop"])
+    first = results.get("plain loop") or next(iter(results.values()))
+    base = statistics.median(t / w for w, t in first)
     calls = len(rows) * (1 + 2 * ROUNDS)
     print(f"\n{len(rows)} prompts × {ROUNDS} rounds = {calls} calls, temperature {TEMPERATURE}, max_tokens "
-          f"{MAX_TOKENS}, {cores.threads} threads, median of {args.repeats}\n")
-    print("| run | wall | completion tokens | completion tok/s | vs plain loop |")
+          f"{args.max_tokens}, {cores.threads} threads, median of {args.repeats}\n")
+    print(f"| run | wall | completion tokens | completion tok/s | vs {next(iter(results))} |")
     print("|---|---|---|---|---|")
     for label, runs in results.items():
         wall = statistics.median(w for w, _ in runs)

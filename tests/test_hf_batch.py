@@ -51,8 +51,8 @@ def together(target: TransformersBackend, requests: list[ChatRequest | ScoreRequ
 
 
 def test_concurrent_calls_share_batches_and_answer_as_alone(tiny: Path) -> None:
-    chats: list[ChatRequest | ScoreRequest] = [
-        ChatRequest([{"role": "user", "content": q}], max_tokens=m) for q, m in zip(QUESTIONS, (6, 3, 8, 5), strict=True)]
+    chats: list[ChatRequest | ScoreRequest] = [ChatRequest([{"role": "user", "content": q}], max_tokens=m)
+                                               for q, m in zip(QUESTIONS, (6, 3, 8, 5), strict=True)]
     scores: list[ChatRequest | ScoreRequest] = [ScoreRequest([{"role": "user", "content": f"{q} Pick (A) or (B)."}])
                                                 for q in QUESTIONS]
     batched = backend(tiny, batch_size=8, batch_window_s=0.05)

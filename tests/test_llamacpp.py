@@ -53,7 +53,7 @@ async def test_logit_scoring_matches_logprobs_scoring() -> None:
 
 
 async def test_kv_cache_reuses_the_shared_prefix() -> None:
-    backend = local()
+    backend = local(batching=False)  # the batched path's reuse: tests/test_llamacpp_batch.py
     await backend.score(ScoreRequest(QUESTION, answer_prefix="The answer is ("))
     assert backend._loaded is not None
     llama = backend._loaded.llama
