@@ -89,7 +89,8 @@ class LlamaCppBackend:
     ``n_ctx`` (2048 tokens per sequence), ``n_threads`` (the cores this process may use), ``n_threads_batch``
     (prompt evaluation; same default), ``batching`` (true: concurrent calls share one decode loop of
     ``settings.max_concurrency`` sequences), ``batch_tokens`` (512: tokens per decode step), ``flash_attn``
-    (true: llama.cpp's flash attention, on both paths so their answers agree),
+    (false; true: llama.cpp's flash attention, whose half-precision sums depend on where cached tokens sit, so
+    answers that reuse cached prefixes may then differ slightly),
     ``score_method`` (``"logits"``, or ``"logprobs"`` which loads with ``logits_all=True`` through the
     completion API, unbatched, kept for comparison).
     """
@@ -119,7 +120,7 @@ class LlamaCppBackend:
         self.sequences = (settings.max_concurrency or DEFAULT_SEQUENCES) if batching else 1
         """Sequences decoded together; 1 when unbatched (the engine keeps this many chains in flight)."""
         self._batching = batching
-        flash_attn = options.get("flash_attn", True)
+        flash_attn = options.get("flash_attn", False)
         if not isinstance(flash_attn, bool):
             raise ConfigError(f"endpoint {self.name!r}: the option flash_attn must be true or false")
         self._flash_attn = flash_attn
