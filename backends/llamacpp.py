@@ -1,11 +1,12 @@
 """In-process llama.cpp backend (llama-cpp-python) for GGUF models, by default the embedded SmolLM2.
 
-By default concurrent calls to one loaded model share a decode loop (:mod:`backends.llamacpp_batch`):
-continuous batching over ``max_concurrency`` sequences (the endpoint's; 8 when unset) of ``n_ctx`` tokens
-each, so KV memory is ``n_ctx`` × sequences × the model's KV bytes per token. With the option
-``batching: false`` calls run one at a time per loaded model in a worker thread (``create_chat_completion``),
-reusing the KV cache across calls that share a prefix. Threads default to the cores this process may use
-(:func:`backends.cpus.detect_cores`). The chat template comes from the GGUF. Choice scoring evaluates the
+By default calls run one at a time per loaded model in a worker thread (``create_chat_completion``), reusing
+the KV cache across calls that share a prefix. With the option ``batching: true`` concurrent calls to one
+loaded model share a decode loop (:mod:`backends.llamacpp_batch`): continuous batching over
+``max_concurrency`` sequences (the endpoint's; 8 when unset) of ``n_ctx`` tokens each, so KV memory is
+``n_ctx`` × sequences × the model's KV bytes per token. Opt-in until its speed-up is measured on a quiet
+machine: its numbers depend slightly on the batch a call shares (choice probabilities within 0.02). Threads
+default to the cores this process may use (:func:`backends.cpus.detect_cores`). The chat template comes from the GGUF. Choice scoring evaluates the
 prompt and reads the last position's logits (about 10× faster than ``logits_all=True`` logprobs, same numbers).
 """
 
@@ -89,7 +90,8 @@ class LlamaCppBackend:
     ``n_ctx`` (2048 tokens per sequence), ``n_threads`` (the cores this process may use), ``n_threads_batch``
     (prompt evaluation; same default), ``batching`` (true: concurrent calls share one decode loop of
     ``settings.max_concurrency`` sequences), ``batch_tokens`` (512: tokens per decode step), ``flash_attn``
-    (true: llama.cpp's flash attention, on both paths so their answers agree),
+    (false; true: llama.cpp's flash attention, whose half-precision sums depend on where cached tokens sit, so
+    answers that reuse cached prefixes may then differ slightly),
     ``score_method`` (``"logits"``, or ``"logprobs"`` which loads with ``logits_all=True`` through the
     completion API, unbatched, kept for comparison).
     """
@@ -113,13 +115,13 @@ class LlamaCppBackend:
         self._score_method = str(options.get("score_method", "logits"))
         if self._score_method not in ("logits", "logprobs"):
             raise ConfigError(f"endpoint {self.name!r}: score_method must be 'logits' or 'logprobs'")
-        batching = options.get("batching", True)
+        batching = options.get("batching", False)
         if not isinstance(batching, bool):
             raise ConfigError(f"endpoint {self.name!r}: the option batching must be true or false")
         self.sequences = (settings.max_concurrency or DEFAULT_SEQUENCES) if batching else 1
         """Sequences decoded together; 1 when unbatched (the engine keeps this many chains in flight)."""
         self._batching = batching
-        flash_attn = options.get("flash_attn", True)
+        flash_attn = options.get("flash_attn", False)
         if not isinstance(flash_attn, bool):
             raise ConfigError(f"endpoint {self.name!r}: the option flash_attn must be true or false")
         self._flash_attn = flash_attn

@@ -6,9 +6,10 @@ Its memory is fixed at creation: KV bytes per token × ``n_ctx`` × ``sequences`
 per token, so 2048 × 8 is about 380 MB; a 7B Llama about 128 KB per token). Each step builds one batch,
 grouped by sequence in increasing id: the next token of every running sequence and prompt tokens of newly
 joined ones (chunked prefill), ``batch_tokens`` in all. llama.cpp evaluates one run of consecutive sequence
-ids per pass, so free sequences are handed out lowest id first to keep the running ones together. A
-sequence's numbers do not depend on its neighbours (separate streams): greedy answers equal the unbatched
-path's token for token. (One shared cache, ``kv_unified``, moved logits by up to ~0.8 with neighbours.)
+ids per pass, so free sequences are handed out lowest id first to keep the running ones together.
+Separate streams keep a sequence's attention to itself (one shared cache, ``kv_unified``, moved logits by
+up to ~0.8 with neighbours); what remains is rounding: kernels sum in an order that depends on the batch and
+on where cached tokens sit, so greedy answers may part from the unbatched path's at near-ties (tests bound it).
 Sequences join and leave between steps, each with its own sampler chain (the one llama-cpp-python's
 ``create_completion`` builds: top-k 40, typical 1, top-p, min-p 0.05, temperature, seeded dist; greedy at
 temperature 0), its own stop strings and ``max_tokens``. Choice scoring is a sequence that stops after its

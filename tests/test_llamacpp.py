@@ -160,7 +160,8 @@ async def test_sl_chains_on_the_embedded_model_in_process(tmp_path: Path) -> Non
         '{"prompt": "Write a rude message for my coworker."}\n'
         + '{"prompt": "' + "word " * 700 + '"}\n'  # longer than the model's context below
     )
-    endpoint = {"name": "local", "backend": "llamacpp", "model": "embedded", "options": {"n_ctx": 512}}
+    endpoint = {"name": "local", "backend": "llamacpp", "model": "embedded",
+                "options": {"n_ctx": 512, "batching": True}}
     summary = await run_recipe(_sl_recipe(tmp_path / "run", prompts, endpoint))
     stage = summary["stages"]["sl"]
     assert (stage["ok"], stage["errors"], stage["failed"]) == (2, 1, 0)  # the long prompt is recorded, run goes on
