@@ -6,8 +6,9 @@ loaded model share a decode loop (:mod:`backends.llamacpp_batch`): continuous ba
 ``max_concurrency`` sequences (the endpoint's; 8 when unset) of ``n_ctx`` tokens each, so KV memory is
 ``n_ctx`` × sequences × the model's KV bytes per token. Opt-in until its speed-up is measured on a quiet
 machine: its numbers depend slightly on the batch a call shares (choice probabilities within 0.02). Threads
-default to the cores this process may use (:func:`backends.cpus.detect_cores`). The chat template comes from the GGUF. Choice scoring evaluates the
-prompt and reads the last position's logits (about 10× faster than ``logits_all=True`` logprobs, same numbers).
+default to the cores this process may use (:func:`backends.cpus.detect_cores`). The chat template comes from
+the GGUF. Choice scoring evaluates the prompt and reads the last position's logits (about 10× faster than
+``logits_all=True`` logprobs, same numbers).
 """
 
 from __future__ import annotations
