@@ -19,7 +19,7 @@ from rich.progress import (
 )
 
 from cai_async.engine import Engine, plain_progress
-from cai_async.engine.progress import waiting_note
+from cai_async.engine.progress import since, waiting_note
 
 __all__ = ["progress_display"]
 
@@ -35,12 +35,12 @@ async def _rich(engine: Engine, label: str) -> None:
         TextColumn("{task.fields[tps]:.0f} tok/s ${task.fields[cost]:.4f} · {task.fields[failed]} failed"
                    "{task.fields[note]}"),
     )
-    start = time.monotonic()
+    start, base = time.monotonic(), engine.accounting.snapshot()
     with Progress(*columns, transient=False, refresh_per_second=4) as bar:
         task = bar.add_task("calls", total=None, rate=0.0, tps=0.0, cost=0.0, failed=0, note="")
         try:
             while True:
-                snap = engine.accounting.snapshot()
+                snap = since(engine.accounting.snapshot(), base)
                 elapsed = max(1e-6, time.monotonic() - start)
                 done = snap["done"] + snap["failed"]
                 bar.update(
@@ -50,7 +50,7 @@ async def _rich(engine: Engine, label: str) -> None:
                 )
                 await anyio.sleep(0.25)
         finally:
-            snap = engine.accounting.snapshot()
+            snap = since(engine.accounting.snapshot(), base)
             bar.update(task, completed=snap["done"] + snap["failed"], total=snap["total"], failed=snap["failed"])
 
 

@@ -56,11 +56,12 @@ class RunLedger:
 
 
 def _totals(db: sqlite3.Connection, *, current: str | None = None) -> dict[str, Any]:
-    rows = db.execute(f"SELECT id, finished, {', '.join(COUNTERS)} FROM processes ORDER BY started").fetchall()
+    rows = db.execute(
+        f"SELECT id, finished, {', '.join(COUNTERS)}, pid, started FROM processes ORDER BY started").fetchall()
     total: dict[str, Any] = {name: 0 for name in COUNTERS}
     unfinished: dict[str, Any] = {"processes": 0, "calls": 0, "cost_usd": 0.0}
     for row in rows:
-        counters = dict(zip(COUNTERS, row[2:], strict=True))
+        counters = dict(zip(COUNTERS, row[2:-2], strict=True))
         for name in COUNTERS:
             total[name] += counters[name]
         if not row[1] and row[0] != current:
@@ -70,7 +71,8 @@ def _totals(db: sqlite3.Connection, *, current: str | None = None) -> dict[str, 
     total["cost_usd"] = round(total["cost_usd"], 6)
     unfinished["cost_usd"] = round(unfinished["cost_usd"], 6)
     total["tokens"] = total["prompt_tokens"] + total["completion_tokens"]
-    return {"processes": len(rows), **total, "unfinished": unfinished}
+    # one command may open several engines (a recipe's data stages, then its evaluation): count processes by pid
+    return {"processes": len({row[-2] for row in rows}), "sessions": len(rows), **total, "unfinished": unfinished}
 
 
 def read_ledger(run_dir: str | Path) -> dict[str, Any] | None:

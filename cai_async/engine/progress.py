@@ -10,7 +10,7 @@ import anyio
 
 from cai_async.engine.accounting import Accounting
 
-__all__ = ["format_progress", "plain_progress", "waiting_note"]
+__all__ = ["format_progress", "plain_progress", "since", "waiting_note"]
 
 
 def format_progress(snapshot: dict[str, Any], elapsed_s: float, *, label: str = "cai") -> str:
@@ -41,12 +41,23 @@ def _clock(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def since(snapshot: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """``snapshot`` counted from ``base`` (an earlier snapshot): what one stage did, for its own display."""
+    shifted = dict(snapshot)
+    for key in ("done", "failed", "cache_hits", "tokens", "cost_usd"):
+        shifted[key] = snapshot[key] - base[key]
+    if snapshot["total"] is not None:
+        shifted["total"] = max(0, snapshot["total"] - base["done"] - base["failed"])
+    return shifted
+
+
 async def plain_progress(
     accounting: Accounting, *, interval_s: float = 10.0, stream: TextIO | None = None, label: str = "cai"
 ) -> None:
     """Print a progress line (named ``label``) every ``interval_s`` until cancelled."""
     out = stream or sys.stderr
-    start = time.monotonic()
+    start, base = time.monotonic(), accounting.snapshot()
     while True:
         await anyio.sleep(interval_s)
-        print(format_progress(accounting.snapshot(), time.monotonic() - start, label=label), file=out, flush=True)
+        line = format_progress(since(accounting.snapshot(), base), time.monotonic() - start, label=label)
+        print(line, file=out, flush=True)

@@ -141,6 +141,7 @@ def run_training(
                 stack.callback(portal.call, reward.aclose)
                 reward = SyncReward(reward, portal)
         trainer = _build(stage, algorithm, config, out, flags, dtype, tokenizer, dataset, [_callback(rows)], reward)
+        _quiet_console(trainer)
         try:
             result = trainer.train()
         finally:
@@ -192,6 +193,19 @@ def _online_reward(config: TrainConfig, root: Path, engine_config: EngineConfig 
         raise ConfigError("online RL with reward_from: critic needs the recipe's engine (its critic group)")
     return ConstitutionalReward(engine_config, root, principles=config.rl_principles, ensemble=config.rl_ensemble,
                                 seed=config.seed)
+
+
+def _quiet_console(trainer: Any) -> None:
+    """Without ``--verbose`` (progress bars off), transformers would print each log dict to the console instead;
+    the metrics go to ``metrics.csv`` and the run log anyway."""
+    import os
+
+    if os.environ.get("TQDM_DISABLE") != "1":
+        return
+    from transformers import PrinterCallback, ProgressCallback
+
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
 
 
 def _build(stage: str, algorithm: str, config: TrainConfig, out: Path, flags: dict[str, bool], dtype: Any,
