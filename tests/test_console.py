@@ -65,3 +65,13 @@ def test_a_run_ends_with_a_summary_table_and_where_to_look(tmp_path: Path, serve
     assert usage["calls"] == server.stats()["ok"] == 3 * 3
     assert f"sft: {run_dir}/exports/sft.parquet" in out.stderr
     assert (run_dir / "run.log").is_file()
+
+
+def test_each_stage_display_counts_its_own_items() -> None:
+    from cai_async.engine.progress import format_progress, since
+
+    base = {"done": 16, "failed": 1, "total": 17, "cache_hits": 3, "tokens": 1000, "cost_usd": 0.5}
+    now = {"done": 30, "failed": 2, "total": 53, "cache_hits": 5, "tokens": 1600, "cost_usd": 0.75}
+    stage = since(now, base)
+    assert (stage["done"], stage["failed"], stage["total"], stage["tokens"]) == (14, 1, 36, 600)
+    assert format_progress(stage, 10.0, label="rl").startswith("[rl] 15/36 done (1 failed, 2 cached)")
