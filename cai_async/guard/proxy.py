@@ -308,6 +308,7 @@ async def _relay_stream(request: web.Request, guard: Guard, config: GuardConfig,
 async def serve_guard(config: GuardConfig, engine_config: EngineConfig, run_dir: str | Path, *,
                       on_ready: Callable[[int], None] | None = None) -> None:
     """Serve the proxy on ``config.host:config.port`` until cancelled; verdicts go to ``RUN_DIR/guard``."""
+    _Upstream(config)  # a missing upstream or key variable is the first thing to say
     async with Engine(engine_config, run_dir=run_dir) as engine:
         log = VerdictLog(run_dir)
         app = build_proxy_app(Guard(engine, config, log=log), config)
