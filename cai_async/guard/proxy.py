@@ -60,6 +60,14 @@ def _chunk(template: dict[str, Any], delta: dict[str, Any], finish: str | None =
     return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
+async def _body(request: web.Request) -> Any:
+    """The request's JSON body, or the 400 that says it is not JSON."""
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "the request body is not valid JSON")
+
+
 def _messages(body: Any) -> list[dict[str, Any]] | web.Response:
     """The request's messages, or the 400 that says what is wrong with them."""
     if not isinstance(body, dict):
@@ -140,10 +148,9 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
 
     @authorised
     async def chat(request: web.Request) -> web.StreamResponse:
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            return _error(400, "the request body is not valid JSON")
+        body = await _body(request)
+        if isinstance(body, web.Response):
+            return body
         messages = _messages(body)
         if isinstance(messages, web.Response):
             return messages
@@ -194,10 +201,9 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
 
     @authorised
     async def moderations(request: web.Request) -> web.StreamResponse:
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            return _error(400, "the request body is not valid JSON")
+        body = await _body(request)
+        if isinstance(body, web.Response):
+            return body
         given = body.get("input") if isinstance(body, dict) else None
         inputs = [given] if isinstance(given, str) else given
         if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
