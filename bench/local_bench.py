@@ -80,7 +80,8 @@ def _recipe(folder: Path, prompts: Path, label: str, sequences: int | None, max_
         "run_dir": str(folder / label.replace(" ", "-").replace("=", "")),
         "engine": {"groups": {"policy": [endpoint]}, "progress": "off", "cache": {"enabled": False},
                    "max_concurrency": max(64, sequences or 1)},
-        "sl": {"input": str(prompts), "constitution": "seed", "num_revisions": ROUNDS, "temperature": TEMPERATURE,
+        "sl": {"input": str(prompts), "constitution": "seed", "draw": "priority",  # one principle a round, as the loop
+               "num_revisions": ROUNDS, "temperature": TEMPERATURE,
                "max_tokens": max_tokens, "critique_max_tokens": max_tokens, "revision_max_tokens": max_tokens},
     })
 
