@@ -138,7 +138,7 @@ def local(n: int = 6) -> None:
                                                   "options": {"n_ctx": 2048}}]},
                            "progress": "off", "cache": {"enabled": False}},
                 "sl": {"input": str(prompts_file), "id_column": "id", "num_revisions": 2, "constitution": "seed",
-                       "max_tokens": 48, "critique_max_tokens": 48, "revision_max_tokens": 48,
+                       "draw": "priority", "max_tokens": 48, "critique_max_tokens": 48, "revision_max_tokens": 48,
                        "chain_concurrency": chains},
             })
             start = time.perf_counter()
