@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,8 +142,17 @@ def main() -> None:
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True, help="run the plain loop")
     parser.add_argument("--unbatched", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--scoring", type=int, default=48, help="choice-scoring calls (0: skip)")
+    parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from llama_cpp import Llama
+    if args.plain_only:  # one plain-loop round in a process of its own; prints seconds and tokens
+        from llama_cpp import Llama
+
+        llama = Llama(model_path=str(embedded_model_path()), n_ctx=N_CTX, n_threads=detect_cores().threads,
+                      verbose=False)
+        start = time.perf_counter()
+        tokens = plain_loop(llama, _prompts(args.prompts), args.max_tokens)
+        print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens}))
+        return
 
     cores = detect_cores()
     print(f"threads: {cores.describe()}", flush=True)
@@ -150,7 +160,6 @@ def main() -> None:
     configs: list[tuple[str, int | None]] = [("engine unbatched", None)] if args.unbatched else []
     configs += [(f"engine B={b}" + (" (default)" if b == DEFAULT_SEQUENCES else ""), b)
                 for b in map(int, args.batches.split(","))]
-    llama = Llama(model_path=str(embedded_model_path()), n_ctx=N_CTX, n_threads=cores.threads, verbose=False)
     for _, sequences in configs:
         anyio.run(_warm, sequences)
     results: dict[str, list[tuple[float, int]]] = {}
@@ -159,10 +168,12 @@ def main() -> None:
         prompts = folder / "prompts.jsonl"
         prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
         for repeat in range(args.repeats):
-            if args.plain:
-                start = time.perf_counter()
-                tokens = plain_loop(llama, rows, args.max_tokens)
-                results.setdefault("plain loop", []).append((time.perf_counter() - start, tokens))
+            if args.plain:  # in a process of its own: llama.cpp called first from this process's main thread
+                # was seen to halve the speed of the engine's runs that followed (its calls come from worker threads)
+                out = subprocess.run([sys.executable, __file__, "--plain-only", "--prompts", str(args.prompts),
+                                      "--max-tokens", str(args.max_tokens)], capture_output=True, text=True, check=True)
+                plain = json.loads(out.stdout.strip().splitlines()[-1])
+                results.setdefault("plain loop", []).append((plain["seconds"], plain["tokens"]))
                 print(f"repeat {repeat + 1}: plain loop {results['plain loop'][-1][0]:.1f} s", flush=True)
             for label, sequences in configs:
                 start = time.perf_counter()
