@@ -158,7 +158,7 @@ def main() -> None:
     print(f"threads: {cores.describe()}", flush=True)
     rows = _prompts(args.prompts)
     configs: list[tuple[str, int | None]] = [("engine unbatched", None)] if args.unbatched else []
-    configs += [(f"engine B={b}" + (" (default)" if b == DEFAULT_SEQUENCES else ""), b)
+    configs += [(f"engine B={b}" + (" (batching: true default)" if b == DEFAULT_SEQUENCES else ""), b)
                 for b in map(int, args.batches.split(","))]
     for _, sequences in configs:
         anyio.run(_warm, sequences)
