@@ -97,31 +97,38 @@ async def run_gather(server: TestServer, n: int, conc: int, tag: str) -> Outcome
     return Outcome("gather(AsyncOpenAI)", wall, cpu, n, lost, server.stats().get("429", 0))
 
 
-async def run_raw_aiohttp(server: TestServer, n: int, conc: int, tag: str) -> Outcome:
-    """The floor: bare aiohttp workers with no limits, retries, cache or accounting (not a product)."""
+async def run_raw_aiohttp(server: TestServer, n: int, conc: int, tag: str, *, resend: bool = False) -> Outcome:
+    """The floor: bare aiohttp workers with no limits, retries, cache or accounting (not a product). With
+    ``resend`` a failed request (5xx, dropped connection) is sent again at once until it succeeds: the floor for
+    a scenario with faults, which no retry policy can beat."""
     import aiohttp
     import orjson
 
     server.reset()
-    queue = list(reversed(_requests(n, tag + "-raw")))
+    queue = list(reversed(_requests(n, tag + ("-resend" if resend else "-raw"))))
     lost = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async def worker() -> None:
             nonlocal lost
             while queue:
                 body = orjson.dumps({"model": "m", "messages": queue.pop(), "max_tokens": 16})
-                try:
-                    async with session.post(server.base_url + "/chat/completions", data=body,
-                                            headers={"Content-Type": "application/json"}) as resp:
-                        orjson.loads(await resp.read())
-                        lost += resp.status != 200
-                except aiohttp.ClientError:
-                    lost += 1
+                while True:
+                    try:
+                        async with session.post(server.base_url + "/chat/completions", data=body,
+                                                headers={"Content-Type": "application/json"}) as resp:
+                            orjson.loads(await resp.read())
+                            failed = resp.status != 200
+                    except aiohttp.ClientError:
+                        failed = True
+                    if not (failed and resend):
+                        lost += failed
+                        break
 
         cpu0, t0 = time.process_time(), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(conc)))
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return Outcome("raw aiohttp (floor, no retry)", wall, cpu, n, lost, server.stats().get("429", 0))
+    name = "raw aiohttp (floor, resend at once)" if resend else "raw aiohttp (floor, no retry)"
+    return Outcome(name, wall, cpu, n, lost, server.stats().get("429", 0))
 
 
 def run_sequential(server: TestServer, n: int, sample: int, tag: str) -> Outcome:
@@ -158,6 +165,9 @@ async def scenario(server: TestServer, name: str, ideal: float, n: int, conc: in
     rows.append(gather)
     server.configure(**server_cfg)
     rows.append(await run_raw_aiohttp(server, n, conc, name))
+    if server_cfg.get("error_rate") or server_cfg.get("drop_rate"):
+        server.configure(**server_cfg)
+        rows.append(await run_raw_aiohttp(server, n, conc, name, resend=True))
     if seq_sample:
         server.configure(**server_cfg)
         rows.append(run_sequential(server, n, seq_sample, name))
