@@ -17,14 +17,14 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backends.errors import BudgetExceeded, CaiError, InvalidAnswer, PermanentError
-from backends.types import ChatRequest, ChatResult
+from backends.errors import CaiError, PermanentError
+from backends.types import ChatResult
 from cai_async.constitution import Constitution, DrawMode, Principle, draw_passes
 from cai_async.constitution_io import load_constitution
 from cai_async.engine import Engine
 from cai_async.exports import ExportConfig
 from cai_async.prompts import PromptRow, PromptSource
-from cai_async.stages.cleaning import NO_ISSUES_PATTERN, clean_revision
+from cai_async.revision import NO_ISSUES_PATTERN, EmptyResponse, Reviser, RevisionSettings, StepFailed
 from cai_async.stages.common import (
     CALL_FIELDS,
     MESSAGES,
@@ -88,10 +88,6 @@ CHAIN_SCHEMA: dict[str, pl.DataType] = {
     "created_at": pl.Float64(),
 }
 """One row per chain; ``rounds`` holds every critique → revision step with its endpoint, usage and timing."""
-
-
-class EmptyResponse(InvalidAnswer):
-    """An endpoint answered with no text for a step that needs some (endpoint-side: a rerun retries it)."""
 
 
 class EarlyStopConfig(BaseModel):
@@ -158,15 +154,14 @@ class SLReport(StageReport):
     errors: int = 0
     """Chains recorded with ``status="error"`` (permanent: a rerun does not retry them)."""
 
-
-class _StepFailed(Exception):
-    def __init__(self, step: str, error: CaiError):
-        self.step = step
-        self.error = error
+    def counts(self) -> dict[str, int]:
+        """Chains finished ok and recorded with an error."""
+        return {"ok": self.ok, "errors": self.errors}
 
 
 class ChainRunner:
-    """Runs one chain at a time for :func:`run_sl`; holds what every chain shares."""
+    """Runs one chain at a time for :func:`run_sl`; holds what every chain shares. The critique → revision
+    steps are :class:`~cai_async.revision.Reviser`'s."""
 
     def __init__(self, engine: Engine, config: SLConfig, constitution: Constitution, run_id: str):
         self.engine = engine
@@ -177,60 +172,20 @@ class ChainRunner:
         self.prefix = list(self.system)
         for example in constitution.few_shot[: config.few_shot]:
             self.prefix.extend(example.messages())
-        self.stop_rule = re.compile(config.early_stop.pattern, re.IGNORECASE) if config.early_stop.enabled else None
-
-    async def _chat(self, step: str, role: str, messages: list[dict[str, str]], max_tokens: int) -> ChatResult:
-        request = ChatRequest(
-            messages, max_tokens=max_tokens, temperature=self.config.temperature, seed=self.config.seed
-        )
-        try:
-            result = await self.engine.chat(role, request)
-        except BudgetExceeded:
-            raise
-        except CaiError as exc:
-            raise _StepFailed(step, exc) from None
-        if not result.text.strip():
-            raise _StepFailed(step, EmptyResponse(
-                f"endpoint {result.endpoint!r} (model {result.model!r}) answered the {step} step with empty text "
-                f"(finish_reason={result.finish_reason!r}); check the model and its max_tokens"
-            ))
-        return result
+        self.reviser = Reviser(engine, RevisionSettings(
+            critic_role=config.critic_role, revision_role=config.revision_role or config.policy_role,
+            critique_max_tokens=config.critique_max_tokens, revision_max_tokens=config.revision_max_tokens,
+            temperature=config.temperature, seed=config.seed, teach=config.few_shot > 0,
+            clean=config.clean_revisions, stop_pattern=config.early_stop.pattern if config.early_stop.enabled else None,
+        ), self.prefix)
+        self.stop_rule = self.reviser.stop_rule
 
     async def revise_step(
         self, number: int, principle: Principle, conversation: list[dict[str, str]], current: str,
         record: dict[str, Any], results: list[ChatResult],
     ) -> str | None:
-        """One critique → revision step under ``principle``; the revised text, or None when the critique found
-        nothing to fix (early stop)."""
-        cfg = self.config
-        request = principle.critique_request(teach=cfg.few_shot > 0)
-        asked = [*self.prefix, *conversation, {"role": "assistant", "content": current},
-                 {"role": "user", "content": request}]
-        critique = await self._chat("critique", cfg.critic_role, asked, cfg.critique_max_tokens)
-        results.append(critique)
-        step: dict[str, Any] = {
-            "round": number, "principle": principle.name, "critique_request": request,
-            "critique": critique.text.strip(), "revision_request": principle.revision, "revision": None,
-            "revision_raw": None, "cleaned": False, "early_stop": False,
-            **call_fields("critique", critique), **call_fields("revision", None),
-        }
-        record["rounds"].append(step)
-        if self.stop_rule is not None and self.stop_rule.search(critique.text):
-            step["early_stop"] = True
-            return None
-        asked += [{"role": "assistant", "content": critique.text.strip()},
-                  {"role": "user", "content": principle.revision}]
-        revision = await self._chat("revision", cfg.revision_role or cfg.policy_role, asked, cfg.revision_max_tokens)
-        results.append(revision)
-        raw = revision.text.strip()
-        text, cleaned = clean_revision(raw, principle.revision) if cfg.clean_revisions else (raw, False)
-        step.update(revision=text, revision_raw=raw, cleaned=cleaned, **call_fields("revision", revision))
-        if not text:
-            raise _StepFailed("revision", EmptyResponse(
-                f"round {number} ({principle.name}): the revision is empty once wrapper text is removed "
-                f"({raw[:80]!r}); set sl.clean_revisions=false to keep it raw, or use a stronger model"
-            ))
-        return text
+        """One critique → revision step under ``principle`` (see :meth:`Reviser.revise_step`)."""
+        return await self.reviser.revise_step(number, principle, conversation, current, record, results)
 
     async def run(self, row: PromptRow) -> dict[str, Any]:
         """The chain row for ``row``; a failed step is recorded in it (``status="error"``) with the steps
@@ -260,7 +215,8 @@ class ChainRunner:
         try:
             current = row.response
             if current is None:
-                initial = await self._chat("initial", cfg.policy_role, [*self.system, *conversation], cfg.max_tokens)
+                initial = await self.reviser.chat("initial", cfg.policy_role, [*self.system, *conversation],
+                                                  cfg.max_tokens)
                 results.append(initial)
                 current = initial.text.strip()
                 record.update(initial_response=current, **call_fields("initial", initial))
@@ -276,7 +232,7 @@ class ChainRunner:
                 if not revised and self.stop_rule is not None:  # no principle of the pass asked for a change
                     record["stopped_early"] = True
                     break
-        except _StepFailed as failed:
+        except StepFailed as failed:
             if not isinstance(failed.error, PermanentError):
                 raise failed.error from None
             record.update(status="error", **error_fields(failed.error), error_step=failed.step)
