@@ -81,7 +81,8 @@ class StagePlan:
 class StageFlag:
     """A command-line option of a stage's command that sets one recipe key; not given (None), the recipe's
     value stays. ``type``: the value's type (``str``, ``int``, ``float``, ``bool``, ``tuple[str, str]``); a
-    ``bool`` is a ``--x/--no-x`` switch unless ``decls`` names one option (then giving it sets True)."""
+    ``bool`` is a plain switch (giving ``--x`` sets True) unless ``decls`` names a pair (``"--x/--no-x"``);
+    ``decls``: the option's names (default ``--x-y`` for ``x_y``); ``convert``: applied to a given value."""
 
     name: str
     key: str
