@@ -18,9 +18,9 @@ from backends.errors import ConfigError, RunStopped
 from cai_async.configio import apply_overrides, read_mapping, validate
 from cai_async.engine import Engine, EngineConfig
 from cai_async.evaluation.run import EvalConfig
+from cai_async.evaluation.stage import run_eval_stage
 from cai_async.exitcodes import leaves
 from cai_async.guard.config import GuardConfig
-from cai_async.stages.eval import run_eval_stage
 from cai_async.stages.generate import GenerateConfig
 from cai_async.stages.rl import RLConfig, run_rl_stage
 from cai_async.stages.sl import SLConfig, run_sl_stage

@@ -215,7 +215,10 @@ def report_dict(report: StageReport) -> dict[str, Any]:
     return data
 
 
-_BUILTIN = ("generate", "sl", "rl", "train", "eval")
+_BUILTIN = ("cai_async.stages.generate", "cai_async.stages.sl", "cai_async.stages.rl", "cai_async.stages.train",
+            "cai_async.evaluation.stage")
+"""The modules of the built-in units (each names its unit ``STAGE``), in run order. The evaluation's unit lives
+with the evaluation, which imports the stages' row machinery (the arrow runs one way)."""
 _units: list[StageUnit[Any]] = []
 _loaded = False
 
@@ -224,7 +227,7 @@ def _load() -> list[StageUnit[Any]]:
     global _loaded
     if not _loaded:
         _loaded = True
-        builtin = [importlib.import_module(f"cai_async.stages.{name}").STAGE for name in _BUILTIN]
+        builtin = [importlib.import_module(module).STAGE for module in _BUILTIN]
         added = list(_units)
         _units[:] = builtin
         for point in entry_points(group=ENTRY_POINT_GROUP):
