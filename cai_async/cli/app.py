@@ -379,6 +379,7 @@ def batches_cancel(run_dir: Annotated[Path, typer.Argument(help="Run directory."
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2, a run stopped early
     (endpoint group down, refused key) one line and exit code 4."""
+    add_stage_commands(app)  # stages registered since this module was imported
     try:
         app()
     except (CaiError, KeyboardInterrupt, BaseExceptionGroup) as exc:

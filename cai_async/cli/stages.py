@@ -15,7 +15,6 @@ from cai_async.cli.flags import (
     HELP,
     CaiError_,
     Flag,
-    RecipeArg,
     SetOpt,
     flag_parameters,
     flag_values,
@@ -61,8 +60,8 @@ def stage_command(unit: StageUnit[Any]) -> Any:
     spec = unit.command
     assert spec is not None
     flags: tuple[Flag, ...] = shared(*spec.shared) if spec.shared is not None else shared()
-    recipe_annotation: Any = (Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")]
-                              if spec.recipe_required else RecipeArg)
+    recipe_annotation: Any = (Annotated[Path, typer.Argument(help=spec.recipe_help)] if spec.recipe_required else
+                              Annotated[Path | None, typer.Argument(help=spec.recipe_help, show_default=False)])
     parameters = [inspect.Parameter("recipe", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=recipe_annotation,
                                     default=inspect.Parameter.empty if spec.recipe_required else None)]
     for stage_flag in spec.flags:

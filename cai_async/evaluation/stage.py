@@ -77,6 +77,7 @@ class EvalStage(StageUnit[EvalConfig]):
         ),
         shared=("run_dir", "progress", "budget_usd", "batch"),
         recipe_required=True,
+        recipe_help="Recipe with an eval section (models, suites) and the engine.",
         output="stage",
     )
 

@@ -103,6 +103,7 @@ class StageCommand:
     shared: tuple[str, ...] | None = None
     """The shared flags (endpoint, engine, run directory) the command takes; None: all of them."""
     recipe_required: bool = False
+    recipe_help: str = "Recipe YAML/JSON/TOML."
     output: Literal["run", "stage"] = "run"
     """``run``: every stage line, the summary table and what to open next; ``stage``: this stage's lines only."""
 
