@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from backends.errors import ConfigError, RunStopped
 from cai_async.configio import apply_overrides, read_mapping, validate
@@ -102,12 +102,8 @@ class Recipe(BaseModel):
                 try:
                     data[key] = unit.config_type.model_validate(value)
                 except ValidationError as exc:
-                    for error in exc.errors():
-                        detail: InitErrorDetails = {"type": error["type"], "loc": (key, *error["loc"]),
-                                                    "input": error["input"]}
-                        if "ctx" in error:
-                            detail["ctx"] = error["ctx"]
-                        errors.append(detail)
+                    errors += [{"type": PydanticCustomError(e["type"], e["msg"]),
+                                "loc": (key, *e["loc"]), "input": e["input"]} for e in exc.errors()]
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return handler(data)
