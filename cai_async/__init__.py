@@ -167,6 +167,16 @@ if TYPE_CHECKING:
         load_pairs as load_pairs,
         run_pairs as run_pairs,
     )
+    from cai_async.stages.unit import (
+        StageCommand as StageCommand,
+        StageContext as StageContext,
+        StageFlag as StageFlag,
+        StagePlan as StagePlan,
+        StageUnit as StageUnit,
+        register_stage as register_stage,
+        stage_units as stage_units,
+        unregister_stage as unregister_stage,
+    )
     from cai_async.store import (
         ShardWriter as ShardWriter,
         read_shards as read_shards,
@@ -211,6 +221,8 @@ _API: dict[str, tuple[str, ...]] = {
     "cai_async.stages.common": ("StageReport",),
     "cai_async.stages.label": ("LABEL_SCHEMA", "LabelConfig", "Labeller", "LabelReport", "run_label"),
     "cai_async.stages.pairs": ("PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "load_pairs", "run_pairs"),
+    "cai_async.stages.unit": ("StageCommand", "StageContext", "StageFlag", "StagePlan", "StageUnit", "register_stage",
+        "stage_units", "unregister_stage"),
     "cai_async.store": ("ShardWriter", "read_shards", "write_parquet_atomic"),
     "cai_async.train.config": ("TrainConfig",),
     "cai_async.train.run": ("run_training",),

@@ -1,39 +1,30 @@
-"""Recipes: the run configuration (engine + stages) and the runner that calls stages in order."""
+"""Recipes: the run configuration (engine + stages) and the runner: a loop over the stage registry
+(:mod:`cai_async.stages.unit`), in its order."""
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import os
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
+from itertools import groupby
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import anyio
-import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from backends.errors import ConfigError, RunStopped
 from cai_async.configio import apply_overrides, read_mapping, validate
-from cai_async.constitution_io import builtin_comparison_sets, builtin_constitutions
 from cai_async.engine import Engine, EngineConfig
-from cai_async.evaluation.run import EvalConfig, run_eval
+from cai_async.evaluation.run import EvalConfig
+from cai_async.evaluation.stage import run_eval_stage
 from cai_async.exitcodes import leaves
-from cai_async.exports import RLExportConfig, conversations_with_response, write_rl_exports, write_sl_exports
 from cai_async.guard.config import GuardConfig
-from cai_async.prompts import load_prompts
-from cai_async.public_data import HUB_DIR
-from cai_async.stages.common import StageReport
-from cai_async.stages.generate import GenerateConfig, run_generate
-from cai_async.stages.label import LabelConfig, Labeller, LabelReport, label_pairs
-from cai_async.stages.pairs import PairsConfig, PairsReport, run_pairs
-from cai_async.stages.sl import SLConfig, SLReport, run_sl
-from cai_async.store import read_shards
+from cai_async.stages.generate import GenerateConfig
+from cai_async.stages.rl import RLConfig, run_rl_stage
+from cai_async.stages.sl import SLConfig, run_sl_stage
+from cai_async.stages.unit import StageContext, StageUnit, stage_unit, stage_units, write_json
 from cai_async.train.config import TrainConfig
 
 __all__ = [
@@ -75,20 +66,10 @@ def lift_method_keys(data: dict[str, Any], *, source: str, replace: bool = False
     return result
 
 
-class RLConfig(BaseModel):
-    """RL-CAI (recipe key ``rl``): where pairs come from, how they are labelled, what is exported."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pairs: PairsConfig = Field(default_factory=PairsConfig)
-    label: LabelConfig = Field(default_factory=LabelConfig)
-    export: RLExportConfig = Field(default_factory=RLExportConfig)
-
-
 class Recipe(BaseModel):
     """A run: where it writes, the engine's endpoints and policies, and the stages to run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # only for registered stages' sections: see _registered_stages
 
     run_dir: str = "runs/default"
     retry_errors: bool = False
@@ -102,11 +83,30 @@ class Recipe(BaseModel):
     guard: GuardConfig | None = None
     """The inference-time guard (``cai guard serve``); not a stage ``cai run`` runs."""
 
-
-def _resolve(base: Path, value: str) -> str:
-    if not value or Path(value).is_absolute() or value in builtin_constitutions():
-        return value
-    return os.path.normpath(base / value)
+    @model_validator(mode="wrap")
+    @classmethod
+    def _registered_stages(cls, data: Any, handler: Callable[[Any], Recipe]) -> Recipe:
+        """A section of a stage registered from outside (not a field here) validates into its unit's config type;
+        any other unknown key is an error, as with ``extra="forbid"``."""
+        if not isinstance(data, dict):
+            return handler(data)
+        data = dict(data)
+        errors: list[InitErrorDetails] = []
+        for key, value in data.items():
+            if key in cls.model_fields:
+                continue
+            unit = stage_unit(key)
+            if unit is None:
+                errors.append({"type": "extra_forbidden", "loc": (key,), "input": value})
+            elif value is not None and not isinstance(value, unit.config_type):
+                try:
+                    data[key] = unit.config_type.model_validate(value)
+                except ValidationError as exc:
+                    errors += [{"type": PydanticCustomError(e["type"], e["msg"]),
+                                "loc": (key, *e["loc"]), "input": e["input"]} for e in exc.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return handler(data)
 
 
 def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recipe:
@@ -116,106 +116,14 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
     recipe = validate(Recipe, data, source=str(path) if path is not None else "defaults")
     if path is not None:
         base = Path(path).parent
-        if recipe.generate is not None:
-            recipe.generate.input = _resolve(base, recipe.generate.input)
-        if recipe.sl is not None:
-            recipe.sl.input = _resolve(base, recipe.sl.input)
-            recipe.sl.constitution = _resolve(base, recipe.sl.constitution)
-            if recipe.sl.export.helpful is not None:
-                recipe.sl.export.helpful.input = _resolve(base, recipe.sl.export.helpful.input)
-        if recipe.rl is not None:
-            recipe.rl.pairs.input = _resolve(base, recipe.rl.pairs.input)
-            if recipe.rl.label.principles not in builtin_comparison_sets():
-                recipe.rl.label.principles = _resolve(base, recipe.rl.label.principles)
-        if recipe.eval is not None and recipe.eval.data_dir and recipe.eval.data_dir != HUB_DIR:
-            recipe.eval.data_dir = _resolve(base, recipe.eval.data_dir)
+        for unit in stage_units():
+            config = unit.config(recipe)
+            if config is not None:
+                unit.resolve(config, base)
     if overrides:
         data = apply_overrides(recipe.model_dump(mode="json"), overrides)
         recipe = validate(Recipe, lift_method_keys(data, source=str(path), replace=True), source=str(path))
     return recipe
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _report(report: StageReport) -> dict[str, Any]:
-    data = {
-        "total": report.total,
-        "skipped_already_done": report.skipped,
-        "errors_kept": report.errors_kept,
-        "written": report.written,
-        "failed": report.failed,
-        "failures": report.failures[:50],
-        "failure_classes": dict(Counter(f.get("class") or "error" for f in report.failures).most_common()),
-        "stopped": report.stopped,
-        "seconds": round(report.seconds, 3),
-    }
-    if isinstance(report, SLReport):
-        data.update(ok=report.ok, errors=report.errors)
-    if isinstance(report, LabelReport):
-        data.update(labelled=report.labelled, abstained=report.abstained, errors=report.errors)
-    return data
-
-
-def _pairs_report(report: PairsReport) -> dict[str, Any]:
-    data = _report(report)
-    return {"prompts": data.pop("total"), "pairs_written": data.pop("written"),
-            "identical_dropped": report.identical_dropped, **data}
-
-
-async def run_rl_stage(
-    engine: Engine, config: RLConfig, run_dir: Path, *, retry_errors: bool = False
-) -> dict[str, Any]:
-    """Pairs into ``rl/pairs/``, AI-feedback labels into ``rl/labels/``, then the dpo and reward exports."""
-    labeller = Labeller(engine, config.label, run_dir.name)  # a bad comparison set fails before any call
-    pairs_report = await run_pairs(engine, config.pairs, run_dir / "rl" / "pairs", run_dir=run_dir)
-    report = _report(await label_pairs(labeller, pairs_report.rows, run_dir / "rl" / "labels",
-                                       retry_errors=retry_errors))
-    report["pairs"] = _pairs_report(pairs_report)
-    report["exports"] = write_rl_exports(run_dir, read_shards(run_dir / "rl" / "labels"), config.export)
-    return report
-
-
-async def run_sl_stage(
-    engine: Engine, config: SLConfig, run_dir: Path, *, retry_errors: bool = False
-) -> dict[str, Any]:
-    """Chains into ``sl/``, helpfulness responses into ``helpful/`` when the mix needs them, then exports."""
-    report = _report(await run_sl(engine, config, run_dir / "sl", run_id=run_dir.name, retry_errors=retry_errors))
-    helpful = config.export.helpful
-    helpful_rows = None
-    chains = read_shards(run_dir / "sl")
-    if helpful is not None:
-        finished = chains.filter(pl.col("status") == "ok").height if not chains.is_empty() else 0
-        needed = max(1, math.ceil(helpful.ratio / (1 - helpful.ratio) * finished))
-        limit = min(helpful.limit or needed, needed)
-        if helpful.response_column is None:
-            generated = await run_generate(engine, GenerateConfig(
-                input=helpful.input, prompt_column=helpful.prompt_column, id_column=helpful.id_column,
-                limit=limit, max_tokens=helpful.max_tokens, seed=config.seed, role=config.policy_role,
-            ), run_dir / "helpful")
-            report["helpful"] = _report(generated)
-            frame = read_shards(run_dir / "helpful")
-        else:
-            rows = load_prompts(helpful.input, column=helpful.prompt_column, id_column=helpful.id_column,
-                                response_column=helpful.response_column)[:limit]
-            frame = pl.DataFrame([{"id": r.id, "messages": r.conversation(), "response": r.response} for r in rows])
-        helpful_rows = conversations_with_response(frame)
-    report["exports"] = write_sl_exports(run_dir, chains, config.export, helpful_rows)
-    return report
-
-
-async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path) -> dict[str, Any]:
-    """Suites → ``eval/samples/``, metrics → ``eval/metrics.json``, report → ``eval/report.html`` + PNGs."""
-    from cai_async.evaluation.report import write_report
-
-    out = run_dir / "eval"
-    metrics = await run_eval(engine, config, out)
-    _write_json(out / "metrics.json", metrics)
-    metrics["report"] = str(write_report(metrics, read_shards(out / "samples"), out))
-    return metrics
 
 
 async def run_recipe(
@@ -223,8 +131,8 @@ async def run_recipe(
     *,
     progress: Callable[[Engine, str], AbstractAsyncContextManager[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run the recipe's stages; write ``config.yaml`` (no secrets: keys are named by variable) and
-    ``summary.json`` into the run directory; return the summary."""
+    """Run the recipe's stages in the registry's order; write ``config.yaml`` (no secrets: keys are named by
+    variable) and ``summary.json`` into the run directory; return the summary."""
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(
@@ -234,18 +142,10 @@ async def run_recipe(
     from cai_async.plan import plan_recipe
 
     summary["plan"] = plan_recipe(recipe)["total"]  # the estimate, beside what the engine accounts below
+    present = [(unit, config) for unit in stage_units() if (config := unit.config(recipe)) is not None]
     try:
-        if any(stage is not None for stage in (recipe.generate, recipe.sl, recipe.rl)):
-            await _run_engine_stages(recipe, run_dir, summary, progress, phase="data")
-        if recipe.train is not None:
-            from cai_async.train.run import run_training
-
-            for stage in recipe.train.stages:
-                summary["stages"][f"train/{stage}"] = await anyio.to_thread.run_sync(
-                    functools.partial(run_training, stage, recipe.train, run_dir, engine_config=recipe.engine)
-                )
-        if recipe.eval is not None:  # after training, so a trained model can be one of the models
-            await _run_engine_stages(recipe, run_dir, summary, progress, phase="eval")
+        for session, group in groupby(present, key=lambda pair: pair[0].session):
+            await _run_session(recipe, run_dir, summary, progress, session, list(group), present)
     except BaseException as exc:  # group down, refused key: say in summary.json where and why the run stopped
         stopped = next((leaf for leaf in leaves(exc) if isinstance(leaf, RunStopped)), None)
         if stopped is not None:
@@ -255,7 +155,7 @@ async def run_recipe(
     finally:
         summary.pop("running", None)
         summary["finished"] = time.time()
-        _write_json(run_dir / "summary.json", summary)
+        write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -265,54 +165,49 @@ def _usage(engine: Engine) -> dict[str, Any]:
             "tokens": accounting.tokens, "cost_usd": accounting.cost_usd}
 
 
-async def _reported(work: Awaitable[StageReport]) -> dict[str, Any]:
-    return _report(await work)
+Present = list[tuple[StageUnit[Any], Any]]
 
 
-async def _stage(summary: dict[str, Any], name: str, engine: Engine, work: Awaitable[dict[str, Any]]) -> None:
-    """Run one stage and keep its report, with the calls, tokens and dollars it spent, under ``name``."""
-    before = _usage(engine)
-    report = await work
-    after = _usage(engine)
-    report["usage"] = {key: round(after[key] - before[key], 6) for key in after}
-    summary["stages"][name] = report
+def _session_engine(config: EngineConfig, session: str, group: Present, present: Present) -> EngineConfig:
+    """The engine of one session has every group but those only later stages name and that may not exist yet
+    (a model the run trains: :meth:`StageUnit.late_groups`)."""
+    used = {"policy", "critic"}.union(*(unit.roles(c) for unit, c in group))
+    late = set[str]().union(*(unit.late_groups(c) for unit, c in present if unit.session != session))
+    if not late - used:
+        return config
+    return config.model_copy(update={"groups": {k: v for k, v in config.groups.items() if k not in late - used}})
 
 
-async def _run_engine_stages(
+async def _run_session(
     recipe: Recipe,
     run_dir: Path,
     summary: dict[str, Any],
     progress: Callable[[Engine, str], AbstractAsyncContextManager[Any]] | None,
-    *,
-    phase: Literal["data", "eval"],
+    session: str | None,
+    group: Present,
+    present: Present,
 ) -> None:
-    """Data stages run with every group but those only the evaluation names (a model trained later in the run
-    need not exist yet); the evaluation runs with all of them."""
-    config = recipe.engine
-    if phase == "data" and recipe.eval is not None:
-        used = {"policy", "critic"} | ({recipe.generate.role} if recipe.generate else set())
-        used |= {recipe.sl.policy_role, recipe.sl.critic_role, recipe.sl.revision_role or ''} if recipe.sl else set()
-        used |= {recipe.rl.pairs.policy_role, recipe.rl.label.critic_role} if recipe.rl else set()
-        eval_only = {m.group for m in recipe.eval.models} - used
-        config = config.model_copy(update={"groups": {k: v for k, v in config.groups.items() if k not in eval_only}})
-    async with Engine(config, run_dir=run_dir) as engine:
-
-        async def stage(name: str, work: Awaitable[dict[str, Any]]) -> None:
-            summary["running"] = name
-            display = progress(engine, name) if progress is not None else nullcontext()
-            async with display:  # one progress display per stage
-                await _stage(summary, name, engine, work)
-
+    """Run consecutive stages of one session: in one engine (its summary under ``engine`` for the data session,
+    ``engine_<session>`` for another), or without one; each entry's report, with the calls, tokens and dollars
+    it spent, goes under its name."""
+    if session is None:
+        context = StageContext(run_dir=run_dir, recipe=recipe, retry_errors=recipe.retry_errors)
+        for unit, config in group:
+            for entry in unit.entries(config):
+                summary["running"] = entry
+                summary["stages"][entry] = await unit.run(context, config, entry)
+        return
+    async with Engine(_session_engine(recipe.engine, session, group, present), run_dir=run_dir) as engine:
+        context = StageContext(run_dir=run_dir, recipe=recipe, engine=engine, retry_errors=recipe.retry_errors)
         try:
-            if phase == "eval":
-                assert recipe.eval is not None
-                await stage("eval", run_eval_stage(engine, recipe.eval, run_dir))
-                return
-            if recipe.generate is not None:
-                await stage("generate", _reported(run_generate(engine, recipe.generate, run_dir / "generate")))
-            if recipe.sl is not None:
-                await stage("sl", run_sl_stage(engine, recipe.sl, run_dir, retry_errors=recipe.retry_errors))
-            if recipe.rl is not None:
-                await stage("rl", run_rl_stage(engine, recipe.rl, run_dir, retry_errors=recipe.retry_errors))
+            for unit, config in group:
+                for entry in unit.entries(config):
+                    summary["running"] = entry
+                    async with progress(engine, entry) if progress is not None else nullcontext():
+                        before = _usage(engine)
+                        report = await unit.run(context, config, entry)
+                        after = _usage(engine)
+                        report["usage"] = {key: round(after[key] - before[key], 6) for key in after}
+                        summary["stages"][entry] = report
         finally:
-            summary["engine" if phase == "data" else "engine_eval"] = engine.summary()
+            summary["engine" if session == "data" else f"engine_{session}"] = engine.summary()

@@ -1,22 +1,37 @@
-"""Typer commands. User errors print one clear line (no traceback) and exit 2."""
+"""Typer commands. User errors print one clear line (no traceback) and exit 2. The stages' commands are built
+from the stage registry (:mod:`cai_async.cli.stages`); the flags they share are declared once
+(:mod:`cai_async.cli.flags`)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import typer
 import yaml
-from rich.console import Console
-from rich.markup import escape
 from rich.text import Text
 
 from backends.errors import CaiError, RunStopped
 from backends.registry import available_backends
-from cai_async.exitcodes import STOPPED, USER_ERROR, exit_code, failure_count, leaves
+from cai_async.cli.flags import (
+    BatchOpt,
+    BudgetOpt,
+    CaiError_,
+    RecipeArg,
+    RetryErrorsOpt,
+    RunDirOpt,
+    SetOpt,
+    flag_values,
+    load_with_flags,
+    shared,
+    with_flags,
+)
+from cai_async.cli.stages import add_stage_commands
+from cai_async.cli.summary import console, print_training, run_and_report
+from cai_async.exitcodes import STOPPED, USER_ERROR, leaves
 
 __all__ = ["app", "main"]
 
@@ -36,10 +51,6 @@ app.add_typer(constitution_app, name="constitution")
 guard_app = typer.Typer(help="The inference-time guard: an OpenAI-compatible proxy, and its report.",
                         no_args_is_help=True)
 app.add_typer(guard_app, name="guard")
-console = Console(stderr=True, soft_wrap=True)
-
-ProgressMode = Literal["auto", "rich", "plain", "off"]
-
 
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option(
@@ -65,365 +76,14 @@ def backends() -> None:
         typer.echo(name)
 
 
-def _endpoint_overrides(
-    recipe_data: dict[str, Any], flags: dict[str, Any]
-) -> dict[str, Any]:
-    """Endpoint flags replace the policy group with one endpoint (merged over its first endpoint)."""
-    given = {k: v for k, v in flags.items() if v is not None}
-    if not given:
-        return recipe_data
-    engine = recipe_data.setdefault("engine", {})
-    groups = engine.setdefault("groups", {})
-    first = dict((groups.get("policy") or [{}])[0])
-    if "backend" in given and given["backend"] != first.get("backend"):
-        first = {}
-    first.update(given)
-    groups["policy"] = [first]
-    return recipe_data
+add_stage_commands(app)  # cai generate, sl, label, eval, and any registered stage's command
 
 
-def _load(recipe: Path | None, sets: list[str], extra: dict[str, Any], endpoint: dict[str, Any]) -> Any:
-    from cai_async.configio import apply_overrides, validate
-    from cai_async.recipes import Recipe, lift_method_keys, load_recipe
-
-    base = load_recipe(recipe) if recipe is not None else Recipe()
-    data = base.model_dump(mode="json")
-    data = _endpoint_overrides(data, endpoint)
-    if extra.pop(_BATCH, None):
-        data = _use_batch(data)
-    pairs = [f"{k}={json.dumps(v)}" for k, v in extra.items() if v is not None]
-    data = lift_method_keys(apply_overrides(data, [*pairs, *sets]), source="--set", replace=True)
-    return validate(Recipe, data, source=str(recipe) if recipe else "command line")
-
-
-def _run(recipe_obj: Any) -> None:
-    from cai_async.cli.progress import progress_display
-    from cai_async.recipes import run_recipe
-    from cai_async.runlog import attach_run_log
-
-    attach_run_log(recipe_obj.run_dir)
-    mode = recipe_obj.engine.progress
-    try:
-        summary = anyio.run(lambda: run_recipe(
-            recipe_obj, progress=lambda e, stage: progress_display(e, mode, label=stage)))
-    except KeyboardInterrupt:
-        console.print("interrupted: finished results are kept; rerun the same command to resume")
-        raise typer.Exit(130) from None
-    run_dir = Path(summary["run_dir"])
-    for name, stage in summary["stages"].items():
-        _print_stage(name, stage)
-    if "sl" in summary["stages"]:
-        _print_chain(run_dir)
-    elif "generate" in summary["stages"]:
-        _print_example(run_dir / "generate")
-    _print_summary_table(summary)
-    _print_next(run_dir, summary)
-    code = exit_code(summary)
-    if code:
-        failed = sum(failure_count(stage) for stage in summary["stages"].values())
-        why = "stopped early" if code == STOPPED else f"{failed} items failed or recorded errors"
-        console.print(f"exit {code}: {why} (see above; a rerun resumes, `--retry-errors` retries error rows)")
-    raise typer.Exit(code)
-
-
-def _stage_row(name: str, stage: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
-    """(stage, rows, failures, time, tokens, cost) of one stage's report, for the closing table."""
-    usage = stage.get("usage") or {}
-    tokens = f"{usage['tokens']:,}" if usage else "-"
-    cost = f"${usage['cost_usd']:.4f}" if usage else "-"
-    if name.startswith("train/"):
-        return name, f"{stage['rows']:,}", "0", f"{stage['seconds']:.1f}s", tokens, cost
-    if name == "eval":
-        run = stage.get("run", {})
-        failed = run.get("failed_not_recorded", 0) + run.get("pairwise_failed", 0) + failure_count(stage)
-        return (name, f"{run.get('written', 0) + run.get('already_done', 0):,}", f"{failed}",
-                f"{run.get('seconds', 0):.1f}s", tokens, cost)
-    rows = stage.get("written", 0) + stage.get("skipped_already_done", 0)
-    return name, f"{rows:,}", f"{failure_count(stage)}", f"{stage.get('seconds', 0):.1f}s", tokens, cost
-
-
-def _print_summary_table(summary: dict[str, Any]) -> None:
-    """One table for the whole run: each stage's rows, failures, time, tokens and cost."""
-    from rich.table import Table
-
-    table = Table(title="run summary", title_justify="left")
-    for column in ("stage", "rows", "failures", "time", "tokens", "cost"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
-    for name, stage in summary["stages"].items():
-        table.add_row(*_stage_row(name, stage))
-    console.print(table)
-    for key in ("engine", "engine_eval"):
-        engine = summary.get(key)
-        if engine is not None:
-            console.print(
-                f"{'evaluation ' if key == 'engine_eval' else ''}calls: "
-                f"{sum(e['calls'] for e in engine['endpoints'].values())}, cache hits: {engine['cache_hits']}, "
-                f"tokens: {engine['tokens']}, cost: ${engine['cost_usd']:.4f}"
-            )
-            total = engine.get("run_total") or {}
-            if total.get("processes", 0) > 1:
-                console.print(f"run total over {total['processes']} processes: {total['calls']} calls, "
-                              f"tokens: {total['tokens']}, cost: ${total['cost_usd']:.4f}")
-
-
-def _print_next(run_dir: Path, summary: dict[str, Any]) -> None:
-    """The files a user opens next: exports, the evaluation report, the log; and how to inspect the run."""
-    console.print(f"outputs: {run_dir}/ (summary.json, config.yaml, cache.sqlite, run.log)")
-    for stage in summary["stages"].values():
-        for name, export in stage.get("exports", {}).items():
-            console.print(f"  {name}: {export['path']} ({export['rows']} rows)")
-        if "artefacts" in stage:
-            console.print(f"  model: {stage['output_dir']}")
-    report = summary["stages"].get("eval", {}).get("report")
-    if report:
-        console.print(f"  evaluation report: {report}")
-    console.print(f"inspect: cai show {run_dir}; constitution card: cai constitution card NAME --run {run_dir}")
-
-
-def _print_training(stage: dict[str, Any]) -> None:
-    console.print(
-        f"[bold]train/{stage['stage']}[/] ({stage['algorithm']}, {stage['device']}, {stage['precision']}): "
-        f"{stage['steps']} steps on {stage['rows']} rows in {stage['seconds']:.1f}s, loss "
-        f"{stage['first_loss']} → {stage['last_loss']}; {stage['rows_over_max_length']} rows over "
-        f"max_length={stage['max_length']}"
-    )
-    console.print(f"  {stage['output_dir']}/ ({', '.join(stage['artefacts'])})")
-
-
-def _print_eval(metrics: dict[str, Any]) -> None:
-    for model, entry in metrics["models"].items():
-        parts = [f"{key} {value['value']:.1%}" for key, value in entry.items()
-                 if isinstance(value, dict) and value.get("value") is not None]
-        console.print(f"[bold]eval {escape(model)}[/]: {', '.join(parts)}; errors {entry['errors']}")
-    for key, delta in (metrics.get("compare") or {}).items():
-        if delta is not None:
-            console.print(f"  Δ {key}: {delta:+.1%}")
-    console.print(f"  report: {metrics['report']}")
-
-
-def _print_stage(name: str, stage: dict[str, Any]) -> None:
-    if name.startswith("train/"):
-        _print_training(stage)
-        return
-    if name == "eval":
-        _print_eval(stage)
-        return
-    recorded = f", {stage['errors']} recorded errors" if "errors" in stage else ""
-    if stage.get("errors_kept"):
-        recorded += f" ({stage['errors_kept']} more kept from earlier runs; --retry-errors retries them)"
-    console.print(
-        f"[bold]{name}[/]: {stage['written']} written, {stage['skipped_already_done']} already done{recorded}, "
-        f"{stage['failed']} failed (retried on rerun) in {stage['seconds']:.1f}s"
-    )
-    if stage["stopped"]:
-        console.print(f"[yellow]stopped:[/] {escape(stage['stopped'])}")
-    for failure in stage["failures"][:5]:
-        console.print(f"[red]failed[/] {failure['id']}: {escape(failure['error'])}")
-    if stage.get("failure_classes"):
-        console.print("  by class: " + ", ".join(f"{k} {v}" for k, v in stage["failure_classes"].items()))
-    if "helpful" in stage:
-        _print_stage(f"{name}/helpful", stage["helpful"])
-    if "pairs" in stage:
-        pairs = stage["pairs"]
-        console.print(f"[bold]{name}/pairs[/]: {pairs['pairs_written']} pairs from {pairs['prompts']} prompts "
-                      f"({pairs['skipped_already_done']} already done), {pairs['identical_dropped']} identical "
-                      f"responses dropped, {pairs['failed']} failed")
-    if "labelled" in stage:
-        console.print(f"[bold]{name}/labels[/]: {stage['labelled']} labelled, {stage['abstained']} abstained")
-
-
-def _print_chain(run_dir: Path, count: int = 1) -> None:
-    import polars as pl
-
-    from cai_async.runinfo import chain_text
-    from cai_async.store import read_shards
-
-    frame = read_shards(run_dir / "sl")
-    if frame.is_empty():
-        return
-    ok = frame.filter(pl.col("status") == "ok")
-    for row in (ok if not ok.is_empty() else frame).head(count).iter_rows(named=True):
-        console.print(Text(chain_text(row)))
-
-
-def _print_example(directory: Path) -> None:
-    from cai_async.store import read_shards
-
-    frame = read_shards(directory)
-    if frame.is_empty():
-        return
-    row = frame.row(0, named=True)
-    console.print(f"[bold]example[/] prompt: {escape(row['prompt'][:200])}")
-    console.print(f"[bold]example[/] response: {escape(row['response'][:400])}")
-
-
-RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML/JSON/TOML.", show_default=False)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: engine.max_concurrency=32")]
-
-
-InputOpt = Annotated[str | None, typer.Option(help="Prompts: .jsonl/.json/.csv/.parquet or a saved HF dataset.")]
-RunDirOpt = Annotated[str | None, typer.Option(help="Run directory.")]
-LimitOpt = Annotated[int | None, typer.Option(help="Only the first N prompts.")]
-BackendOpt = Annotated[str | None, typer.Option(help="Policy endpoint backend: openai | llamacpp.")]
-ModelOpt = Annotated[str | None, typer.Option(help="Model name, or GGUF path for llamacpp.")]
-BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (…/v1).")]
-KeyEnvOpt = Annotated[str | None, typer.Option(help="Name of the env var holding the API key.")]
-RpmOpt = Annotated[float | None, typer.Option(help="Requests per minute limit.")]
-TpmOpt = Annotated[float | None, typer.Option(help="Tokens per minute limit.")]
-ConcurrencyOpt = Annotated[int | None, typer.Option(help="Global concurrency cap.")]
-BudgetOpt = Annotated[float | None, typer.Option(
-    "--max-cost", "--budget-usd", help="Dollars: stop scheduling new calls once spent + committed would pass it.")]
-BatchOpt = Annotated[bool, typer.Option(
-    "--batch", help="Send every OpenAI-compatible endpoint's calls through its Batch API (about half price).")]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Disable the request cache.")]
-RetryErrorsOpt = Annotated[bool, typer.Option(
-    "--retry-errors", help="Rerun every row recorded with an error (default: only endpoint-side classes).")]
-ProgressOpt = Annotated[str | None, typer.Option(help="auto | rich | plain | off")]
-
-
-def _engine_flags(max_concurrency: int | None, budget_usd: float | None, progress: str | None,
-                  no_cache: bool, batch: bool = False) -> dict[str, Any]:
-    return {
-        "engine.max_concurrency": max_concurrency,
-        "engine.budget_usd": budget_usd,
-        "engine.progress": progress,
-        "engine.cache.enabled": False if no_cache else None,
-        _BATCH: True if batch else None,
-    }
-
-
-_BATCH = "endpoints.mode=batch"
-
-
-def _use_batch(recipe_data: dict[str, Any]) -> dict[str, Any]:
-    """``--batch``: every OpenAI-compatible endpoint of the recipe switches to the Batch API."""
-    endpoints = [e for group in recipe_data.get("engine", {}).get("groups", {}).values() for e in group
-                 if e.get("backend", "openai") == "openai"]
-    if not endpoints:
-        raise CaiError_("--batch needs an OpenAI-compatible endpoint (backend: openai); this recipe has none")
-    for endpoint in endpoints:
-        endpoint["mode"] = "batch"
-    return recipe_data
-
-
-def _endpoint_flags(backend: str | None, model: str | None, base_url: str | None, api_key_env: str | None,
-                    rpm: float | None = None, tpm: float | None = None) -> dict[str, Any]:
-    return {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env,
-            "rpm": rpm, "tpm": tpm}
-
-
-def _only(recipe_obj: Any, stage: str) -> Any:
-    """The recipe with every stage but ``stage`` switched off."""
-    for name in ("generate", "sl", "rl", "train"):
-        if name != stage:
-            setattr(recipe_obj, name, None)
-    section = getattr(recipe_obj, stage)
-    if stage == "rl":
-        if section is None or (section.pairs.source != "sl" and not section.pairs.input):
-            raise CaiError_("no pairs: pass --input FILE (prompts, or a file with two response columns) or "
-                            "--pairs-source sl --sl-run RUN_DIR")
-    elif section is None or not section.input:
-        raise CaiError_(f"no prompts: pass --input FILE or set {stage}.input in the recipe")
-    return recipe_obj
-
-
-@app.command()
-def generate(
-    recipe: RecipeArg = None,
-    input: InputOpt = None,
-    run_dir: RunDirOpt = None,
-    limit: LimitOpt = None,
-    backend: BackendOpt = None,
-    model: ModelOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: KeyEnvOpt = None,
-    rpm: RpmOpt = None,
-    tpm: TpmOpt = None,
-    max_concurrency: ConcurrencyOpt = None,
-    budget_usd: BudgetOpt = None,
-    batch: BatchOpt = False,
-    no_cache: NoCacheOpt = False,
-    progress: ProgressOpt = None,
-    sets: SetOpt = None,
-) -> None:
-    """Answer prompts with the policy group and write Parquet (defaults → RECIPE → flags)."""
-    extra = {"run_dir": run_dir, "generate.input": input, "generate.limit": limit,
-             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
-    endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
-    _run(_only(_load(recipe, sets or [], extra, endpoint), "generate"))
-
-
-@app.command()
-def sl(
-    recipe: RecipeArg = None,
-    input: InputOpt = None,
-    prompt_column: Annotated[str | None, typer.Option(help="Column with the prompt or conversation.")] = None,
-    response_column: Annotated[str | None, typer.Option(help="Take initial responses from this column.")] = None,
-    constitution: Annotated[str | None, typer.Option(help="Built-in name or constitution file.")] = None,
-    num_revisions: Annotated[int | None, typer.Option(help="Critique → revision rounds per prompt.")] = None,
-    retry_errors: RetryErrorsOpt = False,
-    run_dir: RunDirOpt = None,
-    limit: LimitOpt = None,
-    backend: BackendOpt = None,
-    model: ModelOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: KeyEnvOpt = None,
-    rpm: RpmOpt = None,
-    tpm: TpmOpt = None,
-    max_concurrency: ConcurrencyOpt = None,
-    budget_usd: BudgetOpt = None,
-    batch: BatchOpt = False,
-    no_cache: NoCacheOpt = False,
-    progress: ProgressOpt = None,
-    sets: SetOpt = None,
-) -> None:
-    """SL-CAI: initial response → critique → revision chains, then sft/pairs exports (defaults → RECIPE →
-    flags)."""
-    extra = {"run_dir": run_dir, "sl.input": input, "sl.limit": limit, "sl.prompt_column": prompt_column,
-             "sl.response_column": response_column, "sl.constitution": constitution,
-             "sl.num_revisions": num_revisions, "retry_errors": retry_errors or None,
-             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
-    endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
-    _run(_only(_load(recipe, sets or [], extra, endpoint), "sl"))
-
-
-@app.command()
-def label(
-    recipe: RecipeArg = None,
-    pairs_source: Annotated[str | None, typer.Option(help="generate | sl | columns")] = None,
-    input: InputOpt = None,
-    sl_run: Annotated[str | None, typer.Option(help="pairs-source sl: the SL-CAI run directory.")] = None,
-    principles: Annotated[str | None, typer.Option(help="Comparison set: built-in name or file.")] = None,
-    ensemble: Annotated[int | None, typer.Option(help="Principles per pair.")] = None,
-    swap: Annotated[bool | None, typer.Option("--swap/--no-swap", help="Score both orders.")] = None,
-    cot: Annotated[bool | None, typer.Option("--cot/--no-cot", help="Chain-of-thought labels.")] = None,
-    retry_errors: RetryErrorsOpt = False,
-    run_dir: RunDirOpt = None,
-    limit: LimitOpt = None,
-    backend: BackendOpt = None,
-    model: ModelOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: KeyEnvOpt = None,
-    rpm: RpmOpt = None,
-    tpm: TpmOpt = None,
-    max_concurrency: ConcurrencyOpt = None,
-    budget_usd: BudgetOpt = None,
-    batch: BatchOpt = False,
-    no_cache: NoCacheOpt = False,
-    progress: ProgressOpt = None,
-    sets: SetOpt = None,
-) -> None:
-    """RL-CAI: response pairs labelled by AI feedback, then dpo/reward exports (defaults → RECIPE → flags)."""
-    extra = {"run_dir": run_dir, "rl.pairs.source": pairs_source, "rl.pairs.input": input,
-             "rl.pairs.sl_run": sl_run, "rl.pairs.limit": limit, "rl.label.principles": principles,
-             "rl.label.ensemble": ensemble, "rl.label.swap": swap, "rl.label.cot.enabled": cot,
-             "retry_errors": retry_errors or None,
-             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
-    endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
-    _run(_only(_load(recipe, sets or [], extra, endpoint), "rl"))
+_LABEL_QUALITY_FLAGS = shared("run_dir", "backend", "model", "base_url", "api_key_env", "max_concurrency", "progress")
 
 
 @app.command("label-quality")
+@with_flags(_LABEL_QUALITY_FLAGS)
 def label_quality(
     recipe: RecipeArg = None,
     input: Annotated[str | None, typer.Option(help="hh-rlhf style JSONL(.gz) with chosen/rejected transcripts "
@@ -433,26 +93,20 @@ def label_quality(
     principles: Annotated[str | None, typer.Option(help="Comparison set: built-in name or file.")] = None,
     ensemble: Annotated[int | None, typer.Option(help="Principles per pair.")] = None,
     cot: Annotated[bool | None, typer.Option("--cot/--no-cot", help="Chain-of-thought labels.")] = None,
-    run_dir: RunDirOpt = None,
-    backend: BackendOpt = None,
-    model: ModelOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: KeyEnvOpt = None,
-    max_concurrency: ConcurrencyOpt = None,
-    progress: ProgressOpt = None,
     sets: SetOpt = None,
+    flags: dict[str, Any] | None = None,
 ) -> None:
     """Label human-preference pairs and report accuracy, consistency, abstentions and calibration."""
     from cai_async.cli.progress import progress_display
     from cai_async.engine import Engine
     from cai_async.labelquality import run_label_quality
     from cai_async.public_data import BUNDLED, HH_PAIRS
-    from cai_async.recipes import RLConfig
+    from cai_async.stages.rl import RLConfig
 
-    extra = {"run_dir": run_dir, "rl.label.principles": principles, "rl.label.ensemble": ensemble,
-             "rl.label.cot.enabled": cot, **_engine_flags(max_concurrency, None, progress, False)}
-    endpoint = _endpoint_flags(backend, model, base_url, api_key_env)
-    recipe_obj = _load(recipe, sets or [], extra, endpoint)
+    shared_extra, endpoint = flag_values(_LABEL_QUALITY_FLAGS, flags or {})
+    extra = {"rl.label.principles": principles, "rl.label.ensemble": ensemble, "rl.label.cot.enabled": cot,
+             **shared_extra}
+    recipe_obj = load_with_flags(recipe, sets or [], extra, endpoint)
     label_config = (recipe_obj.rl or RLConfig()).label
     folder = Path(out) if out else Path(recipe_obj.run_dir) / "label_quality"
     from cai_async.runlog import attach_run_log
@@ -490,7 +144,7 @@ def train(
     data_key = {"sft": "train.sft_data", "reward": "train.reward_data"}.get(stage, "train.dpo_data")
     extra = {"run_dir": run_dir, "train.model": model, data_key: data, "train.rl_algorithm": rl_algorithm,
              "train.max_steps": max_steps, "train.lora.enabled": lora, "train.merge": merge}
-    recipe_obj = _load(recipe, sets or [], extra, {})
+    recipe_obj = load_with_flags(recipe, sets or [], extra, {})
     from cai_async.runlog import attach_run_log
     from cai_async.train.config import TrainConfig
     from cai_async.train.run import run_training
@@ -498,38 +152,7 @@ def train(
     attach_run_log(recipe_obj.run_dir)
     config = recipe_obj.train or TrainConfig()
     config.check_stage(stage)
-    _print_training(run_training(stage, config, recipe_obj.run_dir, engine_config=recipe_obj.engine))
-
-
-@app.command("eval")
-def evaluate(
-    recipe: Annotated[Path, typer.Argument(help="Recipe with an eval section (models, suites) and the engine.")],
-    n: Annotated[int | None, typer.Option(help="Prompts per suite.")] = None,
-    compare: Annotated[tuple[str, str] | None, typer.Option(help="BEFORE AFTER: highlight the deltas.")] = None,
-    run_dir: RunDirOpt = None,
-    progress: ProgressOpt = None,
-    budget_usd: BudgetOpt = None,
-    batch: BatchOpt = False,
-    sets: SetOpt = None,
-) -> None:
-    """Evaluate models on harmlessness, over-refusal, jailbreaks and helpfulness; write an HTML report."""
-    extra: dict[str, Any] = {"run_dir": run_dir, "eval.n": n, "engine.progress": progress,
-                             "eval.compare": list(compare) if compare else None, "engine.budget_usd": budget_usd,
-                             _BATCH: batch or None}
-    recipe_obj = _load(recipe, sets or [], extra, {})
-    if recipe_obj.eval is None:
-        raise CaiError_(f"{recipe}: no eval section (models: [{{name, group}}], suites, n)")
-    for name in ("generate", "sl", "rl", "train"):
-        setattr(recipe_obj, name, None)
-    from cai_async.cli.progress import progress_display
-    from cai_async.recipes import run_recipe
-    from cai_async.runlog import attach_run_log
-
-    attach_run_log(recipe_obj.run_dir)
-    summary = anyio.run(lambda: run_recipe(recipe_obj, progress=lambda e, stage: progress_display(
-        e, recipe_obj.engine.progress, label=stage)))
-    _print_eval(summary["stages"]["eval"])
-    raise typer.Exit(exit_code(summary))
+    print_training(run_training(stage, config, recipe_obj.run_dir, engine_config=recipe_obj.engine))
 
 
 @app.command()
@@ -558,8 +181,8 @@ def show(
 def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], budget_usd: BudgetOpt = None,
         batch: BatchOpt = False, retry_errors: RetryErrorsOpt = False, sets: SetOpt = None) -> None:
     """Run every stage a recipe lists, in order; the exit code covers them all (README: Exit codes)."""
-    _run(_load(recipe, sets or [], {"engine.budget_usd": budget_usd, _BATCH: batch or None,
-                                    "retry_errors": retry_errors or None}, {}))
+    extra, _ = flag_values(shared("budget_usd", "batch"), {"budget_usd": budget_usd, "batch": batch})
+    run_and_report(load_with_flags(recipe, sets or [], {**extra, "retry_errors": retry_errors or None}, {}))
 
 
 @app.command()
@@ -568,7 +191,8 @@ def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")],
     """Estimate a recipe's calls, tokens, dollars and rate-limited time before spending anything."""
     from cai_async.plan import plan_recipe
 
-    estimate = plan_recipe(_load(recipe, sets or [], {_BATCH: batch or None}, {}))
+    extra, _ = flag_values(shared("batch"), {"batch": batch})
+    estimate = plan_recipe(load_with_flags(recipe, sets or [], extra, {}))
     for row in estimate["stages"]:
         limit = f", ≥ {row['min_minutes_by_rate_limits']} min at the rate limits" \
             if row["min_minutes_by_rate_limits"] else ""
@@ -586,7 +210,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")],
 @app.command("config")
 def show_config(recipe: RecipeArg = None, sets: SetOpt = None) -> None:
     """Print the resolved configuration (defaults → RECIPE → --set)."""
-    typer.echo(yaml.safe_dump(_load(recipe, sets or [], {}, {}).model_dump(mode="json"), sort_keys=False))
+    typer.echo(yaml.safe_dump(load_with_flags(recipe, sets or [], {}, {}).model_dump(mode="json"), sort_keys=False))
 
 
 @constitution_app.command("list")
@@ -668,7 +292,7 @@ def guard_serve(
              "guard.host": host, "guard.port": port}
     from cai_async.guard.config import GuardConfig
 
-    data_recipe = _load(recipe, sets or [], extra, {})
+    data_recipe = load_with_flags(recipe, sets or [], extra, {})
     config = data_recipe.guard or GuardConfig()
     attach_run_log(data_recipe.run_dir)
 
@@ -752,13 +376,10 @@ def batches_cancel(run_dir: Annotated[Path, typer.Argument(help="Run directory."
             typer.echo(f"{endpoint.name}: no batch in flight")
 
 
-class CaiError_(CaiError):
-    """A user error found by the CLI itself."""
-
-
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2, a run stopped early
     (endpoint group down, refused key) one line and exit code 4."""
+    add_stage_commands(app)  # stages registered since this module was imported
     try:
         app()
     except (CaiError, KeyboardInterrupt, BaseExceptionGroup) as exc:

@@ -239,12 +239,11 @@ class Guard:
     async def _revise(self, messages: Sequence[dict[str, Any]], answer: str, verdict: Verdict) -> str:
         """Constitutional AI at inference time: critique → revision of the answer under the violated principles
         that the constitution has (else its first principle by priority)."""
-        from cai_async.stages.sl import ChainRunner, SLConfig
+        from cai_async.revision import Reviser, RevisionSettings
 
-        runner = ChainRunner(self.engine, SLConfig(
-            constitution=self.config.constitution, critic_role=self.config.judge_role,
-            revision_role=self.config.judge_role, critique_max_tokens=self.config.revise_max_tokens,
-            revision_max_tokens=self.config.revise_max_tokens), self.constitution, "guard")
+        runner = Reviser(self.engine, RevisionSettings(
+            critic_role=self.config.judge_role, revision_role=self.config.judge_role,
+            critique_max_tokens=self.config.revise_max_tokens, revision_max_tokens=self.config.revise_max_tokens))
         names = {p.name for p in self.constitution.principles}
         principles = [self.constitution.principle(p.name) for p in verdict.violated if p.name in names] or [
             min(self.constitution.principles, key=lambda p: p.priority)]

@@ -8,12 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import anyio
-import polars as pl
 
 from backends.errors import CaiError
-from backends.types import ChatResult, ScoreResult
 from cai_async.engine import Engine
-from cai_async.store import MESSAGES, ShardWriter, read_shards
+from cai_async.store import CALL_FIELDS, MESSAGES, ShardWriter, call_fields, read_shards
 
 __all__ = [
     "CALL_FIELDS",
@@ -79,6 +77,10 @@ class StageReport:
     stopped: str | None = None
     seconds: float = 0.0
 
+    def counts(self) -> dict[str, int]:
+        """The report's own counts beyond the common ones, for the run's summary."""
+        return {}
+
 
 class _HasId(Protocol):
     @property
@@ -141,30 +143,3 @@ async def gather_calls(calls: Sequence[Callable[[], Awaitable[T]]], *, together:
         for index in range(len(calls)):
             await one(index)
     return [outcome for outcome in outcomes if outcome is not None]
-
-
-CALL_FIELDS: dict[str, pl.DataType] = {
-    "endpoint": pl.String(),
-    "model": pl.String(),
-    "prompt_tokens": pl.Int64(),
-    "completion_tokens": pl.Int64(),
-    "latency_s": pl.Float64(),
-    "cached": pl.Boolean(),
-    "finish_reason": pl.String(),
-}
-"""What is kept of every call: where it ran, what it cost, how long it took, whether the cache served it."""
-
-
-def call_fields(prefix: str, result: ChatResult | ScoreResult | None) -> dict[str, Any]:
-    """``CALL_FIELDS`` of ``result`` with their names prefixed (all ``None`` when there was no call)."""
-    if result is None:
-        return {f"{prefix}_{k}": None for k in CALL_FIELDS}
-    return {
-        f"{prefix}_endpoint": result.endpoint,
-        f"{prefix}_model": result.model,
-        f"{prefix}_prompt_tokens": result.usage.prompt_tokens,
-        f"{prefix}_completion_tokens": result.usage.completion_tokens,
-        f"{prefix}_latency_s": result.latency_s,
-        f"{prefix}_cached": result.cached,
-        f"{prefix}_finish_reason": result.finish_reason if isinstance(result, ChatResult) else result.method,
-    }

@@ -11,9 +11,20 @@ from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.prompts import PromptRow, PromptSource
 from cai_async.stages.common import StageReport, write_rows
+from cai_async.stages.unit import (
+    Count,
+    StageCommand,
+    StageContext,
+    StageFlag,
+    StagePlan,
+    StageUnit,
+    load_prompt_texts,
+    report_dict,
+    resolve_path,
+)
 from cai_async.store import ShardWriter
 
-__all__ = ["GenerateConfig", "GenerateReport", "run_generate"]
+__all__ = ["STAGE", "GenerateConfig", "GenerateReport", "GenerateStage", "run_generate"]
 
 
 class GenerateConfig(PromptSource):
@@ -63,3 +74,44 @@ async def run_generate(engine: Engine, config: GenerateConfig, out_dir: str | Pa
 
     await write_rows(engine, todo, answer, writer, report, concurrency=engine.item_concurrency(config.role))
     return report
+
+
+class GenerateStage(StageUnit[GenerateConfig]):
+    """The generate stage (recipe key ``generate``, command ``cai generate``)."""
+
+    name = "generate"
+    config_type = GenerateConfig
+    command = StageCommand(
+        name="generate",
+        help="Answer prompts with the policy group and write Parquet (defaults → RECIPE → flags).",
+        flags=(StageFlag(name="input", key="generate.input"), StageFlag(name="limit", key="generate.limit", type=int)),
+    )
+
+    def roles(self, config: GenerateConfig) -> set[str]:
+        """The group that answers."""
+        return {config.role}
+
+    async def run(self, context: StageContext, config: GenerateConfig, entry: str) -> dict[str, Any]:
+        """Responses into ``generate/``."""
+        return report_dict(await run_generate(context.require_engine(), config, context.run_dir / "generate"))
+
+    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+        """One call a prompt."""
+        config: GenerateConfig = recipe.generate
+        plan = StagePlan("generate", config.role)
+        for text in load_prompt_texts(config):
+            plan.add(1, count(text), config.max_tokens)
+        return [plan]
+
+    def resolve(self, config: GenerateConfig, base: Path) -> None:
+        """The prompt file."""
+        config.input = resolve_path(base, config.input)
+
+    def missing(self, config: GenerateConfig | None, source: str) -> str | None:
+        """Prompts to answer."""
+        return None if config is not None and config.input else (
+            "no prompts: pass --input FILE or set generate.input in the recipe")
+
+
+STAGE = GenerateStage()
+"""The registered unit."""

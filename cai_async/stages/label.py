@@ -112,6 +112,10 @@ class LabelReport(StageReport):
     abstained: int = 0
     errors: int = 0
 
+    def counts(self) -> dict[str, int]:
+        """Pairs labelled, abstained and recorded with an error."""
+        return {"labelled": self.labelled, "abstained": self.abstained, "errors": self.errors}
+
 
 class Labeller:
     """Labels pairs one at a time (through :meth:`label`); holds what every pair shares."""

@@ -7,6 +7,7 @@ cut off half-way gets its finished steps back from the engine's cache, so no cal
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -17,14 +18,14 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backends.errors import BudgetExceeded, CaiError, InvalidAnswer, PermanentError
-from backends.types import ChatRequest, ChatResult
+from backends.errors import CaiError, PermanentError
+from backends.types import ChatResult
 from cai_async.constitution import Constitution, DrawMode, Principle, draw_passes
 from cai_async.constitution_io import load_constitution
 from cai_async.engine import Engine
-from cai_async.exports import ExportConfig
-from cai_async.prompts import PromptRow, PromptSource
-from cai_async.stages.cleaning import NO_ISSUES_PATTERN, clean_revision
+from cai_async.exports import ExportConfig, conversations_with_response, write_sl_exports
+from cai_async.prompts import PromptRow, PromptSource, load_prompts
+from cai_async.revision import NO_ISSUES_PATTERN, EmptyResponse, Reviser, RevisionSettings, StepFailed
 from cai_async.stages.common import (
     CALL_FIELDS,
     MESSAGES,
@@ -34,15 +35,31 @@ from cai_async.stages.common import (
     finished_ids,
     write_rows,
 )
-from cai_async.store import ShardWriter
+from cai_async.stages.generate import GenerateConfig, run_generate
+from cai_async.stages.unit import (
+    Count,
+    StageCommand,
+    StageContext,
+    StageFlag,
+    StagePlan,
+    StageUnit,
+    load_prompt_texts,
+    report_dict,
+    resolve_path,
+)
+from cai_async.store import ShardWriter, read_shards
 
 __all__ = [
     "CHAIN_SCHEMA",
+    "STAGE",
     "EarlyStopConfig",
     "EmptyResponse",
     "SLConfig",
     "SLReport",
+    "SLStage",
+    "plan_sl",
     "run_sl",
+    "run_sl_stage",
 ]
 
 Step = Literal["initial", "critique", "revision"]
@@ -88,10 +105,6 @@ CHAIN_SCHEMA: dict[str, pl.DataType] = {
     "created_at": pl.Float64(),
 }
 """One row per chain; ``rounds`` holds every critique → revision step with its endpoint, usage and timing."""
-
-
-class EmptyResponse(InvalidAnswer):
-    """An endpoint answered with no text for a step that needs some (endpoint-side: a rerun retries it)."""
 
 
 class EarlyStopConfig(BaseModel):
@@ -158,15 +171,14 @@ class SLReport(StageReport):
     errors: int = 0
     """Chains recorded with ``status="error"`` (permanent: a rerun does not retry them)."""
 
-
-class _StepFailed(Exception):
-    def __init__(self, step: str, error: CaiError):
-        self.step = step
-        self.error = error
+    def counts(self) -> dict[str, int]:
+        """Chains finished ok and recorded with an error."""
+        return {"ok": self.ok, "errors": self.errors}
 
 
 class ChainRunner:
-    """Runs one chain at a time for :func:`run_sl`; holds what every chain shares."""
+    """Runs one chain at a time for :func:`run_sl`; holds what every chain shares. The critique → revision
+    steps are :class:`~cai_async.revision.Reviser`'s."""
 
     def __init__(self, engine: Engine, config: SLConfig, constitution: Constitution, run_id: str):
         self.engine = engine
@@ -177,60 +189,20 @@ class ChainRunner:
         self.prefix = list(self.system)
         for example in constitution.few_shot[: config.few_shot]:
             self.prefix.extend(example.messages())
-        self.stop_rule = re.compile(config.early_stop.pattern, re.IGNORECASE) if config.early_stop.enabled else None
-
-    async def _chat(self, step: str, role: str, messages: list[dict[str, str]], max_tokens: int) -> ChatResult:
-        request = ChatRequest(
-            messages, max_tokens=max_tokens, temperature=self.config.temperature, seed=self.config.seed
-        )
-        try:
-            result = await self.engine.chat(role, request)
-        except BudgetExceeded:
-            raise
-        except CaiError as exc:
-            raise _StepFailed(step, exc) from None
-        if not result.text.strip():
-            raise _StepFailed(step, EmptyResponse(
-                f"endpoint {result.endpoint!r} (model {result.model!r}) answered the {step} step with empty text "
-                f"(finish_reason={result.finish_reason!r}); check the model and its max_tokens"
-            ))
-        return result
+        self.reviser = Reviser(engine, RevisionSettings(
+            critic_role=config.critic_role, revision_role=config.revision_role or config.policy_role,
+            critique_max_tokens=config.critique_max_tokens, revision_max_tokens=config.revision_max_tokens,
+            temperature=config.temperature, seed=config.seed, teach=config.few_shot > 0,
+            clean=config.clean_revisions, stop_pattern=config.early_stop.pattern if config.early_stop.enabled else None,
+        ), self.prefix)
+        self.stop_rule = self.reviser.stop_rule
 
     async def revise_step(
         self, number: int, principle: Principle, conversation: list[dict[str, str]], current: str,
         record: dict[str, Any], results: list[ChatResult],
     ) -> str | None:
-        """One critique → revision step under ``principle``; the revised text, or None when the critique found
-        nothing to fix (early stop)."""
-        cfg = self.config
-        request = principle.critique_request(teach=cfg.few_shot > 0)
-        asked = [*self.prefix, *conversation, {"role": "assistant", "content": current},
-                 {"role": "user", "content": request}]
-        critique = await self._chat("critique", cfg.critic_role, asked, cfg.critique_max_tokens)
-        results.append(critique)
-        step: dict[str, Any] = {
-            "round": number, "principle": principle.name, "critique_request": request,
-            "critique": critique.text.strip(), "revision_request": principle.revision, "revision": None,
-            "revision_raw": None, "cleaned": False, "early_stop": False,
-            **call_fields("critique", critique), **call_fields("revision", None),
-        }
-        record["rounds"].append(step)
-        if self.stop_rule is not None and self.stop_rule.search(critique.text):
-            step["early_stop"] = True
-            return None
-        asked += [{"role": "assistant", "content": critique.text.strip()},
-                  {"role": "user", "content": principle.revision}]
-        revision = await self._chat("revision", cfg.revision_role or cfg.policy_role, asked, cfg.revision_max_tokens)
-        results.append(revision)
-        raw = revision.text.strip()
-        text, cleaned = clean_revision(raw, principle.revision) if cfg.clean_revisions else (raw, False)
-        step.update(revision=text, revision_raw=raw, cleaned=cleaned, **call_fields("revision", revision))
-        if not text:
-            raise _StepFailed("revision", EmptyResponse(
-                f"round {number} ({principle.name}): the revision is empty once wrapper text is removed "
-                f"({raw[:80]!r}); set sl.clean_revisions=false to keep it raw, or use a stronger model"
-            ))
-        return text
+        """One critique → revision step under ``principle`` (see :meth:`Reviser.revise_step`)."""
+        return await self.reviser.revise_step(number, principle, conversation, current, record, results)
 
     async def run(self, row: PromptRow) -> dict[str, Any]:
         """The chain row for ``row``; a failed step is recorded in it (``status="error"``) with the steps
@@ -260,7 +232,8 @@ class ChainRunner:
         try:
             current = row.response
             if current is None:
-                initial = await self._chat("initial", cfg.policy_role, [*self.system, *conversation], cfg.max_tokens)
+                initial = await self.reviser.chat("initial", cfg.policy_role, [*self.system, *conversation],
+                                                  cfg.max_tokens)
                 results.append(initial)
                 current = initial.text.strip()
                 record.update(initial_response=current, **call_fields("initial", initial))
@@ -276,7 +249,7 @@ class ChainRunner:
                 if not revised and self.stop_rule is not None:  # no principle of the pass asked for a change
                     record["stopped_early"] = True
                     break
-        except _StepFailed as failed:
+        except StepFailed as failed:
             if not isinstance(failed.error, PermanentError):
                 raise failed.error from None
             record.update(status="error", **error_fields(failed.error), error_step=failed.step)
@@ -317,3 +290,125 @@ async def run_sl(
                      or engine.item_concurrency(config.policy_role, config.critic_role,
                                                     config.revision_role or config.policy_role))
     return report
+
+
+async def run_sl_stage(
+    engine: Engine, config: SLConfig, run_dir: Path, *, retry_errors: bool = False
+) -> dict[str, Any]:
+    """Chains into ``sl/``, helpfulness responses into ``helpful/`` when the mix needs them, then exports."""
+    report = report_dict(await run_sl(engine, config, run_dir / "sl", run_id=run_dir.name,
+                                      retry_errors=retry_errors))
+    helpful = config.export.helpful
+    helpful_rows = None
+    chains = read_shards(run_dir / "sl")
+    if helpful is not None:
+        finished = chains.filter(pl.col("status") == "ok").height if not chains.is_empty() else 0
+        needed = max(1, math.ceil(helpful.ratio / (1 - helpful.ratio) * finished))
+        limit = min(helpful.limit or needed, needed)
+        if helpful.response_column is None:
+            generated = await run_generate(engine, GenerateConfig(
+                input=helpful.input, prompt_column=helpful.prompt_column, id_column=helpful.id_column,
+                limit=limit, max_tokens=helpful.max_tokens, seed=config.seed, role=config.policy_role,
+            ), run_dir / "helpful")
+            report["helpful"] = report_dict(generated)
+            frame = read_shards(run_dir / "helpful")
+        else:
+            rows = load_prompts(helpful.input, column=helpful.prompt_column, id_column=helpful.id_column,
+                                response_column=helpful.response_column)[:limit]
+            frame = pl.DataFrame([{"id": r.id, "messages": r.conversation(), "response": r.response} for r in rows])
+        helpful_rows = conversations_with_response(frame)
+    report["exports"] = write_sl_exports(run_dir, chains, config.export, helpful_rows)
+    return report
+
+
+def _steps_per_pass(constitution: Constitution, draw: str | None) -> float:
+    """Expected critique → revision steps in one pass: 1, or with ``draw: all`` the enabled principles, each
+    counted by its chance of being applied (weight ÷ the heaviest)."""
+    if (draw or constitution.draw) != "all":
+        return 1.0
+    weights: list[float] = [p.weight for p in constitution.principles if p.weight > 0]
+    return sum(w / max(weights) for w in weights)
+
+
+def plan_sl(config: SLConfig, count: Count) -> list[StagePlan]:
+    """Estimated calls of the SL-CAI stage: initial responses, critiques, revisions, the helpfulness mix."""
+    sl = config
+    prompts = load_prompt_texts(sl)
+    constitution = load_constitution(sl.constitution).with_weights(sl.principle_weights)
+    request = max((len(p.critique_request(teach=sl.few_shot > 0)) + len(p.revision)) // 4
+                  for p in constitution.principles)
+    steps = _steps_per_pass(constitution, sl.draw)
+    policy = StagePlan("sl", sl.policy_role, rounds=1 if sl.response_column is None else 0)
+    critic = StagePlan("sl", sl.critic_role, rounds=2 * sl.num_revisions * max(1, round(steps)))
+    revision_role = sl.revision_role or sl.policy_role
+    reviser = policy if revision_role == sl.policy_role else StagePlan("sl", revision_role)
+    for text in prompts:
+        base = count(text)
+        if sl.response_column is None:
+            policy.add(1, base, sl.max_tokens)
+        calls = round(sl.num_revisions * steps)
+        context = base + sl.max_tokens + request
+        critic.add(calls, calls * context, calls * sl.critique_max_tokens)
+        reviser.add(calls, calls * (context + sl.critique_max_tokens + request), calls * sl.revision_max_tokens)
+    policy.notes.append(f"{len(prompts)} prompts; every round assumed to run (early stop only saves)")
+    if steps != 1:
+        critic.notes.append(f"{steps:g} principles per pass on average (draw: all)")
+    if sl.export.helpful is not None:
+        share = sl.export.helpful.ratio
+        needed = math.ceil(share / (1 - share) * len(prompts)) if share else 0
+        policy.add(needed, needed * 40, needed * sl.export.helpful.max_tokens)
+        policy.notes.append(f"{needed} helpfulness answers for the sft mix")
+    return [policy, critic] if reviser is policy else [policy, critic, reviser]
+
+
+class SLStage(StageUnit[SLConfig]):
+    """The SL-CAI stage (recipe key ``sl``, command ``cai sl``)."""
+
+    name = "sl"
+    config_type = SLConfig
+    exports = ("sft", "pairs")
+    command = StageCommand(
+        name="sl",
+        help="SL-CAI: initial response → critique → revision chains, then sft/pairs exports (defaults → RECIPE → "
+             "flags).",
+        flags=(
+            StageFlag(name="input", key="sl.input"),
+            StageFlag(name="prompt_column", key="sl.prompt_column", help="Column with the prompt or conversation."),
+            StageFlag(name="response_column", key="sl.response_column",
+                      help="Take initial responses from this column."),
+            StageFlag(name="constitution", key="sl.constitution", help="Built-in name or constitution file."),
+            StageFlag(name="num_revisions", key="sl.num_revisions", type=int,
+                      help="Critique → revision rounds per prompt."),
+            StageFlag(name="retry_errors", key="retry_errors", type=bool),
+            StageFlag(name="limit", key="sl.limit", type=int),
+        ),
+    )
+
+    def roles(self, config: SLConfig) -> set[str]:
+        """Policy, critic and reviser."""
+        return {config.policy_role, config.critic_role, config.revision_role or ""}
+
+    async def run(self, context: StageContext, config: SLConfig, entry: str) -> dict[str, Any]:
+        """See :func:`run_sl_stage`."""
+        return await run_sl_stage(context.require_engine(), config, context.run_dir,
+                                  retry_errors=context.retry_errors)
+
+    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+        """See :func:`plan_sl`."""
+        return plan_sl(recipe.sl, count)
+
+    def resolve(self, config: SLConfig, base: Path) -> None:
+        """The prompt file, the constitution, the helpfulness mix's prompts."""
+        config.input = resolve_path(base, config.input)
+        config.constitution = resolve_path(base, config.constitution)
+        if config.export.helpful is not None:
+            config.export.helpful.input = resolve_path(base, config.export.helpful.input)
+
+    def missing(self, config: SLConfig | None, source: str) -> str | None:
+        """Prompts to run chains on."""
+        return None if config is not None and config.input else (
+            "no prompts: pass --input FILE or set sl.input in the recipe")
+
+
+STAGE = SLStage()
+"""The registered unit."""

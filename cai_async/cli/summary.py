@@ -1,0 +1,189 @@
+"""What the CLI prints of a run: each stage's lines, a chain or an example, the summary table, the files to open
+next; and running a recipe with a progress display, ending in the run's exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+from cai_async.exitcodes import STOPPED, exit_code, failure_count
+
+__all__ = ["console", "print_stage", "print_training", "run_and_report"]
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def run_and_report(recipe_obj: Any, *, only: str | None = None) -> None:
+    """Run the recipe with a progress display and print what it did; exit with the run's exit code. ``only``: print
+    that stage's lines and nothing else (``cai eval``)."""
+    from cai_async.cli.progress import progress_display
+    from cai_async.recipes import run_recipe
+    from cai_async.runlog import attach_run_log
+
+    attach_run_log(recipe_obj.run_dir)
+    mode = recipe_obj.engine.progress
+    try:
+        summary = anyio.run(lambda: run_recipe(
+            recipe_obj, progress=lambda e, stage: progress_display(e, mode, label=stage)))
+    except KeyboardInterrupt:
+        console.print("interrupted: finished results are kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    if only is not None:
+        for name, stage in summary["stages"].items():
+            if name == only or name.startswith(f"{only}/"):
+                print_stage(name, stage)
+        raise typer.Exit(exit_code(summary))
+    run_dir = Path(summary["run_dir"])
+    for name, stage in summary["stages"].items():
+        print_stage(name, stage)
+    if "sl" in summary["stages"]:
+        _print_chain(run_dir)
+    elif "generate" in summary["stages"]:
+        _print_example(run_dir / "generate")
+    _print_summary_table(summary)
+    _print_next(run_dir, summary)
+    code = exit_code(summary)
+    if code:
+        failed = sum(failure_count(stage) for stage in summary["stages"].values())
+        why = "stopped early" if code == STOPPED else f"{failed} items failed or recorded errors"
+        console.print(f"exit {code}: {why} (see above; a rerun resumes, `--retry-errors` retries error rows)")
+    raise typer.Exit(code)
+
+
+def _stage_row(name: str, stage: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+    """(stage, rows, failures, time, tokens, cost) of one stage's report, for the closing table."""
+    usage = stage.get("usage") or {}
+    tokens = f"{usage['tokens']:,}" if usage else "-"
+    cost = f"${usage['cost_usd']:.4f}" if usage else "-"
+    if name.startswith("train/"):
+        return name, f"{stage['rows']:,}", "0", f"{stage['seconds']:.1f}s", tokens, cost
+    if name == "eval":
+        run = stage.get("run", {})
+        failed = run.get("failed_not_recorded", 0) + run.get("pairwise_failed", 0) + failure_count(stage)
+        return (name, f"{run.get('written', 0) + run.get('already_done', 0):,}", f"{failed}",
+                f"{run.get('seconds', 0):.1f}s", tokens, cost)
+    rows = stage.get("written", 0) + stage.get("skipped_already_done", 0)
+    return name, f"{rows:,}", f"{failure_count(stage)}", f"{stage.get('seconds', 0):.1f}s", tokens, cost
+
+
+def _print_summary_table(summary: dict[str, Any]) -> None:
+    """One table for the whole run: each stage's rows, failures, time, tokens and cost."""
+    from rich.table import Table
+
+    table = Table(title="run summary", title_justify="left")
+    for column in ("stage", "rows", "failures", "time", "tokens", "cost"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, stage in summary["stages"].items():
+        table.add_row(*_stage_row(name, stage))
+    console.print(table)
+    for key in ("engine", "engine_eval"):
+        engine = summary.get(key)
+        if engine is not None:
+            console.print(
+                f"{'evaluation ' if key == 'engine_eval' else ''}calls: "
+                f"{sum(e['calls'] for e in engine['endpoints'].values())}, cache hits: {engine['cache_hits']}, "
+                f"tokens: {engine['tokens']}, cost: ${engine['cost_usd']:.4f}"
+            )
+            total = engine.get("run_total") or {}
+            if total.get("processes", 0) > 1:
+                console.print(f"run total over {total['processes']} processes: {total['calls']} calls, "
+                              f"tokens: {total['tokens']}, cost: ${total['cost_usd']:.4f}")
+
+
+def _print_next(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The files a user opens next: exports, the evaluation report, the log; and how to inspect the run."""
+    console.print(f"outputs: {run_dir}/ (summary.json, config.yaml, cache.sqlite, run.log)")
+    for stage in summary["stages"].values():
+        for name, export in stage.get("exports", {}).items():
+            console.print(f"  {name}: {export['path']} ({export['rows']} rows)")
+        if "artefacts" in stage:
+            console.print(f"  model: {stage['output_dir']}")
+    report = summary["stages"].get("eval", {}).get("report")
+    if report:
+        console.print(f"  evaluation report: {report}")
+    console.print(f"inspect: cai show {run_dir}; constitution card: cai constitution card NAME --run {run_dir}")
+
+
+def print_training(stage: dict[str, Any]) -> None:
+    """One training stage's line: steps, rows, losses, and its output folder."""
+    console.print(
+        f"[bold]train/{stage['stage']}[/] ({stage['algorithm']}, {stage['device']}, {stage['precision']}): "
+        f"{stage['steps']} steps on {stage['rows']} rows in {stage['seconds']:.1f}s, loss "
+        f"{stage['first_loss']} → {stage['last_loss']}; {stage['rows_over_max_length']} rows over "
+        f"max_length={stage['max_length']}"
+    )
+    console.print(f"  {stage['output_dir']}/ ({', '.join(stage['artefacts'])})")
+
+
+def _print_eval(metrics: dict[str, Any]) -> None:
+    for model, entry in metrics["models"].items():
+        parts = [f"{key} {value['value']:.1%}" for key, value in entry.items()
+                 if isinstance(value, dict) and value.get("value") is not None]
+        console.print(f"[bold]eval {escape(model)}[/]: {', '.join(parts)}; errors {entry['errors']}")
+    for key, delta in (metrics.get("compare") or {}).items():
+        if delta is not None:
+            console.print(f"  Δ {key}: {delta:+.1%}")
+    console.print(f"  report: {metrics['report']}")
+
+
+def print_stage(name: str, stage: dict[str, Any]) -> None:
+    """A stage's lines: written, already done, failed (with a few reasons), stopped; the parts it ran."""
+    if name.startswith("train/"):
+        print_training(stage)
+        return
+    if name == "eval":
+        _print_eval(stage)
+        return
+    recorded = f", {stage['errors']} recorded errors" if "errors" in stage else ""
+    if stage.get("errors_kept"):
+        recorded += f" ({stage['errors_kept']} more kept from earlier runs; --retry-errors retries them)"
+    console.print(
+        f"[bold]{name}[/]: {stage['written']} written, {stage['skipped_already_done']} already done{recorded}, "
+        f"{stage['failed']} failed (retried on rerun) in {stage['seconds']:.1f}s"
+    )
+    if stage["stopped"]:
+        console.print(f"[yellow]stopped:[/] {escape(stage['stopped'])}")
+    for failure in stage["failures"][:5]:
+        console.print(f"[red]failed[/] {failure['id']}: {escape(failure['error'])}")
+    if stage.get("failure_classes"):
+        console.print("  by class: " + ", ".join(f"{k} {v}" for k, v in stage["failure_classes"].items()))
+    if "helpful" in stage:
+        print_stage(f"{name}/helpful", stage["helpful"])
+    if "pairs" in stage:
+        pairs = stage["pairs"]
+        console.print(f"[bold]{name}/pairs[/]: {pairs['pairs_written']} pairs from {pairs['prompts']} prompts "
+                      f"({pairs['skipped_already_done']} already done), {pairs['identical_dropped']} identical "
+                      f"responses dropped, {pairs['failed']} failed")
+    if "labelled" in stage:
+        console.print(f"[bold]{name}/labels[/]: {stage['labelled']} labelled, {stage['abstained']} abstained")
+
+
+def _print_chain(run_dir: Path, count: int = 1) -> None:
+    import polars as pl
+
+    from cai_async.runinfo import chain_text
+    from cai_async.store import read_shards
+
+    frame = read_shards(run_dir / "sl")
+    if frame.is_empty():
+        return
+    ok = frame.filter(pl.col("status") == "ok")
+    for row in (ok if not ok.is_empty() else frame).head(count).iter_rows(named=True):
+        console.print(Text(chain_text(row)))
+
+
+def _print_example(directory: Path) -> None:
+    from cai_async.store import read_shards
+
+    frame = read_shards(directory)
+    if frame.is_empty():
+        return
+    row = frame.row(0, named=True)
+    console.print(f"[bold]example[/] prompt: {escape(row['prompt'][:200])}")
+    console.print(f"[bold]example[/] response: {escape(row['response'][:400])}")

@@ -1,0 +1,111 @@
+"""Evaluation as a stage (recipe key ``eval``, command ``cai eval``): models × suites → judged samples, metrics,
+an HTML report. It runs last, in an engine of its own, so a model trained earlier in the run can be one of the
+models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cai_async.engine import Engine
+from cai_async.evaluation.run import EvalConfig, run_eval
+from cai_async.public_data import HUB_DIR
+from cai_async.stages.unit import (
+    Count,
+    StageCommand,
+    StageContext,
+    StageFlag,
+    StagePlan,
+    StageUnit,
+    resolve_path,
+    write_json,
+)
+from cai_async.store import read_shards
+
+__all__ = ["STAGE", "EvalStage", "plan_eval", "run_eval_stage"]
+
+
+async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path) -> dict[str, Any]:
+    """Suites → ``eval/samples/``, metrics → ``eval/metrics.json``, report → ``eval/report.html`` + PNGs."""
+    from cai_async.evaluation.report import write_report
+
+    out = run_dir / "eval"
+    metrics = await run_eval(engine, config, out)
+    write_json(out / "metrics.json", metrics)
+    metrics["report"] = str(write_report(metrics, read_shards(out / "samples"), out))
+    return metrics
+
+
+def plan_eval(config: EvalConfig, count: Count) -> list[StagePlan]:
+    """Estimated calls of the evaluation: every model answers every suite prompt; the judge scores them."""
+    from backends.errors import CaiError
+    from cai_async.evaluation.suites import load_suite
+
+    ev = config
+    plans = {m.group: StagePlan("eval", m.group) for m in ev.models}
+    judge = StagePlan("eval", ev.judge_role, rounds=2 if "helpfulness" in ev.suites else 1)
+    for suite in ev.suites:
+        try:
+            prompts = load_suite(suite, ev.data_dir, n=ev.n, seed=ev.seed)
+        except CaiError:
+            continue
+        for model in ev.models:
+            for p in prompts:
+                plans[model.group].add(1, count(p.prompt), ev.max_tokens)
+                if suite != "helpfulness":
+                    judge.add(1 + ev.ensemble, (1 + ev.ensemble) * (count(p.prompt) + ev.max_tokens + 80),
+                              1 + ev.ensemble)
+        if suite == "helpfulness":
+            pairs = len(prompts) * (len(ev.models) - 1)
+            judge.add(2 * pairs, 2 * pairs * (2 * ev.max_tokens + 120), 2 * pairs)
+    return [*plans.values(), judge]
+
+
+class EvalStage(StageUnit[EvalConfig]):
+    """The evaluation stage."""
+
+    name = "eval"
+    config_type = EvalConfig
+    session = "eval"
+    command = StageCommand(
+        name="eval",
+        help="Evaluate models on harmlessness, over-refusal, jailbreaks and helpfulness; write an HTML report.",
+        flags=(
+            StageFlag(name="n", key="eval.n", type=int, help="Prompts per suite."),
+            StageFlag(name="compare", key="eval.compare", type=tuple[str, str],
+                      help="BEFORE AFTER: highlight the deltas.", convert=list),
+        ),
+        shared=("run_dir", "progress", "budget_usd", "batch"),
+        recipe_required=True,
+        recipe_help="Recipe with an eval section (models, suites) and the engine.",
+        output="stage",
+    )
+
+    def roles(self, config: EvalConfig) -> set[str]:
+        """The models' groups and the judge."""
+        return {m.group for m in config.models} | {config.judge_role}
+
+    def late_groups(self, config: EvalConfig) -> set[str]:
+        """The models' groups: a model the run trains exists only once training ran."""
+        return {m.group for m in config.models}
+
+    async def run(self, context: StageContext, config: EvalConfig, entry: str) -> dict[str, Any]:
+        """See :func:`run_eval_stage`."""
+        return await run_eval_stage(context.require_engine(), config, context.run_dir)
+
+    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+        """See :func:`plan_eval`."""
+        return plan_eval(recipe.eval, count)
+
+    def resolve(self, config: EvalConfig, base: Path) -> None:
+        """A local data folder (not the Hub's)."""
+        if config.data_dir and config.data_dir != HUB_DIR:
+            config.data_dir = resolve_path(base, config.data_dir)
+
+    def missing(self, config: EvalConfig | None, source: str) -> str | None:
+        """An eval section."""
+        return None if config is not None else f"{source}: no eval section (models: [{{name, group}}], suites, n)"
+
+
+STAGE = EvalStage()
+"""The registered unit."""

@@ -1,0 +1,137 @@
+"""RL-CAI as a stage (recipe key ``rl``, command ``cai label``): response pairs, AI-feedback labels, dpo/reward
+exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai_async.constitution_io import builtin_comparison_sets
+from cai_async.engine import Engine
+from cai_async.exports import RLExportConfig, write_rl_exports
+from cai_async.stages.label import LabelConfig, Labeller, label_pairs
+from cai_async.stages.pairs import PairsConfig, PairsReport, run_pairs
+from cai_async.stages.unit import (
+    Count,
+    StageCommand,
+    StageContext,
+    StageFlag,
+    StagePlan,
+    StageUnit,
+    load_prompt_texts,
+    report_dict,
+    resolve_path,
+)
+from cai_async.store import read_shards
+
+__all__ = ["STAGE", "RLConfig", "RLStage", "plan_rl", "run_rl_stage"]
+
+
+class RLConfig(BaseModel):
+    """RL-CAI (recipe key ``rl``): where pairs come from, how they are labelled, what is exported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    export: RLExportConfig = Field(default_factory=RLExportConfig)
+
+
+def _pairs_report(report: PairsReport) -> dict[str, Any]:
+    data = report_dict(report)
+    return {"prompts": data.pop("total"), "pairs_written": data.pop("written"),
+            "identical_dropped": report.identical_dropped, **data}
+
+
+async def run_rl_stage(
+    engine: Engine, config: RLConfig, run_dir: Path, *, retry_errors: bool = False
+) -> dict[str, Any]:
+    """Pairs into ``rl/pairs/``, AI-feedback labels into ``rl/labels/``, then the dpo and reward exports."""
+    labeller = Labeller(engine, config.label, run_dir.name)  # a bad comparison set fails before any call
+    pairs_report = await run_pairs(engine, config.pairs, run_dir / "rl" / "pairs", run_dir=run_dir)
+    report = report_dict(await label_pairs(labeller, pairs_report.rows, run_dir / "rl" / "labels",
+                                           retry_errors=retry_errors))
+    report["pairs"] = _pairs_report(pairs_report)
+    report["exports"] = write_rl_exports(run_dir, read_shards(run_dir / "rl" / "labels"), config.export)
+    return report
+
+
+def plan_rl(recipe: Any, count: Count) -> list[StagePlan]:
+    """Estimated calls of RL-CAI: K samples a prompt (when it generates pairs), and the labeller's judgments."""
+    rl: RLConfig = recipe.rl
+    pairs_plan, label_plan = StagePlan("rl", rl.pairs.policy_role), StagePlan("rl", rl.label.critic_role)
+    if rl.pairs.source == "generate":
+        prompts = load_prompt_texts(rl.pairs)
+        for text in prompts:
+            pairs_plan.add(rl.pairs.k, rl.pairs.k * count(text), rl.pairs.k * rl.pairs.max_tokens)
+        pairs = len(prompts) * rl.pairs.max_pairs_per_prompt
+        prompt_len, response_len = (sum(map(count, prompts)) // max(1, len(prompts)), rl.pairs.max_tokens)
+    elif rl.pairs.source == "sl" and recipe.sl is not None:
+        pairs = len(load_prompt_texts(recipe.sl))
+        prompt_len, response_len = 40, recipe.sl.max_tokens
+    else:
+        pairs = len(load_prompt_texts(rl.pairs)) if rl.pairs.input else 0
+        prompt_len, response_len = 40, 128
+    judgments = pairs * rl.label.ensemble * (2 if rl.label.swap else 1)
+    feedback = prompt_len + 2 * response_len + 60
+    output = rl.label.cot.max_tokens if rl.label.cot.enabled else 1
+    label_plan.add(judgments, judgments * feedback, judgments * output)
+    label_plan.notes.append(f"{pairs} pairs × {rl.label.ensemble} principles × {2 if rl.label.swap else 1} orders")
+    return [pairs_plan, label_plan]
+
+
+class RLStage(StageUnit[RLConfig]):
+    """The RL-CAI stage."""
+
+    name = "rl"
+    config_type = RLConfig
+    exports = ("dpo", "reward")
+    command = StageCommand(
+        name="label",
+        help="RL-CAI: response pairs labelled by AI feedback, then dpo/reward exports (defaults → RECIPE → flags).",
+        flags=(
+            StageFlag(name="pairs_source", key="rl.pairs.source", help="generate | sl | columns"),
+            StageFlag(name="input", key="rl.pairs.input"),
+            StageFlag(name="sl_run", key="rl.pairs.sl_run", help="pairs-source sl: the SL-CAI run directory."),
+            StageFlag(name="principles", key="rl.label.principles", help="Comparison set: built-in name or file."),
+            StageFlag(name="ensemble", key="rl.label.ensemble", type=int, help="Principles per pair."),
+            StageFlag(name="swap", key="rl.label.swap", type=bool, decls=("--swap/--no-swap",),
+                      help="Score both orders."),
+            StageFlag(name="cot", key="rl.label.cot.enabled", type=bool, decls=("--cot/--no-cot",),
+                      help="Chain-of-thought labels."),
+            StageFlag(name="retry_errors", key="retry_errors", type=bool),
+            StageFlag(name="limit", key="rl.pairs.limit", type=int),
+        ),
+    )
+
+    def roles(self, config: RLConfig) -> set[str]:
+        """The policy that samples pairs and the critic that labels them."""
+        return {config.pairs.policy_role, config.label.critic_role}
+
+    async def run(self, context: StageContext, config: RLConfig, entry: str) -> dict[str, Any]:
+        """See :func:`run_rl_stage`."""
+        return await run_rl_stage(context.require_engine(), config, context.run_dir,
+                                  retry_errors=context.retry_errors)
+
+    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+        """See :func:`plan_rl`."""
+        return plan_rl(recipe, count)
+
+    def resolve(self, config: RLConfig, base: Path) -> None:
+        """The pairs' input and a comparison-set file."""
+        config.pairs.input = resolve_path(base, config.pairs.input)
+        if config.label.principles not in builtin_comparison_sets():
+            config.label.principles = resolve_path(base, config.label.principles)
+
+    def missing(self, config: RLConfig | None, source: str) -> str | None:
+        """Pairs to label, or prompts to make them from."""
+        if config is None or (config.pairs.source != "sl" and not config.pairs.input):
+            return ("no pairs: pass --input FILE (prompts, or a file with two response columns) or "
+                    "--pairs-source sl --sl-run RUN_DIR")
+        return None
+
+
+STAGE = RLStage()
+"""The registered unit."""

@@ -1,0 +1,281 @@
+"""A stage as a unit, and the one ordered registry of stages.
+
+A :class:`StageUnit` says everything the rest of the package needs to know of a stage: its recipe key and config
+type, the endpoint groups it calls, how it runs (``run``, one summary entry at a time), what it will cost
+(``plan``), the files it exports, and its command (:class:`StageCommand`: name, help, stage-specific flags; the
+shared endpoint/engine flags come from the CLI). ``cai run`` runs the registry's stages in order, ``cai plan``
+sums their estimates, and the CLI builds one command per stage that has one.
+
+The built-in stages (generate, sl, rl, train, eval) load lazily in that order; another package adds one with
+:func:`register_stage`, or by naming a unit in the ``cai_async.stages`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from backends.errors import CaiError, ConfigError
+
+if TYPE_CHECKING:
+    from cai_async.engine import Engine
+    from cai_async.stages.common import StageReport
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Count",
+    "StageCommand",
+    "StageContext",
+    "StageFlag",
+    "StagePlan",
+    "StageUnit",
+    "load_prompt_texts",
+    "register_stage",
+    "report_dict",
+    "resolve_path",
+    "stage_unit",
+    "stage_units",
+    "unregister_stage",
+    "write_json",
+]
+
+ENTRY_POINT_GROUP = "cai_async.stages"
+"""Entry points in this group name a :class:`StageUnit` instance; each is registered when the registry loads."""
+
+C = TypeVar("C", bound=BaseModel)
+
+Count = Callable[[str], int]
+"""Prompt tokens of a text (with the model's tokenizer where one is at hand, else approximated)."""
+
+
+@dataclass
+class StagePlan:
+    """Estimated work of one stage on one endpoint group."""
+
+    stage: str
+    group: str
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    rounds: int = 1
+    """Calls that must follow each other (initial → critique → revision): batch mode's rounds of batches."""
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, calls: int, input_tokens: int, output_tokens: int) -> None:
+        """Add ``calls`` calls with these tokens in and out."""
+        self.calls += calls
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageFlag:
+    """A command-line option of a stage's command that sets one recipe key; not given (None), the recipe's
+    value stays. ``type``: the value's type (``str``, ``int``, ``float``, ``bool``, ``tuple[str, str]``); a
+    ``bool`` is a plain switch (giving ``--x`` sets True) unless ``decls`` names a pair (``"--x/--no-x"``);
+    ``decls``: the option's names (default ``--x-y`` for ``x_y``); ``convert``: applied to a given value."""
+
+    name: str
+    key: str
+    help: str = ""
+    """Empty: the help of the shared option of that name (``input``, ``limit``, ``retry_errors``)."""
+    type: Any = str
+    decls: tuple[str, ...] = ()
+    convert: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageCommand:
+    """A stage's command: ``cai NAME [RECIPE] [flags]`` runs the recipe with every other stage switched off."""
+
+    name: str
+    help: str
+    flags: tuple[StageFlag, ...] = ()
+    shared: tuple[str, ...] | None = None
+    """The shared flags (endpoint, engine, run directory) the command takes; None: all of them."""
+    recipe_required: bool = False
+    recipe_help: str = "Recipe YAML/JSON/TOML."
+    output: Literal["run", "stage"] = "run"
+    """``run``: every stage line, the summary table and what to open next; ``stage``: this stage's lines only."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageContext:
+    """What a stage run gets besides its config: the run directory, the whole recipe (its engine config, other
+    stages' sections), the engine of its session (None for a stage that calls none) and ``retry_errors``."""
+
+    run_dir: Path
+    recipe: Any
+    engine: Engine | None = None
+    retry_errors: bool = False
+
+    def require_engine(self) -> Engine:
+        """The engine; a stage that calls endpoints runs in an engine session."""
+        if self.engine is None:
+            raise CaiError("this stage calls endpoints but was run without an engine")
+        return self.engine
+
+
+class StageUnit(Generic[C]):
+    """One stage. Subclasses set ``name`` (its recipe key and summary entry), ``config_type`` and, where they
+    have one, ``command``; and implement :meth:`run` (and :meth:`plan`, :meth:`roles` where they call endpoints)."""
+
+    name: ClassVar[str]
+    config_type: ClassVar[type[BaseModel]]
+    session: ClassVar[str | None] = "data"
+    """Consecutive stages of one session share one engine (``summary.json``: ``engine`` for ``data``,
+    ``engine_<session>`` for the others); None: the stage calls no endpoint."""
+    after: ClassVar[str | None] = None
+    """Where :func:`register_stage` puts the stage: after this one (None: last)."""
+    exports: ClassVar[tuple[str, ...]] = ()
+    """The files the stage writes under ``RUN_DIR/exports/`` (names without ``.parquet``)."""
+    command: ClassVar[StageCommand | None] = None
+
+    def config(self, recipe: Any) -> C | None:
+        """The stage's section of ``recipe``; None when the recipe does not run the stage."""
+        value: C | None = getattr(recipe, self.name, None)
+        return value
+
+    def roles(self, config: C) -> set[str]:
+        """The endpoint groups the stage calls."""
+        return set()
+
+    def late_groups(self, config: C) -> set[str]:
+        """Groups that may not exist until earlier stages ran (a model the run trains): left out of the engines
+        of other sessions."""
+        return set()
+
+    def entries(self, config: C) -> list[str]:
+        """The summary entries the stage reports, run one after another (default: its name)."""
+        return [self.name]
+
+    async def run(self, context: StageContext, config: C, entry: str) -> dict[str, Any]:
+        """Run one entry of the stage; its report for ``summary.json``."""
+        raise NotImplementedError
+
+    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+        """Estimated calls and tokens of the stage on each group it calls."""
+        return []
+
+    def resolve(self, config: C, base: Path) -> None:
+        """Resolve the relative file paths of ``config`` against ``base`` (the recipe's folder)."""
+
+    def missing(self, config: C | None, source: str) -> str | None:
+        """What the stage's command needs that the recipe (``source``) lacks, as one line; None when nothing."""
+        return None if config is not None else f"{source}: no {self.name} section"
+
+
+def resolve_path(base: Path, value: str) -> str:
+    """``value`` resolved against ``base`` when it is a relative path (empty, or a built-in constitution's
+    name, stays as it is)."""
+    from cai_async.constitution_io import builtin_constitutions
+
+    if not value or Path(value).is_absolute() or value in builtin_constitutions():
+        return value
+    return os.path.normpath(base / value)
+
+
+def load_prompt_texts(source: Any) -> list[str]:
+    """The prompts of a prompt source, for an estimate (none when they cannot be read)."""
+    try:
+        return [r.prompt for r in source.load()]
+    except CaiError:
+        return []
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON through a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def report_dict(report: StageReport) -> dict[str, Any]:
+    """A stage report as its ``summary.json`` entry."""
+    data = {
+        "total": report.total,
+        "skipped_already_done": report.skipped,
+        "errors_kept": report.errors_kept,
+        "written": report.written,
+        "failed": report.failed,
+        "failures": report.failures[:50],
+        "failure_classes": dict(Counter(f.get("class") or "error" for f in report.failures).most_common()),
+        "stopped": report.stopped,
+        "seconds": round(report.seconds, 3),
+    }
+    data.update(report.counts())
+    return data
+
+
+_BUILTIN = ("cai_async.stages.generate", "cai_async.stages.sl", "cai_async.stages.rl", "cai_async.stages.train",
+            "cai_async.evaluation.stage")
+"""The modules of the built-in units (each names its unit ``STAGE``), in run order. The evaluation's unit lives
+with the evaluation, which imports the stages' row machinery (the arrow runs one way)."""
+_units: list[StageUnit[Any]] = []
+_loaded = False
+
+
+def _load() -> list[StageUnit[Any]]:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        builtin = [importlib.import_module(module).STAGE for module in _BUILTIN]
+        added = list(_units)
+        _units[:] = builtin
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            unit = point.load()
+            if not any(u.name == unit.name for u in [*_units, *added]):
+                added.append(unit)
+        for unit in added:
+            _insert(unit)
+    return _units
+
+
+def _insert(unit: StageUnit[Any]) -> None:
+    if any(u.name == unit.name for u in _units):
+        raise ConfigError(f"a stage named {unit.name!r} is already registered")
+    if unit.after is None:
+        _units.append(unit)
+        return
+    names = [u.name for u in _units]
+    if unit.after not in names:
+        raise ConfigError(f"stage {unit.name!r} runs after {unit.after!r}, which is not registered")
+    index = names.index(unit.after) + 1
+    while index < len(_units) and _units[index].after == unit.after:  # earlier registrations keep their place
+        index += 1
+    _units.insert(index, unit)
+
+
+def register_stage(unit: StageUnit[Any]) -> None:
+    """Add a stage to the registry, after ``unit.after`` (or last); its name must be new."""
+    if _loaded:
+        _insert(unit)
+    elif any(u.name == unit.name for u in _units):
+        raise ConfigError(f"a stage named {unit.name!r} is already registered")
+    else:
+        _units.append(unit)
+
+
+def unregister_stage(name: str) -> None:
+    """Remove the stage ``name`` from the registry (a no-op when there is none)."""
+    _load()
+    _units[:] = [u for u in _units if u.name != name]
+
+
+def stage_units() -> Sequence[StageUnit[Any]]:
+    """Every registered stage, in the order a recipe runs them."""
+    return tuple(_load())
+
+
+def stage_unit(name: str) -> StageUnit[Any] | None:
+    """The stage registered as ``name``, if any."""
+    return next((u for u in _load() if u.name == name), None)
