@@ -55,9 +55,11 @@ def test_misspelled_option_is_a_config_error_at_load(endpoint: dict[str, Any], m
 
 
 def test_bad_option_values_name_the_option() -> None:
-    for options, message in [({"n_ctx": "lots"}, "option n_ctx: Input should be a valid integer"),
-                             ({"batching": "sometimes"}, "option batching: Input should be a valid boolean"),
-                             ({"score_method": "vibes"}, "option score_method: Input should be 'logits' or 'logprobs'")]:
+    for options, message in [
+        ({"n_ctx": "lots"}, "option n_ctx: Input should be a valid integer"),
+        ({"batching": "sometimes"}, "option batching: Input should be a valid boolean"),
+        ({"score_method": "vibes"}, "option score_method: Input should be 'logits' or 'logprobs'"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             validate(EngineConfig, _engine_config({"backend": "llamacpp", "options": options}))
     good = validate(EngineConfig, _engine_config({"backend": "llamacpp", "options": {"n_threads": 2}}))
