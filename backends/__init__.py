@@ -1,6 +1,8 @@
 """Model backends for cai-async: the ``Backend`` protocol, its request/result types, the error tree and
-a registry that imports backends lazily by name (``openai``, ``openai-batch``, ``llamacpp``, ``transformers``)."""
+a registry that imports backends lazily by name (``openai``, ``openai-batch``, ``llamacpp``, ``transformers``),
+and :class:`BaseBackend` with the :class:`BackendTraits` a backend declares to the engine."""
 
+from backends.base import BackendTraits, BaseBackend
 from backends.errors import (
     AuthenticationFailed,
     BackendError,
@@ -36,6 +38,8 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendSettings",
+    "BackendTraits",
+    "BaseBackend",
     "BudgetExceeded",
     "CaiError",
     "ChatRequest",

@@ -22,7 +22,9 @@ from typing import Any
 
 import anyio
 
+from backends.base import BackendTraits, BaseBackend
 from backends.errors import BackendError, ConfigError, PermanentError
+from backends.options import TransformersOptions, parse_options
 from backends.registry import BackendSettings
 from backends.scoring import normalize_choice_logprobs
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult, Usage, plain_messages
@@ -61,11 +63,11 @@ class _Loaded:
 _MODELS: dict[str, _Loaded] = {}
 
 
-class TransformersBackend:
+class TransformersBackend(BaseBackend):
     """``settings.model``: a local model folder (``config.json``) or a peft adapter folder
-    (``adapter_config.json``). Options: ``batch_size`` (calls run together; default the endpoint's
-    ``max_concurrency``, else 8; 1: one at a time), ``batch_window_s`` (0.01: how long a batch waits for
-    company)."""
+    (``adapter_config.json``). Options (:class:`backends.options.TransformersOptions`): ``batch_size`` (calls run
+    together; default the endpoint's ``max_concurrency``, else 8; 1: one at a time), ``batch_window_s`` (0.01: how
+    long a batch waits for company)."""
 
     def __init__(self, settings: BackendSettings) -> None:
         try:
@@ -79,10 +81,10 @@ class TransformersBackend:
                               "(config.json) or a peft adapter folder (adapter_config.json)")
         self.name = settings.endpoint
         self.model_name = self.path.name if self.path.name not in ("merged", "") else self.path.parent.name
-        self.batch_size = int(settings.options.get("batch_size", settings.max_concurrency or 8))
-        self._window_s = float(settings.options.get("batch_window_s", 0.01))
-        if self.batch_size < 1 or self._window_s < 0:
-            raise ConfigError(f"endpoint {self.name!r}: batch_size must be at least 1 and batch_window_s at least 0")
+        options = parse_options(TransformersOptions, settings.options, backend="transformers", endpoint=self.name)
+        self.batch_size = options.batch_size or settings.max_concurrency or 8
+        self._window_s = options.batch_window_s
+        self.traits = BackendTraits(sequences=self.batch_size, summary_key="local")
         self._loaded: _Loaded | None = None
         self._batches = self._largest = 0
 

@@ -24,9 +24,11 @@ from typing import Any
 import anyio
 import numpy as np
 
+from backends.base import BackendTraits, BaseBackend
 from backends.cpus import CoreCount, detect_cores
 from backends.errors import ConfigError, PermanentError
 from backends.llamacpp_batch import BatchDecoder, SamplingOptions
+from backends.options import LlamaCppOptions, parse_options
 from backends.registry import BackendSettings
 from backends.scoring import normalize_choice_logprobs
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult, Usage, plain_messages
@@ -84,10 +86,11 @@ def _cores() -> CoreCount:
     return _CORES
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(BaseBackend):
     """Chat and choice scoring with llama-cpp-python in this process.
 
-    ``settings.model``: a GGUF path, or empty / ``"embedded"`` for SmolLM2-135M-Instruct. Options:
+    ``settings.model``: a GGUF path, or empty / ``"embedded"`` for SmolLM2-135M-Instruct. Options
+    (:class:`backends.options.LlamaCppOptions`):
     ``n_ctx`` (2048 tokens per sequence), ``n_threads`` (the cores this process may use), ``n_threads_batch``
     (prompt evaluation; same default), ``batching`` (true: concurrent calls share one decode loop of
     ``settings.max_concurrency`` sequences), ``batch_tokens`` (512: tokens per decode step), ``flash_attn``
@@ -106,27 +109,21 @@ class LlamaCppBackend:
         self.path = embedded_model_path() if model in ("", "embedded") else check_gguf(model)
         self.name = settings.endpoint
         self.model_name = self.path.stem if model in ("", "embedded") else model
-        options = settings.options
-        self._n_ctx = int(options.get("n_ctx", 2048))
-        self._threads_source = "endpoint option n_threads" if "n_threads" in options else _cores().describe()
-        self._n_threads = int(options["n_threads"]) if "n_threads" in options else _cores().threads
-        self._n_threads_batch = int(options.get("n_threads_batch", self._n_threads))
-        if self._n_threads < 1 or self._n_threads_batch < 1:
-            raise ConfigError(f"endpoint {self.name!r}: n_threads and n_threads_batch must be at least 1")
-        self._score_method = str(options.get("score_method", "logits"))
-        if self._score_method not in ("logits", "logprobs"):
-            raise ConfigError(f"endpoint {self.name!r}: score_method must be 'logits' or 'logprobs'")
-        batching = options.get("batching", False)
-        if not isinstance(batching, bool):
-            raise ConfigError(f"endpoint {self.name!r}: the option batching must be true or false")
+        options = parse_options(LlamaCppOptions, settings.options, backend="llamacpp", endpoint=self.name)
+        self._n_ctx = options.n_ctx
+        if options.n_threads is not None:
+            self._threads_source, self._n_threads = "endpoint option n_threads", options.n_threads
+        else:
+            self._threads_source, self._n_threads = _cores().describe(), _cores().threads
+        self._n_threads_batch = options.n_threads_batch or self._n_threads
+        self._score_method = options.score_method
+        batching = options.batching
         self.sequences = (settings.max_concurrency or DEFAULT_SEQUENCES) if batching else 1
         """Sequences decoded together; 1 when unbatched (the engine keeps this many chains in flight)."""
+        self.traits = BackendTraits(keeps_prefix_together=True, sequences=self.sequences, summary_key="local")
         self._batching = batching
-        flash_attn = options.get("flash_attn", False)
-        if not isinstance(flash_attn, bool):
-            raise ConfigError(f"endpoint {self.name!r}: the option flash_attn must be true or false")
-        self._flash_attn = flash_attn
-        self._batch_tokens = int(options.get("batch_tokens", 512))
+        self._flash_attn = options.flash_attn
+        self._batch_tokens = options.batch_tokens
         if self._batch_tokens < self.sequences:
             raise ConfigError(f"endpoint {self.name!r}: batch_tokens ({self._batch_tokens}) must be at least the "
                               f"sequences in the batch ({self.sequences})")

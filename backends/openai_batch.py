@@ -27,6 +27,7 @@ import anyio
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from backends.base import BackendTraits, BaseBackend
 from backends.batch_journal import BatchEntry, BatchJournal, Outcome
 from backends.errors import (
     BackendError,
@@ -38,6 +39,7 @@ from backends.errors import (
     redact,
 )
 from backends.openai_wire import chat_body, chat_result, error_for_status, score_body, score_logprobs, score_result
+from backends.options import OpenAIBatchOptions, parse_options
 from backends.registry import BackendSettings
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult
 
@@ -64,13 +66,14 @@ class _Waiter:
     since: float = field(default_factory=time.perf_counter)
 
 
-class OpenAIBatchBackend:
+class OpenAIBatchBackend(BaseBackend):
     """Chat and choice scoring through an OpenAI-compatible Batch API; see the module docstring.
 
-    Options (``settings.options["batch"]``, from the endpoint's ``batch:`` section): ``max_requests``,
-    ``max_file_mb``, ``completion_window``, ``linger_s``, ``poll_initial_s``, ``poll_max_s``, ``max_attempts``;
-    ``top_logprobs`` and ``prefill`` as for the online backend. Needs ``settings.state_dir`` for its journal.
-    Use as an async context manager (the engine does): its rounds and polls run in its own task group.
+    Options (:class:`backends.options.OpenAIBatchOptions`): ``settings.options["batch"]``, from the endpoint's
+    ``batch:`` section (``max_requests``, ``max_file_mb``, ``completion_window``, ``linger_s``, ``poll_initial_s``,
+    ``poll_max_s``, ``max_attempts``, ``request_retries``, ``in_flight``); ``top_logprobs`` and ``prefill`` as for
+    the online backend. Needs ``settings.state_dir`` for its journal. Use as an async context manager (the engine
+    does): its rounds and polls run in its own task group.
     """
 
     def __init__(self, settings: BackendSettings) -> None:
@@ -81,17 +84,19 @@ class OpenAIBatchBackend:
         self.name = settings.endpoint
         self.model = settings.model
         self._settings = settings
-        batch = dict(settings.options.get("batch") or {})
-        self._max_requests = int(batch.get("max_requests", 50_000))
-        self._max_bytes = int(float(batch.get("max_file_mb", 190.0)) * 1_000_000)
-        self._window = str(batch.get("completion_window", "24h"))
-        self._linger = float(batch.get("linger_s", 2.0))
-        self._poll_initial = float(batch.get("poll_initial_s", 5.0))
-        self._poll_max = float(batch.get("poll_max_s", 60.0))
-        self._max_attempts = int(batch.get("max_attempts", 3))
-        self._step_attempts = int(batch.get("request_retries", 6))
-        self._top_logprobs = min(20, int(settings.options.get("top_logprobs", 20)))
-        self._prefill = bool(settings.options.get("prefill", False))
+        options = parse_options(OpenAIBatchOptions, settings.options, backend="openai-batch", endpoint=self.name)
+        batch = options.batch
+        self.traits = BackendTraits(queues_calls=True, round_items=batch.in_flight, summary_key="batches")
+        self._max_requests = batch.max_requests
+        self._max_bytes = int(batch.max_file_mb * 1_000_000)
+        self._window = batch.completion_window
+        self._linger = batch.linger_s
+        self._poll_initial = batch.poll_initial_s
+        self._poll_max = batch.poll_max_s
+        self._max_attempts = batch.max_attempts
+        self._step_attempts = batch.request_retries
+        self._top_logprobs = min(20, options.top_logprobs)
+        self._prefill = options.prefill
         self.journal = BatchJournal(Path(settings.state_dir))
         self._client: Any = None
         self._tg: anyio.abc.TaskGroup | None = None

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from backends.base import BackendTraits, BaseBackend
 from backends.errors import (
     BackendError,
     ConfigError,
@@ -37,6 +38,7 @@ from backends.openai_wire import (
     score_result,
     usage_of,
 )
+from backends.options import OpenAIOptions, parse_options
 from backends.registry import BackendSettings
 from backends.types import ChatRequest, ChatResult, RateLimitInfo, ScoreRequest, ScoreResult, Usage
 
@@ -132,14 +134,16 @@ class _AtOnce(Exception):
         self.error = error
 
 
-class OpenAIBackend:
+class OpenAIBackend(BaseBackend):
     """Chat and choice scoring over an OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
-    Options (``settings.options``): ``top_logprobs`` (default 20), ``score_fallback`` (``"error"`` or
-    ``"sample"``: sample the answer ``score_samples`` times when the endpoint gives no logprobs),
-    ``prefill`` (send the score answer prefix as an assistant turn to continue, as vLLM allows),
-    ``max_connections`` (default 0: unlimited; the engine bounds concurrency).
+    Options (``settings.options``, :class:`backends.options.OpenAIOptions`): ``top_logprobs`` (default 20),
+    ``score_fallback`` (``"error"`` or ``"sample"``: sample the answer ``score_samples`` times when the endpoint
+    gives no logprobs), ``prefill`` (send the score answer prefix as an assistant turn to continue, as vLLM
+    allows), ``max_connections`` (default 0: unlimited; the engine bounds concurrency).
     """
+
+    traits = BackendTraits(sends_rate_limits=True)
 
     def __init__(self, settings: BackendSettings) -> None:
         if not settings.base_url:
@@ -156,12 +160,12 @@ class OpenAIBackend:
         self._headers = {"Content-Type": "application/json"}
         if settings.api_key:
             self._headers["Authorization"] = f"Bearer {settings.api_key.get()}"
-        options = settings.options
-        self._top_logprobs = int(options.get("top_logprobs", 20))
-        self._score_fallback = str(options.get("score_fallback", "error"))
-        self._score_samples = int(options.get("score_samples", 8))
-        self._prefill = bool(options.get("prefill", False))
-        self._max_connections = int(options.get("max_connections", 0))
+        options = parse_options(OpenAIOptions, settings.options, backend="openai", endpoint=settings.endpoint)
+        self._top_logprobs = options.top_logprobs
+        self._score_fallback = options.score_fallback
+        self._score_samples = options.score_samples
+        self._prefill = options.prefill
+        self._max_connections = options.max_connections
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:

@@ -125,7 +125,9 @@ class ScoreResult:
 class Backend(Protocol):
     """A model backend: an async chat call and an async choice-scoring call.
 
-    Implementations translate their own failures into :mod:`backends.errors` at this edge.
+    Implementations translate their own failures into :mod:`backends.errors` at this edge. Optionally (see
+    :class:`backends.base.BaseBackend`, which has them all) a backend declares ``traits`` for the engine, is an
+    async context manager for background work, and gives a ``summary()`` for ``summary.json``.
     """
 
     name: str

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
         AuthenticationFailed as AuthenticationFailed,
         Backend as Backend,
         BackendError as BackendError,
+        BackendTraits as BackendTraits,
+        BaseBackend as BaseBackend,
         BudgetExceeded as BudgetExceeded,
         CaiError as CaiError,
         ChatRequest as ChatRequest,
@@ -192,7 +194,8 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _API: dict[str, tuple[str, ...]] = {
-    "backends": ("AuthenticationFailed", "Backend", "BackendError", "BudgetExceeded", "CaiError", "ChatRequest",
+    "backends": ("AuthenticationFailed", "Backend", "BackendError", "BackendTraits", "BaseBackend", "BudgetExceeded",
+        "CaiError", "ChatRequest",
         "ChatResult", "ConfigError", "NoChoiceFound", "PermanentError", "RateLimited", "ScoreRequest", "ScoreResult",
         "TransientError", "Usage", "available_backends", "create_backend", "register_backend"),
     "cai_async.card": ("card_data", "write_card"),

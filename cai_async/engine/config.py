@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from backends.errors import ConfigError
-from backends.registry import BackendSettings, Secret
+from backends.options import BatchOptions, parse_options
+from backends.registry import DEFAULT_BACKEND, BackendSettings, Secret, batch_backend, batch_capable, options_model
 
 __all__ = ["BatchOptions", "BreakerConfig", "CacheConfig", "EndpointConfig", "EngineConfig", "RetryConfig"]
 
@@ -17,32 +19,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class BatchOptions(_Strict):
-    """How an endpoint in ``mode: batch`` uses the provider's Batch API (``/v1/files`` + ``/v1/batches``).
-
-    Requests are collected into rounds: a batch is submitted once no new request has come for ``linger_s``
-    (every chain that is ready has asked for its next step), or when it is full. Limits default to OpenAI's:
-    50,000 requests and 200 MB per input file. Prices default to half the online ones (OpenAI's batch discount).
-    """
-
-    max_requests: int = Field(default=50_000, ge=1, description="requests per batch; larger rounds are split")
-    max_file_mb: float = Field(default=190.0, gt=0, description="input file size per batch (provider: 200 MB)")
-    completion_window: Literal["24h"] = "24h"
-    linger_s: float = Field(default=2.0, ge=0, description="quiet time that closes a round")
-    poll_initial_s: float = Field(default=5.0, gt=0)
-    poll_max_s: float = Field(default=60.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1, description="batches a failed or expired request may go through")
-    request_retries: int = Field(default=6, ge=1, description="tries of each upload/create/poll/download call")
-    in_flight: int = Field(default=10_000, ge=1, description="items (chains, pairs) kept waiting on batches")
-    price_in: float | None = Field(default=None, ge=0, description="USD per million input tokens; unset: half online")
-    price_out: float | None = Field(default=None, ge=0, description="USD per million output tokens; unset: half")
-
-
 class EndpointConfig(_Strict):
     """One model endpoint. Holds the *name* of the API-key variable, never the key."""
 
     name: str = ""
-    backend: str = "openai"
+    backend: str = DEFAULT_BACKEND
     model: str = ""
     base_url: str = ""
     api_key_env: str | None = None
@@ -64,21 +45,36 @@ class EndpointConfig(_Strict):
         default="online", description="batch: send the calls through the provider's Batch API (about half price)"
     )
     batch: BatchOptions = Field(default_factory=BatchOptions)
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, description="the backend's options (typed per backend)")
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Check the options against the backend's options model (light to import), so a misspelled one stops
+        the run at start; a backend that declares no model (or is unknown: creating it says so) takes them as
+        given."""
+        backend = info.data.get("backend")
+        model = options_model(backend) if isinstance(backend, str) else None
+        if model is not None:
+            try:
+                parse_options(model, options, backend=str(backend))
+            except ConfigError as exc:
+                raise PydanticCustomError("backend_option", "{problem}", {"problem": str(exc)}) from None
+        return options
 
     @model_validator(mode="after")
     def _batch_needs_openai(self) -> EndpointConfig:
-        if self.mode == "batch" and self.backend != "openai":
+        if self.mode == "batch" and batch_backend(self.backend) is None:
             raise ValueError(
                 f"endpoint {self.name or self.model!r}: mode batch needs an OpenAI-compatible endpoint "
-                f"(backend openai), not {self.backend!r}; use mode online for local models"
+                f"(backend {' or '.join(batch_capable())}), not {self.backend!r}; use mode online for local models"
             )
         return self
 
     @property
     def backend_kind(self) -> str:
-        """The registered backend that serves this endpoint: ``openai-batch`` in batch mode."""
-        return "openai-batch" if self.mode == "batch" else self.backend
+        """The registered backend that serves this endpoint: its batch backend (``openai-batch``) in batch mode."""
+        return (batch_backend(self.backend) or self.backend) if self.mode == "batch" else self.backend
 
     @property
     def cache_identity(self) -> str:
@@ -104,7 +100,7 @@ class EndpointConfig(_Strict):
             base_url=self.base_url,
             api_key=Secret(key),
             timeout_s=self.timeout_s,
-            options={**self.options, "batch": self.batch.model_dump()} if self.mode == "batch" else dict(self.options),
+            options={**self.options, "batch": self.batch} if self.mode == "batch" else dict(self.options),
             state_dir=state_dir,
             max_concurrency=self.max_concurrency,
         )

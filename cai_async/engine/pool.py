@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
+from backends.base import traits_of
 from backends.errors import EndpointDown, TransientError, Unreachable
 from backends.types import Backend
 from cai_async.engine.config import BreakerConfig, EndpointConfig, RetryConfig
@@ -42,10 +43,12 @@ class EndpointState:
         self.config = config
         self.name = config.name
         self.backend = backend
-        online = config.mode == "online"  # a batch endpoint queues calls: no per-call rate or concurrency limit
+        self.traits = traits_of(backend)
+        """What the backend declares of itself (queues calls for rounds, sends rate-limit headers…)."""
+        online = not self.traits.queues_calls  # a queue for rounds (Batch API): no per-call rate or concurrency limit
         self.limits = EndpointLimits(
             rpm=config.rpm if online else None, tpm=config.tpm if online else None,
-            learn=online and config.learn_limits and config.backend == "openai", slow_start=config.slow_start,
+            learn=online and config.learn_limits and self.traits.sends_rate_limits, slow_start=config.slow_start,
             sleep=sleep, clock=clock,
         )
         self.capacity = anyio.CapacityLimiter((config.max_concurrency if online else None) or math.inf)

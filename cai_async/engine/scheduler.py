@@ -16,6 +16,7 @@ import anyio
 import anyio.lowlevel
 from tenacity import Future, RetryCallState, stop_after_attempt, stop_after_delay
 
+from backends.base import entered, summary_of
 from backends.errors import (
     BackendError,
     BudgetExceeded,
@@ -149,8 +150,7 @@ class Engine:
                         backend = self._injected.get(endpoint.name) or create_backend(
                             endpoint.backend_kind, endpoint.settings(state_dir=self._state_dir(endpoint.name))
                         )
-                        if hasattr(backend, "__aenter__"):  # backends with background work (Batch API rounds)
-                            await self._stack.enter_async_context(backend)  # type: ignore[arg-type]
+                        await self._stack.enter_async_context(entered(backend))  # background work (Batch API)
                         state = EndpointState(
                             endpoint, backend, self.config.breaker, sleep=self._sleep, clock=self._clock,
                             notices=self.notices,
@@ -213,16 +213,17 @@ class Engine:
         return [self._endpoints[name] for name in names]
 
     def item_concurrency(self, *roles: str) -> int:
-        """How many multi-call items (chains, pairs) to keep in flight for ``roles``: the engine's cap, or, when
-        every endpoint is in-process llama.cpp, the sequences each model decodes together (one per model when
-        unbatched) — then an item's calls follow each other and reuse the KV cache for their shared prefix
+        """How many multi-call items (chains, pairs) to keep in flight for ``roles``: the engine's cap; with a
+        backend that queues calls for rounds, enough items to fill its round; or, when every endpoint keeps calls
+        sharing a prefix together (in-process llama.cpp), the sequences each model decodes together (one per model
+        when unbatched) — then an item's calls follow each other and reuse the KV cache for their shared prefix
         instead of evicting each other's."""
         endpoints = [state for role in roles for state in self.group(role)]
-        batch = [state.config.batch.in_flight for state in endpoints if state.config.mode == "batch"]
-        if batch:  # calls wait for their batch round: keep enough items waiting to fill it
-            return max(batch)
-        if endpoints and all(state.config.backend == "llamacpp" for state in endpoints):  # batching: its sequences
-            per_model = {state.config.model: getattr(state.backend, "sequences", 1) for state in endpoints}
+        rounds = [state.traits.round_items for state in endpoints if state.traits.queues_calls]
+        if rounds:  # calls wait for their round: keep enough items waiting to fill it
+            return max(rounds)
+        if endpoints and all(state.traits.keeps_prefix_together for state in endpoints):  # their sequences
+            per_model = {state.config.model: state.traits.sequences for state in endpoints}
             return max(1, sum(per_model.values()))
         return self.config.max_concurrency
 
@@ -274,15 +275,15 @@ class Engine:
         assert self._global is not None, "use the engine inside 'async with Engine(...)'"
         estimated = estimate_tokens(request)
         committed = self._commit_budget(endpoints, request, estimated)
-        batch = all(e.config.mode == "batch" for e in endpoints)
-        limiter = nullcontext() if _BOUNDED.get() or batch else self._global  # batch calls only wait in a queue
+        batch = all(e.traits.queues_calls for e in endpoints)
+        limiter = nullcontext() if _BOUNDED.get() or batch else self._global  # queued calls only wait in a queue
         try:
             async with limiter:
                 try:
                     # Fast path: most calls succeed first time and skip tenacity's per-attempt bookkeeping.
                     result, state = await self._attempt(role, endpoints, kind, request, estimated, False)
                 except (RateLimited, TransientError) as first:
-                    if batch:  # the batch backend retries inside (resubmission); a rerun resumes its batches
+                    if batch:  # a queueing backend retries inside (resubmission); a rerun resumes its batches
                         raise
                     result, state = await self._retry_after(first, role, endpoints, kind, request, estimated)
         finally:
@@ -458,12 +459,8 @@ class Engine:
         snap["limits"] = {
             name: {"rpm": state.limits.rpm, "tpm": state.limits.tpm} for name, state in self._endpoints.items()
         }
-        batches = {name: state.backend.summary() for name, state in self._endpoints.items()
-                   if state.config.mode == "batch" and hasattr(state.backend, "summary")}
-        if batches:
-            snap["batches"] = batches
-        local = {name: state.backend.summary() for name, state in self._endpoints.items()
-                 if state.config.backend in ("llamacpp", "transformers") and hasattr(state.backend, "summary")}
-        if local:
-            snap["local"] = local
+        for name, state in self._endpoints.items():  # each backend's own summary, in the section it names
+            summary = summary_of(state.backend)
+            if summary is not None:
+                snap.setdefault(state.traits.summary_key, {})[name] = summary
         return snap
