@@ -87,26 +87,38 @@ class Recipe(BaseModel):
     @classmethod
     def _registered_stages(cls, data: Any, handler: Callable[[Any], Recipe]) -> Recipe:
         """A section of a stage registered from outside (not a field here) validates into its unit's config type;
-        any other unknown key is an error, as with ``extra="forbid"``."""
+        any other unknown key is an error, as with ``extra="forbid"``; every problem is reported at once."""
         if not isinstance(data, dict):
             return handler(data)
         data = dict(data)
         errors: list[InitErrorDetails] = []
-        for key, value in data.items():
+        for key, value in list(data.items()):
             if key in cls.model_fields:
                 continue
             unit = stage_unit(key)
             if unit is None:
-                errors.append({"type": "extra_forbidden", "loc": (key,), "input": value})
+                errors.append({"type": "extra_forbidden", "loc": (key,), "input": data.pop(key)})
             elif value is not None and not isinstance(value, unit.config_type):
                 try:
                     data[key] = unit.config_type.model_validate(value)
                 except ValidationError as exc:
-                    errors += [{"type": PydanticCustomError(e["type"], e["msg"]),
-                                "loc": (key, *e["loc"]), "input": e["input"]} for e in exc.errors()]
+                    errors += _details(exc, key)
+                    data.pop(key)
+        try:
+            recipe = handler(data)
+        except ValidationError as exc:
+            if not errors:
+                raise
+            errors = [*_details(exc), *errors]
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
-        return handler(data)
+        return recipe
+
+
+def _details(error: ValidationError, *prefix: str) -> list[InitErrorDetails]:
+    """The errors of ``error`` (type and message kept) with their locations under ``prefix``."""
+    return [{"type": PydanticCustomError(e["type"], e["msg"]), "loc": (*prefix, *e["loc"]), "input": e["input"]}
+            for e in error.errors()]
 
 
 def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recipe:

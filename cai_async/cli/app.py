@@ -52,6 +52,7 @@ guard_app = typer.Typer(help="The inference-time guard: an OpenAI-compatible pro
                         no_args_is_help=True)
 app.add_typer(guard_app, name="guard")
 
+
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Log engine events, and show other libraries' warnings and progress bars.")] = False,
