@@ -207,12 +207,13 @@ async def run_sl_stage(
     return report
 
 
-async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path) -> dict[str, Any]:
+async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path, *,
+                         guard: GuardConfig | None = None) -> dict[str, Any]:
     """Suites → ``eval/samples/``, metrics → ``eval/metrics.json``, report → ``eval/report.html`` + PNGs."""
     from cai_async.evaluation.report import write_report
 
     out = run_dir / "eval"
-    metrics = await run_eval(engine, config, out)
+    metrics = await run_eval(engine, config, out, guard=guard)
     _write_json(out / "metrics.json", metrics)
     metrics["report"] = str(write_report(metrics, read_shards(out / "samples"), out))
     return metrics
@@ -306,7 +307,7 @@ async def _run_engine_stages(
         try:
             if phase == "eval":
                 assert recipe.eval is not None
-                await stage("eval", run_eval_stage(engine, recipe.eval, run_dir))
+                await stage("eval", run_eval_stage(engine, recipe.eval, run_dir, guard=recipe.guard))
                 return
             if recipe.generate is not None:
                 await stage("generate", _reported(run_generate(engine, recipe.generate, run_dir / "generate")))
