@@ -129,9 +129,9 @@ def classifier_latency(path: Path, calls: int = 200) -> None:
 
     classifier = GuardClassifier.load(path, threads=1)
     words = "Please explain step by step how a careful person would do this safely at home. " * 80
-    ids = classifier.tokenizer(words)["input_ids"][:EXCHANGE_TOKENS - 40]
+    ids = classifier.tokenizer(words)["input_ids"][:EXCHANGE_TOKENS + 100]  # cut to max_length when scored
     text = f"Human: {classifier.tokenizer.decode(ids[:60])}\n\nAssistant: {classifier.tokenizer.decode(ids[60:])}"
-    tokens = len(classifier.tokenizer(text)["input_ids"])
+    tokens = min(classifier.max_length, len(classifier.tokenizer(text)["input_ids"]) + 1)
     for _ in range(10):
         classifier.score([text])
     times = []

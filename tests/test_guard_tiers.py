@@ -261,3 +261,32 @@ def test_cai_eval_measures_the_guarded_policy_and_the_guard_alone(
     assert metrics["guard"]["cascade"]["judge_share"]["value"] == share
     report = (tmp_path / "run" / "eval" / "report.html").read_text(encoding="utf-8")
     assert "The guard alone" in report and "cascade" in report
+
+
+def test_concurrent_checks_share_forward_passes() -> None:
+    from cai_async.guard.classifier import ScoreBatcher
+
+    passes: list[int] = []
+
+    def score(texts: Any) -> list[float]:
+        passes.append(len(texts))
+        if "boom" in texts:
+            raise ValueError("a broken pass")
+        return [len(t) / 100 for t in texts]
+
+    batcher = ScoreBatcher(score, max_batch=8)
+    results: dict[str, float] = {}
+
+    async def main() -> None:
+        async def one(text: str) -> None:
+            results[text] = await batcher.score(text)
+
+        async with anyio.create_task_group() as tg:
+            for index in range(20):
+                tg.start_soon(one, "x" * index)
+        with pytest.raises(ValueError, match="a broken pass"):
+            await batcher.score("boom")
+
+    anyio.run(main)
+    assert results == {"x" * i: i / 100 for i in range(20)}  # every caller got its own text's score
+    assert sum(passes[:-1]) == 20 and len(passes) - 1 < 20 and max(passes) <= 8  # in shared passes of ≤ 8

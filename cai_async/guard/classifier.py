@@ -14,15 +14,19 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import anyio
+import anyio.to_thread
 
 from backends.errors import ConfigError
 from cai_async.guard.config import GuardTrainConfig
 from cai_async.guard.training_data import Example, split_examples
 
-__all__ = ["CALIBRATION", "GuardClassifier", "calibrate", "train_guard_classifier"]
+__all__ = ["CALIBRATION", "GuardClassifier", "ScoreBatcher", "calibrate", "train_guard_classifier"]
 
 CALIBRATION = "calibration.json"
 """The calibration file beside the model: thresholds, how they were set, held-out figures."""
@@ -238,3 +242,50 @@ class GuardClassifier:
             encoded = _encode(self.tokenizer, texts, self.max_length, self.prefix_id)
             logits = self.model(**encoded).logits.squeeze(-1)
             return [float(p) for p in torch.sigmoid(logits).reshape(-1)]
+
+
+@dataclass
+class _Slot:
+    text: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    value: float | None = None
+    error: BaseException | None = None
+
+
+class ScoreBatcher:
+    """Scores texts from many concurrent callers in shared forward passes, one at a time in a worker thread:
+    the first caller to find no pass running runs passes (up to ``max_batch`` texts each) until none wait,
+    shielded from cancellation so that no waiting caller is left without a pass."""
+
+    def __init__(self, score: Callable[[Sequence[str]], list[float]], *, max_batch: int = 32) -> None:
+        self._score = score
+        self.max_batch = max_batch
+        self._pending: list[_Slot] = []
+        self._running = False
+
+    async def score(self, text: str) -> float:
+        """P(violation) of ``text``; the classifier's exception when its pass failed."""
+        slot = _Slot(text)
+        self._pending.append(slot)
+        if not self._running:
+            self._running = True
+            try:
+                with anyio.CancelScope(shield=True):
+                    while self._pending:
+                        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                        try:
+                            values = await anyio.to_thread.run_sync(self._score, [s.text for s in batch])
+                            for item, value in zip(batch, values, strict=True):
+                                item.value = value
+                        except Exception as exc:
+                            for item in batch:
+                                item.error = exc
+                        for item in batch:
+                            item.done.set()
+            finally:
+                self._running = False
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        assert slot.value is not None
+        return slot.value

@@ -25,7 +25,7 @@ from backends.errors import CaiError, ConfigError
 from cai_async.constitution import ComparisonSet, Constitution, draw_principles
 from cai_async.constitution_io import load_comparison_set, load_constitution
 from cai_async.engine import Engine
-from cai_async.guard.classifier import GuardClassifier
+from cai_async.guard.classifier import GuardClassifier, ScoreBatcher
 from cai_async.guard.config import DirectionPolicy, GuardConfig
 from cai_async.guard.external import ask_external_guard
 from cai_async.guard.training_data import exchange_text
@@ -185,9 +185,9 @@ class Guard:
         if config.classifier is not None:
             self.classifier = GuardClassifier.load(config.classifier.path, lo=config.classifier.lo,
                                                    hi=config.classifier.hi, threads=config.classifier.threads)
+            self._batcher = ScoreBatcher(self.classifier.score)  # concurrent checks share forward passes
         if config.external is not None:
             engine.group(config.external.role)
-        self._scoring = anyio.CapacityLimiter(1)  # one forward pass at a time: torch uses every core for each
 
     def _policy(self, direction: Direction) -> DirectionPolicy:
         return self.config.input if direction == "input" else self.config.output
@@ -252,8 +252,7 @@ class Guard:
         text = exchange_text(messages, answer)
         with anyio.move_on_after(self.config.classifier.timeout_s):
             try:
-                scores = await anyio.to_thread.run_sync(self.classifier.score, [text], limiter=self._scoring)
-                return scores[0]
+                return await self._batcher.score(text)
             except Exception:  # a broken classifier passes the check on to the next tier
                 return None
         return None
