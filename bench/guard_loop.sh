@@ -5,7 +5,8 @@
 #   3. llama_cpp.server with the embedded GGUF on :8000, the guard proxy in front of it on :8100
 #   4. cai eval recipes/guard-eval.yaml: bare vs through the proxy vs behind the guard in-process, and the guard
 #      alone on XSTest + AdvBench → runs/guard-eval/eval/{metrics.json,report.html}
-# Usage: bench/guard_loop.sh   (from the repository root; PY=path/to/python to pick the interpreter)
+# Usage: bench/guard_loop.sh   (from the repository root; PY=path/to/python to pick the interpreter; LIMIT=4 takes
+# only the first 4 quickstart prompts, N=4 evaluates 4 prompts per suite — for a busy laptop)
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 CAI=("$PY" -m cai_async.cli)
@@ -15,8 +16,9 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-"${CAI[@]}" sl recipes/quickstart.yaml
-"${CAI[@]}" label recipes/quickstart.yaml
+LIMIT_FLAG=(); [[ -n "${LIMIT:-}" ]] && LIMIT_FLAG=(--limit "$LIMIT")
+"${CAI[@]}" sl recipes/quickstart.yaml "${LIMIT_FLAG[@]}"
+"${CAI[@]}" label recipes/quickstart.yaml "${LIMIT_FLAG[@]}"
 "${CAI[@]}" train guard recipes/guard.yaml --run-dir runs/quickstart > runs/quickstart/guard-classifier.json
 
 MODEL=$("$PY" -c 'from backends.llamacpp import embedded_model_path; print(embedded_model_path())')
@@ -32,5 +34,5 @@ for port in 8000 8100; do
     sleep 1
   done
 done
-"${CAI[@]}" eval recipes/guard-eval.yaml
+"${CAI[@]}" eval recipes/guard-eval.yaml --n "${N:-6}"
 "${CAI[@]}" guard report runs/guard-eval

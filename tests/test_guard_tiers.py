@@ -290,3 +290,11 @@ def test_concurrent_checks_share_forward_passes() -> None:
     anyio.run(main)
     assert results == {"x" * i: i / 100 for i in range(20)}  # every caller got its own text's score
     assert sum(passes[:-1]) == 20 and len(passes) - 1 < 20 and max(passes) <= 8  # in shared passes of ≤ 8
+
+
+def test_cai_train_guard_without_data_says_what_to_run(tmp_path: Path) -> None:
+    recipe = tmp_path / "guard.yaml"
+    recipe.write_text(f"run_dir: {tmp_path / 'empty'}\nguard:\n  train: {{public: false}}\n", encoding="utf-8")
+    out = cai("train", "guard", str(recipe))
+    assert out.returncode == 2, out.stderr
+    assert "nothing to train the guard classifier on" in out.stderr and "Traceback" not in out.stderr
