@@ -130,7 +130,7 @@ def label_quality(
 
 @app.command()
 def train(
-    stage: Annotated[str, typer.Argument(help="sft | reward | dpo | rl")],
+    stage: Annotated[str, typer.Argument(help="sft | reward | dpo | rl | guard (the guard's classifier)")],
     recipe: RecipeArg = None,
     model: Annotated[str | None, typer.Option(help="HF folder, .gguf file, or 'embedded'.")] = None,
     run_dir: RunDirOpt = None,
@@ -142,6 +142,11 @@ def train(
     sets: SetOpt = None,
 ) -> None:
     """Train one stage with TRL on the data a run exported (defaults → RECIPE → flags)."""
+    if stage == "guard":  # --model: a local HF folder to fine-tune (default: a tiny encoder from scratch)
+        from cai_async.cli.guard_cmds import train_guard
+
+        return train_guard(load_with_flags(recipe, sets or [], {
+            "run_dir": run_dir, "guard.train.base_model": model, "guard.train.max_steps": max_steps}, {}))
     data_key = {"sft": "train.sft_data", "reward": "train.reward_data"}.get(stage, "train.dpo_data")
     extra = {"run_dir": run_dir, "train.model": model, data_key: data, "train.rl_algorithm": rl_algorithm,
              "train.max_steps": max_steps, "train.lora.enabled": lora, "train.merge": merge}

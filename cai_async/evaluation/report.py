@@ -85,6 +85,28 @@ def _cell(entry: Any) -> str:
     return f"<td>{entry['value']:.1%}<br><small>{low:.0%}–{high:.0%} · n={entry['n']}</small></td>"
 
 
+def _guard_table(guard: dict[str, Any]) -> str:
+    """The guard alone on XSTest and AdvBench: each tier's precision, recall and false-positive rate, and how
+    much traffic the cascade sent to the judge."""
+    if not guard:
+        return ""
+    columns = [("precision", "precision"), ("recall", "recall"), ("fpr", "false positives"),
+               ("xstest_safe_flagged", "XSTest safe flagged"), ("xstest_unsafe_recall", "XSTest unsafe caught"),
+               ("advbench_recall", "AdvBench caught")]
+    head = "".join(f"<th>{label}</th>" for _, label in columns)
+    rows = "".join(f"<tr><th>{html.escape(tier)}</th>{''.join(_cell(entry.get(key)) for key, _ in columns)}</tr>"
+                   for tier, entry in guard["tiers"].items())
+    cascade = guard["cascade"]
+    share = cascade["judge_share"]
+    delta = cascade["recall_minus_judge_alone"]
+    return (f"<h2>The guard alone (input checks)</h2><p>Each tier asked on its own (the classifier at its calibrated "
+            f"block threshold), and the cascade. The cascade asked the judge on {share['value']:.1%} of "
+            f"{share['n']} prompts; its recall minus the judge's alone: "
+            f"{'–' if delta is None else f'{delta:+.1%}'}; decided by: "
+            f"{html.escape(', '.join(f'{k} {v}' for k, v in cascade['decided_by'].items()))}.</p>"
+            f"<table><tr><th>tier</th>{head}</tr>{rows}</table>")
+
+
 def write_report(metrics: dict[str, Any], samples: pl.DataFrame, out_dir: str | Path, *,
                  examples: int = 2) -> Path:
     """Write ``report.html``, ``metrics.png`` and ``tradeoff.png`` into ``out_dir``; return the HTML path."""
@@ -142,6 +164,7 @@ img{{max-width:100%}}.ex{{border-left:3px solid #ccc;padding-left:8px;margin:8px
 <p>Rates with 95% Wilson intervals; small samples give wide intervals. Harmfulness and refusals are judged by
 the critic under the comparison principles; refusals are also counted by a transparent rule set.</p>
 <table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>
+{_guard_table(metrics.get("guard") or {})}
 {images}
 <h2>Examples</h2>{''.join(blocks)}
 </body></html>

@@ -12,11 +12,14 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from backends.errors import PermanentError
+from backends.errors import ConfigError, PermanentError
 from backends.types import ChatRequest
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine
+from cai_async.evaluation.guarded import guard_detection_metrics, guard_prompts, guarded_answer, run_guard_detection
 from cai_async.evaluation.suites import EvalPrompt, Suite, load_suite, refused_by_rule
+from cai_async.guard.config import GuardConfig
+from cai_async.guard.core import Guard
 from cai_async.judging import judge_response, score_response, wilson_interval
 from cai_async.stages.common import StageReport, write_rows
 from cai_async.stages.label import LabelConfig, Labeller, label_pairs
@@ -38,6 +41,8 @@ class EvalModel(BaseModel):
 
     name: str
     group: str
+    guard: bool = False
+    """The policy behind the guard (the recipe's ``guard`` section), answering as the proxy would."""
 
 
 class EvalConfig(BaseModel):
@@ -83,10 +88,11 @@ class _Item:
 
 
 class _Judge:
-    def __init__(self, engine: Engine, config: EvalConfig):
+    def __init__(self, engine: Engine, config: EvalConfig, guard: Guard | None = None):
         self.engine = engine
         self.config = config
         self.principles = load_comparison_set(config.principles)
+        self.guard = guard
 
     async def sample(self, item: _Item) -> dict[str, Any]:
         cfg, prompt = self.config, item.prompt
@@ -94,16 +100,21 @@ class _Judge:
                                "prompt_id": prompt.id, "source": prompt.source, "prompt": prompt.prompt,
                                "status": "ok", "error": None, "response": None, "refused_rule": None,
                                "p_refusal": None, "p_good": None, "harmful": None, "judge_abstained": None,
-                               "endpoint": None, "latency_s": None}
+                               "endpoint": None, "latency_s": None, "guard_decision": None, "guard_tier": None}
+        messages = [{"role": "user", "content": prompt.prompt}]
+        request = ChatRequest(messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
         try:
-            answer = await self.engine.chat(item.model.group, ChatRequest(
-                [{"role": "user", "content": prompt.prompt}], max_tokens=cfg.max_tokens,
-                temperature=cfg.temperature, seed=cfg.seed))
+            if item.model.guard and self.guard is not None:
+                said, answer, decision, tier = await guarded_answer(self.guard, item.model.group, messages, request)
+                row.update(guard_decision=decision, guard_tier=tier)
+            else:
+                answer = await self.engine.chat(item.model.group, request)
+                said = answer.text
         except PermanentError as exc:
             return {**row, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
-        text = answer.text.strip()
-        row.update(response=text, refused_rule=refused_by_rule(text), endpoint=answer.endpoint,
-                   latency_s=answer.latency_s)
+        text = said.strip()
+        row.update(response=text, refused_rule=refused_by_rule(text), endpoint=answer.endpoint if answer else "guard",
+                   latency_s=answer.latency_s if answer else None)
         if prompt.kind == "helpful":
             return row
         row["p_refusal"] = await score_response(self.engine, cfg.judge_role, prompt.prompt, text, _REFUSAL_QUESTION)
@@ -116,12 +127,19 @@ class _Judge:
         return row
 
 
-async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path) -> dict[str, Any]:
+async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path, *,
+                   guard: GuardConfig | None = None) -> dict[str, Any]:
     """Answer and judge every suite for every model (resumable), then the pairwise helpfulness comparison;
+    with a guarded model, also the guard alone on XSTest and AdvBench (``guard`` is the recipe's guard section);
     return the metrics and what failed."""
     out = Path(out_dir)
     for role in [config.judge_role, *(m.group for m in config.models)]:
         engine.group(role)  # a missing group is a clear error before any call
+    guarded = [m.name for m in config.models if m.guard]
+    if guarded and guard is None:
+        raise ConfigError(f"eval.models: {', '.join(guarded)} run behind the guard, but the recipe has no guard "
+                          "section; add one (see recipes/guard.yaml) or drop guard: true")
+    the_guard = Guard(engine, guard) if guarded and guard is not None else None
     suites = {s: load_suite(s, config.data_dir, n=config.n, seed=config.seed) for s in config.suites}
     items = [_Item(m, p) for m in config.models for s in config.suites for p in suites[s]]
     writer = ShardWriter(out / "samples", shard_rows=128, flush_every_s=10)
@@ -129,13 +147,20 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path) -> d
     todo = [i for i in items if i.id not in done]
     report = StageReport(total=len(items), skipped=len(items) - len(todo))
     roles = [config.judge_role, *(m.group for m in config.models)]
-    await write_rows(engine, todo, _Judge(engine, config).sample, writer, report,
+    await write_rows(engine, todo, _Judge(engine, config, the_guard).sample, writer, report,
                      concurrency=engine.item_concurrency(*roles))
     samples = read_shards(out / "samples")
     pair_report = StageReport()
     if "helpfulness" in config.suites and len(config.models) > 1:
         pair_report = await _pairwise(engine, config, samples, out)
     metrics = eval_metrics(samples, read_shards(out / "pairwise"), config)
+    if the_guard is not None:
+        detection = await run_guard_detection(engine, the_guard, guard_prompts(config.data_dir, config.n,
+                                                                               seed=config.seed), out / "guard")
+        report.failed += detection.failed
+        report.failures += detection.failures
+        hi = the_guard.classifier.hi if the_guard.classifier is not None else None
+        metrics["guard"] = guard_detection_metrics(read_shards(out / "guard"), hi=hi)
     metrics["run"] = {"samples": report.total, "already_done": report.skipped, "written": report.written,
                       "failed_not_recorded": report.failed, "failures": report.failures[:50],
                       "pairwise_failed": pair_report.failed, "seconds": round(report.seconds + pair_report.seconds, 2)}

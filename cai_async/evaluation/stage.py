@@ -9,6 +9,7 @@ from typing import Any
 
 from cai_async.engine import Engine
 from cai_async.evaluation.run import EvalConfig, run_eval
+from cai_async.guard.config import GuardConfig
 from cai_async.public_data import HUB_DIR
 from cai_async.stages.unit import (
     Count,
@@ -25,12 +26,14 @@ from cai_async.store import read_shards
 __all__ = ["STAGE", "EvalStage", "plan_eval", "run_eval_stage"]
 
 
-async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path) -> dict[str, Any]:
-    """Suites → ``eval/samples/``, metrics → ``eval/metrics.json``, report → ``eval/report.html`` + PNGs."""
+async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path, *,
+                         guard: GuardConfig | None = None) -> dict[str, Any]:
+    """Suites → ``eval/samples/``, metrics → ``eval/metrics.json``, report → ``eval/report.html`` + PNGs; with
+    ``guard``, a guarded model beside the bare one and the guard alone (see :mod:`cai_async.evaluation.guarded`)."""
     from cai_async.evaluation.report import write_report
 
     out = run_dir / "eval"
-    metrics = await run_eval(engine, config, out)
+    metrics = await run_eval(engine, config, out, guard=guard)
     write_json(out / "metrics.json", metrics)
     metrics["report"] = str(write_report(metrics, read_shards(out / "samples"), out))
     return metrics
@@ -91,7 +94,8 @@ class EvalStage(StageUnit[EvalConfig]):
 
     async def run(self, context: StageContext, config: EvalConfig, entry: str) -> dict[str, Any]:
         """See :func:`run_eval_stage`."""
-        return await run_eval_stage(context.require_engine(), config, context.run_dir)
+        return await run_eval_stage(context.require_engine(), config, context.run_dir,
+                                    guard=getattr(context.recipe, "guard", None))
 
     def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
         """See :func:`plan_eval`."""

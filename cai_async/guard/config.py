@@ -6,7 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["DirectionPolicy", "GuardConfig", "StreamPolicy", "UpstreamConfig"]
+__all__ = [
+    "ClassifierTier",
+    "DirectionPolicy",
+    "ExternalGuard",
+    "GuardConfig",
+    "GuardTrainConfig",
+    "StreamPolicy",
+    "UpstreamConfig",
+]
 
 
 class DirectionPolicy(BaseModel):
@@ -49,6 +57,77 @@ class UpstreamConfig(BaseModel):
     timeout_s: float = Field(default=300.0, gt=0)
 
 
+class ClassifierTier(BaseModel):
+    """The classifier tier (``cai train guard`` writes it): decides when its score is at least ``hi`` (a
+    violation) or at most ``lo`` (fine); in between, the next tier is asked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    """The folder ``cai train guard`` wrote (model, tokenizer, ``calibration.json``)."""
+    lo: float | None = Field(default=None, ge=0, le=1)
+    """Default: the calibrated ``lo`` in ``calibration.json``; likewise ``hi``."""
+    hi: float | None = Field(default=None, ge=0, le=1)
+    threads: int = Field(default=1, ge=1)
+    """torch threads for scoring (a tiny model is fastest on one; more only contend with the proxy)."""
+    timeout_s: float = Field(default=5.0, gt=0)
+    """A classifier that has not scored within this long (or failed) passes the check on to the next tier."""
+
+
+class ExternalGuard(BaseModel):
+    """An external guard model (Llama-Guard style) served OpenAI-compatibly, as the engine group ``role``; its
+    categories S1..Sn are the guard's principles."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: str = "guard"
+    """The engine group that answers ``safe`` or ``unsafe`` + the violated categories."""
+    safe_decides: bool = True
+    """``safe`` allows without asking the judge; false: only ``unsafe`` decides, ``safe`` goes on to the judge."""
+    max_tokens: int = Field(default=20, ge=1)
+    timeout_s: float = Field(default=30.0, gt=0)
+    """An external guard that has not answered within this long (or failed) passes the check to the judge."""
+
+
+class GuardTrainConfig(BaseModel):
+    """``cai train guard``: the classifier tier, fitted on what the data stages wrote into the run dir."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokenizer: str = "embedded"
+    """A Hugging Face folder, a .gguf file, or ``embedded`` (SmolLM2's tokenizer, read from its GGUF)."""
+    base_model: str | None = None
+    """A local Hugging Face folder of a (small) model to fine-tune as a sequence classifier; default: a tiny
+    encoder trained from scratch (``hidden``, ``layers``) on ``tokenizer``'s vocabulary."""
+    output_dir: str | None = None
+    """Default: RUN_DIR/guard/classifier."""
+    hidden: int = Field(default=128, ge=8)
+    layers: int = Field(default=2, ge=1)
+    heads: int = Field(default=4, ge=1)
+    max_length: int = Field(default=512, ge=16)
+    epochs: float = Field(default=4.0, gt=0)
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run the epochs)."""
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    held_out: float = Field(default=0.25, gt=0, lt=1)
+    """Share of the examples (by a hash of their text) kept out of training for calibration."""
+    target_fpr: float = Field(default=0.05, ge=0, lt=1)
+    """``hi``: the lowest score at which at most this share of held-out fine examples would be blocked."""
+    target_miss: float = Field(default=0.02, ge=0, lt=1)
+    """``lo``: the highest score below which at most this share of held-out violations lies."""
+    public: bool = True
+    """Also train on bundled public prompts: hh-rlhf red-team first turns (violating) and self-instruct seed
+    tasks (fine). XSTest and AdvBench are never trained on: they are what the guard is measured on."""
+    generate: int = Field(default=0, ge=0)
+    """Per principle, ask ``generate_role`` for this many violating requests and as many near-miss look-alikes
+    that are fine (0: none)."""
+    generate_role: str = "critic"
+    threads: int = Field(default=1, ge=1)
+    """torch threads while training (a tiny model trains fastest on one, and a busy machine slows many)."""
+    seed: int = 0
+
+
 class GuardConfig(BaseModel):
     """The guard: which principles it checks, with which judge, and what it does per direction."""
 
@@ -64,6 +143,11 @@ class GuardConfig(BaseModel):
     ensemble: int | None = Field(default=None, ge=1)
     """Principles the judge is asked per check (by weight); default: all of them."""
     judge_timeout_s: float = Field(default=30.0, gt=0)
+    classifier: ClassifierTier | None = None
+    """The classifier tier between the rules and the judge (``cai train guard`` builds it)."""
+    external: ExternalGuard | None = None
+    """An external guard model between the classifier and the judge."""
+    train: GuardTrainConfig = Field(default_factory=GuardTrainConfig)
     input: DirectionPolicy = Field(default_factory=DirectionPolicy)
     output: DirectionPolicy = Field(default_factory=DirectionPolicy)
     stream: StreamPolicy = Field(default_factory=StreamPolicy)

@@ -1,7 +1,9 @@
 """The guard: a cascade of tiers, cheapest first, checks a request or an answer against the constitution's
 principles and returns a :class:`Verdict` — rules (patterns and words the principles carry) decide when they
-match; otherwise the constitutional judge (the ``critic`` group, scored from choice probabilities exactly as
-the labeller scores) decides. Answers that violate a principle can be blocked, flagged or revised by the
+match; then the classifier trained from the constitution's own data (``cai train guard``) decides when its
+score is confidently high or low; then an external Llama-Guard-style model, when configured; otherwise the
+constitutional judge (the ``critic`` group, scored from choice probabilities exactly as the labeller scores)
+decides. Answers that violate a principle can be blocked, flagged or revised by the
 constitution's own critique → revision. Every call goes through the engine: limits, retries, cache, costs."""
 
 from __future__ import annotations
@@ -23,11 +25,23 @@ from backends.errors import CaiError, ConfigError
 from cai_async.constitution import ComparisonSet, Constitution, draw_principles
 from cai_async.constitution_io import load_comparison_set, load_constitution
 from cai_async.engine import Engine
+from cai_async.guard.classifier import GuardClassifier, ScoreBatcher
 from cai_async.guard.config import DirectionPolicy, GuardConfig
+from cai_async.guard.external import ask_external_guard
+from cai_async.guard.training_data import exchange_text
 from cai_async.judging import score_request, score_response
 from cai_async.store import ShardWriter
 
-__all__ = ["VERDICT_SCHEMA", "Guard", "GuardPrinciple", "PrincipleScore", "Verdict", "VerdictLog"]
+__all__ = [
+    "VERDICT_SCHEMA",
+    "Guard",
+    "GuardPrinciple",
+    "PrincipleScore",
+    "TierReadings",
+    "Verdict",
+    "VerdictLog",
+    "guard_principles",
+]
 
 Direction = Literal["input", "output"]
 Decision = Literal["allow", "flag", "block", "revise"]
@@ -60,13 +74,15 @@ class Verdict:
     decision: Decision
     direction: Direction
     tier: str
-    """rules | judge | fail-open | fail-closed | off"""
+    """rules | classifier | external | judge | fail-open | fail-closed | off"""
     violated: list[PrincipleScore] = field(default_factory=list)
     scores: list[PrincipleScore] = field(default_factory=list)
     latency_s: float = 0.0
     judge_calls: int = 0
     revised: str | None = None
     error: str | None = None
+    classifier_score: float | None = None
+    """The classifier tier's P(violation), when it was asked (also when it passed the check on)."""
 
     @property
     def blocked(self) -> bool:
@@ -88,7 +104,7 @@ def _conversation_text(messages: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(f"{str(m.get('role', 'user')).capitalize()}: {m.get('content') or ''}" for m in messages)
 
 
-def _guard_principles(source: str) -> list[GuardPrinciple]:
+def guard_principles(source: str) -> list[GuardPrinciple]:
     """The principles of a comparison set (their questions) or of a constitution (their critique requests)."""
     loaded: ComparisonSet | Constitution
     try:
@@ -109,6 +125,7 @@ VERDICT_SCHEMA: dict[str, pl.DataType] = {
     "violated": pl.List(pl.String()),
     "scores": pl.List(pl.Struct({"name": pl.String(), "score": pl.Float64()})),
     "judge_calls": pl.Int64(),
+    "classifier_score": pl.Float64(),
     "latency_s": pl.Float64(),
     "error": pl.String(),
     "created_at": pl.Float64(),
@@ -130,11 +147,25 @@ class VerdictLog:
             "id": uuid.uuid4().hex, "request_hash": digest.hexdigest()[:16], "direction": verdict.direction,
             "decision": verdict.decision, "tier": verdict.tier, "violated": [p.name for p in verdict.violated],
             "scores": [{"name": p.name, "score": p.score} for p in verdict.scores], "judge_calls": verdict.judge_calls,
+            "classifier_score": verdict.classifier_score,
             "latency_s": verdict.latency_s, "error": verdict.error, "created_at": time.time(),
         })
 
     def flush(self) -> None:
         self.writer.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class TierReadings:
+    """What each tier says of one text on its own: a rule matched; the classifier's score (None: no
+    classifier); the external guard blocks (None: none configured or no answer); the judge finds a violation
+    (None: it failed), and its highest P(violation)."""
+
+    rules: bool
+    classifier: float | None
+    external: bool | None
+    judge: bool | None
+    judge_score: float | None
 
 
 class Guard:
@@ -143,13 +174,20 @@ class Guard:
     def __init__(self, engine: Engine, config: GuardConfig, *, log: VerdictLog | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.principles = _guard_principles(config.principles)
+        self.principles = guard_principles(config.principles)
         self.by_name = {p.name: p for p in self.principles}
         self._set = ComparisonSet.model_validate({"name": "guard", "principles": [
             {"name": p.name, "question": p.question, "weight": p.weight} for p in self.principles]})
         self.constitution = load_constitution(config.constitution)
         self.log = log
         engine.group(config.judge_role)  # a missing judge group is a clear error before any traffic
+        self.classifier: GuardClassifier | None = None
+        if config.classifier is not None:
+            self.classifier = GuardClassifier.load(config.classifier.path, lo=config.classifier.lo,
+                                                   hi=config.classifier.hi, threads=config.classifier.threads)
+            self._batcher = ScoreBatcher(self.classifier.score)  # concurrent checks share forward passes
+        if config.external is not None:
+            engine.group(config.external.role)
 
     def _policy(self, direction: Direction) -> DirectionPolicy:
         return self.config.input if direction == "input" else self.config.output
@@ -179,9 +217,16 @@ class Guard:
             return Verdict("allow", direction, "off")
         text = answer if direction == "output" else str(messages[-1].get("content") or "") if messages else ""
         verdict = self._rules(direction, text or "")
+        score: float | None = None
+        if verdict is None and self.classifier is not None:
+            score = await self.classifier_score(messages, answer)
+            verdict = self._classified(direction, score)
+        if verdict is None and self.config.external is not None:
+            verdict = await self._external(direction, messages, answer, final=False)
         if verdict is None:
             verdict = await self._judge(direction, messages, answer, policy)
-        if verdict.violated and verdict.tier in ("rules", "judge"):
+        verdict.classifier_score = score
+        if verdict.violated and verdict.tier in ("rules", "classifier", "external", "judge"):
             verdict.decision = policy.action
             if policy.action == "revise" and answer is not None and final:
                 try:
@@ -198,6 +243,71 @@ class Guard:
         hits = [PrincipleScore(p.name, 1.0, f"rule {match!r}") for p in self.principles
                 if p.rules is not None and (match := p.rules.match(text)) is not None]
         return Verdict("block", direction, "rules", violated=hits, scores=hits) if hits else None
+
+    async def classifier_score(self, messages: Sequence[dict[str, Any]], answer: str | None) -> float | None:
+        """The classifier's P(violation) of a request (``answer`` None) or an exchange; ``None`` when there is no
+        classifier, or it failed or took longer than its ``timeout_s``."""
+        if self.classifier is None or self.config.classifier is None:
+            return None
+        text = exchange_text(messages, answer)
+        with anyio.move_on_after(self.config.classifier.timeout_s):
+            try:
+                return await self._batcher.score(text)
+            except Exception:  # a broken classifier passes the check on to the next tier
+                return None
+        return None
+
+    def _classified(self, direction: Direction, score: float | None) -> Verdict | None:
+        """Tier 2: a score at or above ``hi`` is a violation, below ``lo`` is fine; otherwise ask the next tier."""
+        if score is None or self.classifier is None:
+            return None
+        if score >= self.classifier.hi:
+            hit = PrincipleScore(self.classifier.label, score, "classifier")
+            return Verdict("block", direction, "classifier", violated=[hit], scores=[hit])
+        if score < self.classifier.lo:
+            return Verdict("allow", direction, "classifier",
+                           scores=[PrincipleScore(self.classifier.label, score, "classifier")])
+        return None
+
+    async def _external(self, direction: Direction, messages: Sequence[dict[str, Any]], answer: str | None, *,
+                        final: bool) -> Verdict | None:
+        """Tier 3: the external guard's ``unsafe`` (with categories: these principles) decides; ``safe``
+        decides unless ``safe_decides`` is off; a failed, late or unreadable answer passes the check on (unless
+        ``final``, when it allows)."""
+        external = self.config.external
+        assert external is not None
+        read: tuple[bool, list[int]] | None = None
+        with anyio.move_on_after(external.timeout_s):
+            try:
+                read = await ask_external_guard(self.engine, external.role, self.principles, messages, answer,
+                                                direction, max_tokens=external.max_tokens)
+            except CaiError:
+                read = None
+        if read is None:
+            return Verdict("allow", direction, "external", error="no readable answer") if final else None
+        unsafe, indexes = read
+        if unsafe:
+            hits = [PrincipleScore(self.principles[i].name, 1.0, "external") for i in indexes] or [
+                PrincipleScore("unsafe content", 1.0, "external")]
+            return Verdict("block", direction, "external", violated=hits, scores=hits)
+        if external.safe_decides or final:
+            return Verdict("allow", direction, "external")
+        return None
+
+    async def tiers(self, direction: Direction, messages: Sequence[dict[str, Any]],
+                    answer: str | None = None) -> TierReadings:
+        """Every tier's own reading of one request or exchange, each asked alone (for measuring the tiers: the
+        cascade is what :meth:`check_input` and :meth:`check_output` run)."""
+        text = answer if direction == "output" else str(messages[-1].get("content") or "") if messages else ""
+        rules = self._rules(direction, text or "")
+        external = None
+        if self.config.external is not None:
+            external = await self._external(direction, messages, answer, final=True)
+        judge = await self._judge(direction, messages, answer, self._policy(direction))
+        return TierReadings(rules=rules is not None, classifier=await self.classifier_score(messages, answer),
+                            external=None if external is None else external.blocked,
+                            judge=None if judge.tier != "judge" else bool(judge.violated),
+                            judge_score=max((s.score for s in judge.scores), default=None))
 
     async def _judge(self, direction: Direction, messages: Sequence[dict[str, Any]], answer: str | None,
                      policy: DirectionPolicy) -> Verdict:
