@@ -24,7 +24,14 @@ from cai_async.constitution_io import builtin_comparison_sets, builtin_constitut
 from cai_async.engine import Engine, EngineConfig
 from cai_async.evaluation.run import EvalConfig, run_eval
 from cai_async.exitcodes import leaves
-from cai_async.exports import RLExportConfig, conversations_with_response, write_rl_exports, write_sl_exports
+from cai_async.exports import (
+    RL_COLUMNS,
+    SL_COLUMNS,
+    RLExportConfig,
+    conversations_with_response,
+    write_rl_exports,
+    write_sl_exports,
+)
 from cai_async.guard.config import GuardConfig
 from cai_async.prompts import load_prompts
 from cai_async.public_data import HUB_DIR
@@ -33,7 +40,7 @@ from cai_async.stages.generate import GenerateConfig, run_generate
 from cai_async.stages.label import LabelConfig, Labeller, LabelReport, label_pairs
 from cai_async.stages.pairs import PairsConfig, PairsReport, run_pairs
 from cai_async.stages.sl import SLConfig, SLReport, run_sl
-from cai_async.store import read_shards
+from cai_async.store import read_shards, scan_shards
 from cai_async.train.config import TrainConfig
 
 __all__ = [
@@ -175,7 +182,8 @@ async def run_rl_stage(
     report = _report(await label_pairs(labeller, pairs_report.rows, run_dir / "rl" / "labels",
                                        retry_errors=retry_errors))
     report["pairs"] = _pairs_report(pairs_report)
-    report["exports"] = write_rl_exports(run_dir, read_shards(run_dir / "rl" / "labels"), config.export)
+    labels = scan_shards(run_dir / "rl" / "labels", columns=RL_COLUMNS)
+    report["exports"] = write_rl_exports(run_dir, labels, config.export)
     return report
 
 
@@ -186,9 +194,10 @@ async def run_sl_stage(
     report = _report(await run_sl(engine, config, run_dir / "sl", run_id=run_dir.name, retry_errors=retry_errors))
     helpful = config.export.helpful
     helpful_rows = None
-    chains = read_shards(run_dir / "sl")
+    chains = scan_shards(run_dir / "sl", columns=SL_COLUMNS)  # streamed into the exports, never all in memory
     if helpful is not None:
-        finished = chains.filter(pl.col("status") == "ok").height if not chains.is_empty() else 0
+        finished = 0 if chains is None else int(
+            chains.select((pl.col("status") == "ok").sum()).collect(engine="streaming").item() or 0)
         needed = max(1, math.ceil(helpful.ratio / (1 - helpful.ratio) * finished))
         limit = min(helpful.limit or needed, needed)
         if helpful.response_column is None:

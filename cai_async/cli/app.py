@@ -233,16 +233,9 @@ def _print_stage(name: str, stage: dict[str, Any]) -> None:
 
 
 def _print_chain(run_dir: Path, count: int = 1) -> None:
-    import polars as pl
+    from cai_async.runinfo import chain_text, sample_chains
 
-    from cai_async.runinfo import chain_text
-    from cai_async.store import read_shards
-
-    frame = read_shards(run_dir / "sl")
-    if frame.is_empty():
-        return
-    ok = frame.filter(pl.col("status") == "ok")
-    for row in (ok if not ok.is_empty() else frame).head(count).iter_rows(named=True):
+    for row in sample_chains(run_dir, count) or sample_chains(run_dir, count, errors=True):
         console.print(Text(chain_text(row)))
 
 
@@ -539,19 +532,13 @@ def show(
     errors: Annotated[bool, typer.Option("--errors", help="Print failed chains instead of finished ones.")] = False,
 ) -> None:
     """Counts, cost, failure reasons and a few chains of a run, readably."""
-    import polars as pl
-
-    from cai_async.runinfo import chain_text, describe_run
-    from cai_async.store import read_shards
+    from cai_async.runinfo import chain_text, describe_run, sample_chains
 
     info = describe_run(run_dir)
     typer.echo(yaml.safe_dump(info, sort_keys=False, allow_unicode=True, width=120).rstrip())
-    frame = read_shards(run_dir / "sl")
-    if chains and not frame.is_empty():
-        picked = frame.filter((pl.col("status") != "ok") if errors else (pl.col("status") == "ok"))
-        for row in picked.head(chains).iter_rows(named=True):
-            typer.echo("")
-            typer.echo(chain_text(row))
+    for row in sample_chains(run_dir, chains, errors=errors):
+        typer.echo("")
+        typer.echo(chain_text(row))
 
 
 @app.command()

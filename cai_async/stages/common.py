@@ -13,7 +13,7 @@ import polars as pl
 from backends.errors import CaiError
 from backends.types import ChatResult, ScoreResult
 from cai_async.engine import Engine
-from cai_async.store import MESSAGES, ShardWriter, read_shards
+from cai_async.store import MESSAGES, ShardWriter, compact_shards, scan_shards
 
 __all__ = [
     "CALL_FIELDS",
@@ -21,6 +21,7 @@ __all__ = [
     "MESSAGES",
     "StageReport",
     "call_fields",
+    "compact",
     "error_fields",
     "finished_ids",
     "gather_calls",
@@ -40,26 +41,24 @@ def error_fields(error: CaiError) -> dict[str, str]:
 def finished_ids(writer: ShardWriter, *, retry_errors: bool = False, column: str = "id") -> tuple[set[str], int]:
     """Ids of ``writer``'s directory a rerun skips: rows that finished ok, and rows recorded with an error a
     rerun cannot heal (:data:`HEALABLE` are retried; with ``retry_errors`` every error row is); and how many
-    of the skipped rows are errors (kept: the stage still did not finish them)."""
-    frame = read_shards(writer.directory)
-    if frame.is_empty() or column not in frame.columns:
+    of the skipped rows are errors (kept: the stage still did not finish them). Only the id and status columns
+    are read."""
+    frame = scan_shards(writer.directory, columns=[column, "status", "error", "error_class"])
+    names = frame.collect_schema().names() if frame is not None else []
+    if frame is None or column not in names:
         return set(), 0
-    if "status" not in frame.columns:
-        return {str(v) for v in frame[column].to_list()}, 0
-    done = set()
-    kept = 0
-    for row in frame.select(column, "status", *[c for c in ("error", "error_class") if c in frame.columns]).iter_rows(
-        named=True
-    ):
-        if row["status"] != "ok":
-            if retry_errors:
-                continue
-            kind = row.get("error_class") or str(row.get("error") or "").partition(":")[0]
-            if kind in HEALABLE:
-                continue
-            kept += 1
-        done.add(str(row[column]))
-    return done, kept
+    if "status" not in names:
+        return {str(v) for v in frame.select(column).collect()[column].to_list()}, 0
+    error_class = pl.col("error_class") if "error_class" in names else pl.lit(None, pl.String)
+    error = pl.col("error") if "error" in names else pl.lit(None, pl.String)
+    kind = pl.when(error_class.fill_null("") == "").then(error.fill_null("").str.split(":").list.first()) \
+        .otherwise(error_class)
+    ok = (pl.col("status") == "ok").fill_null(False)
+    kept_error = pl.lit(False) if retry_errors else ~ok & ~kind.is_in(list(HEALABLE))
+    rows = frame.select(pl.col(column).cast(pl.String), ok.alias("ok"), kept_error.alias("kept")) \
+        .filter(pl.col("ok") | pl.col("kept")).collect(engine="streaming")
+    return set(rows[column].to_list()), int(rows["kept"].sum())
+
 
 T = TypeVar("T")
 
@@ -119,6 +118,13 @@ async def write_rows(
         writer.flush()
         report.written = writer.written
         report.seconds = time.perf_counter() - start
+    await compact(writer)
+
+
+async def compact(writer: ShardWriter) -> None:
+    """Merge the small shards of a stage that has ended into a few large ones (:func:`compact_shards`, in a
+    worker thread), so later reads open a few files, not thousands."""
+    await anyio.to_thread.run_sync(compact_shards, writer.directory)
 
 
 async def gather_calls(calls: Sequence[Callable[[], Awaitable[T]]], *, together: bool) -> list[T | CaiError]:
