@@ -16,6 +16,7 @@ from rich.text import Text
 
 from backends.errors import CaiError, RunStopped
 from backends.registry import available_backends
+from cai_async.cli.reward_cmds import print_ppo, reward_app
 from cai_async.exitcodes import STOPPED, USER_ERROR, exit_code, failure_count, leaves
 
 __all__ = ["app", "main"]
@@ -36,6 +37,7 @@ app.add_typer(constitution_app, name="constitution")
 guard_app = typer.Typer(help="The inference-time guard: an OpenAI-compatible proxy, and its report.",
                         no_args_is_help=True)
 app.add_typer(guard_app, name="guard")
+app.add_typer(reward_app, name="reward")
 console = Console(stderr=True, soft_wrap=True)
 
 ProgressMode = Literal["auto", "rich", "plain", "off"]
@@ -181,6 +183,8 @@ def _print_next(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 def _print_training(stage: dict[str, Any]) -> None:
+    if stage["algorithm"] == "ppo":
+        return print_ppo(stage)
     console.print(
         f"[bold]train/{stage['stage']}[/] ({stage['algorithm']}, {stage['device']}, {stage['precision']}): "
         f"{stage['steps']} steps on {stage['rows']} rows in {stage['seconds']:.1f}s, loss "
@@ -473,13 +477,16 @@ def train(
     model: Annotated[str | None, typer.Option(help="HF folder, .gguf file, or 'embedded'.")] = None,
     run_dir: RunDirOpt = None,
     data: Annotated[str | None, typer.Option(help="Training data (default: RUN_DIR/exports/<stage>.parquet).")] = None,
-    rl_algorithm: Annotated[str | None, typer.Option(help="dpo | soft_dpo | grpo | rloo | online_dpo")] = None,
+    rl_algorithm: Annotated[str | None, typer.Option(help="dpo | soft_dpo | grpo | rloo | online_dpo | ppo")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps.")] = None,
     lora: Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapter (default) or full finetune.")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also save the merged model.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="rl with rl_algorithm ppo: write and print the "
+                                          "OpenRLHF command, don't run it.")] = False,
     sets: SetOpt = None,
 ) -> None:
-    """Train one stage with TRL on the data a run exported (defaults → RECIPE → flags)."""
+    """Train one stage with TRL on the data a run exported (defaults → RECIPE → flags); rl with
+    ``rl_algorithm: ppo`` runs OpenRLHF with ``cai reward serve``'s reward."""
     data_key = {"sft": "train.sft_data", "reward": "train.reward_data"}.get(stage, "train.dpo_data")
     extra = {"run_dir": run_dir, "train.model": model, data_key: data, "train.rl_algorithm": rl_algorithm,
              "train.max_steps": max_steps, "train.lora.enabled": lora, "train.merge": merge}
@@ -491,6 +498,12 @@ def train(
     attach_run_log(recipe_obj.run_dir)
     config = recipe_obj.train or TrainConfig()
     config.check_stage(stage)
+    if dry_run:
+        from cai_async.train.ppo import run_ppo
+
+        if stage != "rl" or config.rl_algorithm != "ppo":
+            raise CaiError_("--dry-run is for `cai train rl` with rl_algorithm ppo (OpenRLHF)")
+        return print_ppo(run_ppo(config, recipe_obj.run_dir, engine_config=recipe_obj.engine, dry_run=True))
     _print_training(run_training(stage, config, recipe_obj.run_dir, engine_config=recipe_obj.engine))
 
 
