@@ -266,3 +266,19 @@ def test_cli_reward_serve(tmp_path: Path, server: TestServer) -> None:
         process.terminate()
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0 and "stopped after 1 queries" in err
+
+
+def test_ppo_recipe_maps_onto_openrlhf_flags(tmp_path: Path) -> None:
+    from cai_async.recipes import load_recipe
+    from cai_async.train.ppo import ppo_command
+
+    run_dir = _dpo_run(tmp_path)
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "ppo-openrlhf.yaml",
+                         [f"train.model={tmp_path / 'policy'}"])
+    assert recipe.train is not None and recipe.train.rl_algorithm == "ppo"
+    command, spec = ppo_command(recipe.train, run_dir, reward_url=recipe.train.reward_server.url)
+    flags = spec["flags"]
+    assert flags["--reward.remote_url"] == "http://127.0.0.1:5000/get_reward"
+    assert (flags["--actor.adam.lr"], flags["--algo.kl.init_coef"], flags["--rollout.batch_size"]) == (1e-6, 0.01, 16)
+    assert flags["--train.batch_size"] == 2 * 4 * 1 and flags["--train.colocate_all"] is True
+    assert "--ds.lora.rank" not in flags and "--train.colocate_all" in command
