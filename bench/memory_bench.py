@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ def main() -> None:
         return
     from tests.conftest import start_server
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the test server (finally below)
     server = start_server()
     server.configure(latency_ms=args.latency_ms)
     sizes = [int(s) for s in args.sizes.split(",")]

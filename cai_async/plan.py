@@ -86,7 +86,7 @@ class StagePlan:
 
 def _prompts(source: Any) -> list[str]:
     try:
-        return [r.prompt for r in source.load()]
+        return [r.prompt for r in source.iter()]  # the texts only, not a row object each
     except CaiError:
         return []
 

@@ -6,8 +6,10 @@ turn), or an hh-rlhf style transcript (``"\\n\\nHuman: …\\n\\nAssistant: …"`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.errors import ConfigError
 
-__all__ = ["PromptRow", "PromptSource", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
+__all__ = ["PromptRow", "PromptSource", "iter_prompts", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
@@ -122,6 +124,22 @@ def load_prompts(
     """Prompts from a file; errors name the file and the missing column. Rows without text are skipped;
     repeated ids keep their first row. A conversation that ends with an assistant turn (an hh-rlhf transcript,
     say) is skipped, has that turn dropped, or has it taken ``as_response`` (the initial response)."""
+    return list(iter_prompts(path, column=column, id_column=id_column, response_column=response_column, split=split,
+                             last_assistant_turn=last_assistant_turn, extra_columns=extra_columns))
+
+
+def iter_prompts(
+    path: str | Path,
+    *,
+    column: str = "prompt",
+    id_column: str | None = None,
+    response_column: str | None = None,
+    split: str | None = None,
+    last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip",
+    extra_columns: tuple[str, ...] = (),
+) -> Iterator[PromptRow]:
+    """:func:`load_prompts` one row at a time: only the file's table and the ids seen are held, not a row
+    object per prompt (a million prompts stay a table, not a million Python objects)."""
     file = Path(path)
     frame = read_table(file, split=split)
     if frame.is_empty():
@@ -132,7 +150,6 @@ def load_prompts(
             raise ConfigError(
                 f"{file}: no {what} column {name!r} (columns: {', '.join(frame.columns)}); set {what}_column"
             )
-    rows: list[PromptRow] = []
     seen: set[str] = set()
     for index, record in enumerate(frame.iter_rows(named=True)):
         try:
@@ -150,15 +167,14 @@ def load_prompts(
             continue
         seen.add(row_id)
         response = record[response_column] if response_column else given
-        rows.append(PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
-                              response=str(response) if response is not None else None,
-                              extra=tuple((name, record[name]) for name in extra_columns)))
-    if not rows:
+        yield PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
+                        response=str(response) if response is not None else None,
+                        extra=tuple((name, record[name]) for name in extra_columns))
+    if not seen:
         raise ConfigError(
             f"{file}: column {column!r} holds no usable prompt (text, or turns ending with a user turn); for "
             "conversations that end with an assistant turn, set last_assistant_turn to drop or as_response"
         )
-    return rows
 
 
 class PromptSource(BaseModel):
@@ -177,7 +193,11 @@ class PromptSource(BaseModel):
 
     def load(self, *, response_column: str | None = None, extra_columns: tuple[str, ...] = ()) -> list[PromptRow]:
         """The selected prompts (the first ``limit`` usable rows)."""
-        rows = load_prompts(self.input, column=self.prompt_column, id_column=self.id_column,
+        return list(self.iter(response_column=response_column, extra_columns=extra_columns))
+
+    def iter(self, *, response_column: str | None = None, extra_columns: tuple[str, ...] = ()) -> Iterator[PromptRow]:
+        """:meth:`load` one row at a time (see :func:`iter_prompts`)."""
+        rows = iter_prompts(self.input, column=self.prompt_column, id_column=self.id_column,
                             response_column=response_column, split=self.split,
                             last_assistant_turn=self.last_assistant_turn, extra_columns=extra_columns)
-        return rows[: self.limit] if self.limit else rows
+        return itertools.islice(rows, self.limit) if self.limit else rows

@@ -196,7 +196,15 @@ def read_shards(
         raise _unreadable(directory, exc) from None
 
 
-def compact_shards(directory: str | Path, *, target_rows: int = 65536) -> int:
+def _merge(paths: list[Path], target: Path) -> None:
+    """Write ``paths`` (at most ``target_rows`` rows together) as one Parquet file, rows in order, columns aligned
+    to the shards' common schema: memory holds one merged file, whatever the stage's size."""
+    frame = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+    frame.write_parquet(target, metadata={FORMAT_KEY: str(FORMAT_VERSION)}, row_group_size=_GROUP_ROWS)
+    del frame
+
+
+def compact_shards(directory: str | Path, *, target_rows: int = 4096) -> int:
     """Merge runs of small shards (under ``target_rows // 4`` rows) into ``part-AAAAA-BBBBB.parquet`` files of up
     to ``target_rows`` rows, every row kept as it was, in order; return how many shards were replaced.
 
@@ -226,8 +234,7 @@ def compact_shards(directory: str | Path, *, target_rows: int = 65536) -> int:
         target = folder / f"part-{start:05d}-{end:05d}.parquet"
         tmp = folder / f".compact-{start:05d}-{end:05d}.tmp"
         try:
-            frame = pl.concat([pl.scan_parquet(p) for p in paths], how="diagonal_relaxed")
-            frame.sink_parquet(tmp, metadata={FORMAT_KEY: str(FORMAT_VERSION)}, row_group_size=_GROUP_ROWS)
+            _merge(paths, tmp)
         except pl.exceptions.PolarsError as exc:
             tmp.unlink(missing_ok=True)
             raise _unreadable(folder, exc) from None

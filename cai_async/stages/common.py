@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -86,16 +86,18 @@ class _HasId(Protocol):
 
 async def write_rows(
     engine: Engine,
-    items: Sequence[_HasId],
+    items: Sequence[_HasId] | Iterable[_HasId],
     make_row: Callable[[Any], Awaitable[dict[str, Any]]],
     writer: ShardWriter,
     report: StageReport,
     *,
     count: Callable[[dict[str, Any]], None] = lambda row: None,
     concurrency: int | None = None,
+    total: int | None = None,
 ) -> None:
     """Turn ``items`` into rows through the engine and write each as it finishes. A ``CaiError`` that ends
-    an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows."""
+    an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows. ``items`` may
+    be an iterator (pulled as workers free up), then with its ``total``."""
     start = time.perf_counter()
 
     def on_result(item: _HasId, outcome: dict[str, Any] | CaiError) -> None:
@@ -111,8 +113,8 @@ async def write_rows(
         writer.add(outcome)
 
     try:
-        batch = await engine.run_batch(items, make_row, on_result=on_result, total=len(items),
-                                       concurrency=concurrency)
+        size = total if total is not None else len(items) if isinstance(items, Sized) else None
+        batch = await engine.run_batch(items, make_row, on_result=on_result, total=size, concurrency=concurrency)
         report.stopped = batch.stopped
     finally:
         writer.flush()

@@ -298,12 +298,16 @@ async def run_sl(
     if config.few_shot > len(constitution.few_shot):
         raise CaiError(f"sl.few_shot={config.few_shot} but constitution {constitution.name!r} has "
                        f"{len(constitution.few_shot)} few-shot examples")
-    prompts = config.load(response_column=config.response_column)
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=CHAIN_SCHEMA,
                          flush_every_s=config.flush_every_s)
     done, kept = finished_ids(writer, retry_errors=retry_errors)
-    todo = [p for p in prompts if p.id not in done]
-    report = SLReport(total=len(prompts), skipped=len(prompts) - len(todo), errors_kept=kept)
+    # the prompts are read twice, a row at a time, never held as a list: once to count, once to work
+    total = waiting = 0
+    for prompt in config.iter(response_column=config.response_column):
+        total += 1
+        waiting += prompt.id not in done
+    todo = (p for p in config.iter(response_column=config.response_column) if p.id not in done)
+    report = SLReport(total=total, skipped=total - waiting, errors_kept=kept)
     runner = ChainRunner(engine, config, constitution, run_id or Path(out_dir).parent.name)
 
     def count(row: dict[str, Any]) -> None:
@@ -312,7 +316,7 @@ async def run_sl(
         else:
             report.errors += 1
 
-    await write_rows(engine, todo, runner.run, writer, report, count=count,
+    await write_rows(engine, todo, runner.run, writer, report, count=count, total=waiting,
                      concurrency=config.chain_concurrency
                      or engine.item_concurrency(config.policy_role, config.critic_role,
                                                     config.revision_role or config.policy_role))
