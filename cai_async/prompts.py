@@ -111,6 +111,27 @@ def read_table(path: str | Path, *, split: str | None = None) -> pl.DataFrame:
     raise ConfigError(f"{file}: unsupported prompt file type; use .jsonl, .json, .csv, .parquet or a dataset folder")
 
 
+def _scan_table(file: Path, *, split: str | None = None) -> pl.LazyFrame:
+    """A prompt file as a lazy frame: JSONL, CSV and Parquet are scanned (read a slice at a time as rows are
+    used), other kinds read whole by :func:`read_table`."""
+    if file.is_file() and file.stat().st_size > 0:
+        if file.name.endswith(".parquet"):
+            return pl.scan_parquet(file)
+        if file.name.endswith((".jsonl", ".ndjson")):
+            return pl.scan_ndjson(file)
+        if file.name.endswith(".csv"):
+            return pl.scan_csv(file)
+    return read_table(file, split=split).lazy()
+
+
+def _records(frame: pl.LazyFrame, file: Path) -> Iterator[dict[str, Any]]:
+    try:
+        for batch in frame.collect_batches(chunk_size=4096):
+            yield from batch.iter_rows(named=True)
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise ConfigError(f"{file}: cannot read prompts ({type(exc).__name__}: {exc})") from None
+
+
 def load_prompts(
     path: str | Path,
     *,
@@ -138,20 +159,25 @@ def iter_prompts(
     last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip",
     extra_columns: tuple[str, ...] = (),
 ) -> Iterator[PromptRow]:
-    """:func:`load_prompts` one row at a time: only the file's table and the ids seen are held, not a row
-    object per prompt (a million prompts stay a table, not a million Python objects)."""
+    """:func:`load_prompts` one row at a time: JSONL, CSV and Parquet files are scanned a slice at a time, so
+    only a slice and the ids seen are held, not a row object per prompt."""
     file = Path(path)
-    frame = read_table(file, split=split)
-    if frame.is_empty():
-        raise ConfigError(f"{file}: prompt file has no rows")
+    frame = _scan_table(file, split=split)
+    try:
+        names = frame.collect_schema().names()
+        if frame.head(1).collect().is_empty():
+            raise ConfigError(f"{file}: prompt file has no rows")
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise ConfigError(f"{file}: cannot read prompts ({type(exc).__name__}: {exc})") from None
     wanted = [("prompt", column), ("id", id_column), ("response", response_column)]
     for what, name in [*wanted, *(("response", extra) for extra in extra_columns)]:
-        if name is not None and name not in frame.columns:
+        if name is not None and name not in names:
             raise ConfigError(
-                f"{file}: no {what} column {name!r} (columns: {', '.join(frame.columns)}); set {what}_column"
+                f"{file}: no {what} column {name!r} (columns: {', '.join(names)}); set {what}_column"
             )
+    used = list(dict.fromkeys(n for n in (column, id_column, response_column, *extra_columns) if n is not None))
     seen: set[str] = set()
-    for index, record in enumerate(frame.iter_rows(named=True)):
+    for index, record in enumerate(_records(frame.select(used), file)):
         try:
             turns = parse_conversation(record[column])
         except ValueError as exc:

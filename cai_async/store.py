@@ -208,7 +208,7 @@ def compact_shards(directory: str | Path, *, target_rows: int = 4096) -> int:
     """Merge runs of small shards (under ``target_rows // 4`` rows) into ``part-AAAAA-BBBBB.parquet`` files of up
     to ``target_rows`` rows, every row kept as it was, in order; return how many shards were replaced.
 
-    Kill-safe: each merged file is streamed into a hidden temporary file, fsynced, renamed into place (from then
+    Kill-safe: each merged file is written under a hidden temporary name, fsynced, renamed into place (from then
     on readers skip the shards it replaces), and only then are those removed; a compaction cut short leaves
     either the old shards alone or the merged file and shards readers skip, which the next compaction removes."""
     folder = Path(directory)
