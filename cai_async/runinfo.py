@@ -12,7 +12,7 @@ import polars as pl
 
 from backends.errors import ConfigError
 from cai_async.engine.ledger import read_ledger
-from cai_async.store import iter_shards, scan_shards
+from cai_async.store import iter_shards, scan_shards, shard_columns
 
 __all__ = ["chain_text", "describe_run", "sample_chains"]
 
@@ -90,10 +90,9 @@ _STAT_COLUMNS = ("status", "error", "error_step", "rounds", "stopped_early", "co
 def _stage_stats(directory: Path, stage: str) -> dict[str, Any] | None:
     """A stage's counts, failure reasons and per-round or per-label statistics, read a slice at a time with
     only the columns they need (memory stays flat in the rows)."""
-    scan = scan_shards(directory, unique_by=None)
-    if scan is None:
+    names = set(shard_columns(directory))
+    if not names:
         return None
-    names = set(scan.collect_schema().names())
     rows = ok = rounds_total = cleaned = stopped = abstained = 0
     reasons: Counter[str] = Counter()
     principles: Counter[str] = Counter()

@@ -28,6 +28,7 @@ __all__ = [
     "iter_shards",
     "read_shards",
     "scan_shards",
+    "shard_columns",
     "shard_files",
     "sink_parquet_atomic",
     "write_parquet_atomic",
@@ -136,6 +137,30 @@ def _unreadable(directory: str | Path, exc: Exception) -> ConfigError:
     return ConfigError(f"{directory}: unreadable Parquet shard ({exc}); move it away and rerun")
 
 
+def _kept_rows(files: list[Path], unique_by: str | None, keep: Literal["first", "last"]) -> pl.Series | None:
+    """Row numbers (over ``files`` in order) of the copies kept, or ``None`` when no id repeats. Reads only
+    the ``unique_by`` column, a file at a time."""
+    if not unique_by:
+        return None
+    parts = []
+    for file in files:
+        if unique_by in pl.read_parquet_schema(file):
+            parts.append(pl.read_parquet(file, columns=[unique_by])[unique_by].cast(pl.String))
+        else:
+            parts.append(pl.Series(unique_by, [None] * count_shard_rows(file), dtype=pl.String))
+    ids = pl.concat(parts).to_frame(unique_by) if parts else pl.DataFrame()
+    if ids.is_empty() or ids[unique_by].null_count() == ids.height or not ids[unique_by].is_duplicated().any():
+        return None
+    return ids.with_row_index("__row").unique(subset=[unique_by], keep=keep, maintain_order=True)["__row"]
+
+
+def _checked(directory: str | Path) -> list[Path]:
+    files = _shards(Path(directory))
+    for file in files:
+        _check_format(file)
+    return files
+
+
 def scan_shards(
     directory: str | Path, *, columns: Sequence[str] | None = None, unique_by: str | None = "id",
     keep: Literal["first", "last"] = "last",
@@ -143,21 +168,16 @@ def scan_shards(
     """All shards of a directory as one lazy frame (``None`` when there are none), with only ``columns`` (those
     present) read; rows repeated by ``unique_by`` keep their ``keep`` copy, as :func:`read_shards`. Only the
     ``unique_by`` column is read up front (to find repeats); the rest streams when the frame is collected or
-    sunk."""
-    files = _shards(Path(directory))
-    if not files:
-        return None
+    sunk (``sink_parquet``). Many small shards cost memory in a lazy scan: compacted stages have few."""
     try:
-        for file in files:
-            _check_format(file)
+        files = _checked(directory)
+        if not files:
+            return None
         frame = pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed")
         names = frame.collect_schema().names()
-        if unique_by and unique_by in names:
-            ids = frame.select(unique_by).collect(engine="streaming")
-            if ids.height and ids[unique_by].is_duplicated().any():
-                rows = ids.with_row_index("__row").unique(subset=[unique_by], keep=keep, maintain_order=True)
-                frame = frame.with_row_index("__row").filter(pl.col("__row").is_in(rows["__row"].implode())) \
-                    .drop("__row")
+        rows = _kept_rows(files, unique_by if unique_by in names else None, keep)
+        if rows is not None:
+            frame = frame.with_row_index("__row").filter(pl.col("__row").is_in(rows.implode())).drop("__row")
     except pl.exceptions.PolarsError as exc:
         raise _unreadable(directory, exc) from None
     if columns is not None:
@@ -165,18 +185,39 @@ def scan_shards(
     return frame
 
 
+def shard_columns(directory: str | Path) -> list[str]:
+    """The columns of a directory's shards (all of them, in first-seen order), from the files' footers."""
+    try:
+        return list(dict.fromkeys(name for f in _shards(Path(directory)) for name in pl.read_parquet_schema(f)))
+    except pl.exceptions.PolarsError as exc:
+        raise _unreadable(directory, exc) from None
+
+
 def iter_shards(
     directory: str | Path, *, columns: Sequence[str] | None = None, unique_by: str | None = "id",
-    slice_rows: int = 4096,
+    keep: Literal["first", "last"] = "last",
 ) -> Iterator[pl.DataFrame]:
-    """The rows of :func:`scan_shards` in slices of about ``slice_rows`` rows (streamed: one slice in memory)."""
-    frame = scan_shards(directory, columns=columns, unique_by=unique_by)
-    if frame is None:
-        return
+    """The rows of :func:`scan_shards` a shard at a time (a compacted shard holds at most a few thousand rows),
+    each with the same ``columns`` (those any shard has; missing ones null): memory holds one shard."""
     try:
-        for batch in frame.collect_batches(chunk_size=slice_rows):
-            if batch.height:
-                yield batch
+        files = _checked(directory)
+        names = shard_columns(directory)
+        wanted = [c for c in (columns if columns is not None else names) if c in names]
+        rows = _kept_rows(files, unique_by if unique_by in names else None, keep)
+        kept = None if rows is None else rows.to_frame("__row")
+        offset = 0
+        for file in files:
+            schema = pl.read_parquet_schema(file)
+            part = pl.read_parquet(file, columns=[c for c in wanted if c in schema]) if any(
+                c in schema for c in wanted) else pl.DataFrame({"__n": [None] * count_shard_rows(file)})
+            height = part.height
+            part = part.with_columns(pl.lit(None).alias(c) for c in wanted if c not in part.columns).select(wanted)
+            if kept is not None:
+                mine = kept.filter(pl.col("__row").is_between(offset, offset + height - 1))["__row"] - offset
+                part = part.with_row_index("__i").filter(pl.col("__i").is_in(mine.implode())).drop("__i")
+            offset += height
+            if part.height:
+                yield part
     except pl.exceptions.PolarsError as exc:
         raise _unreadable(directory, exc) from None
 

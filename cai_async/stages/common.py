@@ -13,7 +13,7 @@ import polars as pl
 from backends.errors import CaiError
 from backends.types import ChatResult, ScoreResult
 from cai_async.engine import Engine
-from cai_async.store import MESSAGES, ShardWriter, compact_shards, scan_shards
+from cai_async.store import MESSAGES, ShardWriter, compact_shards, iter_shards, shard_columns
 
 __all__ = [
     "CALL_FIELDS",
@@ -43,21 +43,23 @@ def finished_ids(writer: ShardWriter, *, retry_errors: bool = False, column: str
     rerun cannot heal (:data:`HEALABLE` are retried; with ``retry_errors`` every error row is); and how many
     of the skipped rows are errors (kept: the stage still did not finish them). Only the id and status columns
     are read."""
-    frame = scan_shards(writer.directory, columns=[column, "status", "error", "error_class"])
-    names = frame.collect_schema().names() if frame is not None else []
-    if frame is None or column not in names:
+    names = shard_columns(writer.directory)
+    if column not in names:
         return set(), 0
-    if "status" not in names:
-        return {str(v) for v in frame.select(column).collect()[column].to_list()}, 0
-    error_class = pl.col("error_class") if "error_class" in names else pl.lit(None, pl.String)
-    error = pl.col("error") if "error" in names else pl.lit(None, pl.String)
+    done: set[str] = set()
+    kept = 0
+    error_class = pl.col("error_class").cast(pl.String) if "error_class" in names else pl.lit(None, pl.String)
+    error = pl.col("error").cast(pl.String) if "error" in names else pl.lit(None, pl.String)
     kind = pl.when(error_class.fill_null("") == "").then(error.fill_null("").str.split(":").list.first()) \
         .otherwise(error_class)
-    ok = (pl.col("status") == "ok").fill_null(False)
+    ok = (pl.col("status") == "ok").fill_null(False) if "status" in names else pl.lit(True)
     kept_error = pl.lit(False) if retry_errors else ~ok & ~kind.is_in(list(HEALABLE))
-    rows = frame.select(pl.col(column).cast(pl.String), ok.alias("ok"), kept_error.alias("kept")) \
-        .filter(pl.col("ok") | pl.col("kept")).collect(engine="streaming")
-    return set(rows[column].to_list()), int(rows["kept"].sum())
+    for part in iter_shards(writer.directory, columns=[column, "status", "error", "error_class"]):
+        rows = part.select(pl.col(column).cast(pl.String), ok.alias("ok"), kept_error.alias("kept")) \
+            .filter(pl.col("ok") | pl.col("kept"))
+        done.update(rows[column].to_list())
+        kept += int(rows["kept"].sum())
+    return done, kept
 
 
 T = TypeVar("T")
