@@ -12,17 +12,19 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai_async.store import MESSAGES, write_parquet_atomic
+from cai_async.store import MESSAGES, count_shard_rows, sink_parquet_atomic, write_parquet_atomic
 
 __all__ = [
+    "RL_COLUMNS",
+    "SL_COLUMNS",
     "ExportConfig",
+    "Frame",
     "HelpfulMixConfig",
     "RLExportConfig",
     "conversations_with_response",
@@ -77,8 +79,29 @@ class ExportConfig(BaseModel):
     seed: int = 0
 
 
+Frame = pl.DataFrame | pl.LazyFrame
+"""Rows to export: a frame, or a lazy one (streamed from the shards by :func:`~cai_async.store.scan_shards`)."""
+
+SL_COLUMNS = ("id", "status", "messages", "final_response", "initial_response", "constitution_hash")
+"""The chain columns the SL exports read."""
+RL_COLUMNS = ("id", "status", "messages", "chosen", "rejected", "confidence")
+"""The label columns the RL exports read."""
+
+
 def _assistant(column: str) -> pl.Expr:
     return pl.concat_list(pl.struct(pl.lit("assistant").alias("role"), pl.col(column).alias("content")))
+
+
+def _is_empty(frame: Frame | None) -> bool:
+    if frame is None:
+        return True
+    if isinstance(frame, pl.DataFrame):
+        return frame.is_empty()
+    return not frame.collect_schema().names()
+
+
+def _collected(frame: pl.LazyFrame, source: Frame) -> pl.DataFrame:
+    return frame.collect() if isinstance(source, pl.DataFrame) else frame.collect(engine="streaming")
 
 
 def conversations_with_response(frame: pl.DataFrame) -> pl.DataFrame:
@@ -89,41 +112,53 @@ def conversations_with_response(frame: pl.DataFrame) -> pl.DataFrame:
                          .alias("messages"))
 
 
-def _finished(chains: pl.DataFrame) -> pl.DataFrame:
-    if chains.is_empty():
-        return chains
-    return chains.filter((pl.col("status") == "ok") & pl.col("final_response").is_not_null())
+def _finished(chains: Frame) -> pl.LazyFrame:
+    return chains.lazy().filter((pl.col("status") == "ok") & pl.col("final_response").is_not_null())
 
 
-def sft_frame(chains: pl.DataFrame) -> pl.DataFrame:
-    """One SFT row per finished chain: ``id``, ``source="sl"``, ``messages`` ending with the final revision."""
-    ok = _finished(chains)
-    if ok.is_empty():
-        return pl.DataFrame(schema={"id": pl.String, "source": pl.String, "messages": _MESSAGES})
-    return ok.select(
+_SFT_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {"id": pl.String, "source": pl.String, "messages": _MESSAGES}
+_PAIRS_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
+    "id": pl.String, "prompt": _MESSAGES, "chosen": _MESSAGES, "rejected": _MESSAGES
+}
+
+
+def _sft_lazy(chains: Frame) -> pl.LazyFrame:
+    return _finished(chains).select(
         "id",
         pl.lit("sl").alias("source"),
         pl.concat_list("messages", _assistant("final_response")).alias("messages"),
     )
 
 
-def pairs_frame(chains: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """Preference pairs (revision chosen over initial) and how many were dropped because they were identical."""
-    ok = _finished(chains)
-    if ok.is_empty():
-        empty: dict[str, pl.DataType | type[pl.DataType]] = {
-            "id": pl.String, "prompt": _MESSAGES, "chosen": _MESSAGES, "rejected": _MESSAGES
-        }
-        return pl.DataFrame(schema=empty), 0
-    differ = ok.filter(pl.col("final_response").str.strip_chars() != pl.col("initial_response").str.strip_chars())
-    frame = differ.select(
+def _pairs_lazy(chains: Frame) -> pl.LazyFrame:
+    differ = _finished(chains).filter(
+        pl.col("final_response").str.strip_chars() != pl.col("initial_response").str.strip_chars())
+    return differ.select(
         "id",
         pl.col("messages").alias("prompt"),
         _assistant("final_response").alias("chosen"),
         _assistant("initial_response").alias("rejected"),
         "constitution_hash",
     )
-    return frame, ok.height - differ.height
+
+
+def _count(frame: pl.LazyFrame) -> int:
+    return int(frame.select(pl.len()).collect(engine="streaming").item())
+
+
+def sft_frame(chains: Frame) -> pl.DataFrame:
+    """One SFT row per finished chain: ``id``, ``source="sl"``, ``messages`` ending with the final revision."""
+    if _is_empty(chains):
+        return pl.DataFrame(schema=_SFT_SCHEMA)
+    return _collected(_sft_lazy(chains), chains)
+
+
+def pairs_frame(chains: Frame) -> tuple[pl.DataFrame, int]:
+    """Preference pairs (revision chosen over initial) and how many were dropped because they were identical."""
+    if _is_empty(chains):
+        return pl.DataFrame(schema=_PAIRS_SCHEMA), 0
+    frame = _collected(_pairs_lazy(chains), chains)
+    return frame, _count(_finished(chains)) - frame.height
 
 
 def mix_helpful(sft: pl.DataFrame, helpful: pl.DataFrame, *, ratio: float, seed: int = 0) -> pl.DataFrame:
@@ -137,73 +172,96 @@ def mix_helpful(sft: pl.DataFrame, helpful: pl.DataFrame, *, ratio: float, seed:
     return pl.concat([sft, rows], how="vertical_relaxed").sample(fraction=1.0, seed=seed, shuffle=True)
 
 
+def _write(frame: pl.LazyFrame | None, empty: dict[str, Any], path: Path) -> tuple[Path, int]:
+    """Stream ``frame`` into ``path`` (or write an empty frame of ``empty``'s schema); the path and its rows."""
+    if frame is None:
+        return write_parquet_atomic(pl.DataFrame(schema=empty), path), 0
+    written = sink_parquet_atomic(frame, path)
+    return written, count_shard_rows(written)
+
+
 def write_sl_exports(
-    run_dir: str | Path, chains: pl.DataFrame, config: ExportConfig, helpful: pl.DataFrame | None = None
+    run_dir: str | Path, chains: Frame | None, config: ExportConfig, helpful: pl.DataFrame | None = None
 ) -> dict[str, Any]:
-    """Write ``exports/sft.parquet`` and ``exports/pairs.parquet``; return counts and paths."""
+    """Write ``exports/sft.parquet`` and ``exports/pairs.parquet``; return counts and paths. Lazy ``chains``
+    stream into the files (the helpfulness mix, which shuffles, holds the SFT rows in memory)."""
     out = Path(run_dir) / "exports"
     info: dict[str, Any] = {}
+    source = None if _is_empty(chains) else chains
     if config.sft:
-        sft = sft_frame(chains)
-        sl_rows = sft.height
-        if helpful is not None and config.helpful is not None:
+        mixing = helpful is not None and config.helpful is not None and source is not None
+        if mixing and source is not None and helpful is not None and config.helpful is not None:
+            sft = _sft_lazy(source).collect(engine="streaming")
+            sl_rows = sft.height
             sft = mix_helpful(sft, helpful, ratio=config.helpful.ratio, seed=config.seed)
-        path = write_parquet_atomic(sft, out / "sft.parquet")
-        helpful_rows = sft.height - sl_rows
-        info["sft"] = {"path": str(path), "rows": sft.height, "sl_rows": sl_rows, "helpful_rows": helpful_rows,
-                       "helpful_share": round(helpful_rows / sft.height, 3) if sft.height else 0.0}
+            path, rows = write_parquet_atomic(sft, out / "sft.parquet"), sft.height
+        else:
+            path, rows = _write(_sft_lazy(source) if source is not None else None, _SFT_SCHEMA, out / "sft.parquet")
+            sl_rows = rows
+        helpful_rows = rows - sl_rows
+        info["sft"] = {"path": str(path), "rows": rows, "sl_rows": sl_rows, "helpful_rows": helpful_rows,
+                       "helpful_share": round(helpful_rows / rows, 3) if rows else 0.0}
     if config.pairs:
-        pairs, identical = pairs_frame(chains)
-        path = write_parquet_atomic(pairs, out / "pairs.parquet")
-        info["pairs"] = {"path": str(path), "rows": pairs.height, "dropped_identical": identical}
+        path, rows = _write(_pairs_lazy(source) if source is not None else None, _PAIRS_SCHEMA,
+                            out / "pairs.parquet")
+        identical = _count(_finished(source)) - rows if source is not None else 0
+        info["pairs"] = {"path": str(path), "rows": rows, "dropped_identical": identical}
     return info
 
 
-def _decided(labels: pl.DataFrame, min_confidence: float) -> pl.DataFrame:
-    if labels.is_empty():
-        return labels
-    return labels.filter(
+_DPO_SCHEMA: dict[str, Any] = {"id": pl.String, "prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
+                               "confidence": pl.Float64}
+_REWARD_SCHEMA: dict[str, Any] = {"id": pl.String, "chosen": MESSAGES, "rejected": MESSAGES, "margin": pl.Float64}
+
+
+def _decided(labels: Frame, min_confidence: float) -> pl.LazyFrame:
+    return labels.lazy().filter(
         (pl.col("status") == "ok") & pl.col("chosen").is_not_null() & (pl.col("confidence") >= min_confidence)
     )
 
 
-def dpo_frame(labels: pl.DataFrame, *, min_confidence: float = 0.5) -> pl.DataFrame:
-    """Conversational DPO rows with the label's ``confidence`` (abstentions and ties are left out)."""
-    rows = _decided(labels, min_confidence)
-    if rows.is_empty():
-        return pl.DataFrame(schema={"id": pl.String, "prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
-                                    "confidence": pl.Float64})
-    return rows.select("id", pl.col("messages").alias("prompt"), _assistant("chosen").alias("chosen"),
-                       _assistant("rejected").alias("rejected"), "confidence")
+def _dpo_lazy(labels: Frame, min_confidence: float) -> pl.LazyFrame:
+    return _decided(labels, min_confidence).select(
+        "id", pl.col("messages").alias("prompt"), _assistant("chosen").alias("chosen"),
+        _assistant("rejected").alias("rejected"), "confidence")
 
 
-def reward_frame(labels: pl.DataFrame, *, min_confidence: float = 0.5, max_margin: float = 5.0) -> pl.DataFrame:
-    """Reward-model rows: full chosen/rejected conversations and ``margin`` = logit(confidence), capped."""
-    rows = _decided(labels, min_confidence)
-    if rows.is_empty():
-        return pl.DataFrame(schema={"id": pl.String, "chosen": MESSAGES, "rejected": MESSAGES, "margin": pl.Float64})
-    return rows.select(
+def _reward_lazy(labels: Frame, min_confidence: float, max_margin: float) -> pl.LazyFrame:
+    p = pl.col("confidence").clip(1e-9, 1 - 1e-9)
+    return _decided(labels, min_confidence).select(
         "id",
         pl.concat_list("messages", _assistant("chosen")).alias("chosen"),
         pl.concat_list("messages", _assistant("rejected")).alias("rejected"),
-        pl.col("confidence").map_elements(lambda p: min(max_margin, _logit(p)), return_dtype=pl.Float64)
-        .alias("margin"),
+        pl.min_horizontal(pl.lit(float(max_margin)), (p / (1 - p)).log()).alias("margin"),
     )
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-9), 1 - 1e-9)
-    return math.log(p / (1 - p))
+def dpo_frame(labels: Frame, *, min_confidence: float = 0.5) -> pl.DataFrame:
+    """Conversational DPO rows with the label's ``confidence`` (abstentions and ties are left out)."""
+    if _is_empty(labels):
+        return pl.DataFrame(schema=_DPO_SCHEMA)
+    return _collected(_dpo_lazy(labels, min_confidence), labels)
 
 
-def write_rl_exports(run_dir: str | Path, labels: pl.DataFrame, config: RLExportConfig) -> dict[str, Any]:
-    """Write ``exports/dpo.parquet`` and ``exports/reward.parquet``; return counts and paths."""
+def reward_frame(labels: Frame, *, min_confidence: float = 0.5, max_margin: float = 5.0) -> pl.DataFrame:
+    """Reward-model rows: full chosen/rejected conversations and ``margin`` = logit(confidence), capped."""
+    if _is_empty(labels):
+        return pl.DataFrame(schema=_REWARD_SCHEMA)
+    return _collected(_reward_lazy(labels, min_confidence, max_margin), labels)
+
+
+def write_rl_exports(run_dir: str | Path, labels: Frame | None, config: RLExportConfig) -> dict[str, Any]:
+    """Write ``exports/dpo.parquet`` and ``exports/reward.parquet`` (lazy ``labels`` stream into them); return
+    counts and paths."""
     out = Path(run_dir) / "exports"
     info: dict[str, Any] = {}
+    source = None if _is_empty(labels) else labels
     if config.dpo:
-        frame = dpo_frame(labels, min_confidence=config.min_confidence)
-        info["dpo"] = {"path": str(write_parquet_atomic(frame, out / "dpo.parquet")), "rows": frame.height}
+        path, rows = _write(_dpo_lazy(source, config.min_confidence) if source is not None else None, _DPO_SCHEMA,
+                            out / "dpo.parquet")
+        info["dpo"] = {"path": str(path), "rows": rows}
     if config.reward:
-        frame = reward_frame(labels, min_confidence=config.min_confidence, max_margin=config.max_margin)
-        info["reward"] = {"path": str(write_parquet_atomic(frame, out / "reward.parquet")), "rows": frame.height}
+        path, rows = _write(_reward_lazy(source, config.min_confidence, config.max_margin)
+                            if source is not None else None, _REWARD_SCHEMA, out / "reward.parquet")
+        info["reward"] = {"path": str(path), "rows": rows}
     return info

@@ -6,8 +6,10 @@ turn), or an hh-rlhf style transcript (``"\\n\\nHuman: …\\n\\nAssistant: …"`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.errors import ConfigError
 
-__all__ = ["PromptRow", "PromptSource", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
+__all__ = ["PromptRow", "PromptSource", "iter_prompts", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
@@ -109,6 +111,27 @@ def read_table(path: str | Path, *, split: str | None = None) -> pl.DataFrame:
     raise ConfigError(f"{file}: unsupported prompt file type; use .jsonl, .json, .csv, .parquet or a dataset folder")
 
 
+def _scan_table(file: Path, *, split: str | None = None) -> pl.LazyFrame:
+    """A prompt file as a lazy frame: JSONL, CSV and Parquet are scanned (read a slice at a time as rows are
+    used), other kinds read whole by :func:`read_table`."""
+    if file.is_file() and file.stat().st_size > 0:
+        if file.name.endswith(".parquet"):
+            return pl.scan_parquet(file)
+        if file.name.endswith((".jsonl", ".ndjson")):
+            return pl.scan_ndjson(file)
+        if file.name.endswith(".csv"):
+            return pl.scan_csv(file)
+    return read_table(file, split=split).lazy()
+
+
+def _records(frame: pl.LazyFrame, file: Path) -> Iterator[dict[str, Any]]:
+    try:
+        for batch in frame.collect_batches(chunk_size=4096):
+            yield from batch.iter_rows(named=True)
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise ConfigError(f"{file}: cannot read prompts ({type(exc).__name__}: {exc})") from None
+
+
 def load_prompts(
     path: str | Path,
     *,
@@ -122,19 +145,39 @@ def load_prompts(
     """Prompts from a file; errors name the file and the missing column. Rows without text are skipped;
     repeated ids keep their first row. A conversation that ends with an assistant turn (an hh-rlhf transcript,
     say) is skipped, has that turn dropped, or has it taken ``as_response`` (the initial response)."""
+    return list(iter_prompts(path, column=column, id_column=id_column, response_column=response_column, split=split,
+                             last_assistant_turn=last_assistant_turn, extra_columns=extra_columns))
+
+
+def iter_prompts(
+    path: str | Path,
+    *,
+    column: str = "prompt",
+    id_column: str | None = None,
+    response_column: str | None = None,
+    split: str | None = None,
+    last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip",
+    extra_columns: tuple[str, ...] = (),
+) -> Iterator[PromptRow]:
+    """:func:`load_prompts` one row at a time: JSONL, CSV and Parquet files are scanned a slice at a time, so
+    only a slice and the ids seen are held, not a row object per prompt."""
     file = Path(path)
-    frame = read_table(file, split=split)
-    if frame.is_empty():
-        raise ConfigError(f"{file}: prompt file has no rows")
+    frame = _scan_table(file, split=split)
+    try:
+        names = frame.collect_schema().names()
+        if frame.head(1).collect().is_empty():
+            raise ConfigError(f"{file}: prompt file has no rows")
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise ConfigError(f"{file}: cannot read prompts ({type(exc).__name__}: {exc})") from None
     wanted = [("prompt", column), ("id", id_column), ("response", response_column)]
     for what, name in [*wanted, *(("response", extra) for extra in extra_columns)]:
-        if name is not None and name not in frame.columns:
+        if name is not None and name not in names:
             raise ConfigError(
-                f"{file}: no {what} column {name!r} (columns: {', '.join(frame.columns)}); set {what}_column"
+                f"{file}: no {what} column {name!r} (columns: {', '.join(names)}); set {what}_column"
             )
-    rows: list[PromptRow] = []
+    used = list(dict.fromkeys(n for n in (column, id_column, response_column, *extra_columns) if n is not None))
     seen: set[str] = set()
-    for index, record in enumerate(frame.iter_rows(named=True)):
+    for index, record in enumerate(_records(frame.select(used), file)):
         try:
             turns = parse_conversation(record[column])
         except ValueError as exc:
@@ -150,15 +193,14 @@ def load_prompts(
             continue
         seen.add(row_id)
         response = record[response_column] if response_column else given
-        rows.append(PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
-                              response=str(response) if response is not None else None,
-                              extra=tuple((name, record[name]) for name in extra_columns)))
-    if not rows:
+        yield PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
+                        response=str(response) if response is not None else None,
+                        extra=tuple((name, record[name]) for name in extra_columns))
+    if not seen:
         raise ConfigError(
             f"{file}: column {column!r} holds no usable prompt (text, or turns ending with a user turn); for "
             "conversations that end with an assistant turn, set last_assistant_turn to drop or as_response"
         )
-    return rows
 
 
 class PromptSource(BaseModel):
@@ -177,7 +219,11 @@ class PromptSource(BaseModel):
 
     def load(self, *, response_column: str | None = None, extra_columns: tuple[str, ...] = ()) -> list[PromptRow]:
         """The selected prompts (the first ``limit`` usable rows)."""
-        rows = load_prompts(self.input, column=self.prompt_column, id_column=self.id_column,
+        return list(self.iter(response_column=response_column, extra_columns=extra_columns))
+
+    def iter(self, *, response_column: str | None = None, extra_columns: tuple[str, ...] = ()) -> Iterator[PromptRow]:
+        """:meth:`load` one row at a time (see :func:`iter_prompts`)."""
+        rows = iter_prompts(self.input, column=self.prompt_column, id_column=self.id_column,
                             response_column=response_column, split=self.split,
                             last_assistant_turn=self.last_assistant_turn, extra_columns=extra_columns)
-        return rows[: self.limit] if self.limit else rows
+        return itertools.islice(rows, self.limit) if self.limit else rows

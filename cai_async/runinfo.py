@@ -12,19 +12,14 @@ import polars as pl
 
 from backends.errors import ConfigError
 from cai_async.engine.ledger import read_ledger
-from cai_async.store import read_shards
+from cai_async.store import iter_shards, scan_shards, shard_columns
 
-__all__ = ["chain_text", "describe_run"]
+__all__ = ["chain_text", "describe_run", "sample_chains"]
 
 
 def _reason(error: str) -> str:
     """An error message with row-specific details (numbers, quoted text) blurred, so equal causes group."""
     return re.sub(r"'[^']*'|\"[^\"]*\"|\d+(?:\.\d+)?", "…", error)[:200]
-
-
-def _mean(series: pl.Series) -> float | None:
-    value = series.drop_nulls().mean()
-    return round(float(value), 4) if isinstance(value, int | float) else None
 
 
 def describe_run(run_dir: str | Path) -> dict[str, Any]:
@@ -78,38 +73,78 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             info["batches"][path.parent.name] = journal.summary()
             journal.close()
     for stage in ("generate", "sl", "helpful", "rl/pairs", "rl/labels"):
-        frame = read_shards(root / stage)
-        if frame.is_empty():
-            continue
-        stats: dict[str, Any] = {"rows": frame.height}
-        if "status" in frame.columns:
-            stats["ok"] = frame.filter(pl.col("status") == "ok").height
-            errors = frame.filter(pl.col("status") != "ok")
-            stats["errors"] = errors.height
-            reasons = Counter(
-                f"{row.get('error_step') or stage}: {_reason(row['error'] or '')}"
-                for row in errors.iter_rows(named=True)
-            )
-            stats["failure_reasons"] = dict(reasons.most_common(10))
-        if "rounds" in frame.columns:
-            rounds = frame.select(pl.col("rounds").explode()).unnest("rounds").drop_nulls("round")
-            stats["rounds"] = rounds.height
-            stats["revisions_cleaned"] = int(rounds["cleaned"].sum() or 0)
-            stats["stopped_early"] = int(frame["stopped_early"].sum() or 0)
-            stats["principles"] = dict(Counter(rounds["principle"].to_list()).most_common())
-            stats["constitution_hashes"] = sorted(set(frame["constitution_hash"].to_list()))
-        if "judgments" in frame.columns:
-            ok = frame.filter(pl.col("status") == "ok")
-            stats["abstained"] = int(ok["abstained"].sum() or 0)
-            stats["mean_confidence"] = _mean(ok["confidence"])
-            stats["position_consistency"] = _mean(ok["consistency"])
-            stats["methods"] = sorted({m for value in ok["methods"].to_list() for m in (value or "").split(",") if m})
-        info["stages"][stage] = stats
+        stats = _stage_stats(root / stage, stage)
+        if stats is not None:
+            info["stages"][stage] = stats
     exports = root / "exports"
     if exports.is_dir():
         info["exports"] = {p.name: pl.scan_parquet(p).select(pl.len()).collect().item()
                            for p in sorted(exports.glob("*.parquet"))}
     return info
+
+
+_STAT_COLUMNS = ("status", "error", "error_step", "rounds", "stopped_early", "constitution_hash", "abstained",
+                 "confidence", "consistency", "methods")
+
+
+def _stage_stats(directory: Path, stage: str) -> dict[str, Any] | None:
+    """A stage's counts, failure reasons and per-round or per-label statistics, read a slice at a time with
+    only the columns they need (memory stays flat in the rows)."""
+    names = set(shard_columns(directory))
+    if not names:
+        return None
+    rows = ok = rounds_total = cleaned = stopped = abstained = 0
+    reasons: Counter[str] = Counter()
+    principles: Counter[str] = Counter()
+    hashes: set[str] = set()
+    methods: set[str] = set()
+    sums: dict[str, list[float]] = {"confidence": [0.0, 0], "consistency": [0.0, 0]}
+    for frame in iter_shards(directory, columns=["id", *[c for c in _STAT_COLUMNS if c in names]]):
+        rows += frame.height
+        if "status" not in names:
+            continue
+        good = frame.filter(pl.col("status") == "ok")
+        ok += good.height
+        for row in frame.filter(pl.col("status") != "ok").select(
+                *[c for c in ("error_step", "error") if c in names]).iter_rows(named=True):
+            reasons[f"{row.get('error_step') or stage}: {_reason(row.get('error') or '')}"] += 1
+        if "rounds" in names:
+            steps = frame.select(pl.col("rounds").explode()).unnest("rounds").drop_nulls("round")
+            rounds_total += steps.height
+            cleaned += int(steps["cleaned"].sum() or 0)
+            stopped += int(frame["stopped_early"].sum() or 0)
+            principles.update(steps["principle"].to_list())
+            hashes.update(frame["constitution_hash"].to_list())
+        if "judgments" in names:
+            abstained += int(good["abstained"].sum() or 0)
+            for key, acc in sums.items():
+                values = good[key].drop_nulls()
+                acc[0] += float(values.sum() or 0.0)
+                acc[1] += values.len()
+            methods.update(m for value in good["methods"].to_list() for m in (value or "").split(",") if m)
+    stats: dict[str, Any] = {"rows": rows}
+    if "status" in names:
+        stats.update(ok=ok, errors=rows - ok, failure_reasons=dict(reasons.most_common(10)))
+    if "rounds" in names:
+        stats.update(rounds=rounds_total, revisions_cleaned=cleaned, stopped_early=stopped,
+                     principles=dict(principles.most_common()), constitution_hashes=sorted(hashes))
+    if "judgments" in names:
+        stats["abstained"] = abstained
+        for name, (total, count) in (("mean_confidence", sums["confidence"]),
+                                     ("position_consistency", sums["consistency"])):
+            stats[name] = round(total / count, 4) if count else None
+        stats["methods"] = sorted(methods)
+    return stats
+
+
+def sample_chains(run_dir: str | Path, count: int, *, errors: bool = False) -> list[dict[str, Any]]:
+    """The first ``count`` finished chains of a run (failed ones with ``errors``), read lazily: the scan stops
+    early and holds no more than it shows."""
+    scan = scan_shards(Path(run_dir) / "sl")
+    if scan is None or count <= 0:
+        return []
+    picked = scan.filter((pl.col("status") != "ok") if errors else (pl.col("status") == "ok"))
+    return picked.head(count).collect(engine="streaming").to_dicts()
 
 
 def chain_text(row: dict[str, Any], *, width: int = 400) -> str:

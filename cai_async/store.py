@@ -1,11 +1,16 @@
-"""Parquet shards written with atomic renames, so a crash never leaves a half-written file; resume by id."""
+"""Parquet shards written with atomic renames, so a crash never leaves a half-written file; resume by id.
+
+Shards are ``part-NNNNN.parquet``; :func:`compact_shards` merges a run of them into one ``part-AAAAA-BBBBB.parquet``
+that replaces shards ``AAAAA`` to ``BBBBB``. Readers skip a shard whose number lies inside such a range, so a
+compaction cut short between its rename and its deletes still reads every row exactly once. Readers stream:
+:func:`scan_shards` is a lazy frame (column projection, ``sink_parquet``), :func:`iter_shards` yields slices."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +25,14 @@ __all__ = [
     "FORMAT_VERSION",
     "MESSAGES",
     "ShardWriter",
-    "call_fields",
+    "compact_shards",
+    "count_shard_rows",
+    "iter_shards",
     "read_shards",
+    "scan_shards",
+    "shard_columns",
+    "shard_files",
+    "sink_parquet_atomic",
     "write_parquet_atomic",
 ]
 
@@ -54,7 +65,8 @@ def call_fields(prefix: str, result: ChatResult | ScoreResult | None) -> dict[st
         f"{prefix}_finish_reason": result.finish_reason if isinstance(result, ChatResult) else result.method,
     }
 
-_SHARD = re.compile(r"^part-(\d{5,})\.parquet$")
+
+_SHARD = re.compile(r"^part-(\d{5,})(?:-(\d{5,}))?\.parquet$")
 
 FORMAT_KEY = "cai_async.format"
 """The key of the format version in every Parquet file's key-value metadata."""
@@ -73,41 +85,235 @@ def _check_format(path: Path) -> None:
         )
 
 
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, target: Path) -> Path:
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    return target
+
+
 def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
     """Write ``frame`` to ``path`` through a temporary file, fsync and rename."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     frame.write_parquet(tmp, metadata={FORMAT_KEY: str(FORMAT_VERSION)})
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-    return target
+    return _publish(tmp, target)
+
+
+def sink_parquet_atomic(frame: pl.LazyFrame, path: str | Path) -> Path:
+    """Stream ``frame`` into ``path`` (Polars' streaming ``sink_parquet``: memory stays flat in the rows)
+    through a temporary file, fsync and rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    frame.sink_parquet(tmp, metadata={FORMAT_KEY: str(FORMAT_VERSION)}, row_group_size=_GROUP_ROWS)
+    return _publish(tmp, target)
+
+
+_GROUP_ROWS = 2048
+"""Rows per Parquet row group in sunk and compacted files: what a streaming reader holds at once."""
+
+
+def _span(path: Path) -> tuple[int, int]:
+    match = _SHARD.match(path.name)
+    assert match is not None
+    return int(match.group(1)), int(match.group(2) or match.group(1))
+
+
+def _all_shards(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.iterdir() if _SHARD.match(p.name)]
 
 
 def _shards(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if _SHARD.match(p.name))
+    """The live shards in order: a shard inside a compacted range (left by a compaction cut short) is skipped."""
+    live: list[Path] = []
+    reach = -1
+    for path in sorted(_all_shards(directory), key=lambda p: (_span(p)[0], -_span(p)[1])):
+        end = _span(path)[1]
+        if end <= reach:
+            continue
+        live.append(path)
+        reach = max(reach, end)
+    return live
+
+
+def shard_files(directory: str | Path) -> list[Path]:
+    """The shard files a reader reads, in order (compacted ranges in place of the shards they replace)."""
+    return _shards(Path(directory))
+
+
+def count_shard_rows(path: str | Path) -> int:
+    """Rows of one Parquet file, from its footer."""
+    return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+
+
+def _unreadable(directory: str | Path, exc: Exception) -> ConfigError:
+    return ConfigError(f"{directory}: unreadable Parquet shard ({exc}); move it away and rerun")
+
+
+def _kept_rows(files: list[Path], unique_by: str | None, keep: Literal["first", "last"]) -> pl.Series | None:
+    """Row numbers (over ``files`` in order) of the copies kept, or ``None`` when no id repeats. Reads only
+    the ``unique_by`` column, a file at a time."""
+    if not unique_by:
+        return None
+    parts = []
+    for file in files:
+        if unique_by in pl.read_parquet_schema(file):
+            parts.append(pl.read_parquet(file, columns=[unique_by])[unique_by].cast(pl.String))
+        else:
+            parts.append(pl.Series(unique_by, [None] * count_shard_rows(file), dtype=pl.String))
+    ids = pl.concat(parts).to_frame(unique_by) if parts else pl.DataFrame()
+    if ids.is_empty() or ids[unique_by].null_count() == ids.height or not ids[unique_by].is_duplicated().any():
+        return None
+    return ids.with_row_index("__row").unique(subset=[unique_by], keep=keep, maintain_order=True)["__row"]
+
+
+def _checked(directory: str | Path) -> list[Path]:
+    files = _shards(Path(directory))
+    for file in files:
+        _check_format(file)
+    return files
+
+
+def scan_shards(
+    directory: str | Path, *, columns: Sequence[str] | None = None, unique_by: str | None = "id",
+    keep: Literal["first", "last"] = "last",
+) -> pl.LazyFrame | None:
+    """All shards of a directory as one lazy frame (``None`` when there are none), with only ``columns`` (those
+    present) read; rows repeated by ``unique_by`` keep their ``keep`` copy, as :func:`read_shards`. Only the
+    ``unique_by`` column is read up front (to find repeats); the rest streams when the frame is collected or
+    sunk (``sink_parquet``). Many small shards cost memory in a lazy scan: compacted stages have few."""
+    try:
+        files = _checked(directory)
+        if not files:
+            return None
+        frame = pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed")
+        names = frame.collect_schema().names()
+        rows = _kept_rows(files, unique_by if unique_by in names else None, keep)
+        if rows is not None:
+            frame = frame.with_row_index("__row").filter(pl.col("__row").is_in(rows.implode())).drop("__row")
+    except pl.exceptions.PolarsError as exc:
+        raise _unreadable(directory, exc) from None
+    if columns is not None:
+        frame = frame.select([c for c in columns if c in names])
+    return frame
+
+
+def shard_columns(directory: str | Path) -> list[str]:
+    """The columns of a directory's shards (all of them, in first-seen order), from the files' footers."""
+    try:
+        return list(dict.fromkeys(name for f in _shards(Path(directory)) for name in pl.read_parquet_schema(f)))
+    except pl.exceptions.PolarsError as exc:
+        raise _unreadable(directory, exc) from None
+
+
+def iter_shards(
+    directory: str | Path, *, columns: Sequence[str] | None = None, unique_by: str | None = "id",
+    keep: Literal["first", "last"] = "last",
+) -> Iterator[pl.DataFrame]:
+    """The rows of :func:`scan_shards` a shard at a time (a compacted shard holds at most a few thousand rows),
+    each with the same ``columns`` (those any shard has; missing ones null): memory holds one shard."""
+    try:
+        files = _checked(directory)
+        names = shard_columns(directory)
+        wanted = [c for c in (columns if columns is not None else names) if c in names]
+        rows = _kept_rows(files, unique_by if unique_by in names else None, keep)
+        kept = None if rows is None else rows.to_frame("__row")
+        offset = 0
+        for file in files:
+            schema = pl.read_parquet_schema(file)
+            part = pl.read_parquet(file, columns=[c for c in wanted if c in schema]) if any(
+                c in schema for c in wanted) else pl.DataFrame({"__n": [None] * count_shard_rows(file)})
+            height = part.height
+            part = part.with_columns(pl.lit(None).alias(c) for c in wanted if c not in part.columns).select(wanted)
+            if kept is not None:
+                mine = kept.filter(pl.col("__row").is_between(offset, offset + height - 1))["__row"] - offset
+                part = part.with_row_index("__i").filter(pl.col("__i").is_in(mine.implode())).drop("__i")
+            offset += height
+            if part.height:
+                yield part
+    except pl.exceptions.PolarsError as exc:
+        raise _unreadable(directory, exc) from None
 
 
 def read_shards(
     directory: str | Path, *, unique_by: str | None = "id", keep: Literal["first", "last"] = "last"
 ) -> pl.DataFrame:
     """All shards of a directory as one frame; rows repeated by ``unique_by`` keep their ``keep`` copy (the
-    last: a rerun that retried an error row wrote the newer one)."""
-    files = _shards(Path(directory))
-    if not files:
+    last: a rerun that retried an error row wrote the newer one). Reads every row: prefer :func:`scan_shards`
+    or :func:`iter_shards` where the rows may be many."""
+    frame = scan_shards(directory, unique_by=unique_by, keep=keep)
+    if frame is None:
         return pl.DataFrame()
     try:
-        for file in files:
-            _check_format(file)
-        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        return frame.collect()
     except pl.exceptions.PolarsError as exc:
-        raise ConfigError(f"{directory}: unreadable Parquet shard ({exc}); move it away and rerun") from None
-    if unique_by and unique_by in frame.columns:
-        frame = frame.unique(subset=[unique_by], keep=keep, maintain_order=True)
-    return frame
+        raise _unreadable(directory, exc) from None
+
+
+def _merge(paths: list[Path], target: Path) -> None:
+    """Write ``paths`` (at most ``target_rows`` rows together) as one Parquet file, rows in order, columns aligned
+    to the shards' common schema: memory holds one merged file, whatever the stage's size."""
+    frame = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+    frame.write_parquet(target, metadata={FORMAT_KEY: str(FORMAT_VERSION)}, row_group_size=_GROUP_ROWS)
+    del frame
+
+
+def compact_shards(directory: str | Path, *, target_rows: int = 4096) -> int:
+    """Merge runs of small shards (under ``target_rows // 4`` rows) into ``part-AAAAA-BBBBB.parquet`` files of up
+    to ``target_rows`` rows, every row kept as it was, in order; return how many shards were replaced.
+
+    Kill-safe: each merged file is written under a hidden temporary name, fsynced, renamed into place (from then
+    on readers skip the shards it replaces), and only then are those removed; a compaction cut short leaves
+    either the old shards alone or the merged file and shards readers skip, which the next compaction removes."""
+    folder = Path(directory)
+    for stale in folder.glob(".compact-*.tmp") if folder.is_dir() else []:
+        stale.unlink(missing_ok=True)
+    live = set(_shards(folder))
+    for covered in [p for p in _all_shards(folder) if p not in live]:
+        covered.unlink(missing_ok=True)  # a compaction was cut short after its rename
+    runs: list[list[tuple[Path, int]]] = [[]]
+    for path in sorted(live, key=_span):
+        _check_format(path)
+        rows = count_shard_rows(path)
+        if rows >= target_rows // 4 or (runs[-1] and sum(n for _, n in runs[-1]) + rows > target_rows):
+            runs.append([])
+        if rows < target_rows // 4:
+            runs[-1].append((path, rows))
+    replaced = 0
+    for run in runs:
+        if len(run) < 2:
+            continue
+        paths = [p for p, _ in run]
+        start, end = _span(paths[0])[0], _span(paths[-1])[1]
+        target = folder / f"part-{start:05d}-{end:05d}.parquet"
+        tmp = folder / f".compact-{start:05d}-{end:05d}.tmp"
+        try:
+            _merge(paths, tmp)
+        except pl.exceptions.PolarsError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _unreadable(folder, exc) from None
+        _publish(tmp, target)
+        for path in paths:
+            path.unlink()
+        _fsync_dir(folder)
+        replaced += len(paths)
+    return replaced
 
 
 class ShardWriter:
@@ -129,16 +335,15 @@ class ShardWriter:
         self._oldest = 0.0
         self._schema = schema
         self._rows: list[dict[str, Any]] = []
-        existing = [int(m.group(1)) for p in _shards(self.directory) if (m := _SHARD.match(p.name))]
-        self._next = max(existing, default=-1) + 1
+        self._next = max((_span(p)[1] for p in _all_shards(self.directory)), default=-1) + 1
         self.written = 0
 
     def existing_ids(self, column: str = "id") -> set[str]:
-        """Ids already written by earlier runs."""
-        frame = read_shards(self.directory, unique_by=None)
-        if frame.is_empty() or column not in frame.columns:
+        """Ids already written by earlier runs (only that column is read)."""
+        frame = scan_shards(self.directory, columns=[column], unique_by=None)
+        if frame is None or column not in frame.collect_schema().names():
             return set()
-        return {str(v) for v in frame[column].to_list()}
+        return {str(v) for v in frame.collect()[column].to_list()}
 
     def add(self, row: dict[str, Any]) -> None:
         if not self._rows:

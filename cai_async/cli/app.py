@@ -29,6 +29,7 @@ from cai_async.cli.flags import (
     shared,
     with_flags,
 )
+from cai_async.cli.reward_cmds import reward_app
 from cai_async.cli.stages import add_stage_commands
 from cai_async.cli.summary import console, print_training, run_and_report
 from cai_async.exitcodes import STOPPED, USER_ERROR, leaves
@@ -51,6 +52,7 @@ app.add_typer(constitution_app, name="constitution")
 guard_app = typer.Typer(help="The inference-time guard: an OpenAI-compatible proxy, and its report.",
                         no_args_is_help=True)
 app.add_typer(guard_app, name="guard")
+app.add_typer(reward_app, name="reward")
 
 
 @app.callback()
@@ -135,13 +137,16 @@ def train(
     model: Annotated[str | None, typer.Option(help="HF folder, .gguf file, or 'embedded'.")] = None,
     run_dir: RunDirOpt = None,
     data: Annotated[str | None, typer.Option(help="Training data (default: RUN_DIR/exports/<stage>.parquet).")] = None,
-    rl_algorithm: Annotated[str | None, typer.Option(help="dpo | soft_dpo | grpo | rloo | online_dpo")] = None,
+    rl_algorithm: Annotated[str | None, typer.Option(help="dpo | soft_dpo | grpo | rloo | online_dpo | ppo")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps.")] = None,
     lora: Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapter (default) or full finetune.")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also save the merged model.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="rl with rl_algorithm ppo: write and print the "
+                                          "OpenRLHF command, don't run it.")] = False,
     sets: SetOpt = None,
 ) -> None:
-    """Train one stage with TRL on the data a run exported (defaults → RECIPE → flags)."""
+    """Train one stage with TRL on the data a run exported (defaults → RECIPE → flags); rl with
+    ``rl_algorithm: ppo`` runs OpenRLHF with ``cai reward serve``'s reward; guard fits the guard's classifier."""
     if stage == "guard":  # --model: a local HF folder to fine-tune (default: a tiny encoder from scratch)
         from cai_async.cli.guard_cmds import train_guard
 
@@ -158,6 +163,13 @@ def train(
     attach_run_log(recipe_obj.run_dir)
     config = recipe_obj.train or TrainConfig()
     config.check_stage(stage)
+    if dry_run:
+        from cai_async.cli.reward_cmds import print_ppo
+        from cai_async.train.ppo import run_ppo
+
+        if stage != "rl" or config.rl_algorithm != "ppo":
+            raise CaiError_("--dry-run is for `cai train rl` with rl_algorithm ppo (OpenRLHF)")
+        return print_ppo(run_ppo(config, recipe_obj.run_dir, engine_config=recipe_obj.engine, dry_run=True))
     print_training(run_training(stage, config, recipe_obj.run_dir, engine_config=recipe_obj.engine))
 
 
@@ -168,19 +180,13 @@ def show(
     errors: Annotated[bool, typer.Option("--errors", help="Print failed chains instead of finished ones.")] = False,
 ) -> None:
     """Counts, cost, failure reasons and a few chains of a run, readably."""
-    import polars as pl
-
-    from cai_async.runinfo import chain_text, describe_run
-    from cai_async.store import read_shards
+    from cai_async.runinfo import chain_text, describe_run, sample_chains
 
     info = describe_run(run_dir)
     typer.echo(yaml.safe_dump(info, sort_keys=False, allow_unicode=True, width=120).rstrip())
-    frame = read_shards(run_dir / "sl")
-    if chains and not frame.is_empty():
-        picked = frame.filter((pl.col("status") != "ok") if errors else (pl.col("status") == "ok"))
-        for row in picked.head(chains).iter_rows(named=True):
-            typer.echo("")
-            typer.echo(chain_text(row))
+    for row in sample_chains(run_dir, chains, errors=errors):
+        typer.echo("")
+        typer.echo(chain_text(row))
 
 
 @app.command()

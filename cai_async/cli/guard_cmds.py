@@ -7,11 +7,10 @@ import json
 from typing import Any
 
 import typer
-from rich.console import Console
+
+from cai_async.cli.summary import console
 
 __all__ = ["train_guard"]
-
-console = Console(stderr=True, soft_wrap=True)
 
 
 def train_guard(recipe_obj: Any) -> None:

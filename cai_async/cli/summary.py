@@ -111,7 +111,11 @@ def _print_next(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 def print_training(stage: dict[str, Any]) -> None:
-    """One training stage's line: steps, rows, losses, and its output folder."""
+    """One training stage's line: steps, rows, losses, and its output folder (PPO: OpenRLHF's outcome)."""
+    if stage["algorithm"] == "ppo":
+        from cai_async.cli.reward_cmds import print_ppo
+
+        return print_ppo(stage)
     console.print(
         f"[bold]train/{stage['stage']}[/] ({stage['algorithm']}, {stage['device']}, {stage['precision']}): "
         f"{stage['steps']} steps on {stage['rows']} rows in {stage['seconds']:.1f}s, loss "
@@ -165,16 +169,9 @@ def print_stage(name: str, stage: dict[str, Any]) -> None:
 
 
 def _print_chain(run_dir: Path, count: int = 1) -> None:
-    import polars as pl
+    from cai_async.runinfo import chain_text, sample_chains
 
-    from cai_async.runinfo import chain_text
-    from cai_async.store import read_shards
-
-    frame = read_shards(run_dir / "sl")
-    if frame.is_empty():
-        return
-    ok = frame.filter(pl.col("status") == "ok")
-    for row in (ok if not ok.is_empty() else frame).head(count).iter_rows(named=True):
+    for row in sample_chains(run_dir, count) or sample_chains(run_dir, count, errors=True):
         console.print(Text(chain_text(row)))
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import anyio
+import polars as pl
 
 from backends.errors import CaiError
 from cai_async.engine import Engine
-from cai_async.store import CALL_FIELDS, MESSAGES, ShardWriter, call_fields, read_shards
+from cai_async.store import CALL_FIELDS, MESSAGES, ShardWriter, call_fields, compact_shards, iter_shards, shard_columns
 
 __all__ = [
     "CALL_FIELDS",
@@ -19,6 +20,7 @@ __all__ = [
     "MESSAGES",
     "StageReport",
     "call_fields",
+    "compact",
     "error_fields",
     "finished_ids",
     "gather_calls",
@@ -38,26 +40,26 @@ def error_fields(error: CaiError) -> dict[str, str]:
 def finished_ids(writer: ShardWriter, *, retry_errors: bool = False, column: str = "id") -> tuple[set[str], int]:
     """Ids of ``writer``'s directory a rerun skips: rows that finished ok, and rows recorded with an error a
     rerun cannot heal (:data:`HEALABLE` are retried; with ``retry_errors`` every error row is); and how many
-    of the skipped rows are errors (kept: the stage still did not finish them)."""
-    frame = read_shards(writer.directory)
-    if frame.is_empty() or column not in frame.columns:
+    of the skipped rows are errors (kept: the stage still did not finish them). Only the id and status columns
+    are read."""
+    names = shard_columns(writer.directory)
+    if column not in names:
         return set(), 0
-    if "status" not in frame.columns:
-        return {str(v) for v in frame[column].to_list()}, 0
-    done = set()
+    done: set[str] = set()
     kept = 0
-    for row in frame.select(column, "status", *[c for c in ("error", "error_class") if c in frame.columns]).iter_rows(
-        named=True
-    ):
-        if row["status"] != "ok":
-            if retry_errors:
-                continue
-            kind = row.get("error_class") or str(row.get("error") or "").partition(":")[0]
-            if kind in HEALABLE:
-                continue
-            kept += 1
-        done.add(str(row[column]))
+    error_class = pl.col("error_class").cast(pl.String) if "error_class" in names else pl.lit(None, pl.String)
+    error = pl.col("error").cast(pl.String) if "error" in names else pl.lit(None, pl.String)
+    kind = pl.when(error_class.fill_null("") == "").then(error.fill_null("").str.split(":").list.first()) \
+        .otherwise(error_class)
+    ok = (pl.col("status") == "ok").fill_null(False) if "status" in names else pl.lit(True)
+    kept_error = pl.lit(False) if retry_errors else ~ok & ~kind.is_in(list(HEALABLE))
+    for part in iter_shards(writer.directory, columns=[column, "status", "error", "error_class"]):
+        rows = part.select(pl.col(column).cast(pl.String), ok.alias("ok"), kept_error.alias("kept")) \
+            .filter(pl.col("ok") | pl.col("kept"))
+        done.update(rows[column].to_list())
+        kept += int(rows["kept"].sum())
     return done, kept
+
 
 T = TypeVar("T")
 
@@ -89,16 +91,18 @@ class _HasId(Protocol):
 
 async def write_rows(
     engine: Engine,
-    items: Sequence[_HasId],
+    items: Sequence[_HasId] | Iterable[_HasId],
     make_row: Callable[[Any], Awaitable[dict[str, Any]]],
     writer: ShardWriter,
     report: StageReport,
     *,
     count: Callable[[dict[str, Any]], None] = lambda row: None,
     concurrency: int | None = None,
+    total: int | None = None,
 ) -> None:
     """Turn ``items`` into rows through the engine and write each as it finishes. A ``CaiError`` that ends
-    an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows."""
+    an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows. ``items`` may
+    be an iterator (pulled as workers free up), then with its ``total``."""
     start = time.perf_counter()
 
     def on_result(item: _HasId, outcome: dict[str, Any] | CaiError) -> None:
@@ -114,13 +118,20 @@ async def write_rows(
         writer.add(outcome)
 
     try:
-        batch = await engine.run_batch(items, make_row, on_result=on_result, total=len(items),
-                                       concurrency=concurrency)
+        size = total if total is not None else len(items) if isinstance(items, Sized) else None
+        batch = await engine.run_batch(items, make_row, on_result=on_result, total=size, concurrency=concurrency)
         report.stopped = batch.stopped
     finally:
         writer.flush()
         report.written = writer.written
         report.seconds = time.perf_counter() - start
+    await compact(writer)
+
+
+async def compact(writer: ShardWriter) -> None:
+    """Merge the small shards of a stage that has ended into a few large ones (:func:`compact_shards`, in a
+    worker thread), so later reads open a few files, not thousands."""
+    await anyio.to_thread.run_sync(compact_shards, writer.directory)
 
 
 async def gather_calls(calls: Sequence[Callable[[], Awaitable[T]]], *, together: bool) -> list[T | CaiError]:

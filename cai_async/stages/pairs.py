@@ -19,7 +19,7 @@ from backends.errors import BudgetExceeded, CaiError, ConfigError
 from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.prompts import PromptRow, PromptSource
-from cai_async.stages.common import StageReport, gather_calls
+from cai_async.stages.common import StageReport, compact, gather_calls
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
 __all__ = ["PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "load_pairs", "pair_id", "run_pairs"]
@@ -158,48 +158,55 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
             fresh = [p for p in pairs if p.prompt_id not in done]
             report.skipped = len(selected) - len({p.prompt_id for p in fresh})
             writer.extend(_record(p) for p in fresh)
-            return report
-        prompts = config.load()
-        selected = {p.id for p in prompts}
-        todo = [p for p in prompts if p.id not in done]
-        report.total, report.skipped = len(prompts), len(prompts) - len(todo)
-
-        together = engine.item_concurrency(config.policy_role) > 1
-
-        async def sample(row: PromptRow) -> list[tuple[str, str]]:
-            async def one(i: int) -> tuple[str, str]:
-                temperature = config.temperatures[i % len(config.temperatures)]
-                request = ChatRequest(row.conversation(), max_tokens=config.max_tokens, temperature=temperature,
-                                      seed=config.seed + i)
-                result = await engine.chat(config.policy_role, request)
-                return result.text, f"seed {config.seed + i}, temperature {temperature:g}"
-
-            outcomes = await gather_calls([partial(one, i) for i in range(config.k)], together=together)
-            for outcome in outcomes:
-                if isinstance(outcome, CaiError):
-                    raise outcome
-            return [o for o in outcomes if not isinstance(o, CaiError)]
-
-        def on_result(row: PromptRow, outcome: list[tuple[str, str]] | CaiError) -> None:
-            if isinstance(outcome, CaiError):
-                report.failed += 1
-                report.failures.append({"id": row.id, "error": f"{type(outcome).__name__}: {outcome}"})
-                return
-            rows, lost = _distinct_pairs(row.id, row.messages, outcome, "generate", config.max_pairs_per_prompt)
-            report.identical_dropped += lost
-            writer.extend(_record(p) for p in rows)
-
-        batch = await engine.run_batch(todo, sample, on_result=on_result, total=len(todo),
-                                       concurrency=engine.item_concurrency(config.policy_role))
-        report.stopped = batch.stopped
+        else:
+            await _generate_pairs(engine, config, writer, report, done, selected)
     except BudgetExceeded as exc:
         report.stopped = str(exc)
     finally:
         writer.flush()
         report.written = writer.written
-        report.rows = [p for p in load_pairs(out_dir) if p.prompt_id in selected]
         report.seconds = time.perf_counter() - start
+    await compact(writer)
+    report.rows = [p for p in load_pairs(out_dir) if p.prompt_id in selected]
     return report
+
+
+async def _generate_pairs(engine: Engine, config: PairsConfig, writer: ShardWriter, report: PairsReport,
+                          done: set[str], selected: set[str]) -> None:
+    """Sample ``k`` responses per prompt through the policy group and write their distinct pairs."""
+    prompts = config.load()
+    selected.update(p.id for p in prompts)
+    todo = [p for p in prompts if p.id not in done]
+    report.total, report.skipped = len(prompts), len(prompts) - len(todo)
+
+    together = engine.item_concurrency(config.policy_role) > 1
+
+    async def sample(row: PromptRow) -> list[tuple[str, str]]:
+        async def one(i: int) -> tuple[str, str]:
+            temperature = config.temperatures[i % len(config.temperatures)]
+            request = ChatRequest(row.conversation(), max_tokens=config.max_tokens, temperature=temperature,
+                                  seed=config.seed + i)
+            result = await engine.chat(config.policy_role, request)
+            return result.text, f"seed {config.seed + i}, temperature {temperature:g}"
+
+        outcomes = await gather_calls([partial(one, i) for i in range(config.k)], together=together)
+        for outcome in outcomes:
+            if isinstance(outcome, CaiError):
+                raise outcome
+        return [o for o in outcomes if not isinstance(o, CaiError)]
+
+    def on_result(row: PromptRow, outcome: list[tuple[str, str]] | CaiError) -> None:
+        if isinstance(outcome, CaiError):
+            report.failed += 1
+            report.failures.append({"id": row.id, "error": f"{type(outcome).__name__}: {outcome}"})
+            return
+        rows, lost = _distinct_pairs(row.id, row.messages, outcome, "generate", config.max_pairs_per_prompt)
+        report.identical_dropped += lost
+        writer.extend(_record(p) for p in rows)
+
+    batch = await engine.run_batch(todo, sample, on_result=on_result, total=len(todo),
+                                   concurrency=engine.item_concurrency(config.policy_role))
+    report.stopped = batch.stopped
 
 
 def load_pairs(directory: str | Path) -> list[PairRow]:

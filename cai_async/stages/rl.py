@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai_async.constitution_io import builtin_comparison_sets
 from cai_async.engine import Engine
-from cai_async.exports import RLExportConfig, write_rl_exports
+from cai_async.exports import RL_COLUMNS, RLExportConfig, write_rl_exports
 from cai_async.stages.label import LabelConfig, Labeller, label_pairs
 from cai_async.stages.pairs import PairsConfig, PairsReport, run_pairs
 from cai_async.stages.unit import (
@@ -24,7 +24,7 @@ from cai_async.stages.unit import (
     report_dict,
     resolve_path,
 )
-from cai_async.store import read_shards
+from cai_async.store import scan_shards
 
 __all__ = ["STAGE", "RLConfig", "RLStage", "plan_rl", "run_rl_stage"]
 
@@ -54,7 +54,8 @@ async def run_rl_stage(
     report = report_dict(await label_pairs(labeller, pairs_report.rows, run_dir / "rl" / "labels",
                                            retry_errors=retry_errors))
     report["pairs"] = _pairs_report(pairs_report)
-    report["exports"] = write_rl_exports(run_dir, read_shards(run_dir / "rl" / "labels"), config.export)
+    labels = scan_shards(run_dir / "rl" / "labels", columns=RL_COLUMNS)
+    report["exports"] = write_rl_exports(run_dir, labels, config.export)
     return report
 
 

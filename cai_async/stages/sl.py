@@ -23,7 +23,7 @@ from backends.types import ChatResult
 from cai_async.constitution import Constitution, DrawMode, Principle, draw_passes
 from cai_async.constitution_io import load_constitution
 from cai_async.engine import Engine
-from cai_async.exports import ExportConfig, conversations_with_response, write_sl_exports
+from cai_async.exports import SL_COLUMNS, ExportConfig, conversations_with_response, write_sl_exports
 from cai_async.prompts import PromptRow, PromptSource, load_prompts
 from cai_async.revision import NO_ISSUES_PATTERN, EmptyResponse, Reviser, RevisionSettings, StepFailed
 from cai_async.stages.common import (
@@ -47,7 +47,7 @@ from cai_async.stages.unit import (
     report_dict,
     resolve_path,
 )
-from cai_async.store import ShardWriter, read_shards
+from cai_async.store import ShardWriter, read_shards, scan_shards
 
 __all__ = [
     "CHAIN_SCHEMA",
@@ -271,12 +271,16 @@ async def run_sl(
     if config.few_shot > len(constitution.few_shot):
         raise CaiError(f"sl.few_shot={config.few_shot} but constitution {constitution.name!r} has "
                        f"{len(constitution.few_shot)} few-shot examples")
-    prompts = config.load(response_column=config.response_column)
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=CHAIN_SCHEMA,
                          flush_every_s=config.flush_every_s)
     done, kept = finished_ids(writer, retry_errors=retry_errors)
-    todo = [p for p in prompts if p.id not in done]
-    report = SLReport(total=len(prompts), skipped=len(prompts) - len(todo), errors_kept=kept)
+    # the prompts are read twice, a row at a time, never held as a list: once to count, once to work
+    total = waiting = 0
+    for prompt in config.iter(response_column=config.response_column):
+        total += 1
+        waiting += prompt.id not in done
+    todo = (p for p in config.iter(response_column=config.response_column) if p.id not in done)
+    report = SLReport(total=total, skipped=total - waiting, errors_kept=kept)
     runner = ChainRunner(engine, config, constitution, run_id or Path(out_dir).parent.name)
 
     def count(row: dict[str, Any]) -> None:
@@ -285,7 +289,7 @@ async def run_sl(
         else:
             report.errors += 1
 
-    await write_rows(engine, todo, runner.run, writer, report, count=count,
+    await write_rows(engine, todo, runner.run, writer, report, count=count, total=waiting,
                      concurrency=config.chain_concurrency
                      or engine.item_concurrency(config.policy_role, config.critic_role,
                                                     config.revision_role or config.policy_role))
@@ -300,9 +304,10 @@ async def run_sl_stage(
                                       retry_errors=retry_errors))
     helpful = config.export.helpful
     helpful_rows = None
-    chains = read_shards(run_dir / "sl")
+    chains = scan_shards(run_dir / "sl", columns=SL_COLUMNS)  # streamed into the exports, never all in memory
     if helpful is not None:
-        finished = chains.filter(pl.col("status") == "ok").height if not chains.is_empty() else 0
+        finished = 0 if chains is None else int(
+            chains.select((pl.col("status") == "ok").sum()).collect(engine="streaming").item() or 0)
         needed = max(1, math.ceil(helpful.ratio / (1 - helpful.ratio) * finished))
         limit = min(helpful.limit or needed, needed)
         if helpful.response_column is None:

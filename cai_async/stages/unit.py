@@ -187,7 +187,7 @@ def resolve_path(base: Path, value: str) -> str:
 def load_prompt_texts(source: Any) -> list[str]:
     """The prompts of a prompt source, for an estimate (none when they cannot be read)."""
     try:
-        return [r.prompt for r in source.load()]
+        return [r.prompt for r in source.iter()]  # the texts only, not a row object each
     except CaiError:
         return []
 

@@ -1,5 +1,6 @@
 """Training configuration (recipe key ``train``): model, LoRA, batch and sequence settings, the seed card's
-``sl_epochs``, ``rl_algorithm`` and ``rl_learning_rate``. torch and TRL are not imported here."""
+``sl_epochs``, ``rl_algorithm`` and ``rl_learning_rate``; the reward server and OpenRLHF's PPO settings. torch and
+TRL are not imported here."""
 
 from __future__ import annotations
 
@@ -8,19 +9,35 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.errors import ConfigError
+from cai_async.train.ppo import PPOSettings
 
-__all__ = ["LoraSettings", "RLAlgorithm", "TrainConfig", "TrainStage"]
+__all__ = ["LoraSettings", "RLAlgorithm", "RewardServerConfig", "TrainConfig", "TrainStage"]
 
 TrainStage = Literal["sft", "reward", "dpo", "rl"]
-RLAlgorithm = Literal["dpo", "soft_dpo", "grpo", "rloo", "online_dpo"]
+RLAlgorithm = Literal["dpo", "soft_dpo", "grpo", "rloo", "online_dpo", "ppo"]
 _ALGORITHMS: tuple[str, ...] = RLAlgorithm.__args__  # type: ignore[attr-defined]
 
-_PPO = (
-    "rl_algorithm 'ppo': TRL 1.16 no longer ships a PPO trainer and cai-async does not carry a home-made one. "
-    "Use 'grpo' or 'rloo' (online RL with the constitutional reward, no value model needed), 'online_dpo' "
-    "(online preference learning against the AI-feedback labeller) or 'soft_dpo'/'dpo' (offline, on the "
-    "labelled pairs), which the CAI paper's RL stage maps onto"
-)
+class RewardServerConfig(BaseModel):
+    """``cai reward serve`` (recipe key ``train.reward_server``): where it listens, what scores, how it batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=5000, ge=0, le=65535)
+    """OpenRLHF's own reward server listens on 5000 too; 0 takes any free port."""
+    reward_from: Literal["critic", "reward_model"] | None = None
+    """Default: ``train.reward_from``."""
+    reward_model: str | None = None
+    """A reward model folder (default: RUN_DIR/train/reward, its ``merged`` folder when there is one)."""
+    max_batch: int = Field(default=64, ge=1)
+    batch_wait_ms: float = Field(default=5.0, ge=0)
+    cache_size: int = Field(default=100_000, ge=0)
+    """Rewards kept in memory by (prompt, response); 0 turns the in-memory cache off."""
+
+    @property
+    def url(self) -> str:
+        """The URL OpenRLHF is given (``--reward.remote_url``)."""
+        return f"http://{self.host}:{self.port}/get_reward"
 
 
 class LoraSettings(BaseModel):
@@ -91,15 +108,18 @@ class TrainConfig(BaseModel):
     @field_validator("rl_algorithm", mode="before")
     @classmethod
     def _algorithm(cls, value: object) -> object:
-        """Names are case-insensitive (``DPO``, ``Soft-DPO``); ``ppo`` says where to go instead."""
+        """Names are case-insensitive (``DPO``, ``Soft-DPO``)."""
         if not isinstance(value, str):
             return value
         name = value.strip().lower().replace("-", "_")
-        if name == "ppo":
-            raise ValueError(_PPO)
         if name not in _ALGORITHMS:
             raise ValueError(f"unknown rl_algorithm {value!r}: use one of {', '.join(_ALGORITHMS)}")
         return name
+
+    reward_server: RewardServerConfig = Field(default_factory=RewardServerConfig)
+    """``cai reward serve``: OpenRLHF's remote reward protocol, and the reward ``ppo`` trains on."""
+    ppo: PPOSettings = Field(default_factory=PPOSettings)
+    """``rl_algorithm: ppo``: OpenRLHF's GPUs, vLLM engines, rollout batch and flags the rest does not say."""
 
     def check_stage(self, stage: str) -> None:
         if stage not in ("sft", "reward", "dpo", "rl"):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from backends.errors import ConfigError
 
-__all__ = ["CHATML_TRAINING_TEMPLATE", "load_model", "load_tokenizer", "resolve_model"]
+__all__ = ["CHATML_TRAINING_TEMPLATE", "load_model", "load_tokenizer", "resolve_model", "trained_reward_model"]
 
 CHATML_TRAINING_TEMPLATE = (
     "{% for message in messages %}"
@@ -51,6 +51,16 @@ def resolve_model(spec: str, gguf_file: str | None = None) -> tuple[str, str | N
         f"train.model {spec!r} is neither a Hugging Face model folder (with config.json) nor a .gguf file; "
         "use a local folder, a .gguf path, or 'embedded'"
     )
+
+
+def trained_reward_model(run_dir: Path) -> Path:
+    """The reward model the run's reward stage trained (its ``merged`` folder when there is one)."""
+    folder = run_dir / "train" / "reward"
+    model = folder / "merged" if (folder / "merged").is_dir() else folder
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"{model}: no trained reward model with config.json; train the reward stage with "
+                          "train.merge: true (or full finetuning) first")
+    return model
 
 
 def load_tokenizer(spec: str, gguf_file: str | None = None) -> Any:

@@ -57,6 +57,11 @@ class ConstitutionalReward:
         self.calls += len(scores)
         return sum(scores) / len(scores) if scores else 0.5
 
+    async def score(self, prompt: Any, completion: Any) -> float:
+        """The reward of one completion, with principles drawn from the seed and the completion alone (so the
+        same completion always gets the same questions, and a cache keyed by it stays exact)."""
+        return await self._one(await self._ready(), prompt, completion, 0)
+
     async def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         engine = await self._ready()
         rewards = [0.5] * len(completions)

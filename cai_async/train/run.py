@@ -17,7 +17,7 @@ from backends.errors import ConfigError
 from cai_async.engine.config import EngineConfig
 from cai_async.train.config import TrainConfig
 from cai_async.train.data import load_training_data, sequence_lengths
-from cai_async.train.models import load_model, load_tokenizer
+from cai_async.train.models import load_model, load_tokenizer, trained_reward_model
 from cai_async.train.rewards import ConstitutionalReward, SyncReward
 
 __all__ = ["run_training", "training_device"]
@@ -106,6 +106,10 @@ def run_training(
     Online RL with ``reward_from: critic`` judges completions through ``engine_config``'s critic group. Under
     ``accelerate launch`` every process trains its share and only the main process writes the artefacts."""
     config.check_stage(stage)
+    if stage == "rl" and config.rl_algorithm == "ppo":  # OpenRLHF, in processes of its own
+        from cai_async.train.ppo import run_ppo
+
+        return run_ppo(config, run_dir, engine_config=engine_config)
     root = Path(run_dir)
     out = Path(config.output_dir) / stage if config.output_dir else root / "train" / stage
     out.mkdir(parents=True, exist_ok=True)
@@ -183,12 +187,7 @@ def run_training(
 
 def _online_reward(config: TrainConfig, root: Path, engine_config: EngineConfig | None) -> Any:
     if config.reward_from == "reward_model":
-        folder = root / "train" / "reward"
-        model = folder / "merged" if (folder / "merged").is_dir() else folder
-        if not (model / "config.json").is_file():
-            raise ConfigError(f"{model}: no trained reward model with config.json; train the reward stage with "
-                              "train.merge: true (or full finetuning) first")
-        return str(model)
+        return str(trained_reward_model(root))
     if engine_config is None:
         raise ConfigError("online RL with reward_from: critic needs the recipe's engine (its critic group)")
     return ConstitutionalReward(engine_config, root, principles=config.rl_principles, ensemble=config.rl_ensemble,
