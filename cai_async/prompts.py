@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.errors import ConfigError
 
-__all__ = ["PromptRow", "PromptSource", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
+__all__ = ["PromptRow", "PromptSource", "load_prompts", "parse_conversation", "prompt_id", "prompt_row", "read_table"]
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
@@ -109,6 +109,35 @@ def read_table(path: str | Path, *, split: str | None = None) -> pl.DataFrame:
     raise ConfigError(f"{file}: unsupported prompt file type; use .jsonl, .json, .csv, .parquet or a dataset folder")
 
 
+def prompt_row(
+    record: dict[str, Any],
+    *,
+    column: str = "prompt",
+    id_column: str | None = None,
+    response_column: str | None = None,
+    last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip",
+    extra_columns: tuple[str, ...] = (),
+    where: str = "prompts",
+) -> PromptRow | None:
+    """One record of a prompt table as a :class:`PromptRow`, or ``None`` when it holds no usable prompt (see
+    :func:`load_prompts`); ``where`` names the row in errors."""
+    try:
+        turns = parse_conversation(record[column])
+    except ValueError as exc:
+        raise ConfigError(f"{where}, column {column!r}: {exc}") from None
+    given = None
+    if turns is not None and turns[-1]["role"] == "assistant" and last_assistant_turn != "skip":
+        last = turns.pop()
+        given = last["content"] if last_assistant_turn == "as_response" else None
+    if not turns or turns[-1]["role"] != "user":
+        return None
+    row_id = str(record[id_column]) if id_column else prompt_id(turns if len(turns) > 1 else turns[0]["content"])
+    response = record[response_column] if response_column else given
+    return PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
+                     response=str(response) if response is not None else None,
+                     extra=tuple((name, record[name]) for name in extra_columns))
+
+
 def load_prompts(
     path: str | Path,
     *,
@@ -135,24 +164,13 @@ def load_prompts(
     rows: list[PromptRow] = []
     seen: set[str] = set()
     for index, record in enumerate(frame.iter_rows(named=True)):
-        try:
-            turns = parse_conversation(record[column])
-        except ValueError as exc:
-            raise ConfigError(f"{file}: row {index}, column {column!r}: {exc}") from None
-        given = None
-        if turns is not None and turns[-1]["role"] == "assistant" and last_assistant_turn != "skip":
-            last = turns.pop()
-            given = last["content"] if last_assistant_turn == "as_response" else None
-        if not turns or turns[-1]["role"] != "user":
+        row = prompt_row(record, column=column, id_column=id_column, response_column=response_column,
+                         last_assistant_turn=last_assistant_turn, extra_columns=extra_columns,
+                         where=f"{file}: row {index}")
+        if row is None or row.id in seen:
             continue
-        row_id = str(record[id_column]) if id_column else prompt_id(turns if len(turns) > 1 else turns[0]["content"])
-        if row_id in seen:
-            continue
-        seen.add(row_id)
-        response = record[response_column] if response_column else given
-        rows.append(PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
-                              response=str(response) if response is not None else None,
-                              extra=tuple((name, record[name]) for name in extra_columns)))
+        seen.add(row.id)
+        rows.append(row)
     if not rows:
         raise ConfigError(
             f"{file}: column {column!r} holds no usable prompt (text, or turns ending with a user turn); for "

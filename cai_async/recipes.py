@@ -28,6 +28,7 @@ from cai_async.exports import RLExportConfig, conversations_with_response, write
 from cai_async.guard.config import GuardConfig
 from cai_async.prompts import load_prompts
 from cai_async.public_data import HUB_DIR
+from cai_async.scale import Executor, RayConfig, executor_scope
 from cai_async.stages.common import StageReport
 from cai_async.stages.generate import GenerateConfig, run_generate
 from cai_async.stages.label import LabelConfig, Labeller, LabelReport, label_pairs
@@ -101,6 +102,10 @@ class Recipe(BaseModel):
     eval: EvalConfig | None = None
     guard: GuardConfig | None = None
     """The inference-time guard (``cai guard serve``); not a stage ``cai run`` runs."""
+    executor: Executor = "local"
+    """Where the stages' items run: this process's engine, or ``ray``: Ray Data pipelines over engine actors."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """With ``executor: ray``: the cluster, the actors and how they share limits and the cache."""
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -295,7 +300,7 @@ async def _run_engine_stages(
         used |= {recipe.rl.pairs.policy_role, recipe.rl.label.critic_role} if recipe.rl else set()
         eval_only = {m.group for m in recipe.eval.models} - used
         config = config.model_copy(update={"groups": {k: v for k, v in config.groups.items() if k not in eval_only}})
-    async with Engine(config, run_dir=run_dir) as engine:
+    async with Engine(config, run_dir=run_dir) as engine, executor_scope(recipe.executor, recipe.ray, config, run_dir):
 
         async def stage(name: str, work: Awaitable[dict[str, Any]]) -> None:
             summary["running"] = name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -19,6 +20,7 @@ __all__ = [
     "CALL_FIELDS",
     "HEALABLE",
     "MESSAGES",
+    "ROW_EXECUTOR",
     "StageReport",
     "call_fields",
     "error_fields",
@@ -63,6 +65,10 @@ def finished_ids(writer: ShardWriter, *, retry_errors: bool = False, column: str
 
 T = TypeVar("T")
 
+ROW_EXECUTOR: ContextVar[Callable[..., Awaitable[None]] | None] = ContextVar("cai_row_executor", default=None)
+"""Set while a recipe runs with another executor (``executor: ray``): it takes :func:`write_rows`' arguments and
+runs the items in its own way (see :mod:`cai_async.scale`)."""
+
 
 @dataclass
 class StageReport:
@@ -96,7 +102,12 @@ async def write_rows(
     concurrency: int | None = None,
 ) -> None:
     """Turn ``items`` into rows through the engine and write each as it finishes. A ``CaiError`` that ends
-    an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows."""
+    an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows. Under
+    :data:`ROW_EXECUTOR` (``executor: ray``) the items run elsewhere and their rows are written here."""
+    executor = ROW_EXECUTOR.get()
+    if executor is not None:
+        await executor(engine, items, make_row, writer, report, count=count, concurrency=concurrency)
+        return
     start = time.perf_counter()
 
     def on_result(item: _HasId, outcome: dict[str, Any] | CaiError) -> None:

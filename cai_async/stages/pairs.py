@@ -22,7 +22,10 @@ from cai_async.prompts import PromptRow, PromptSource
 from cai_async.stages.common import StageReport, gather_calls
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
-__all__ = ["PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "load_pairs", "pair_id", "run_pairs"]
+__all__ = [
+    "PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "generated_pairs", "load_pairs", "pair_id", "run_pairs",
+    "sample_responses",
+]
 
 PAIR_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String(),
@@ -144,6 +147,33 @@ def _static_pairs(config: PairsConfig, run_dir: Path) -> tuple[list[PairRow], in
     return pairs, len(prompts), dropped
 
 
+async def sample_responses(engine: Engine, config: PairsConfig, row: PromptRow) -> list[tuple[str, str]]:
+    """``config.k`` sampled responses to ``row`` with where each came from (``generate`` pairs); the first
+    failure is raised."""
+    together = engine.item_concurrency(config.policy_role) > 1
+
+    async def one(i: int) -> tuple[str, str]:
+        temperature = config.temperatures[i % len(config.temperatures)]
+        request = ChatRequest(row.conversation(), max_tokens=config.max_tokens, temperature=temperature,
+                              seed=config.seed + i)
+        result = await engine.chat(config.policy_role, request)
+        return result.text, f"seed {config.seed + i}, temperature {temperature:g}"
+
+    outcomes = await gather_calls([partial(one, i) for i in range(config.k)], together=together)
+    for outcome in outcomes:
+        if isinstance(outcome, CaiError):
+            raise outcome
+    return [o for o in outcomes if not isinstance(o, CaiError)]
+
+
+def generated_pairs(
+    config: PairsConfig, row: PromptRow, responses: list[tuple[str, str]]
+) -> tuple[list[dict[str, Any]], int]:
+    """The pair records (``PAIR_SCHEMA``) of ``row``'s sampled responses, and how many duplicates were dropped."""
+    rows, lost = _distinct_pairs(row.id, row.messages, responses, "generate", config.max_pairs_per_prompt)
+    return [_record(p) for p in rows], lost
+
+
 async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *, run_dir: str | Path) -> PairsReport:
     """Write pairs into ``out_dir`` (Parquet shards), skipping prompts already done."""
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=PAIR_SCHEMA, flush_every_s=config.flush_every_s)
@@ -164,30 +194,16 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
         todo = [p for p in prompts if p.id not in done]
         report.total, report.skipped = len(prompts), len(prompts) - len(todo)
 
-        together = engine.item_concurrency(config.policy_role) > 1
-
-        async def sample(row: PromptRow) -> list[tuple[str, str]]:
-            async def one(i: int) -> tuple[str, str]:
-                temperature = config.temperatures[i % len(config.temperatures)]
-                request = ChatRequest(row.conversation(), max_tokens=config.max_tokens, temperature=temperature,
-                                      seed=config.seed + i)
-                result = await engine.chat(config.policy_role, request)
-                return result.text, f"seed {config.seed + i}, temperature {temperature:g}"
-
-            outcomes = await gather_calls([partial(one, i) for i in range(config.k)], together=together)
-            for outcome in outcomes:
-                if isinstance(outcome, CaiError):
-                    raise outcome
-            return [o for o in outcomes if not isinstance(o, CaiError)]
+        sample = partial(sample_responses, engine, config)
 
         def on_result(row: PromptRow, outcome: list[tuple[str, str]] | CaiError) -> None:
             if isinstance(outcome, CaiError):
                 report.failed += 1
                 report.failures.append({"id": row.id, "error": f"{type(outcome).__name__}: {outcome}"})
                 return
-            rows, lost = _distinct_pairs(row.id, row.messages, outcome, "generate", config.max_pairs_per_prompt)
+            records, lost = generated_pairs(config, row, outcome)
             report.identical_dropped += lost
-            writer.extend(_record(p) for p in rows)
+            writer.extend(records)
 
         batch = await engine.run_batch(todo, sample, on_result=on_result, total=len(todo),
                                        concurrency=engine.item_concurrency(config.policy_role))
