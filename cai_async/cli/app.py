@@ -279,6 +279,16 @@ NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Disable the reques
 RetryErrorsOpt = Annotated[bool, typer.Option(
     "--retry-errors", help="Rerun every row recorded with an error (default: only endpoint-side classes).")]
 ProgressOpt = Annotated[str | None, typer.Option(help="auto | rich | plain | off")]
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+    help="Run the items on Ray engine actors (executor: ray): a local cluster, or the cluster at ADDRESS.")]
+
+
+def _ray_flags(ray: str | None) -> dict[str, Any]:
+    """``--ray [ADDRESS]`` as recipe overrides."""
+    if ray is None:
+        return {}
+    return {"executor": "ray", **({"ray.address": ray} if ray != "local" else {})}
 
 
 def _engine_flags(max_concurrency: int | None, budget_usd: float | None, progress: str | None,
@@ -375,6 +385,7 @@ def sl(
     batch: BatchOpt = False,
     no_cache: NoCacheOpt = False,
     progress: ProgressOpt = None,
+    ray: RayOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """SL-CAI: initial response → critique → revision chains, then sft/pairs exports (defaults → RECIPE →
@@ -382,7 +393,7 @@ def sl(
     extra = {"run_dir": run_dir, "sl.input": input, "sl.limit": limit, "sl.prompt_column": prompt_column,
              "sl.response_column": response_column, "sl.constitution": constitution,
              "sl.num_revisions": num_revisions, "retry_errors": retry_errors or None,
-             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
+             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch), **_ray_flags(ray)}
     endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "sl"))
 
@@ -411,6 +422,7 @@ def label(
     batch: BatchOpt = False,
     no_cache: NoCacheOpt = False,
     progress: ProgressOpt = None,
+    ray: RayOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """RL-CAI: response pairs labelled by AI feedback, then dpo/reward exports (defaults → RECIPE → flags)."""
@@ -418,7 +430,7 @@ def label(
              "rl.pairs.sl_run": sl_run, "rl.pairs.limit": limit, "rl.label.principles": principles,
              "rl.label.ensemble": ensemble, "rl.label.swap": swap, "rl.label.cot.enabled": cot,
              "retry_errors": retry_errors or None,
-             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch)}
+             **_engine_flags(max_concurrency, budget_usd, progress, no_cache, batch), **_ray_flags(ray)}
     endpoint = _endpoint_flags(backend, model, base_url, api_key_env, rpm, tpm)
     _run(_only(_load(recipe, sets or [], extra, endpoint), "rl"))
 
@@ -510,12 +522,13 @@ def evaluate(
     progress: ProgressOpt = None,
     budget_usd: BudgetOpt = None,
     batch: BatchOpt = False,
+    ray: RayOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Evaluate models on harmlessness, over-refusal, jailbreaks and helpfulness; write an HTML report."""
     extra: dict[str, Any] = {"run_dir": run_dir, "eval.n": n, "engine.progress": progress,
                              "eval.compare": list(compare) if compare else None, "engine.budget_usd": budget_usd,
-                             _BATCH: batch or None}
+                             _BATCH: batch or None, **_ray_flags(ray)}
     recipe_obj = _load(recipe, sets or [], extra, {})
     if recipe_obj.eval is None:
         raise CaiError_(f"{recipe}: no eval section (models: [{{name, group}}], suites, n)")
@@ -556,10 +569,11 @@ def show(
 
 @app.command()
 def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], budget_usd: BudgetOpt = None,
-        batch: BatchOpt = False, retry_errors: RetryErrorsOpt = False, sets: SetOpt = None) -> None:
+        batch: BatchOpt = False, retry_errors: RetryErrorsOpt = False, ray: RayOpt = None,
+        sets: SetOpt = None) -> None:
     """Run every stage a recipe lists, in order; the exit code covers them all (README: Exit codes)."""
     _run(_load(recipe, sets or [], {"engine.budget_usd": budget_usd, _BATCH: batch or None,
-                                    "retry_errors": retry_errors or None}, {}))
+                                    "retry_errors": retry_errors or None, **_ray_flags(ray)}, {}))
 
 
 @app.command()
