@@ -280,8 +280,8 @@ RetryErrorsOpt = Annotated[bool, typer.Option(
     "--retry-errors", help="Rerun every row recorded with an error (default: only endpoint-side classes).")]
 ProgressOpt = Annotated[str | None, typer.Option(help="auto | rich | plain | off")]
 RayOpt = Annotated[str | None, typer.Option(
-    "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
-    help="Run the items on Ray engine actors (executor: ray): a local cluster, or the cluster at ADDRESS.")]
+    "--ray", metavar="[ADDRESS]", help="Run the items on Ray engine actors (executor: ray): a new local cluster, "
+    "or the one at ADDRESS (auto, HOST:PORT, ray://HOST:PORT).")]
 
 
 def _ray_flags(ray: str | None) -> dict[str, Any]:
@@ -289,6 +289,17 @@ def _ray_flags(ray: str | None) -> dict[str, Any]:
     if ray is None:
         return {}
     return {"executor": "ray", **({"ray.address": ray} if ray != "local" else {})}
+
+
+def _ray_argv(argv: list[str]) -> list[str]:
+    """``--ray`` takes a value only when the next word is a cluster address (``auto``, ``local``, ``HOST:PORT``,
+    ``ray://…``); alone it means a new local cluster (typer has no options with an optional value)."""
+    out = []
+    for index, word in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        address = following in ("auto", "local") or (":" in following and not following.startswith("-"))
+        out.append("--ray=local" if word == "--ray" and not address else word)
+    return out
 
 
 def _engine_flags(max_concurrency: int | None, budget_usd: float | None, progress: str | None,
@@ -774,7 +785,7 @@ def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2, a run stopped early
     (endpoint group down, refused key) one line and exit code 4."""
     try:
-        app()
+        app(args=_ray_argv(sys.argv[1:]))
     except (CaiError, KeyboardInterrupt, BaseExceptionGroup) as exc:
         found = leaves(exc)
         if any(isinstance(leaf, KeyboardInterrupt) for leaf in found):
