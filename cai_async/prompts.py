@@ -6,6 +6,7 @@ turn), or an hh-rlhf style transcript (``"\\n\\nHuman: …\\n\\nAssistant: …"`
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.errors import ConfigError
 
-__all__ = ["PromptRow", "PromptSource", "load_prompts", "parse_conversation", "prompt_id", "prompt_row", "read_table"]
+__all__ = ["PromptRow", "PromptSource", "is_uri", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
@@ -82,8 +83,45 @@ def _read_hf_saved(path: Path, split: str | None) -> pl.DataFrame:
     return pl.concat([pl.read_ipc_stream(f) for f in files], how="diagonal_relaxed")
 
 
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` is a URI (``s3://``, ``gs://``, ``hdfs://``, ``file://``…) rather than a local path."""
+    return isinstance(path, str) and "://" in path
+
+
+def _read_uri(uri: str) -> pl.DataFrame:
+    """A JSONL/JSON/CSV/Parquet table at a URI, through pyarrow's file systems or, for other schemes, fsspec."""
+    name = uri.split("?")[0].removesuffix(".gz")
+    try:
+        from pyarrow import fs as arrow_fs
+
+        try:
+            filesystem, inner = arrow_fs.FileSystem.from_uri(uri)
+            with filesystem.open_input_stream(inner) as stream:  # .gz is decompressed by its extension
+                data = stream.read()
+        except Exception:  # a scheme pyarrow lacks: fsspec's (hf://, http://…), when installed
+            import fsspec
+
+            with fsspec.open(uri, "rb", compression="infer") as handle:
+                data = handle.read()
+        buffer = io.BytesIO(data)
+        if name.endswith(".parquet"):
+            return pl.read_parquet(buffer)
+        if name.endswith(".csv"):
+            return pl.read_csv(buffer)
+        if name.endswith(".json"):
+            return pl.read_json(buffer)
+        return pl.read_ndjson(buffer)
+    except ImportError:
+        raise ConfigError(f"{uri}: reading prompts from a URI needs pyarrow (pip install 'cai-async[scale]')") from None
+    except Exception as exc:
+        raise ConfigError(f"{uri}: cannot read prompts ({type(exc).__name__}: {exc})") from None
+
+
 def read_table(path: str | Path, *, split: str | None = None) -> pl.DataFrame:
-    """Any supported prompt file as a frame; errors name the file and say what to fix."""
+    """Any supported prompt file (or URI: ``s3://``, ``gs://``, ``file://``…) as a frame; errors name the file
+    and say what to fix."""
+    if is_uri(path):
+        return _read_uri(str(path))
     file = Path(path)
     if file.is_dir():
         if not (file / "state.json").is_file() and not (file / "dataset_dict.json").is_file():
@@ -109,35 +147,6 @@ def read_table(path: str | Path, *, split: str | None = None) -> pl.DataFrame:
     raise ConfigError(f"{file}: unsupported prompt file type; use .jsonl, .json, .csv, .parquet or a dataset folder")
 
 
-def prompt_row(
-    record: dict[str, Any],
-    *,
-    column: str = "prompt",
-    id_column: str | None = None,
-    response_column: str | None = None,
-    last_assistant_turn: Literal["skip", "drop", "as_response"] = "skip",
-    extra_columns: tuple[str, ...] = (),
-    where: str = "prompts",
-) -> PromptRow | None:
-    """One record of a prompt table as a :class:`PromptRow`, or ``None`` when it holds no usable prompt (see
-    :func:`load_prompts`); ``where`` names the row in errors."""
-    try:
-        turns = parse_conversation(record[column])
-    except ValueError as exc:
-        raise ConfigError(f"{where}, column {column!r}: {exc}") from None
-    given = None
-    if turns is not None and turns[-1]["role"] == "assistant" and last_assistant_turn != "skip":
-        last = turns.pop()
-        given = last["content"] if last_assistant_turn == "as_response" else None
-    if not turns or turns[-1]["role"] != "user":
-        return None
-    row_id = str(record[id_column]) if id_column else prompt_id(turns if len(turns) > 1 else turns[0]["content"])
-    response = record[response_column] if response_column else given
-    return PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
-                     response=str(response) if response is not None else None,
-                     extra=tuple((name, record[name]) for name in extra_columns))
-
-
 def load_prompts(
     path: str | Path,
     *,
@@ -151,7 +160,7 @@ def load_prompts(
     """Prompts from a file; errors name the file and the missing column. Rows without text are skipped;
     repeated ids keep their first row. A conversation that ends with an assistant turn (an hh-rlhf transcript,
     say) is skipped, has that turn dropped, or has it taken ``as_response`` (the initial response)."""
-    file = Path(path)
+    file = path if is_uri(path) else Path(path)
     frame = read_table(file, split=split)
     if frame.is_empty():
         raise ConfigError(f"{file}: prompt file has no rows")
@@ -164,13 +173,24 @@ def load_prompts(
     rows: list[PromptRow] = []
     seen: set[str] = set()
     for index, record in enumerate(frame.iter_rows(named=True)):
-        row = prompt_row(record, column=column, id_column=id_column, response_column=response_column,
-                         last_assistant_turn=last_assistant_turn, extra_columns=extra_columns,
-                         where=f"{file}: row {index}")
-        if row is None or row.id in seen:
+        try:
+            turns = parse_conversation(record[column])
+        except ValueError as exc:
+            raise ConfigError(f"{file}: row {index}, column {column!r}: {exc}") from None
+        given = None
+        if turns is not None and turns[-1]["role"] == "assistant" and last_assistant_turn != "skip":
+            last = turns.pop()
+            given = last["content"] if last_assistant_turn == "as_response" else None
+        if not turns or turns[-1]["role"] != "user":
             continue
-        seen.add(row.id)
-        rows.append(row)
+        row_id = str(record[id_column]) if id_column else prompt_id(turns if len(turns) > 1 else turns[0]["content"])
+        if row_id in seen:
+            continue
+        seen.add(row_id)
+        response = record[response_column] if response_column else given
+        rows.append(PromptRow(id=row_id, prompt=turns[-1]["content"], messages=tuple(turns),
+                              response=str(response) if response is not None else None,
+                              extra=tuple((name, record[name]) for name in extra_columns)))
     if not rows:
         raise ConfigError(
             f"{file}: column {column!r} holds no usable prompt (text, or turns ending with a user turn); for "

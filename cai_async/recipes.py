@@ -109,7 +109,7 @@ class Recipe(BaseModel):
 
 
 def _resolve(base: Path, value: str) -> str:
-    if not value or Path(value).is_absolute() or value in builtin_constitutions():
+    if not value or Path(value).is_absolute() or value in builtin_constitutions() or "://" in value:
         return value
     return os.path.normpath(base / value)
 

@@ -19,9 +19,9 @@ import anyio
 import polars as pl
 import pytest
 
-from cai_async import ConfigError, Recipe, read_shards, run_recipe
+from cai_async import ConfigError, Recipe, load_recipe, read_shards, run_recipe
 from cai_async.scale.ray_executor import ACTORS_FILE
-from tests.conftest import PUBLIC_DATA, TestServer
+from tests.conftest import PUBLIC_DATA, ROOT, TestServer
 from tests.test_cli import cai
 
 HH_PROMPTS = PUBLIC_DATA / "hh_rlhf" / "harmless_base_test_first_human_turns.jsonl"
@@ -150,7 +150,7 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(
     assert len(started) >= 3  # Ray restarted the killed actor
 
 
-def test_labels_and_evaluation_run_on_actors_with_the_local_results(
+def test_pairs_labels_and_evaluation_run_on_actors_with_the_local_results(
     tmp_path: Path, server: TestServer, ray_cluster: None
 ) -> None:
     server.configure(prefer="A")
@@ -168,14 +168,14 @@ def test_labels_and_evaluation_run_on_actors_with_the_local_results(
 
     local = run(recipe(tmp_path / "local", "local"))
     remote = run(recipe(tmp_path / "ray", "ray"))
-    for part in ("rl/labels", "eval/samples"):
+    for part in ("rl/pairs", "rl/labels", "eval/samples"):
         mine = read_shards(tmp_path / "ray" / part).drop("created_at", "latency_s", strict=False).sort("id")
         theirs = read_shards(tmp_path / "local" / part).drop("created_at", "latency_s", strict=False).sort("id")
         keep = [c for c in mine.columns if c not in ("run_id", "judgments", "endpoint")]
         assert mine.height == theirs.height > 0 and mine.select(keep).equals(theirs.select(keep))
     assert remote["stages"]["eval"]["models"] == local["stages"]["eval"]["models"]
     pids = {json.loads(line)["method"] for line in (tmp_path / "ray" / ACTORS_FILE).read_text().splitlines()}
-    assert pids == {"label", "sample"}  # the labeller's and the evaluation's per-item methods ran on actors
+    assert pids == {"sample_responses", "label", "sample"}  # pairs, labels and evaluation samples ran on actors
 
 
 def test_batch_mode_is_refused_in_one_line(tmp_path: Path, server: TestServer) -> None:
@@ -185,10 +185,18 @@ def test_batch_mode_is_refused_in_one_line(tmp_path: Path, server: TestServer) -
         run(recipe)
 
 
+def test_recipe_validates_and_stays_in_the_repository() -> None:
+    recipe = load_recipe(ROOT / "recipes" / "ray-sl.yaml")
+    assert recipe.executor == "ray" and recipe.ray.address is None and recipe.sl is not None
+    assert Path(recipe.sl.input).resolve().is_relative_to(ROOT) and Path(recipe.sl.input).is_file()
+    assert not Path(recipe.run_dir).is_absolute() and ".." not in Path(recipe.run_dir).parts
+
+
 def test_cli_ray_flag_runs_on_a_local_cluster_and_leaves_no_ray_process(tmp_path: Path, server: TestServer) -> None:
     source = prompts(tmp_path, 16)
-    out = cai("sl", "--input", str(source), "--run-dir", str(tmp_path / "run"), "--base-url", server.base_url,
-              "--model", "m", "--progress", "off", "--ray", "--set", "ray.actors=1", "--set", "ray.num_cpus=2")
+    uri = source.resolve().as_uri()  # read through pyarrow's file systems, like s3:// or gs://
+    out = cai("sl", "--input", uri, "--run-dir", str(tmp_path / "run"), "--base-url", server.base_url, "--model", "m",
+              "--progress", "off", "--ray", "--set", "ray.actors=1", "--set", "ray.num_cpus=2")
     assert out.returncode == 0, out.stderr
     assert read_shards(tmp_path / "run" / "sl").height == 16
     config = (tmp_path / "run" / "config.yaml").read_text()

@@ -22,12 +22,12 @@ async def executor_scope(
         yield
         return
     from cai_async.scale.ray_executor import RayRows, check_online, ray_session
-    from cai_async.stages.common import ROW_EXECUTOR
+    from cai_async.stages.common import ITEM_EXECUTOR
 
     check_online(engine)
     with ray_session(ray):
-        token = ROW_EXECUTOR.set(RayRows(ray, engine, run_dir))
+        token = ITEM_EXECUTOR.set(RayRows(ray, engine, run_dir))
         try:
             yield
         finally:
-            ROW_EXECUTOR.reset(token)
+            ITEM_EXECUTOR.reset(token)

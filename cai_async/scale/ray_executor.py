@@ -11,6 +11,8 @@ request cache, so only the calls in flight at the kill are paid twice."""
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import logging
 import os
@@ -22,14 +24,15 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.from_thread
+import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from backends.errors import CaiError, ConfigError, RunStopped
-from cai_async.engine import Engine, EngineConfig
+from cai_async.engine import BatchReport, Engine, EngineConfig
 from cai_async.engine.limits import EndpointLimits, TokenBucket
 from cai_async.scale.config import RayConfig
-from cai_async.stages.common import ROW_EXECUTOR, StageReport, write_rows
-from cai_async.store import ShardWriter
 
 __all__ = ["ACTORS_FILE", "RayRows", "actor_engine_config", "check_online", "ray_session"]
 
@@ -84,22 +87,55 @@ def _share_learned_limits(engine: Engine, config: EngineConfig, share: float) ->
             state.limits = limits
 
 
-class _Worker:
-    """What an actor needs to run a stage's items: the engine configuration and the per-item method, detached
-    from the driver's engine (``owner.engine`` is set to the actor's own)."""
+class _EngineSlot:
+    """Stands for the engine in a per-item function sent to an actor; the actor puts its own engine there."""
 
-    def __init__(self, make_row: Callable[[Any], Awaitable[dict[str, Any]]], config: EngineConfig, run_dir: Path,
+
+class _Worker:
+    """What an actor needs to run a stage's items: the engine configuration and the per-item function, detached
+    from the driver's engine — a method of an object holding it (``ChainRunner.run``, ``Labeller.label``), or a
+    ``functools.partial`` given it (``sample_responses``)."""
+
+    def __init__(self, call: Callable[[Any], Awaitable[Any]], config: EngineConfig, run_dir: Path,
                  share: float, concurrency: int) -> None:
-        owner = getattr(make_row, "__self__", None)
-        if owner is None or not isinstance(getattr(owner, "engine", None), Engine):
-            raise TypeError("not a method of an object holding the engine")
-        self.owner = copy.copy(owner)
-        self.owner.engine = None
-        self.method = make_row.__name__
+        self.partial: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]] | None = None
+        self.owner: Any = None
+        if isinstance(call, functools.partial):
+            args = tuple(_EngineSlot if isinstance(arg, Engine) else arg for arg in call.args)
+            if _EngineSlot not in args:
+                raise TypeError("no engine among the partial's arguments")
+            self.partial, self.method = (call.func, args, dict(call.keywords)), call.func.__name__
+        else:
+            owner = getattr(call, "__self__", None)
+            if owner is None or not isinstance(getattr(owner, "engine", None), Engine):
+                raise TypeError("not a method of an object holding the engine")
+            self.owner = copy.copy(owner)
+            self.owner.engine = None
+            self.method = call.__name__
         self.config = config
         self.run_dir = run_dir
         self.share = share
         self.concurrency = concurrency
+
+    def bind(self, engine: Engine) -> Callable[[Any], Awaitable[Any]]:
+        """The per-item function on ``engine``."""
+        if self.partial is not None:
+            func, args, keywords = self.partial
+            return functools.partial(func, *(engine if arg is _EngineSlot else arg for arg in args), **keywords)
+        owner = copy.copy(self.owner)
+        owner.engine = engine
+        bound: Callable[[Any], Awaitable[Any]] = getattr(owner, self.method)
+        return bound
+
+
+def _dump_error(error: CaiError) -> bytes:
+    """``error`` pickled for the driver; one that does not survive pickling goes as a plain ``CaiError``."""
+    try:
+        blob = pickle.dumps(error)
+        pickle.loads(blob)
+        return blob
+    except Exception:
+        return pickle.dumps(CaiError(f"{type(error).__name__}: {error}"))
 
 
 class _EngineActor:
@@ -111,9 +147,7 @@ class _EngineActor:
         self._engine = Engine(worker.config, run_dir=worker.run_dir)
         self._portal.call(self._engine.__aenter__)
         _share_learned_limits(self._engine, worker.config, worker.share)
-        owner = copy.copy(worker.owner)
-        owner.engine = self._engine
-        self._make_row: Callable[[Any], Awaitable[dict[str, Any]]] = getattr(owner, worker.method)
+        self._call = worker.bind(self._engine)
         self._concurrency = worker.concurrency
         line = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "method": worker.method}
         with (worker.run_dir / ACTORS_FILE).open("a", encoding="utf-8") as handle:
@@ -121,27 +155,27 @@ class _EngineActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         items = [pickle.loads(blob) for blob in batch["item"]]
-        return self._portal.call(self._run, items)
+        return self._portal.call(self._run, [int(i) for i in batch["index"]], items)
 
-    async def _run(self, items: list[Any]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"id": [], "row": [], "failure": []}
+    async def _run(self, indices: list[int], items: list[Any]) -> dict[str, list[Any]]:
+        """Each item's outcome by its index: the result pickled, or the ``CaiError`` that ended it; items the
+        budget left unstarted are not in it, and ``stopped`` says why (as ``Engine.run_batch`` reports)."""
+        out: dict[str, list[Any]] = {"index": [], "result": [], "error": [], "stopped": []}
 
-        def on_result(item: Any, outcome: dict[str, Any] | CaiError) -> None:
-            out["id"].append(item.id)
-            if isinstance(outcome, CaiError):
-                out["row"].append(b"")
-                out["failure"].append(json.dumps({"id": item.id, "error": f"{type(outcome).__name__}: {outcome}",
-                                                  "class": type(outcome).__name__}))
-            else:
-                out["row"].append(pickle.dumps(outcome))
-                out["failure"].append("")
+        async def call(position: int) -> Any:
+            return await self._call(items[position])
 
-        report = await self._engine.run_batch(items, self._make_row, on_result=on_result, total=len(items),
+        def on_result(position: int, outcome: Any) -> None:
+            out["index"].append(indices[position])
+            failed = isinstance(outcome, CaiError)
+            out["result"].append(b"" if failed else pickle.dumps(outcome))
+            out["error"].append(_dump_error(outcome) if failed else b"")
+
+        report = await self._engine.run_batch(range(len(items)), call, on_result=on_result, total=len(items),
                                               concurrency=min(self._concurrency, len(items)))
-        for item in items[len(out["id"]):] if report.stopped else ():  # never started: the budget was reached
-            out["id"].append(item.id)
-            out["row"].append(b"")
-            out["failure"].append(json.dumps({"id": item.id, "error": report.stopped, "class": "stopped"}))
+        if report.stopped and not out["index"]:
+            out.update(index=[-1], result=[b""], error=[b""])
+        out["stopped"] = [report.stopped or ""] * len(out["index"])
         return out
 
     def __del__(self) -> None:
@@ -189,8 +223,9 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 class RayRows:
-    """A drop-in for :func:`~cai_async.stages.common.write_rows` that runs the items on Ray actors and writes
-    their rows here. Per-item functions it cannot send to an actor (closures over the engine) run locally."""
+    """Stands in for ``Engine.run_batch`` in the stages (see :func:`~cai_async.stages.common.run_items`): the
+    items run on Ray engine actors; each outcome comes back to ``on_result`` here, in the driver, which writes
+    the rows. Per-item functions it cannot send to an actor (closures over the engine) run on the driver."""
 
     def __init__(self, ray: RayConfig, engine_config: EngineConfig, run_dir: Path) -> None:
         self.ray = ray
@@ -202,45 +237,33 @@ class RayRows:
         self,
         engine: Engine,
         items: Sequence[Any],
-        make_row: Callable[[Any], Awaitable[dict[str, Any]]],
-        writer: ShardWriter,
-        report: StageReport,
+        call: Callable[[Any], Awaitable[Any]],
         *,
-        count: Callable[[dict[str, Any]], None] = lambda row: None,
+        on_result: Callable[[Any, Any], Awaitable[None] | None],
+        total: int | None = None,
         concurrency: int | None = None,
-    ) -> None:
+    ) -> BatchReport[Any]:
         try:
-            worker = _Worker(make_row, self.engine_config, self.run_dir, 1.0 / self.ray.actors,
+            worker = _Worker(call, self.engine_config, self.run_dir, 1.0 / self.ray.actors,
                              concurrency or self.engine_config.max_concurrency)
         except TypeError:
-            self.local_fallbacks.append(getattr(make_row, "__qualname__", repr(make_row)))
-            token = ROW_EXECUTOR.set(None)
-            try:
-                await write_rows(engine, items, make_row, writer, report, count=count, concurrency=concurrency)
-            finally:
-                ROW_EXECUTOR.reset(token)
-            return
-        import anyio
-
-        start = time.perf_counter()
+            self.local_fallbacks.append(getattr(call, "__qualname__", repr(call)))
+            return await engine.run_batch(items, call, on_result=on_result, total=total, concurrency=concurrency)
+        report: BatchReport[Any] = BatchReport()
         engine.accounting.total = engine.accounting.done + engine.accounting.failed + len(items)
-        try:
-            if items:
-                await anyio.to_thread.run_sync(self._drive, engine, items, worker, writer, report, count)
-        finally:
-            writer.flush()
-            report.written = writer.written
-            report.seconds = time.perf_counter() - start
+        if items:
+            await anyio.to_thread.run_sync(self._drive, engine, list(items), worker, on_result, report)
+        return report
 
-    def _drive(self, engine: Engine, items: Sequence[Any], worker: _Worker, writer: ShardWriter,
-               report: StageReport, count: Callable[[dict[str, Any]], None]) -> None:
+    def _drive(self, engine: Engine, items: list[Any], worker: _Worker,
+               on_result: Callable[[Any, Any], Awaitable[None] | None], report: BatchReport[Any]) -> None:
         import ray.data
 
         (self.run_dir / ACTORS_FILE).touch()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        dataset = ray.data.from_items([{"item": pickle.dumps(item)} for item in items],
+        dataset = ray.data.from_items([{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)],
                                       override_num_blocks=max(1, -(-len(items) // self.ray.batch_size)))
         mapped = dataset.map_batches(
             _EngineActor, fn_constructor_args=(worker,), batch_size=self.ray.batch_size, batch_format="numpy",
@@ -249,28 +272,26 @@ class RayRows:
                                                max_concurrent_calls_per_actor=self.ray.batches_per_actor),
             num_cpus=self.ray.actor_cpus,
         )
-        seen: set[str] = set()
+        seen: set[int] = set()
         try:
             for batch in mapped.iter_batches(batch_format="numpy", batch_size=None):
-                for item_id, blob, failure in zip(batch["id"], batch["row"], batch["failure"], strict=True):
-                    if str(item_id) in seen:  # an item given twice: the first answer stands
+                for index, result, error, stopped in zip(batch["index"], batch["result"], batch["error"],
+                                                         batch["stopped"], strict=True):
+                    report.stopped = report.stopped or str(stopped) or None
+                    if index < 0 or int(index) in seen:  # a batch the budget stopped; an item given twice
                         continue
-                    seen.add(str(item_id))
-                    if failure:
-                        record = json.loads(failure)
-                        if record.get("class") == "stopped":
-                            report.stopped = record["error"]
+                    seen.add(int(index))
+                    report.submitted += 1
+                    outcome = pickle.loads(error) if error else pickle.loads(result)
+                    if isinstance(outcome, CaiError):
                         report.failed += 1
-                        report.failures.append(record)
                         engine.accounting.failed += 1
-                        continue
-                    row = pickle.loads(blob)
-                    if row.get("status", "ok") != "ok":
-                        report.failures.append({"id": str(item_id), "error": str(row.get("error")),
-                                                "class": str(row.get("error_class") or "")})
-                    count(row)
-                    writer.add(row)
-                    engine.accounting.done += 1
+                    else:
+                        report.succeeded += 1
+                        engine.accounting.done += 1
+                    maybe = on_result(items[int(index)], outcome)
+                    if inspect.isawaitable(maybe):
+                        anyio.from_thread.run(_awaited, maybe)
         except (ConfigError, RunStopped):
             raise
         except Exception as exc:
@@ -278,3 +299,7 @@ class RayRows:
             if found is exc:
                 raise
             raise found from None
+
+
+async def _awaited(awaitable: Awaitable[None]) -> None:
+    await awaitable

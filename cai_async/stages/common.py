@@ -13,19 +13,20 @@ import polars as pl
 
 from backends.errors import CaiError
 from backends.types import ChatResult, ScoreResult
-from cai_async.engine import Engine
+from cai_async.engine import BatchReport, Engine
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
 __all__ = [
     "CALL_FIELDS",
     "HEALABLE",
+    "ITEM_EXECUTOR",
     "MESSAGES",
-    "ROW_EXECUTOR",
     "StageReport",
     "call_fields",
     "error_fields",
     "finished_ids",
     "gather_calls",
+    "run_items",
     "write_rows",
 ]
 
@@ -65,9 +66,27 @@ def finished_ids(writer: ShardWriter, *, retry_errors: bool = False, column: str
 
 T = TypeVar("T")
 
-ROW_EXECUTOR: ContextVar[Callable[..., Awaitable[None]] | None] = ContextVar("cai_row_executor", default=None)
-"""Set while a recipe runs with another executor (``executor: ray``): it takes :func:`write_rows`' arguments and
-runs the items in its own way (see :mod:`cai_async.scale`)."""
+ITEM_EXECUTOR: ContextVar[Callable[..., Awaitable[BatchReport[Any]]] | None] = ContextVar(
+    "cai_item_executor", default=None)
+"""Set while a recipe runs with another executor (``executor: ray``, :mod:`cai_async.scale`): it takes
+``Engine.run_batch``'s arguments (and the engine first), runs the items elsewhere and hands each outcome to
+``on_result`` here."""
+
+
+async def run_items(
+    engine: Engine,
+    items: Sequence[Any],
+    call: Callable[[Any], Awaitable[Any]],
+    *,
+    on_result: Callable[[Any, Any], Awaitable[None] | None],
+    total: int | None = None,
+    concurrency: int | None = None,
+) -> BatchReport[Any]:
+    """``engine.run_batch`` over a stage's items, or, under :data:`ITEM_EXECUTOR`, the same on another executor."""
+    executor = ITEM_EXECUTOR.get()
+    if executor is not None:
+        return await executor(engine, items, call, on_result=on_result, total=total, concurrency=concurrency)
+    return await engine.run_batch(items, call, on_result=on_result, total=total, concurrency=concurrency)
 
 
 @dataclass
@@ -102,12 +121,7 @@ async def write_rows(
     concurrency: int | None = None,
 ) -> None:
     """Turn ``items`` into rows through the engine and write each as it finishes. A ``CaiError`` that ends
-    an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows. Under
-    :data:`ROW_EXECUTOR` (``executor: ray``) the items run elsewhere and their rows are written here."""
-    executor = ROW_EXECUTOR.get()
-    if executor is not None:
-        await executor(engine, items, make_row, writer, report, count=count, concurrency=concurrency)
-        return
+    an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows."""
     start = time.perf_counter()
 
     def on_result(item: _HasId, outcome: dict[str, Any] | CaiError) -> None:
@@ -123,8 +137,8 @@ async def write_rows(
         writer.add(outcome)
 
     try:
-        batch = await engine.run_batch(items, make_row, on_result=on_result, total=len(items),
-                                       concurrency=concurrency)
+        batch = await run_items(engine, items, make_row, on_result=on_result, total=len(items),
+                                concurrency=concurrency)
         report.stopped = batch.stopped
     finally:
         writer.flush()

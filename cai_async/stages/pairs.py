@@ -19,7 +19,7 @@ from backends.errors import BudgetExceeded, CaiError, ConfigError
 from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.prompts import PromptRow, PromptSource
-from cai_async.stages.common import StageReport, gather_calls
+from cai_async.stages.common import StageReport, gather_calls, run_items
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
 __all__ = [
@@ -205,8 +205,8 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
             report.identical_dropped += lost
             writer.extend(records)
 
-        batch = await engine.run_batch(todo, sample, on_result=on_result, total=len(todo),
-                                       concurrency=engine.item_concurrency(config.policy_role))
+        batch = await run_items(engine, todo, sample, on_result=on_result, total=len(todo),
+                                concurrency=engine.item_concurrency(config.policy_role))
         report.stopped = batch.stopped
     except BudgetExceeded as exc:
         report.stopped = str(exc)
