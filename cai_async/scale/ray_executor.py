@@ -263,11 +263,13 @@ class RayRows:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
+        blocks = max(1, -(-len(items) // self.ray.batch_size))
         dataset = ray.data.from_items([{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)],
-                                      override_num_blocks=max(1, -(-len(items) // self.ray.batch_size)))
+                                      override_num_blocks=blocks)
         mapped = dataset.map_batches(
             _EngineActor, fn_constructor_args=(worker,), batch_size=self.ray.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=self.ray.actors,
+            compute=ray.data.ActorPoolStrategy(size=min(self.ray.actors, blocks),  # no idle actors (their shares
+                                               # of the limits stay unused: a few items need no more)
                                                max_tasks_in_flight_per_actor=self.ray.batches_per_actor,
                                                max_concurrent_calls_per_actor=self.ray.batches_per_actor),
             num_cpus=self.ray.actor_cpus,
