@@ -96,13 +96,18 @@ def test_two_actors_give_the_rows_of_the_single_process_run(
     assert again["stages"]["sl"]["skipped_already_done"] == N_PROMPTS and server.stats()["ok"] == paid_local
 
 
-def test_server_rpm_holds_in_aggregate_across_actors(tmp_path: Path, server: TestServer, ray_cluster: None) -> None:
+@pytest.mark.parametrize("limit", ["configured", "learned"])
+def test_server_rpm_holds_in_aggregate_across_actors(
+    tmp_path: Path, server: TestServer, ray_cluster: None, limit: str
+) -> None:
     """Each of 2 actors may send 600/min: together the server's 1,200/min, never over it (each alone at 1,200/min
-    would draw 429s)."""
+    draws 429s). Configured in the recipe, or learned from the headers (which state the whole endpoint's)."""
     server.configure(rpm=1200)
     source = prompts(tmp_path, 60)
-    summary = run(sl_recipe(server, tmp_path / "run", source, rpm=1200, num_revisions=1, cache=False,
-                            ray={"batch_size": 8}))
+    recipe = sl_recipe(server, tmp_path / "run", source, rpm=1200 if limit == "configured" else None,
+                       num_revisions=1, cache=False, ray={"batch_size": 8})
+    recipe.engine.groups["policy"][0].slow_start = limit == "learned"  # one call reads the headers first
+    summary = run(recipe)
     stats = server.stats()
     assert summary["stages"]["sl"]["ok"] == 60 and stats["ok"] == 60 * 3
     assert stats.get("429", 0) == 0

@@ -50,9 +50,9 @@ def check_online(config: EngineConfig) -> None:
         )
 
 
-def actor_engine_config(config: EngineConfig, ray: RayConfig, run_dir: Path) -> EngineConfig:
+def actor_engine_config(config: EngineConfig, ray: RayConfig) -> EngineConfig:
     """The engine configuration of one of ``ray.actors`` actors: 1/N of every configured RPM, TPM and budget,
-    no progress display, and the request cache ``ray.cache`` says."""
+    and no progress display."""
     share = 1.0 / ray.actors
     data = config.model_copy(deep=True)
     for group in data.groups.values():
@@ -61,9 +61,15 @@ def actor_engine_config(config: EngineConfig, ray: RayConfig, run_dir: Path) -> 
             endpoint.tpm = endpoint.tpm * share if endpoint.tpm else None
     data.budget_usd = data.budget_usd * share if data.budget_usd else None
     data.progress = "off"
-    if data.cache.enabled and data.cache.path is None and ray.cache == "node":
-        data.cache.path = str(run_dir / f"cache-{socket.gethostname()}.sqlite")
     return data
+
+
+def _node_cache(config: EngineConfig, run_dir: Path) -> EngineConfig:
+    """``ray.cache: node``: the request cache of the machine this actor runs on."""
+    if not config.cache.enabled or config.cache.path is not None:
+        return config
+    cache = config.cache.model_copy(update={"path": str(run_dir / f"cache-{socket.gethostname()}.sqlite")})
+    return config.model_copy(update={"cache": cache})
 
 
 class _ShareOfLimits(EndpointLimits):
@@ -97,7 +103,7 @@ class _Worker:
     ``functools.partial`` given it (``sample_responses``)."""
 
     def __init__(self, call: Callable[[Any], Awaitable[Any]], config: EngineConfig, run_dir: Path,
-                 share: float, concurrency: int) -> None:
+                 share: float, concurrency: int, *, node_cache: bool = False) -> None:
         self.partial: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]] | None = None
         self.owner: Any = None
         if isinstance(call, functools.partial):
@@ -116,6 +122,7 @@ class _Worker:
         self.run_dir = run_dir
         self.share = share
         self.concurrency = concurrency
+        self.node_cache = node_cache
 
     def bind(self, engine: Engine) -> Callable[[Any], Awaitable[Any]]:
         """The per-item function on ``engine``."""
@@ -144,7 +151,8 @@ class _EngineActor:
     def __init__(self, worker: _Worker) -> None:
         self._stack = ExitStack()
         self._portal: BlockingPortal = self._stack.enter_context(start_blocking_portal("asyncio"))
-        self._engine = Engine(worker.config, run_dir=worker.run_dir)
+        config = _node_cache(worker.config, worker.run_dir) if worker.node_cache else worker.config
+        self._engine = Engine(config, run_dir=worker.run_dir)
         self._portal.call(self._engine.__aenter__)
         _share_learned_limits(self._engine, worker.config, worker.share)
         self._call = worker.bind(self._engine)
@@ -229,7 +237,7 @@ class RayRows:
 
     def __init__(self, ray: RayConfig, engine_config: EngineConfig, run_dir: Path) -> None:
         self.ray = ray
-        self.engine_config = actor_engine_config(engine_config, ray, run_dir)
+        self.engine_config = actor_engine_config(engine_config, ray)
         self.run_dir = run_dir
         self.local_fallbacks: list[str] = []
 
@@ -245,7 +253,7 @@ class RayRows:
     ) -> BatchReport[Any]:
         try:
             worker = _Worker(call, self.engine_config, self.run_dir, 1.0 / self.ray.actors,
-                             concurrency or self.engine_config.max_concurrency)
+                             concurrency or self.engine_config.max_concurrency, node_cache=self.ray.cache == "node")
         except TypeError:
             self.local_fallbacks.append(getattr(call, "__qualname__", repr(call)))
             return await engine.run_batch(items, call, on_result=on_result, total=total, concurrency=concurrency)
