@@ -112,15 +112,6 @@ class LabelReport(StageReport):
     abstained: int = 0
     errors: int = 0
 
-    def tally(self, row: dict[str, Any]) -> None:
-        """Count a written label row as labelled, abstained or error."""
-        if row["status"] != "ok":
-            self.errors += 1
-        elif row["abstained"]:
-            self.abstained += 1
-        else:
-            self.labelled += 1
-
 
 class Labeller:
     """Labels pairs one at a time (through :meth:`label`); holds what every pair shares."""
@@ -208,7 +199,16 @@ async def label_pairs(
     done, kept = finished_ids(writer, retry_errors=retry_errors)
     todo = [p for p in pairs if p.id not in done]
     report = LabelReport(total=len(pairs), skipped=len(pairs) - len(todo), errors_kept=kept)
-    await write_rows(engine, todo, labeller.label, writer, report, count=report.tally,
+
+    def count(row: dict[str, Any]) -> None:
+        if row["status"] != "ok":
+            report.errors += 1
+        elif row["abstained"]:
+            report.abstained += 1
+        else:
+            report.labelled += 1
+
+    await write_rows(engine, todo, labeller.label, writer, report, count=count,
                      concurrency=engine.item_concurrency(config.critic_role))
     return report
 

@@ -38,7 +38,6 @@ from cai_async.store import ShardWriter
 
 __all__ = [
     "CHAIN_SCHEMA",
-    "ChainRunner",
     "EarlyStopConfig",
     "EmptyResponse",
     "SLConfig",
@@ -158,13 +157,6 @@ class SLReport(StageReport):
     ok: int = 0
     errors: int = 0
     """Chains recorded with ``status="error"`` (permanent: a rerun does not retry them)."""
-
-    def tally(self, row: dict[str, Any]) -> None:
-        """Count a written chain row as ok or error."""
-        if row["status"] == "ok":
-            self.ok += 1
-        else:
-            self.errors += 1
 
 
 class _StepFailed(Exception):
@@ -313,7 +305,14 @@ async def run_sl(
     todo = [p for p in prompts if p.id not in done]
     report = SLReport(total=len(prompts), skipped=len(prompts) - len(todo), errors_kept=kept)
     runner = ChainRunner(engine, config, constitution, run_id or Path(out_dir).parent.name)
-    await write_rows(engine, todo, runner.run, writer, report, count=report.tally,
+
+    def count(row: dict[str, Any]) -> None:
+        if row["status"] == "ok":
+            report.ok += 1
+        else:
+            report.errors += 1
+
+    await write_rows(engine, todo, runner.run, writer, report, count=count,
                      concurrency=config.chain_concurrency
                      or engine.item_concurrency(config.policy_role, config.critic_role,
                                                     config.revision_role or config.policy_role))
