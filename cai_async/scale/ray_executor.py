@@ -3,10 +3,10 @@ which writes them as this project's Parquet shards (same schema, same resume by 
 
 Each actor owns one :class:`~cai_async.engine.Engine` on an event loop of its own (an anyio blocking portal) and
 runs the items of a batch concurrently through the stage's own per-item code (``ChainRunner.run``,
-``Labeller.label``, the evaluation's sampler), rebound to its engine. Endpoint limits hold in aggregate: each of
-N actors gets 1/N of every endpoint's RPM, TPM (configured, or learned from the headers) and budget. A killed
-actor's batches are redone by Ray on another actor; calls its engine had finished are answered from the shared
-request cache, so only the calls in flight at the kill are paid twice."""
+``Labeller.label``, ``sample_responses``, the evaluation's sampler), rebound to its engine. Endpoint limits hold
+in aggregate: each of N actors gets 1/N of every endpoint's RPM, TPM (configured, or learned from the headers)
+and budget. A killed actor's batches are redone by Ray on another actor; calls its engine had finished are
+answered from the shared request cache, so only the calls in flight at the kill are paid twice."""
 
 from __future__ import annotations
 

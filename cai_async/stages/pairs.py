@@ -23,8 +23,7 @@ from cai_async.stages.common import StageReport, gather_calls, run_items
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
 __all__ = [
-    "PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "generated_pairs", "load_pairs", "pair_id", "run_pairs",
-    "sample_responses",
+    "PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "load_pairs", "pair_id", "run_pairs", "sample_responses",
 ]
 
 PAIR_SCHEMA: dict[str, pl.DataType] = {
@@ -166,14 +165,6 @@ async def sample_responses(engine: Engine, config: PairsConfig, row: PromptRow) 
     return [o for o in outcomes if not isinstance(o, CaiError)]
 
 
-def generated_pairs(
-    config: PairsConfig, row: PromptRow, responses: list[tuple[str, str]]
-) -> tuple[list[dict[str, Any]], int]:
-    """The pair records (``PAIR_SCHEMA``) of ``row``'s sampled responses, and how many duplicates were dropped."""
-    rows, lost = _distinct_pairs(row.id, row.messages, responses, "generate", config.max_pairs_per_prompt)
-    return [_record(p) for p in rows], lost
-
-
 async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *, run_dir: str | Path) -> PairsReport:
     """Write pairs into ``out_dir`` (Parquet shards), skipping prompts already done."""
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=PAIR_SCHEMA, flush_every_s=config.flush_every_s)
@@ -201,9 +192,9 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
                 report.failed += 1
                 report.failures.append({"id": row.id, "error": f"{type(outcome).__name__}: {outcome}"})
                 return
-            records, lost = generated_pairs(config, row, outcome)
+            rows, lost = _distinct_pairs(row.id, row.messages, outcome, "generate", config.max_pairs_per_prompt)
             report.identical_dropped += lost
-            writer.extend(records)
+            writer.extend(_record(p) for p in rows)
 
         batch = await run_items(engine, todo, sample, on_result=on_result, total=len(todo),
                                 concurrency=engine.item_concurrency(config.policy_role))
