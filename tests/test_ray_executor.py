@@ -179,8 +179,8 @@ def test_pairs_labels_and_evaluation_run_on_actors_with_the_local_results(
         keep = [c for c in mine.columns if c not in ("run_id", "judgments", "endpoint")]
         assert mine.height == theirs.height > 0 and mine.select(keep).equals(theirs.select(keep))
     assert remote["stages"]["eval"]["models"] == local["stages"]["eval"]["models"]
-    pids = {json.loads(line)["method"] for line in (tmp_path / "ray" / ACTORS_FILE).read_text().splitlines()}
-    assert pids == {"sample_responses", "label", "sample"}  # pairs, labels and evaluation samples ran on actors
+    methods = {json.loads(line)["method"] for line in (tmp_path / "ray" / ACTORS_FILE).read_text().splitlines()}
+    assert methods == {"sample_responses", "label", "sample"}  # pairs, labels and evaluation samples ran on actors
 
 
 def test_batch_mode_is_refused_in_one_line(tmp_path: Path, server: TestServer) -> None:
