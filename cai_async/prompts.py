@@ -6,6 +6,7 @@ turn), or an hh-rlhf style transcript (``"\\n\\nHuman: …\\n\\nAssistant: …"`
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import re
@@ -19,7 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.errors import ConfigError
 
-__all__ = ["PromptRow", "PromptSource", "iter_prompts", "load_prompts", "parse_conversation", "prompt_id", "read_table"]
+__all__ = [
+    "PromptRow", "PromptSource", "is_uri", "iter_prompts", "load_prompts", "parse_conversation", "prompt_id",
+    "read_table",
+]
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
@@ -84,8 +88,45 @@ def _read_hf_saved(path: Path, split: str | None) -> pl.DataFrame:
     return pl.concat([pl.read_ipc_stream(f) for f in files], how="diagonal_relaxed")
 
 
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` is a URI (``s3://``, ``gs://``, ``hdfs://``, ``file://``…) rather than a local path."""
+    return isinstance(path, str) and "://" in path
+
+
+def _read_uri(uri: str) -> pl.DataFrame:
+    """A JSONL/JSON/CSV/Parquet table at a URI, through pyarrow's file systems or, for other schemes, fsspec."""
+    name = uri.split("?")[0].removesuffix(".gz")
+    try:
+        from pyarrow import fs as arrow_fs
+
+        try:
+            filesystem, inner = arrow_fs.FileSystem.from_uri(uri)
+            with filesystem.open_input_stream(inner) as stream:  # .gz is decompressed by its extension
+                data = stream.read()
+        except Exception:  # a scheme pyarrow lacks: fsspec's (hf://, http://…), when installed
+            import fsspec
+
+            with fsspec.open(uri, "rb", compression="infer") as handle:
+                data = handle.read()
+        buffer = io.BytesIO(data)
+        if name.endswith(".parquet"):
+            return pl.read_parquet(buffer)
+        if name.endswith(".csv"):
+            return pl.read_csv(buffer)
+        if name.endswith(".json"):
+            return pl.read_json(buffer)
+        return pl.read_ndjson(buffer)
+    except ImportError:
+        raise ConfigError(f"{uri}: reading prompts from a URI needs pyarrow (pip install 'cai-async[scale]')") from None
+    except Exception as exc:
+        raise ConfigError(f"{uri}: cannot read prompts ({type(exc).__name__}: {exc})") from None
+
+
 def read_table(path: str | Path, *, split: str | None = None) -> pl.DataFrame:
-    """Any supported prompt file as a frame; errors name the file and say what to fix."""
+    """Any supported prompt file (or URI: ``s3://``, ``gs://``, ``file://``…) as a frame; errors name the file
+    and say what to fix."""
+    if is_uri(path):
+        return _read_uri(str(path))
     file = Path(path)
     if file.is_dir():
         if not (file / "state.json").is_file() and not (file / "dataset_dict.json").is_file():
@@ -111,10 +152,10 @@ def read_table(path: str | Path, *, split: str | None = None) -> pl.DataFrame:
     raise ConfigError(f"{file}: unsupported prompt file type; use .jsonl, .json, .csv, .parquet or a dataset folder")
 
 
-def _scan_table(file: Path, *, split: str | None = None) -> pl.LazyFrame:
+def _scan_table(file: str | Path, *, split: str | None = None) -> pl.LazyFrame:
     """A prompt file as a lazy frame: JSONL, CSV and Parquet are scanned (read a slice at a time as rows are
-    used), other kinds read whole by :func:`read_table`."""
-    if file.is_file() and file.stat().st_size > 0:
+    used), other kinds and URIs read whole by :func:`read_table`."""
+    if isinstance(file, Path) and file.is_file() and file.stat().st_size > 0:
         if file.name.endswith(".parquet"):
             return pl.scan_parquet(file)
         if file.name.endswith((".jsonl", ".ndjson")):
@@ -124,7 +165,7 @@ def _scan_table(file: Path, *, split: str | None = None) -> pl.LazyFrame:
     return read_table(file, split=split).lazy()
 
 
-def _records(frame: pl.LazyFrame, file: Path) -> Iterator[dict[str, Any]]:
+def _records(frame: pl.LazyFrame, file: str | Path) -> Iterator[dict[str, Any]]:
     try:
         for batch in frame.collect_batches(chunk_size=4096):
             yield from batch.iter_rows(named=True)
@@ -161,7 +202,7 @@ def iter_prompts(
 ) -> Iterator[PromptRow]:
     """:func:`load_prompts` one row at a time: JSONL, CSV and Parquet files are scanned a slice at a time, so
     only a slice and the ids seen are held, not a row object per prompt."""
-    file = Path(path)
+    file = path if is_uri(path) else Path(path)
     frame = _scan_table(file, split=split)
     try:
         names = frame.collect_schema().names()

@@ -21,6 +21,7 @@ from cai_async.evaluation.run import EvalConfig
 from cai_async.evaluation.stage import run_eval_stage
 from cai_async.exitcodes import leaves
 from cai_async.guard.config import GuardConfig
+from cai_async.scale import Executor, RayConfig, executor_scope
 from cai_async.stages.generate import GenerateConfig
 from cai_async.stages.rl import RLConfig, run_rl_stage
 from cai_async.stages.sl import SLConfig, run_sl_stage
@@ -82,6 +83,10 @@ class Recipe(BaseModel):
     eval: EvalConfig | None = None
     guard: GuardConfig | None = None
     """The inference-time guard (``cai guard serve``); not a stage ``cai run`` runs."""
+    executor: Executor = "local"
+    """Where the stages' items run: this process's engine, or ``ray``: Ray Data pipelines over engine actors."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """With ``executor: ray``: the cluster, the actors and how they share limits and the cache."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -209,7 +214,9 @@ async def _run_session(
                 summary["running"] = entry
                 summary["stages"][entry] = await unit.run(context, config, entry)
         return
-    async with Engine(_session_engine(recipe.engine, session, group, present), run_dir=run_dir) as engine:
+    engine_config = _session_engine(recipe.engine, session, group, present)
+    async with Engine(engine_config, run_dir=run_dir) as engine, \
+            executor_scope(recipe.executor, recipe.ray, engine_config, run_dir):
         context = StageContext(run_dir=run_dir, recipe=recipe, engine=engine, retry_errors=recipe.retry_errors)
         try:
             for unit, config in group:

@@ -20,12 +20,14 @@ from cai_async.cli.flags import (
     BatchOpt,
     BudgetOpt,
     CaiError_,
+    RayOpt,
     RecipeArg,
     RetryErrorsOpt,
     RunDirOpt,
     SetOpt,
     flag_values,
     load_with_flags,
+    ray_argv,
     shared,
     with_flags,
 )
@@ -191,9 +193,10 @@ def show(
 
 @app.command()
 def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], budget_usd: BudgetOpt = None,
-        batch: BatchOpt = False, retry_errors: RetryErrorsOpt = False, sets: SetOpt = None) -> None:
+        batch: BatchOpt = False, retry_errors: RetryErrorsOpt = False, ray: RayOpt = None,
+        sets: SetOpt = None) -> None:
     """Run every stage a recipe lists, in order; the exit code covers them all (README: Exit codes)."""
-    extra, _ = flag_values(shared("budget_usd", "batch"), {"budget_usd": budget_usd, "batch": batch})
+    extra, _ = flag_values(shared("budget_usd", "batch", "ray"), {"budget_usd": budget_usd, "batch": batch, "ray": ray})
     run_and_report(load_with_flags(recipe, sets or [], {**extra, "retry_errors": retry_errors or None}, {}))
 
 
@@ -393,7 +396,7 @@ def main() -> None:
     (endpoint group down, refused key) one line and exit code 4."""
     add_stage_commands(app)  # stages registered since this module was imported
     try:
-        app()
+        app(args=ray_argv(sys.argv[1:]))
     except (CaiError, KeyboardInterrupt, BaseExceptionGroup) as exc:
         found = leaves(exc)
         if any(isinstance(leaf, KeyboardInterrupt) for leaf in found):

@@ -26,6 +26,7 @@ __all__ = [
     "CaiError_",
     "Flag",
     "ProgressOpt",
+    "RayOpt",
     "RecipeArg",
     "RetryErrorsOpt",
     "RunDirOpt",
@@ -33,6 +34,7 @@ __all__ = [
     "flag_parameters",
     "flag_values",
     "load_with_flags",
+    "ray_argv",
     "shared",
     "with_flags",
 ]
@@ -66,6 +68,9 @@ BatchOpt = Annotated[bool, typer.Option(
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Disable the request cache.")]
 RetryErrorsOpt = Annotated[bool, typer.Option("--retry-errors", help=HELP["retry_errors"])]
 ProgressOpt = Annotated[str | None, typer.Option(help="auto | rich | plain | off")]
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", metavar="[ADDRESS]", help="Run the items on Ray engine actors (executor: ray): a new local cluster, "
+    "or the one at ADDRESS (auto, HOST:PORT, ray://HOST:PORT).")]
 
 _BATCH = "endpoints.mode=batch"
 """The ``extra`` key of ``--batch`` (not a recipe key: it switches every OpenAI-compatible endpoint)."""
@@ -100,6 +105,25 @@ def _endpoint(field: str) -> Apply:
     return apply
 
 
+def _ray(value: str | None, extra: dict[str, Any], endpoint: dict[str, Any]) -> None:
+    """``--ray [ADDRESS]`` as recipe overrides: ``executor: ray`` and, unless a new local cluster, the address."""
+    if value is not None:
+        extra["executor"] = "ray"
+        if value != "local":
+            extra["ray.address"] = value
+
+
+def ray_argv(argv: list[str]) -> list[str]:
+    """``--ray`` takes a value only when the next word is a cluster address (``auto``, ``local``, ``HOST:PORT``,
+    ``ray://…``); alone it means a new local cluster (typer has no options with an optional value)."""
+    out = []
+    for index, word in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        address = following in ("auto", "local") or (":" in following and not following.startswith("-"))
+        out.append("--ray=local" if word == "--ray" and not address else word)
+    return out
+
+
 SHARED_FLAGS: tuple[Flag, ...] = (
     Flag("run_dir", RunDirOpt, None, _key("run_dir")),
     Flag("backend", BackendOpt, None, _endpoint("backend")),
@@ -113,6 +137,7 @@ SHARED_FLAGS: tuple[Flag, ...] = (
     Flag("batch", BatchOpt, False, _key(_BATCH, given=True)),
     Flag("no_cache", NoCacheOpt, False, _key("engine.cache.enabled", given=False)),
     Flag("progress", ProgressOpt, None, _key("engine.progress")),
+    Flag("ray", RayOpt, None, _ray),
 )
 """The endpoint and engine flags of every stage command, in the order ``--help`` lists them."""
 

@@ -78,7 +78,7 @@ class EvalStage(StageUnit[EvalConfig]):
             StageFlag(name="compare", key="eval.compare", type=tuple[str, str],
                       help="BEFORE AFTER: highlight the deltas.", convert=list),
         ),
-        shared=("run_dir", "progress", "budget_usd", "batch"),
+        shared=("run_dir", "progress", "budget_usd", "batch", "ray"),
         recipe_required=True,
         recipe_help="Recipe with an eval section (models, suites) and the engine.",
         output="stage",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence, Sized
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -11,12 +12,13 @@ import anyio
 import polars as pl
 
 from backends.errors import CaiError
-from cai_async.engine import Engine
+from cai_async.engine import BatchReport, Engine
 from cai_async.store import CALL_FIELDS, MESSAGES, ShardWriter, call_fields, compact_shards, iter_shards, shard_columns
 
 __all__ = [
     "CALL_FIELDS",
     "HEALABLE",
+    "ITEM_EXECUTOR",
     "MESSAGES",
     "StageReport",
     "call_fields",
@@ -24,6 +26,7 @@ __all__ = [
     "error_fields",
     "finished_ids",
     "gather_calls",
+    "run_items",
     "write_rows",
 ]
 
@@ -62,6 +65,29 @@ def finished_ids(writer: ShardWriter, *, retry_errors: bool = False, column: str
 
 
 T = TypeVar("T")
+
+ITEM_EXECUTOR: ContextVar[Callable[..., Awaitable[BatchReport[Any]]] | None] = ContextVar(
+    "cai_item_executor", default=None)
+"""Set while a recipe runs with another executor (``executor: ray``, :mod:`cai_async.scale`): it takes
+``Engine.run_batch``'s arguments (and the engine first), runs the items elsewhere and hands each outcome to
+``on_result`` here."""
+
+
+async def run_items(
+    engine: Engine,
+    items: Iterable[Any],
+    call: Callable[[Any], Awaitable[Any]],
+    *,
+    on_result: Callable[[Any, Any], Awaitable[None] | None],
+    total: int | None = None,
+    concurrency: int | None = None,
+) -> BatchReport[Any]:
+    """``engine.run_batch`` over a stage's items, or, under :data:`ITEM_EXECUTOR`, the same on another executor
+    (which may read ``items`` whole)."""
+    executor = ITEM_EXECUTOR.get()
+    if executor is not None:
+        return await executor(engine, items, call, on_result=on_result, total=total, concurrency=concurrency)
+    return await engine.run_batch(items, call, on_result=on_result, total=total, concurrency=concurrency)
 
 
 @dataclass
@@ -119,7 +145,7 @@ async def write_rows(
 
     try:
         size = total if total is not None else len(items) if isinstance(items, Sized) else None
-        batch = await engine.run_batch(items, make_row, on_result=on_result, total=size, concurrency=concurrency)
+        batch = await run_items(engine, items, make_row, on_result=on_result, total=size, concurrency=concurrency)
         report.stopped = batch.stopped
     finally:
         writer.flush()

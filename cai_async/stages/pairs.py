@@ -19,10 +19,12 @@ from backends.errors import BudgetExceeded, CaiError, ConfigError
 from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.prompts import PromptRow, PromptSource
-from cai_async.stages.common import StageReport, compact, gather_calls
+from cai_async.stages.common import StageReport, compact, gather_calls, run_items
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
-__all__ = ["PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "load_pairs", "pair_id", "run_pairs"]
+__all__ = [
+    "PAIR_SCHEMA", "PairRow", "PairsConfig", "PairsReport", "load_pairs", "pair_id", "run_pairs", "sample_responses",
+]
 
 PAIR_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String(),
@@ -144,6 +146,25 @@ def _static_pairs(config: PairsConfig, run_dir: Path) -> tuple[list[PairRow], in
     return pairs, len(prompts), dropped
 
 
+async def sample_responses(engine: Engine, config: PairsConfig, row: PromptRow) -> list[tuple[str, str]]:
+    """``config.k`` sampled responses to ``row`` with where each came from (``generate`` pairs); the first
+    failure is raised."""
+    together = engine.item_concurrency(config.policy_role) > 1
+
+    async def one(i: int) -> tuple[str, str]:
+        temperature = config.temperatures[i % len(config.temperatures)]
+        request = ChatRequest(row.conversation(), max_tokens=config.max_tokens, temperature=temperature,
+                              seed=config.seed + i)
+        result = await engine.chat(config.policy_role, request)
+        return result.text, f"seed {config.seed + i}, temperature {temperature:g}"
+
+    outcomes = await gather_calls([partial(one, i) for i in range(config.k)], together=together)
+    for outcome in outcomes:
+        if isinstance(outcome, CaiError):
+            raise outcome
+    return [o for o in outcomes if not isinstance(o, CaiError)]
+
+
 async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *, run_dir: str | Path) -> PairsReport:
     """Write pairs into ``out_dir`` (Parquet shards), skipping prompts already done."""
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=PAIR_SCHEMA, flush_every_s=config.flush_every_s)
@@ -179,21 +200,7 @@ async def _generate_pairs(engine: Engine, config: PairsConfig, writer: ShardWrit
     todo = [p for p in prompts if p.id not in done]
     report.total, report.skipped = len(prompts), len(prompts) - len(todo)
 
-    together = engine.item_concurrency(config.policy_role) > 1
-
-    async def sample(row: PromptRow) -> list[tuple[str, str]]:
-        async def one(i: int) -> tuple[str, str]:
-            temperature = config.temperatures[i % len(config.temperatures)]
-            request = ChatRequest(row.conversation(), max_tokens=config.max_tokens, temperature=temperature,
-                                  seed=config.seed + i)
-            result = await engine.chat(config.policy_role, request)
-            return result.text, f"seed {config.seed + i}, temperature {temperature:g}"
-
-        outcomes = await gather_calls([partial(one, i) for i in range(config.k)], together=together)
-        for outcome in outcomes:
-            if isinstance(outcome, CaiError):
-                raise outcome
-        return [o for o in outcomes if not isinstance(o, CaiError)]
+    sample = partial(sample_responses, engine, config)  # a partial of a module function: it travels to Ray actors
 
     def on_result(row: PromptRow, outcome: list[tuple[str, str]] | CaiError) -> None:
         if isinstance(outcome, CaiError):
@@ -204,8 +211,8 @@ async def _generate_pairs(engine: Engine, config: PairsConfig, writer: ShardWrit
         report.identical_dropped += lost
         writer.extend(_record(p) for p in rows)
 
-    batch = await engine.run_batch(todo, sample, on_result=on_result, total=len(todo),
-                                   concurrency=engine.item_concurrency(config.policy_role))
+    batch = await run_items(engine, todo, sample, on_result=on_result, total=len(todo),
+                            concurrency=engine.item_concurrency(config.policy_role))
     report.stopped = batch.stopped
 
 

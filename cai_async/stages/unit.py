@@ -175,11 +175,11 @@ class StageUnit(Generic[C]):
 
 
 def resolve_path(base: Path, value: str) -> str:
-    """``value`` resolved against ``base`` when it is a relative path (empty, or a built-in constitution's
-    name, stays as it is)."""
+    """``value`` resolved against ``base`` when it is a relative path (empty, a built-in constitution's name, or
+    a URI such as ``s3://…`` stays as it is)."""
     from cai_async.constitution_io import builtin_constitutions
 
-    if not value or Path(value).is_absolute() or value in builtin_constitutions():
+    if not value or Path(value).is_absolute() or value in builtin_constitutions() or "://" in value:
         return value
     return os.path.normpath(base / value)
 
