@@ -7,6 +7,7 @@ cut off half-way gets its finished steps back from the engine's cache, so no cal
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import re
@@ -181,7 +182,6 @@ class ChainRunner:
     steps are :class:`~cai_async.revision.Reviser`'s."""
 
     def __init__(self, engine: Engine, config: SLConfig, constitution: Constitution, run_id: str):
-        self.engine = engine
         self.config = config
         self.constitution = constitution
         self.run_id = run_id
@@ -196,6 +196,18 @@ class ChainRunner:
             clean=config.clean_revisions, stop_pattern=config.early_stop.pattern if config.early_stop.enabled else None,
         ), self.prefix)
         self.stop_rule = self.reviser.stop_rule
+
+    @property
+    def engine(self) -> Engine:
+        """The engine the chains call (the reviser's)."""
+        return self.reviser.engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        """Another engine (a Ray actor's own, :mod:`cai_async.scale`): on a reviser of this runner's own, so a
+        shallow copy of the runner leaves the original's engine alone."""
+        self.reviser = copy.copy(self.reviser)
+        self.reviser.engine = engine
 
     async def revise_step(
         self, number: int, principle: Principle, conversation: list[dict[str, str]], current: str,
