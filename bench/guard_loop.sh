@@ -17,8 +17,10 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
 LIMIT_FLAG=(); [[ -n "${LIMIT:-}" ]] && LIMIT_FLAG=(--limit "$LIMIT")
-"${CAI[@]}" sl recipes/quickstart.yaml "${LIMIT_FLAG[@]}"
-"${CAI[@]}" label recipes/quickstart.yaml "${LIMIT_FLAG[@]}"
+# the quickstart's "after" model is written by its train stage, which this loop does not run: stand the GGUF in
+AFTER='engine.groups.after=[{name: after, backend: llamacpp, model: embedded, options: {n_ctx: 2048}}]'
+"${CAI[@]}" sl recipes/quickstart.yaml "${LIMIT_FLAG[@]}" --set "$AFTER"
+"${CAI[@]}" label recipes/quickstart.yaml "${LIMIT_FLAG[@]}" --set "$AFTER"
 "${CAI[@]}" train guard recipes/guard.yaml --run-dir runs/quickstart > runs/quickstart/guard-classifier.json
 
 MODEL=$("$PY" -c 'from backends.llamacpp import embedded_model_path; print(embedded_model_path())')

@@ -1,12 +1,14 @@
 """``cai reward serve`` throughput: rewards/s over real HTTP on loopback, the constitutional reward judged by the
 test server (a few ms latency, 2 principles a completion), in one invocation:
 
-- batched + cached: queries sent as OpenRLHF 0.11 sends them (one query a request, many requests in flight),
-  gathered into batches by the server, repeats answered from its cache and the engine's;
-- batched, no cache: the same, both caches off;
+- batched + both caches: queries sent as OpenRLHF 0.11 sends them (one query a request, many requests in
+  flight), gathered into batches by the server, repeats answered from its in-memory cache, and every judgment
+  also committed to the engine's SQLite request cache (what makes a restart free);
+- batched + memory cache: the same without the engine's cache;
+- batched, no cache: both caches off (queries in flight at once are still shared);
 - one at a time: one request after another, one query each, no batching, no cache (the baseline).
 
-    python bench/reward_bench.py [--queries 512] [--repeat-share 0.25] [--latency-ms 5] [--in-flight 64]
+    python bench/reward_bench.py [--queries 512] [--repeat-share 0.25] [--latency-ms 5] [--in-flight 64] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ def _queries(n: int, repeat_share: float) -> list[tuple[str, str]]:
 
 
 async def _measure(base_url: str, rows: list[tuple[str, str]], folder: Path, *, batched: bool, cached: bool,
-                   in_flight: int) -> tuple[float, dict[str, int]]:
+                   engine_cache: bool, in_flight: int) -> tuple[float, dict[str, int]]:
     import aiohttp
 
     engine = EngineConfig.model_validate({
         "groups": {"critic": [{"backend": "openai", "model": "m", "base_url": base_url}]}, "progress": "off",
-        "max_concurrency": 256, "cache": {"enabled": cached}})
+        "max_concurrency": 256, "cache": {"enabled": engine_cache}})
     server = RewardServerConfig(port=0, max_batch=64 if batched else 1, cache_size=100_000 if cached else 0,
                                 batch_wait_ms=5.0 if batched else 0.0)
     service = await service_for(TrainConfig(rl_ensemble=2, reward_server=server), folder, engine)
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--repeat-share", type=float, default=0.25)
     parser.add_argument("--latency-ms", type=float, default=5.0)
     parser.add_argument("--in-flight", type=int, default=64, help="Requests in flight (OpenRLHF: rollouts).")
+    parser.add_argument("--rounds", type=int, default=2, help="Rounds over the modes (best kept).")
     args = parser.parse_args()
     judge = start_server()
     judge.configure(latency_ms=args.latency_ms, prefer="A")
@@ -108,19 +111,21 @@ def main() -> None:
     results = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for label, batched, cached in (("batched + cached", True, True), ("batched, no cache", True, False),
-                                           ("one at a time", False, False)):
-                wall, stats = anyio.run(lambda b=batched, c=cached, name=label: _measure(
-                    judge.base_url, rows, Path(tmp) / name.replace(" ", "_"), batched=b, cached=c,
-                    in_flight=args.in_flight))
-                results[label] = args.queries / wall
-                print(f"  {label:<18} {wall:7.2f} s  {results[label]:8.1f} rewards/s  judge calls "
-                      f"{judge.stats()['ok'] - 16:>5}  batches {stats['batches'] - 8:>4}  cache hits "
-                      f"{stats['cache_hits']}", flush=True)
-                judge.reset()
+            modes = (("batched + both caches", True, True, True), ("batched + memory cache", True, True, False),
+                     ("batched, no cache", True, False, False), ("one at a time", False, False, False))
+            for round_ in range(args.rounds):  # modes alternate; the best round of each is kept
+                for label, batched, cached, on_disk in modes if round_ % 2 == 0 else modes[::-1]:
+                    folder = Path(tmp) / f"{label.replace(' ', '_')}-{round_}"
+                    wall, stats = anyio.run(lambda b=batched, c=cached, d=on_disk, f=folder: _measure(
+                        judge.base_url, rows, f, batched=b, cached=c, engine_cache=d, in_flight=args.in_flight))
+                    results[label] = max(results.get(label, 0.0), args.queries / wall)
+                    print(f"  {label:<22} {wall:7.2f} s  {args.queries / wall:8.1f} rewards/s  judge calls "
+                          f"{judge.stats()['ok'] - 16:>5}  batches {stats['batches'] - 8:>4}  cache hits "
+                          f"{stats['cache_hits']}", flush=True)
+                    judge.reset()
         base = results["one at a time"]
-        print(f"  batched + cached is {results['batched + cached'] / base:.1f}x one at a time; batched alone "
-              f"{results['batched, no cache'] / base:.1f}x")
+        print("  best of each, vs one at a time: " + ", ".join(
+            f"{label} {rate / base:.1f}x" for label, rate in results.items() if label != "one at a time"))
     finally:
         judge.process.terminate()
 
