@@ -1,19 +1,41 @@
 """The inference-time guard: the constitution checks live traffic, as a library (:class:`Guard`) and as an
-OpenAI-compatible proxy (``cai guard serve``)."""
+OpenAI-compatible proxy (``cai guard serve``); its classifier tier is trained by ``cai train guard``."""
 
-from cai_async.guard.config import DirectionPolicy, GuardConfig, StreamPolicy, UpstreamConfig
-from cai_async.guard.core import VERDICT_SCHEMA, Guard, GuardPrinciple, PrincipleScore, Verdict, VerdictLog
+from cai_async.guard.classifier import GuardClassifier
+from cai_async.guard.config import (
+    ClassifierTier,
+    DirectionPolicy,
+    ExternalGuard,
+    GuardConfig,
+    GuardTrainConfig,
+    StreamPolicy,
+    UpstreamConfig,
+)
+from cai_async.guard.core import (
+    VERDICT_SCHEMA,
+    Guard,
+    GuardPrinciple,
+    PrincipleScore,
+    TierReadings,
+    Verdict,
+    VerdictLog,
+)
 from cai_async.guard.proxy import build_proxy_app, serve_guard
 from cai_async.guard.report import guard_report
 
 __all__ = [
     "VERDICT_SCHEMA",
+    "ClassifierTier",
     "DirectionPolicy",
+    "ExternalGuard",
     "Guard",
+    "GuardClassifier",
     "GuardConfig",
     "GuardPrinciple",
+    "GuardTrainConfig",
     "PrincipleScore",
     "StreamPolicy",
+    "TierReadings",
     "UpstreamConfig",
     "Verdict",
     "VerdictLog",
