@@ -282,3 +282,7 @@ def test_ppo_recipe_maps_onto_openrlhf_flags(tmp_path: Path) -> None:
     assert (flags["--actor.adam.lr"], flags["--algo.kl.init_coef"], flags["--rollout.batch_size"]) == (1e-6, 0.01, 16)
     assert flags["--train.batch_size"] == 2 * 4 * 1 and flags["--train.colocate_all"] is True
     assert "--ds.lora.rank" not in flags and "--train.colocate_all" in command
+    from backends.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is a GGUF model; OpenRLHF"):
+        ppo_command(recipe.train.model_copy(update={"model": "embedded"}), run_dir, reward_url="http://x")

@@ -82,13 +82,11 @@ def _prompts(config: Any, root: Path, out: Path) -> Path:
 def ppo_command(config: Any, run_dir: str | Path, *, reward_url: str) -> tuple[list[str], dict[str, Any]]:
     """The ``train_ppo_ray`` command for ``config`` (a :class:`~cai_async.train.config.TrainConfig`) and the
     flags it sets, as a mapping (written beside it as ``config.json``)."""
-    from cai_async.train.models import resolve_model
-
     root = Path(run_dir)
     out = (Path(config.output_dir) / "rl" if config.output_dir else root / "train" / "rl") / "openrlhf"
-    folder, gguf = resolve_model(config.model, config.gguf_file)
-    if gguf is not None:
-        raise ConfigError(f"train.model {config.model!r} is a GGUF file; OpenRLHF (vLLM + DeepSpeed) needs a Hugging "
+    folder = config.model  # a folder on the machine OpenRLHF runs on: it need not exist here
+    if folder == "embedded" or folder.endswith(".gguf") or config.gguf_file:
+        raise ConfigError(f"train.model {config.model!r} is a GGUF model; OpenRLHF (vLLM + DeepSpeed) needs a Hugging "
                           "Face model folder (with config.json) for rl_algorithm ppo")
     ppo: PPOSettings = config.ppo
     gpus = ppo.gpus_per_node
