@@ -37,6 +37,7 @@ from cai_async.stages.unit import (
     load_prompt_texts,
     register_stage,
     report_dict,
+    stage_unit,
     stage_units,
     unregister_stage,
 )
@@ -219,3 +220,19 @@ def test_the_stage_list_is_written_once() -> None:
         text = (ROOT / "cai_async" / name).read_text(encoding="utf-8")
         for call in ("run_generate(", "run_sl(", "run_pairs(", "label_pairs(", "run_eval(", "_plan_"):
             assert call not in text, f"{name} calls {call}"
+
+
+def test_one_stage_command_leaves_out_the_model_a_later_stage_trains() -> None:
+    """``cai sl recipes/quickstart.yaml`` before any training: the eval's ``after`` group (the model the train
+    stage writes) is not in the engine, so its missing folder is not loaded; the groups SL calls stay."""
+    from cai_async.cli.stages import only_stage
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    before = set(recipe.engine.groups)
+    assert "after" in before
+    sl = stage_unit("sl")
+    assert sl is not None
+    only_stage(recipe, sl, "quickstart.yaml")
+    assert recipe.eval is None and recipe.train is None and recipe.rl is None
+    assert "after" not in recipe.engine.groups
+    assert "policy" in recipe.engine.groups  # what SL calls (its critic falls back to the policy group)

@@ -45,13 +45,24 @@ def _value(flag: StageFlag, value: Any) -> Any:
 
 
 def only_stage(recipe_obj: Any, unit: StageUnit[Any], source: str) -> Any:
-    """The recipe with every stage but ``unit`` switched off; a user error when the stage lacks its input."""
+    """The recipe with every stage but ``unit`` switched off, and without the endpoint groups only those stages
+    would have made (a model the run trains: ``cai sl`` before training must not load it); a user error when
+    the stage lacks its input."""
+    late: set[str] = set()
     for other in stage_units():
-        if other.name != unit.name and other.config(recipe_obj) is not None:
+        config = other.config(recipe_obj)
+        if other.name != unit.name and config is not None:
+            late |= other.late_groups(config)
             setattr(recipe_obj, other.name, None)
-    message = unit.missing(unit.config(recipe_obj), source)
+    kept = unit.config(recipe_obj)
+    message = unit.missing(kept, source)
     if message is not None:
         raise CaiError_(message)
+    late -= {"policy", "critic"} | unit.roles(kept)
+    groups = recipe_obj.engine.groups
+    if late & set(groups):
+        recipe_obj.engine = recipe_obj.engine.model_copy(
+            update={"groups": {name: group for name, group in groups.items() if name not in late}})
     return recipe_obj
 
 
