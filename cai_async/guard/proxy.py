@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from backends.registry import Secret
 from cai_async.engine import Engine, EngineConfig
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import Guard, Verdict, VerdictLog
+from cai_async.serving import stop_on_signal
 
 __all__ = ["build_proxy_app", "serve_guard"]
 
@@ -327,20 +327,13 @@ async def serve_guard(config: GuardConfig, engine_config: EngineConfig, run_dir:
             if on_ready is not None:
                 on_ready(port)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_stop_on_signal, tg.cancel_scope)
+                tg.start_soon(stop_on_signal, tg.cancel_scope)
                 tg.start_soon(_flush_every, log, 2.0)
         finally:
             with anyio.CancelScope(shield=True):
                 await runner.cleanup()
                 log.flush()
 
-
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
-    """SIGTERM or SIGINT stops the server cleanly: the verdicts still buffered are written."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
 
 
 async def _flush_every(log: VerdictLog, seconds: float) -> None:

@@ -15,7 +15,6 @@ makes a repeat free across restarts too)."""
 from __future__ import annotations
 
 import re
-import signal
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from anyio.abc import TaskGroup
 
 from backends.errors import CaiError, ConfigError
 from cai_async.exitcodes import leaves
+from cai_async.serving import stop_on_signal
 from cai_async.train.config import RewardServerConfig, TrainConfig
 
 __all__ = [
@@ -284,7 +284,7 @@ async def serve_rewards(service: RewardService, *, on_ready: Callable[[int], Non
         async with anyio.create_task_group() as tg:
             tg.start_soon(service.run, tg)
             if signals:
-                tg.start_soon(_stop_on_signal, tg.cancel_scope)
+                tg.start_soon(stop_on_signal, tg.cancel_scope)
             if stop is not None:
                 tg.start_soon(_stop_on_event, stop, tg.cancel_scope)
     finally:
@@ -298,9 +298,3 @@ async def _stop_on_event(event: anyio.Event, scope: anyio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
 
-
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
