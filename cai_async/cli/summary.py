@@ -101,7 +101,7 @@ def _print_next(run_dir: Path, summary: dict[str, Any]) -> None:
     console.print(f"outputs: {run_dir}/ (summary.json, config.yaml, cache.sqlite, run.log)")
     for stage in summary["stages"].values():
         for name, export in stage.get("exports", {}).items():
-            console.print(f"  {name}: {export['path']} ({export['rows']} rows)")
+            console.print(f"  {name}: {export['path']} ({export['rows']} row{'' if export['rows'] == 1 else 's'})")
         if "artefacts" in stage:
             console.print(f"  model: {stage['output_dir']}")
     report = summary["stages"].get("eval", {}).get("report")
