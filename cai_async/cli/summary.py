@@ -81,12 +81,16 @@ def _print_summary_table(summary: dict[str, Any]) -> None:
         table.add_column(column, justify="left" if column == "stage" else "right")
     for name, stage in summary["stages"].items():
         table.add_row(*_stage_row(name, stage))
+    several = any(((summary.get(key) or {}).get("run_total") or {}).get("processes", 0) > 1
+                  for key in ("engine", "engine_eval"))
+    if several:  # a resumed run, or Ray actors: their calls are in the run total, not in this process's figures
+        table.caption = "tokens and cost: the calls this process made; the run total below counts every process"
     console.print(table)
     for key in ("engine", "engine_eval"):
         engine = summary.get(key)
         if engine is not None:
             console.print(
-                f"{'evaluation ' if key == 'engine_eval' else ''}calls: "
+                f"{'evaluation ' if key == 'engine_eval' else ''}calls{' in this process' if several else ''}: "
                 f"{sum(e['calls'] for e in engine['endpoints'].values())}, cache hits: {engine['cache_hits']}, "
                 f"tokens: {engine['tokens']}, cost: ${engine['cost_usd']:.4f}"
             )
