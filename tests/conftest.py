@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -142,3 +143,14 @@ def cli_env() -> dict[str, str]:
 def anyio_backend() -> str:
     """aiohttp needs asyncio."""
     return "asyncio"
+
+
+def module_imports(path: Path) -> set[str]:
+    """The modules a Python file imports (``from X import …`` and ``import X``), read with ``ast``."""
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+    return modules

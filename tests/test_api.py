@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import cai_async
+from tests.conftest import module_imports
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cai_async"
@@ -74,16 +75,6 @@ def test_import_stays_lazy() -> None:
     assert _loaded_after("import cai_async.judging", heavy) == set()  # online rewards judge without Polars
 
 
-def _imports(path: Path) -> set[str]:
-    modules: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            modules.add(node.module)
-        elif isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
-    return modules
-
-
 @pytest.mark.parametrize(
     ("folder", "forbidden"),
     [
@@ -97,7 +88,7 @@ def test_import_graph(folder: str, forbidden: tuple[str, ...]) -> None:
     files = sorted(target.glob("*.py")) if target.is_dir() else [target]
     assert files
     for file in files:
-        bad = {m for m in _imports(file) if any(m == f or m.startswith(f + ".") for f in forbidden)}
+        bad = {m for m in module_imports(file) if any(m == f or m.startswith(f + ".") for f in forbidden)}
         assert not bad, f"{file.relative_to(ROOT)} imports {sorted(bad)}"
 
 

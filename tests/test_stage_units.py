@@ -5,7 +5,6 @@ in a ``cai`` subprocess through the ``cai_async.stages`` entry-point group."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -42,7 +41,7 @@ from cai_async.stages.unit import (
     unregister_stage,
 )
 from cai_async.store import ShardWriter
-from tests.conftest import ROOT, TestServer
+from tests.conftest import ROOT, TestServer, module_imports
 
 CAI = [sys.executable, "-c", "from cai_async.cli import main; main()"]
 
@@ -196,16 +195,6 @@ def test_the_cli_picks_up_a_stage_from_an_entry_point(tmp_path: Path, server: Te
     assert line.split()[1:3] == ["policy", "3"]  # group, calls
 
 
-def _imports(path: Path) -> set[str]:
-    modules: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            modules.add(node.module)
-        elif isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
-    return modules
-
-
 def test_the_stage_list_is_written_once() -> None:
     """The guard reaches the critique → revision step without the stages, and the stages import none of the rooms
     that use them; the runner, the planner and the CLI name no stage's work (they loop over the registry)."""
@@ -215,7 +204,7 @@ def test_the_stage_list_is_written_once() -> None:
     for place, forbidden in arrows.items():
         target = ROOT / "cai_async" / place
         for file in sorted(target.glob("*.py")) if target.is_dir() else [target]:
-            assert not {m for m in _imports(file) if m.startswith(forbidden)}, file
+            assert not {m for m in module_imports(file) if m.startswith(forbidden)}, file
     for name in ("recipes.py", "plan.py", "cli/app.py", "cli/stages.py", "cli/flags.py"):
         text = (ROOT / "cai_async" / name).read_text(encoding="utf-8")
         for call in ("run_generate(", "run_sl(", "run_pairs(", "label_pairs(", "run_eval(", "_plan_"):

@@ -65,6 +65,16 @@ class BatchReport(Generic[T]):
     stopped: str | None = None
     """Why scheduling stopped early (budget), or ``None`` when every item was handled."""
 
+    def count(self, outcome: object, accounting: Accounting) -> None:
+        """One handled item, in this report and in the engine's ``accounting``: failed when ``outcome`` is a
+        :class:`CaiError`, succeeded otherwise."""
+        if isinstance(outcome, CaiError):
+            self.failed += 1
+            accounting.failed += 1
+        else:
+            self.succeeded += 1
+            accounting.done += 1
+
 
 def _learned_wait(exc: RateLimited) -> float | None:
     """How long a 429 asks to wait: its ``Retry-After``, else the reset time of a limit its headers say is used
@@ -433,12 +443,7 @@ class Engine:
                     return
                 except CaiError as exc:
                     outcome = exc
-                if isinstance(outcome, CaiError):
-                    report.failed += 1
-                    self.accounting.failed += 1
-                else:
-                    report.succeeded += 1
-                    self.accounting.done += 1
+                report.count(outcome, self.accounting)
                 maybe = on_result(item, outcome)
                 if inspect.isawaitable(maybe):
                     await maybe

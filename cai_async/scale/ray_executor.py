@@ -295,12 +295,7 @@ class RayRows:
                     seen.add(int(index))
                     report.submitted += 1
                     outcome = pickle.loads(error) if error else pickle.loads(result)
-                    if isinstance(outcome, CaiError):
-                        report.failed += 1
-                        engine.accounting.failed += 1
-                    else:
-                        report.succeeded += 1
-                        engine.accounting.done += 1
+                    report.count(outcome, engine.accounting)
                     maybe = on_result(items[int(index)], outcome)
                     if inspect.isawaitable(maybe):
                         anyio.from_thread.run(_awaited, maybe)
