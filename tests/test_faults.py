@@ -301,6 +301,7 @@ def test_every_process_is_accounted_and_show_says_what_kills_cost(tmp_path: Path
     assert answered - total["calls"] <= kills * 40  # a kill loses the calls in flight and 0.2 s of accounting
     assert total["cost_usd"] > engine["cost_usd"]
     assert f"run total over {kills + 1} processes" in final.stderr
+    assert f"calls in this process: {this_process}," in final.stderr  # the per-process figures say so
     show = yaml.safe_load(cai("show", str(tmp_path / "run")).stdout.split("\n\n")[0])
     assert show["calls"] == total["calls"] and show["processes"] == kills + 1
     assert show["unfinished_processes"]["calls"] > 0 and show["calls_paid_twice"] >= 0
