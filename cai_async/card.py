@@ -1,7 +1,8 @@
 """The constitution card: the page a team publishes about its constitution and iterates from — principles in
 priority order with weights, critique and revision texts, few-shot and contrast examples, the content hash;
 and, given a run, what each principle did there (times applied, early stops, how much revisions changed the
-text), the AI-feedback label quality and the evaluation deltas. Written as Markdown and self-contained HTML."""
+text), the AI-feedback label quality, the evaluation deltas and, where the guard served the run, how often it
+found each principle violated. Written as Markdown and self-contained HTML."""
 
 from __future__ import annotations
 
@@ -81,11 +82,54 @@ def card_data(source: str | Path | Constitution, *, run_dir: str | Path | None =
     if metrics is not None and metrics.get("compare"):
         run["eval"] = {"models": metrics.get("compare_models"), "deltas": metrics["compare"]}
     data["run"] = run
+    guard = _guard_section(root, [p.name for p in ordered])
+    if guard is not None:
+        data["guard"] = guard
     return data
+
+
+def _guard_section(root: Path, names: list[str]) -> dict[str, Any] | None:
+    """The guard's verdicts in the run, per principle of the constitution (None: the guard never served it)."""
+    if not (root / "guard" / "verdicts").is_dir():
+        return None
+    from cai_async.guard.report import principle_verdicts, read_verdicts  # the guard's imports are heavy
+
+    verdicts = read_verdicts(root)
+    if verdicts.is_empty():
+        return None
+    return {"verdicts": verdicts.height, "directions": dict(verdicts["direction"].value_counts(sort=True).iter_rows()),
+            **principle_verdicts(verdicts, names=names)}
 
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
+
+
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+_GUARD_HEAD = ["principle", "checks", "violated", "input", "output", "block", "revise", "flag", "decided by",
+               "mean score", "max score"]
+
+
+def _guard_rows(guard: dict[str, Any]) -> list[list[str]]:
+    """The guard table's cells (plain text, unescaped): one row per principle, then ``other`` if any."""
+    entries = list(guard["principles"].items())
+    if guard["other"] is not None:
+        entries.append((f"other ({', '.join(guard['other']['names'])})", guard["other"]))
+    return [[name, str(s["checked"]), str(s["violated"]),
+             *(str(s["directions"].get(d, 0)) for d in ("input", "output")),
+             *(str(s["decisions"].get(d, 0)) for d in ("block", "revise", "flag")),
+             ", ".join(f"{tier} {n}" for tier, n in s["tiers"].items()) or "–", _score(s["score_mean"]),
+             _score(s["score_max"])] for name, s in entries]
+
+
+def _guard_intro(guard: dict[str, Any]) -> str:
+    directions = ", ".join(f"{n} {d}" for d, n in guard["directions"].items())
+    return (f"{guard['verdicts']} guarded checks ({directions}). Per principle: the checks that scored it, those "
+            "that found it violated by direction, action and deciding tier, and its violation scores (0–1) over "
+            "the checks that scored it. 0 checks: the guard never enforced it here.")
 
 
 def card_markdown(data: dict[str, Any]) -> str:
@@ -128,6 +172,10 @@ def card_markdown(data: dict[str, Any]) -> str:
             before, after = run["eval"]["models"]
             lines += ["", f"Evaluation, {after} − {before}:", ""]
             lines += [f"- {key}: {'–' if d is None else f'{d:+.1%}'}" for key, d in run["eval"]["deltas"].items()]
+    if data.get("guard"):
+        lines += ["", "## Guard verdicts", "", _guard_intro(data["guard"]), ""]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+                  for row in [_GUARD_HEAD, ["---"] * len(_GUARD_HEAD), *_guard_rows(data["guard"])]]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +232,12 @@ def card_html(data: dict[str, Any]) -> str:
             parts += [f"<li>{e(key)}: {'–' if d is None else f'{d:+.1%}'}</li>"
                       for key, d in run["eval"]["deltas"].items()]
             parts.append("</ul>")
+    if data.get("guard"):
+        parts.append(f"<h2>Guard verdicts</h2><p>{e(_guard_intro(data['guard']))}</p><table><tr>"
+                     + "".join(f"<th>{e(h)}</th>" for h in _GUARD_HEAD) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>"
+                  for row in _guard_rows(data["guard"])]
+        parts.append("</table>")
     body = "\n".join(parts)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Constitution card: '
             f"{e(data['name'])}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
