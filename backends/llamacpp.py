@@ -1,11 +1,12 @@
 """In-process llama.cpp backend (llama-cpp-python) for GGUF models, by default the embedded SmolLM2.
 
-By default calls run one at a time per loaded model in a worker thread (``create_chat_completion``), reusing
-the KV cache across calls that share a prefix. With the option ``batching: true`` concurrent calls to one
-loaded model share a decode loop (:mod:`backends.llamacpp_batch`): continuous batching over
-``max_concurrency`` sequences (the endpoint's; 8 when unset) of ``n_ctx`` tokens each, so KV memory is
-``n_ctx`` × sequences × the model's KV bytes per token. Opt-in until its speed-up is measured on a quiet
-machine: its numbers depend slightly on the batch a call shares (choice probabilities within 0.02). Threads
+Every call that computes runs on the process's one llama.cpp compute thread (:mod:`backends.llama_thread`:
+libgomp slows every later generation 2–4× once a second thread has computed). By default (``batching: true``)
+concurrent calls to one loaded model share a decode loop (:mod:`backends.llamacpp_batch`): continuous batching
+over ``max_concurrency`` sequences (the endpoint's; 8 when unset) of ``n_ctx`` tokens each, so KV memory is
+``n_ctx`` × sequences × the model's KV bytes per token; its numbers depend slightly on the batch a call shares
+(choice probabilities within 0.02). With ``batching: false`` calls run one at a time
+(``create_chat_completion``), reusing the KV cache across calls that share a prefix. Threads
 default to the cores this process may use (:func:`backends.cpus.detect_cores`). The chat template comes from
 the GGUF. Choice scoring evaluates the prompt and reads the last position's logits (about 10× faster than
 ``logits_all=True`` logprobs, same numbers).
@@ -27,6 +28,8 @@ import numpy as np
 from backends.base import BackendTraits, BaseBackend
 from backends.cpus import CoreCount, detect_cores
 from backends.errors import ConfigError, PermanentError
+from backends.gguf_copy import cache_folder, weights_for
+from backends.llama_thread import compute_thread
 from backends.llamacpp_batch import BatchDecoder, SamplingOptions
 from backends.options import LlamaCppOptions, parse_options
 from backends.registry import BackendSettings
@@ -39,6 +42,8 @@ EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SEQUENCES = 8
 """Sequences decoded together when the endpoint sets no ``max_concurrency``."""
 _INSTALL_HINT = "pip install 'cai-async[local]'"
+_COPY_FROM_SEQUENCES = 4
+"""``weights: auto`` loads the F16 copy from this many sequences (measured: B=1 0.82×, B=4 1.24× the Q4_1 file)."""
 
 
 def embedded_model_path() -> Path:
@@ -68,13 +73,13 @@ def check_gguf(path: str | Path) -> Path:
 @dataclass
 class _Loaded:
     llama: Any
-    limiter: anyio.CapacityLimiter
     formatter: Any
     choice_tokens: dict[str, dict[int, str]]
     decoders: dict[tuple[int, int, int], BatchDecoder] = field(default_factory=dict)
 
 
 _MODELS: dict[tuple[str, int, bool, int, int, bool], _Loaded] = {}
+_WEIGHTS: dict[tuple[str, str, str], tuple[Path, str]] = {}
 _MODELS_LOCK = threading.Lock()
 _CORES: CoreCount | None = None
 
@@ -92,10 +97,12 @@ class LlamaCppBackend(BaseBackend):
     ``settings.model``: a GGUF path, or empty / ``"embedded"`` for SmolLM2-135M-Instruct. Options
     (:class:`backends.options.LlamaCppOptions`):
     ``n_ctx`` (2048 tokens per sequence), ``n_threads`` (the cores this process may use), ``n_threads_batch``
-    (prompt evaluation; same default), ``batching`` (true: concurrent calls share one decode loop of
-    ``settings.max_concurrency`` sequences), ``batch_tokens`` (512: tokens per decode step), ``flash_attn``
-    (false; true: llama.cpp's flash attention, whose half-precision sums depend on where cached tokens sit, so
-    answers that reuse cached prefixes may then differ slightly),
+    (prompt evaluation; same default), ``batching`` (true, the default: concurrent calls share one decode loop
+    of ``settings.max_concurrency`` sequences; false: one call at a time), ``batch_tokens`` (512: tokens per
+    decode step), ``flash_attn`` (unset: on when batching, 1.3–1.4× faster decoding in a batch here; llama.cpp's
+    flash attention sums in half precision in an order that depends on where cached tokens sit, so answers that
+    reuse cached prefixes may differ slightly), ``weights`` (``auto``: batching 4 or more sequences on a small Q4_1
+    model loads an F16 copy of its weights, see :mod:`backends.gguf_copy`; ``as-is``; ``f16``: the copy in any case),
     ``score_method`` (``"logits"``, or ``"logprobs"`` which loads with ``logits_all=True`` through the
     completion API, unbatched, kept for comparison).
     """
@@ -122,7 +129,9 @@ class LlamaCppBackend(BaseBackend):
         """Sequences decoded together; 1 when unbatched (the engine keeps this many chains in flight)."""
         self.traits = BackendTraits(keeps_prefix_together=True, sequences=self.sequences, summary_key="local")
         self._batching = batching
-        self._flash_attn = options.flash_attn
+        self._flash_attn = batching if options.flash_attn is None else options.flash_attn
+        self._weights_choice = options.weights
+        self._weights: tuple[Path, str] | None = None
         self._batch_tokens = options.batch_tokens
         if self._batch_tokens < self.sequences:
             raise ConfigError(f"endpoint {self.name!r}: batch_tokens ({self._batch_tokens}) must be at least the "
@@ -133,9 +142,23 @@ class LlamaCppBackend(BaseBackend):
     def __repr__(self) -> str:
         return f"LlamaCppBackend(endpoint={self.name!r}, path={str(self.path)!r})"
 
+    def _weights_file(self) -> tuple[Path, str]:
+        """The file to load and what it is: the model as given, or (batching) its F16 copy."""
+        if self._weights is None:
+            # one sequence at a time is bound by reading the weights: there the smaller Q4_1 file is faster
+            auto_off = self._weights_choice == "auto" and self.sequences < _COPY_FROM_SEQUENCES
+            choice = "as-is" if auto_off else self._weights_choice
+            with _MODELS_LOCK:
+                key = (str(self.path), choice, str(cache_folder()))
+                if key not in _WEIGHTS:
+                    _WEIGHTS[key] = weights_for(self.path, choice, threads=self._n_threads)
+                self._weights = _WEIGHTS[key]
+        return self._weights
+
     def _load(self) -> _Loaded:
         logits_all = self._score_method == "logprobs"
-        key = (str(self.path), self._n_ctx, logits_all, self._n_threads, self._n_threads_batch, self._flash_attn)
+        path = self._weights_file()[0]
+        key = (str(path), self._n_ctx, logits_all, self._n_threads, self._n_threads_batch, self._flash_attn)
         with _MODELS_LOCK:
             loaded = _MODELS.get(key)
             if loaded is None:
@@ -144,7 +167,7 @@ class LlamaCppBackend(BaseBackend):
 
                 try:
                     llama = Llama(
-                        model_path=str(self.path),
+                        model_path=str(path),
                         n_ctx=self._n_ctx,
                         n_threads=self._n_threads,
                         n_threads_batch=self._n_threads_batch,
@@ -160,7 +183,7 @@ class LlamaCppBackend(BaseBackend):
                 eos = llama.detokenize([llama.token_eos()]).decode("utf-8", "replace")
                 bos = llama.detokenize([llama.token_bos()]).decode("utf-8", "replace")
                 formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-                loaded = _Loaded(llama, anyio.CapacityLimiter(1), formatter, {})
+                loaded = _Loaded(llama, formatter, {})
                 _MODELS[key] = loaded
         return loaded
 
@@ -181,14 +204,15 @@ class LlamaCppBackend(BaseBackend):
 
     async def _ready(self) -> _Loaded:
         if self._loaded is None:
-            self._loaded = await anyio.to_thread.run_sync(self._load)
+            self._loaded = await compute_thread.run(self._load)
         if self._batching and self._decoder is None:
-            self._decoder = await anyio.to_thread.run_sync(self._load_decoder)
+            self._decoder = await compute_thread.run(self._load_decoder)
         return self._loaded
 
     async def _run(self, fn: Any, *args: Any) -> Any:
+        """``fn(loaded, *args)`` on the process's llama.cpp compute thread (see :mod:`backends.llama_thread`)."""
         loaded = await self._ready()
-        return await anyio.to_thread.run_sync(fn, loaded, *args, limiter=loaded.limiter)
+        return await compute_thread.run(fn, loaded, *args)
 
     async def aclose(self) -> None:
         """Models stay loaded for the process (they are shared between endpoints); nothing to release."""
@@ -199,7 +223,10 @@ class LlamaCppBackend(BaseBackend):
             "model": self.model_name, "n_threads": self._n_threads, "n_threads_batch": self._n_threads_batch,
             "threads_from": self._threads_source, "n_ctx": self._n_ctx,
             "batching": f"{self.sequences} sequences" if self._batching else "off",
+            "flash_attn": self._flash_attn,
         }
+        if self._weights is not None:
+            info["weights"] = self._weights[1]
         if self._decoder is not None:
             info["decode_loop"] = self._decoder.stats()
         return info

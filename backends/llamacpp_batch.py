@@ -20,10 +20,11 @@ after the answer it critiques, a revision after its critique) evaluates only the
 sequence holds a prefix at least 32 tokens longer, its KV stream is copied (``llama_memory_seq_cp``, applied
 before the next step) and trimmed to the shared part.
 
-The decode loop runs in one worker thread at a time, driven through anyio: every caller queues its job and
-waits for the model's ``CapacityLimiter(1)``; whoever holds it runs steps in ``anyio.to_thread.run_sync``
-until its own job is done and passes it on, so whoever waits next finds its job done or drives on. Nothing
-runs when nobody waits.
+The decode loop runs on the process's llama.cpp compute thread (:mod:`backends.llama_thread`): a caller
+queues its job, makes sure the loop is queued there, and waits for its job's event. The loop runs steps while
+any job is running or waiting and re-queues itself after a step when other work waits on that thread (another
+model's loop, a model loading), so nothing runs when nobody waits and models take turns step by step.
+A cancelled caller's job is dropped at the next step.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-import anyio.from_thread
 import numpy as np
+
+from backends.llama_thread import Waiter, compute_thread
 
 __all__ = ["BatchDecoder", "Generation", "SamplingOptions"]
 
@@ -82,7 +83,11 @@ class _Job:
     finish: str = ""
     error: BaseException | None = None
     done: bool = False
-    cancelled: bool = False
+    waiter: Waiter = field(default_factory=Waiter)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.waiter.abandoned
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -127,7 +132,7 @@ class BatchDecoder:
         self._last_used = [0] * sequences
         self._pending: list[_Job] = []
         self._lock = threading.Lock()
-        self.driver = anyio.CapacityLimiter(1)
+        self._queued = False  # the loop is queued on (or running in) the compute thread
         self.steps = 0
         self.decoded_tokens = 0
         self.prompt_tokens_evaluated = 0
@@ -163,13 +168,10 @@ class BatchDecoder:
     async def _submit(self, job: _Job) -> _Job:
         with self._lock:
             self._pending.append(job)
-        try:
-            async with self.driver:
-                if not job.done:
-                    await anyio.to_thread.run_sync(self._drive, job)
-        except BaseException:
-            job.cancelled = True  # the loop drops it at its next step
-            raise
+            start, self._queued = not self._queued, True
+        if start:
+            compute_thread.post(self._loop)
+        await job.waiter.wait()  # cancelled: the loop drops the job at its next step
         if job.error is not None:
             raise job.error
         return job
@@ -194,10 +196,28 @@ class BatchDecoder:
         return job.logits, job.reused
 
     # -- the decode thread --------------------------------------------------------------------------------
-    def _drive(self, job: _Job) -> None:
-        while not job.done:
-            anyio.from_thread.check_cancelled()  # a cancelled driver hands the loop to the next caller
-            self._step()
+    def _loop(self) -> None:
+        """Steps while jobs run or wait; yields the thread to other queued work after a step."""
+        try:
+            while True:
+                self._step()
+                with self._lock:
+                    if not self._pending and all(job is None for job in self._slots):
+                        self._queued = False
+                        return
+                if compute_thread.busy():
+                    compute_thread.post(self._loop)  # still queued: take turns with the other work
+                    return
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            with self._lock:
+                jobs = [job for job in self._slots if job is not None] + self._pending
+                self._pending.clear()
+                self._queued = False
+            for job in jobs:
+                if job.slot >= 0:
+                    self._lib.llama_memory_seq_rm(self._memory, job.slot, -1, -1)
+                    self._kv[job.slot].clear()
+                self._finish(job, error=RuntimeError(f"the decode loop failed: {exc!r}"))
 
     def _finish(self, job: _Job, reason: str = "", error: BaseException | None = None) -> None:
         job.finish, job.error, job.done = reason, error, True
@@ -206,6 +226,7 @@ class BatchDecoder:
             job.sampler = None
         if job.slot >= 0 and self._slots[job.slot] is job:
             self._slots[job.slot] = None
+        job.waiter.wake()
 
     def _new_sampler(self, options: SamplingOptions) -> Any:
         lib = self._lib

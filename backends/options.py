@@ -78,8 +78,10 @@ class LlamaCppOptions(BackendOptions):
     n_threads: int | None = Field(default=None, ge=1, description="decode threads; unset: the cores this process has")
     n_threads_batch: int | None = Field(default=None, ge=1, description="prompt evaluation threads; unset: n_threads")
     score_method: Literal["logits", "logprobs"] = "logits"
-    batching: StrictBool = Field(default=False, description="concurrent calls share one decode loop")
-    flash_attn: StrictBool = False
+    batching: StrictBool = Field(default=True, description="concurrent calls share one decode loop")
+    flash_attn: StrictBool | None = Field(default=None, description="flash attention; unset: on when batching")
+    weights: Literal["auto", "as-is", "f16"] = Field(
+        default="auto", description="auto: batching ≥ 4 sequences, an F16 copy of a small Q4_1 model (batched kernels)")
     batch_tokens: int = Field(default=512, ge=1, description="tokens per decode step (batching)")
 
 

@@ -73,9 +73,8 @@ def plain_loop(llama: Any, prompts: list[dict[str, str]], max_tokens: int = MAX_
 def _recipe(folder: Path, prompts: Path, label: str, sequences: int | None, max_tokens: int) -> Recipe:
     endpoint: dict[str, Any] = {"name": "local", "backend": "llamacpp", "model": "embedded",
                                 "options": {"n_ctx": N_CTX}}
-    if sequences is None:
-        endpoint["options"]["batching"] = False
-    else:
+    endpoint["options"]["batching"] = sequences is not None
+    if sequences is not None:
         endpoint["max_concurrency"] = sequences
     return Recipe.model_validate({
         "run_dir": str(folder / label.replace(" ", "-").replace("=", "")),
@@ -94,7 +93,7 @@ def engine_run(folder: Path, prompts: Path, label: str, sequences: int | None, m
 
 async def _warm(sequences: int | None) -> None:
     """Load the model and the decode context of this size before anything is timed."""
-    options: dict[str, Any] = {"n_ctx": N_CTX} if sequences else {"n_ctx": N_CTX, "batching": False}
+    options: dict[str, Any] = {"n_ctx": N_CTX, "batching": sequences is not None}
     backend = create_backend("llamacpp", BackendSettings(endpoint="local", options=options,
                                                          max_concurrency=sequences))
     await backend.chat(ChatRequest([{"role": "user", "content": "Hi"}], max_tokens=1))

@@ -7,9 +7,6 @@ module counts tokens, prices the estimates per endpoint group and sums them."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 from backends.errors import CaiError
@@ -24,18 +21,6 @@ def _approximate(text: str) -> int:
     return len(text) // 4 + _PER_MESSAGE
 
 
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _token_counter(recipe: Any) -> tuple[Count, str]:
     """The tokenizer of the first group served wholly by one local GGUF model, else the approximation."""
     for endpoints in recipe.engine.groups.values():
@@ -45,11 +30,12 @@ def _token_counter(recipe: Any) -> tuple[Count, str]:
         try:
             from llama_cpp import Llama
 
+            from backends.gguf_copy import quiet_stderr
             from backends.llamacpp import check_gguf, embedded_model_path
 
             model = models.pop()
             path = embedded_model_path() if model in ("", "embedded") else check_gguf(model)
-            with _quiet_stderr():  # llama.cpp notes a context-size warning even with verbose=False
+            with quiet_stderr():  # llama.cpp notes a context-size warning even with verbose=False
                 vocab = Llama(model_path=str(path), vocab_only=True, verbose=False, n_ctx=64)
         except (ImportError, CaiError, ValueError):
             continue

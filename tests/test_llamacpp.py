@@ -135,8 +135,10 @@ async def test_openai_backend_against_llama_cpp_server(llama_server: str, tmp_pa
         scored = await engine.score("policy", ScoreRequest(QUESTION))
     assert chat.text.strip() and chat.usage.completion_tokens > 0
     assert scored.method == "logprobs" and sum(scored.probs.values()) == pytest.approx(1.0)
-    # The same model in-process gives the same choice probabilities (no answer prefix on either side).
-    in_process = await local().score(ScoreRequest(QUESTION))
+    # The same model in-process gives the same choice probabilities (no answer prefix on either side), read from
+    # the same Q4_1 file with the same attention kernels as the server (batching's defaults, an F16 copy and flash
+    # attention, round differently: tests/test_gguf_copy.py bounds that)
+    in_process = await local(weights="as-is", flash_attn=False).score(ScoreRequest(QUESTION))
     assert scored.probs["A"] == pytest.approx(in_process.probs["A"], abs=0.02)
 
 
