@@ -4,6 +4,7 @@ request, and a clean stop on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,7 +15,10 @@ __all__ = ["run_server", "server_loop", "stop_on_signal"]
 
 
 def server_loop() -> str:
-    """``"uvloop"`` where it is installed (Linux, macOS: a dependency there), else ``"asyncio"``."""
+    """``"uvloop"`` where it is installed (Linux, macOS: a dependency there), else ``"asyncio"``;
+    ``CAI_SERVER_LOOP=asyncio`` chooses asyncio's own loop."""
+    if os.environ.get("CAI_SERVER_LOOP", "").lower() == "asyncio":
+        return "asyncio"
     return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 

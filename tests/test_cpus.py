@@ -96,6 +96,7 @@ def test_endpoint_options_override_the_default_and_summaries_say_so() -> None:
     assert (info["n_threads"], info["n_threads_batch"], info["threads_from"]) == (3, 5, "endpoint option n_threads")
     default = create_backend("llamacpp", BackendSettings(endpoint="y", max_concurrency=4)).summary()  # type: ignore[attr-defined]
     assert default["n_threads"] == default["n_threads_batch"] == detect_cores().threads
-    assert default["threads_from"] == detect_cores().describe() and default["batching"] == "off"  # opt-in
-    batched = create_backend("llamacpp", BackendSettings(endpoint="z", max_concurrency=4, options={"batching": True}))
-    assert batched.summary()["batching"] == "4 sequences"  # type: ignore[attr-defined]
+    assert default["threads_from"] == detect_cores().describe() and default["batching"] == "4 sequences"  # default
+    assert default["flash_attn"] is True
+    alone = create_backend("llamacpp", BackendSettings(endpoint="z", max_concurrency=4, options={"batching": False}))
+    assert alone.summary()["batching"] == "off" and alone.summary()["flash_attn"] is False  # type: ignore[attr-defined]
