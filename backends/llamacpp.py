@@ -124,7 +124,8 @@ class LlamaCppBackend(BaseBackend):
             self._threads_source, self._n_threads = _cores().describe(), _cores().threads
         self._n_threads_batch = options.n_threads_batch or self._n_threads
         self._score_method = options.score_method
-        batching = options.batching
+        # a batch of one sequence is the one-at-a-time path, which is faster at it (no step loop in Python)
+        batching = options.batching and (settings.max_concurrency or DEFAULT_SEQUENCES) > 1
         self.sequences = (settings.max_concurrency or DEFAULT_SEQUENCES) if batching else 1
         """Sequences decoded together; 1 when unbatched (the engine keeps this many chains in flight)."""
         self.traits = BackendTraits(keeps_prefix_together=True, sequences=self.sequences, summary_key="local")

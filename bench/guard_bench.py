@@ -195,29 +195,6 @@ async def compare(name: str, direct: str, proxied: str, n: int, rounds: int, pro
               f"added p99 {statistics.median(added99):7.2f} ms   ({rounds} rounds × {count} requests)", flush=True)
 
 
-async def pass_through_loops(args: argparse.Namespace) -> None:
-    """The pass-through proxy's added latency with the server on uvloop (the default where installed) and on
-    asyncio's own loop, alternated in one invocation."""
-    upstream, judge = start_server(f"--latency-ms={args.upstream_ms}"), start_server()
-    off = {"enabled": False}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            (folder / "principles.yaml").write_text("name: bench\nprinciples:\n  - name: kind\n    question: "
-                                                    "Which response is kinder?\n", encoding="utf-8")
-            for repeat in range(args.rounds):
-                for loop in ("uvloop", "asyncio"):
-                    os.environ["CAI_SERVER_LOOP"] = loop
-                    with proxy(folder, upstream, judge, input=off, output=off) as url:
-                        await compare(f"pass-through on {loop} #{repeat + 1}", upstream.base_url, url,
-                                      args.requests, 1, "Hello")
-    finally:
-        os.environ.pop("CAI_SERVER_LOOP", None)
-        for server in (upstream, judge):
-            server.process.terminate()
-            server.process.wait(timeout=10)
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=400)
@@ -227,12 +204,7 @@ async def main() -> None:
     parser.add_argument("--classifier", help="a folder `cai train guard` wrote (default: train one here)")
     parser.add_argument("--cascade-n", type=int, default=50, help="XSTest and AdvBench prompts each (0: skip)")
     parser.add_argument("--data-dir", help="a folder with the public sets' layout (default: the bundled slices)")
-    parser.add_argument("--pass-through-only", action="store_true",
-                        help="only the pass-through proxy, on uvloop and on asyncio's own loop (CAI_SERVER_LOOP)")
     args = parser.parse_args()
-    if args.pass_through_only:
-        await pass_through_loops(args)
-        return
     upstream, judge = start_server(f"--latency-ms={args.upstream_ms}"), start_server()
     judge.configure(prefer_when={"go against this principle": "B", "Judged by this principle": "A"})
     try:

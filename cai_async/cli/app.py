@@ -302,7 +302,6 @@ def guard_serve(
     /v1/moderations; verdicts go to RUN_DIR/guard/verdicts (defaults → RECIPE → flags)."""
     from cai_async.guard.proxy import serve_guard
     from cai_async.runlog import attach_run_log
-    from cai_async.serving import run_server
 
     extra = {"run_dir": run_dir, "guard.upstream.base_url": upstream, "guard.upstream.api_key_env": upstream_key_env,
              "guard.host": host, "guard.port": port}
@@ -315,7 +314,7 @@ def guard_serve(
     def ready(bound: int) -> None:
         console.print(f"cai guard: listening on http://{config.host}:{bound}/v1 → {config.upstream.base_url}")
 
-    run_server(lambda: serve_guard(config, data_recipe.engine, data_recipe.run_dir, on_ready=ready))
+    anyio.run(lambda: serve_guard(config, data_recipe.engine, data_recipe.run_dir, on_ready=ready))
     console.print(f"cai guard: stopped; verdicts are in {Path(data_recipe.run_dir) / 'guard' / 'verdicts'}")
 
 

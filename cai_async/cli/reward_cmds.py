@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio
 import typer
 
 __all__ = ["print_ppo", "reward_app"]
@@ -31,7 +32,6 @@ def reward_serve(
     from cai_async.cli.flags import load_with_flags
     from cai_async.cli.summary import console
     from cai_async.runlog import attach_run_log
-    from cai_async.serving import run_server
     from cai_async.train.config import TrainConfig
     from cai_async.train.reward_server import serve_rewards, service_for
 
@@ -53,7 +53,7 @@ def reward_serve(
         console.print(f"cai reward: stopped after {service.stats['queries']} queries "
                       f"({service.stats['cache_hits']} from the cache)")
 
-    run_server(main)
+    anyio.run(main)
 
 
 def print_ppo(summary: dict[str, Any]) -> None:
