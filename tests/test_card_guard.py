@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,13 @@ import pytest
 from cai_async import Engine, EngineConfig, read_shards
 from cai_async.card import card_data, card_html, card_markdown, write_card
 from cai_async.guard import Guard, GuardConfig, VerdictLog, guard_report
-from tests.conftest import TestServer, start_server
+from tests.conftest import TestServer
 from tests.test_cli import cai
-from tests.test_guard import HARMFUL, JUDGE_PLAN, guard_recipe
+from tests.test_guard import (
+    HARMFUL,
+    guard_recipe,
+    judge,  # noqa: F401  # the guard tests' judge server fixture (the tests below take it: F811 there)
+)
 
 CONSTITUTION = """name: guarded
 version: "1"
@@ -39,20 +42,11 @@ principles:
 NAMES = ["no-weapons", "kind & <fair>", "patient"]
 
 
-@pytest.fixture
-def judge() -> Iterator[TestServer]:
-    server = start_server()
-    server.configure(prefer_when=JUDGE_PLAN)
-    yield server
-    server.process.terminate()
-    server.process.wait(timeout=10)
-
-
 def _chat(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def guard_traffic(run_dir: Path, constitution: Path, judge: TestServer) -> None:
+def guard_traffic(run_dir: Path, constitution: Path, judge: TestServer) -> None:  # noqa: F811
     """Requests and answers through two guards sharing one verdict log in ``run_dir``."""
     config = EngineConfig.model_validate(guard_recipe(run_dir, "", judge.base_url)["engine"])
 
@@ -100,7 +94,7 @@ def _figures(entry: dict[str, Any]) -> dict[str, Any]:
             for k, v in entry.items() if k != "names"}
 
 
-def test_the_card_shows_the_guards_verdicts_per_principle(tmp_path: Path, judge: TestServer) -> None:
+def test_the_card_shows_the_guards_verdicts_per_principle(tmp_path: Path, judge: TestServer) -> None:  # noqa: F811
     constitution = tmp_path / "guarded.yaml"
     constitution.write_text(CONSTITUTION, encoding="utf-8")
     run_dir = tmp_path / "run"
