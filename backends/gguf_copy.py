@@ -73,14 +73,13 @@ def weights_for(path: Path, choice: WeightsChoice, *, threads: int) -> tuple[Pat
     :data:`MAX_SOURCE_BYTES`, else ``path``."""
     if choice == "as-is":
         return path, "as given"
-    size = path.stat().st_size
+    stat = path.stat()
     if choice == "auto":
-        if size > MAX_SOURCE_BYTES:
+        if stat.st_size > MAX_SOURCE_BYTES:
             return path, "as given (too large for an F16 copy)"
         kind = gguf_file_type(path)
         if kind != _Q4_1:
             return path, "as given (its type has batched CPU kernels)" if kind != _F16 else "as given (F16)"
-    stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_folder() / "gguf" / f"{path.stem}.{key}.f16.gguf"
     if not target.exists():

@@ -125,8 +125,9 @@ class LlamaCppBackend(BaseBackend):
         self._n_threads_batch = options.n_threads_batch or self._n_threads
         self._score_method = options.score_method
         # a batch of one sequence is the one-at-a-time path, which is faster at it (no step loop in Python)
-        batching = options.batching and (settings.max_concurrency or DEFAULT_SEQUENCES) > 1
-        self.sequences = (settings.max_concurrency or DEFAULT_SEQUENCES) if batching else 1
+        wanted = settings.max_concurrency or DEFAULT_SEQUENCES
+        batching = options.batching and wanted > 1
+        self.sequences = wanted if batching else 1
         """Sequences decoded together; 1 when unbatched (the engine keeps this many chains in flight)."""
         self.traits = BackendTraits(keeps_prefix_together=True, sequences=self.sequences, summary_key="local")
         self._batching = batching
