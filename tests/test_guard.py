@@ -120,6 +120,21 @@ def test_a_planted_harmful_answer_is_blocked_and_safe_prompts_pass(
     assert summary["verdicts"] == len(rows) and summary["directions"]["output"]["decisions"]["block"] == 1
 
 
+def test_content_parts_reach_the_upstream_unchanged_and_their_text_is_checked(
+    tmp_path: Path, server: TestServer, judge: TestServer
+) -> None:
+    server.configure(record=True)
+    picture = [{"type": "text", "text": "What is in this picture?"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    with proxy(tmp_path, guard_recipe(tmp_path / "run", server.base_url, judge.base_url)) as url:
+        answer = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": picture}])
+        assert answer.choices[0].finish_reason == "stop"
+        split = [{"type": "text", "text": "Please TRIGGER"}, {"type": "text", "text": "-IN now"}]
+        refused = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": split}])
+        assert refused.choices[0].finish_reason == "content_filter"  # the parts' text, joined, was checked
+    assert server.requests() == [[{"role": "user", "content": picture}]]  # the image part went on as sent
+
+
 def test_a_violating_stream_stops_before_the_violation_reaches_the_client(
     tmp_path: Path, server: TestServer, judge: TestServer
 ) -> None:

@@ -60,30 +60,35 @@ def _chunk(template: dict[str, Any], delta: dict[str, Any], finish: str | None =
     return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
-async def _body(request: web.Request) -> Any:
-    """The request's JSON body, or the 400 that says it is not JSON."""
+async def _body(request: web.Request) -> tuple[bytes, Any] | web.Response:
+    """The request's bytes (what goes on to the upstream, unchanged) and its JSON, or the 400 that says it is not
+    JSON."""
+    raw = await request.read()
     try:
-        return orjson.loads(await request.read())
+        return raw, orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _error(400, "the request body is not valid JSON")
 
 
 def _messages(body: Any) -> list[dict[str, Any]] | web.Response:
-    """The request's messages, or the 400 that says what is wrong with them."""
+    """The request's messages as the guard reads them (text content; the text parts of a list of content parts),
+    or the 400 that says what is wrong with them. The request itself is not changed."""
     if not isinstance(body, dict):
         return _error(400, "the request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return _error(400, "'messages' must be a non-empty list of {role, content}", param="messages")
+    read: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             return _error(400, f"messages[{index}] must be an object with a 'role'", param=f"messages[{index}]")
         content = message.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            message["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         elif content is not None and not isinstance(content, str):
             return _error(400, f"messages[{index}].content must be text", param=f"messages[{index}].content")
-    return messages
+        read.append({**message, "content": content})
+    return read
 
 
 class _Upstream:
@@ -148,9 +153,10 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
 
     @authorised
     async def chat(request: web.Request) -> web.StreamResponse:
-        body = await _body(request)
-        if isinstance(body, web.Response):
-            return body
+        given = await _body(request)
+        if isinstance(given, web.Response):
+            return given
+        raw, body = given
         messages = _messages(body)
         if isinstance(messages, web.Response):
             return messages
@@ -163,7 +169,7 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
         flagged_input = verdict if verdict.decision == "flag" else None
         try:
             answer = await request.app[_SESSION].post(
-                f"{upstream.base_url}/chat/completions", data=orjson.dumps(body), headers=upstream.headers(request))
+                f"{upstream.base_url}/chat/completions", data=raw, headers=upstream.headers(request))
         except (aiohttp.ClientError, TimeoutError) as exc:
             return _error(502, f"the upstream {upstream.base_url} could not be reached ({type(exc).__name__}: "
                                f"{exc}); check guard.upstream.base_url and that the server runs", "upstream_error")
@@ -201,9 +207,10 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
 
     @authorised
     async def moderations(request: web.Request) -> web.StreamResponse:
-        body = await _body(request)
-        if isinstance(body, web.Response):
-            return body
+        read = await _body(request)
+        if isinstance(read, web.Response):
+            return read
+        body = read[1]
         given = body.get("input") if isinstance(body, dict) else None
         inputs = [given] if isinstance(given, str) else given
         if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
@@ -227,9 +234,11 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
 
 
 async def _relay_bytes(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
-    """The upstream's answer as it comes, chunk by chunk (a stream stays a stream)."""
-    response = web.StreamResponse(status=answer.status, headers={
-        "Content-Type": answer.headers.get("Content-Type", "application/json")})
+    """The upstream's answer as it comes: a stream chunk by chunk, anything else whole (one write)."""
+    content_type = answer.headers.get("Content-Type", "application/json")
+    if answer.content_type != "text/event-stream":
+        return web.Response(body=await answer.read(), status=answer.status, headers={"Content-Type": content_type})
+    response = web.StreamResponse(status=answer.status, headers={"Content-Type": content_type})
     await response.prepare(request)
     async for data in answer.content.iter_any():
         await response.write(data)
