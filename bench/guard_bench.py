@@ -1,7 +1,9 @@
 """What the guard proxy adds to a request: latency p50/p99 over a direct call to the same upstream, at 1 and 100
 concurrent clients against an upstream that answers in 200 ms (``--upstream-ms``) — pass-through (checks
 off), the rules tier (a request a rule decides), the classifier tier (a request it decides), the LLM judge (2
-principles per direction, on a second test server) — and streamed time to first token. Direct and proxied
+principles per direction, on a second test server) — and streamed time to first token. Two floors come first,
+what a proxy that does nothing adds on the same machine (``bench/proxy_floor.py``: a TCP byte pipe, and the
+thinnest aiohttp relay). Direct and proxied
 rounds alternate in one invocation, and the added latency is the median over the rounds of the difference of
 percentiles.
 
@@ -64,6 +66,23 @@ def proxy(folder: Path, upstream: TestServer, judge: TestServer, **guard: Any) -
         raise RuntimeError(line + process.stderr.read())
     try:
         yield line.split("listening on ")[1].split()[0]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextmanager
+def floor(mode: str, upstream: TestServer) -> Iterator[str]:
+    """``bench/proxy_floor.py``: the least any Python proxy adds here (``tcp``: a byte pipe; ``aiohttp``: the
+    thinnest aiohttp relay)."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "proxy_floor.py"), "--mode", mode,
+                                "--upstream", upstream.base_url], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    try:
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"proxy_floor.py did not start: {line!r}")
+        yield f"http://127.0.0.1:{line.split()[1]}/v1"
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -219,6 +238,9 @@ async def main() -> None:
             off = {"enabled": False}
             print(f"upstream: the test server at {args.upstream_ms:g} ms; judge: a test server at 0 ms; "
                   f"{os.cpu_count()} cores shared by clients, proxy and servers")
+            for mode, name in (("tcp", "floor: TCP byte pipe"), ("aiohttp", "floor: bare aiohttp relay")):
+                with floor(mode, upstream) as url:
+                    await compare(name, upstream.base_url, url, args.requests, args.rounds, "Hello")
             with proxy(folder, upstream, judge, input=off, output=off) as url:
                 await compare("pass-through (checks off)", upstream.base_url, url, args.requests, args.rounds,
                               "Hello")
