@@ -174,11 +174,8 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
             return _error(502, f"the upstream {upstream.base_url} could not be reached ({type(exc).__name__}: "
                                f"{exc}); check guard.upstream.base_url and that the server runs", "upstream_error")
         async with answer:
-            if answer.status != 200:
-                return web.Response(body=await answer.read(), status=answer.status,
-                                    content_type=answer.content_type or "application/json")
-            if not config.output.enabled and flagged_input is None:  # nothing to check: relay the bytes
-                return await _relay_bytes(request, answer)
+            if answer.status != 200 or (not config.output.enabled and flagged_input is None):
+                return await _relay_bytes(request, answer)  # an error, or nothing to check: relay the bytes
             if stream and answer.content_type == "text/event-stream":
                 return await _relay_stream(request, guard, config, messages, answer, flagged_input)
             payload = await answer.json(content_type=None)
@@ -199,8 +196,7 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
         try:
             async with request.app[_SESSION].get(f"{upstream.base_url}/models",
                                                  headers=upstream.headers(request)) as answer:
-                return web.Response(body=await answer.read(), status=answer.status,
-                                    content_type=answer.content_type or "application/json")
+                return await _relay_bytes(request, answer)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return _error(502, f"the upstream {upstream.base_url} could not be reached ({type(exc).__name__})",
                           "upstream_error")
