@@ -1,9 +1,9 @@
 """What the guard proxy adds to a request: latency p50/p99 over a direct call to the same upstream, at 1 and 100
 concurrent clients against an upstream that answers in 200 ms (``--upstream-ms``) — pass-through (checks
 off), the rules tier (a request a rule decides), the classifier tier (a request it decides), the LLM judge (2
-principles per direction, on a second test server) — and streamed time to first token. Two floors come first,
-what a proxy that does nothing adds on the same machine (``bench/proxy_floor.py``: a TCP byte pipe, and the
-thinnest aiohttp relay). Direct and proxied
+principles per direction, on a second test server) — and streamed time to first token. Three floors come first,
+what a proxy that does nothing adds on the same machine (``bench/proxy_floor.py``: a TCP byte pipe, the thinnest
+aiohttp relay, and the same relay on llhttp parsing both ways — the guard's upstream client). Direct and proxied
 rounds alternate in one invocation, and the added latency is the median over the rounds of the difference of
 percentiles.
 
@@ -15,7 +15,7 @@ as the judge: the share of prompts that reach the judge with rules + classifier 
 the cascade's recall against the judge alone (target: no loss). ``--cascade-n 0`` skips it (it takes minutes on
 a laptop CPU; a 135M judge shows the plumbing, not safety).
 
-    .venv/bin/python bench/guard_bench.py [--requests 400] [--rounds 3] [--upstream-ms 200] [--cascade-n 50]"""
+    .venv/bin/python bench/guard_bench.py [--requests 1000] [--rounds 7] [--upstream-ms 200] [--cascade-n 50]"""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def proxy(folder: Path, upstream: TestServer, judge: TestServer, **guard: Any) -
 @contextmanager
 def floor(mode: str, upstream: TestServer) -> Iterator[str]:
     """``bench/proxy_floor.py``: the least any Python proxy adds here (``tcp``: a byte pipe; ``aiohttp``: the
-    thinnest aiohttp relay)."""
+    thinnest aiohttp relay; ``httptools``: that relay on llhttp both ways)."""
     process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "proxy_floor.py"), "--mode", mode,
                                 "--upstream", upstream.base_url], stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
@@ -202,22 +202,23 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def compare(name: str, direct: str, proxied: str, n: int, rounds: int, prompt: str) -> None:
-    for concurrency in (1, 100):
-        count = n if concurrency > 1 else max(50, n // 4)
+    for concurrency in (1, 100):  # one client: 50 requests, at most 3 rounds (its spread is small)
+        count, repeats = (n, rounds) if concurrency > 1 else (50, min(rounds, 3))
         added50, added99 = [], []
-        for _ in range(rounds):
+        for _ in range(repeats):
             base = await latencies(direct, count, concurrency, prompt)
             over = await latencies(proxied, count, concurrency, prompt)
             added50.append((pct(over, 0.5) - pct(base, 0.5)) * 1000)
             added99.append((pct(over, 0.99) - pct(base, 0.99)) * 1000)
         print(f"{name:<26} c={concurrency:<3} added p50 {statistics.median(added50):7.2f} ms   "
-              f"added p99 {statistics.median(added99):7.2f} ms   ({rounds} rounds × {count} requests)", flush=True)
+              f"added p99 {statistics.median(added99):7.2f} ms   ({repeats} rounds × {count} requests)", flush=True)
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=1000, help="per round at 100 clients")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="direct/proxied rounds at 100 clients; the added latency is their median")
     parser.add_argument("--upstream-ms", type=float, default=200.0,
                         help="the upstream's latency (a model's answer takes at least this long)")
     parser.add_argument("--classifier", help="a folder `cai train guard` wrote (default: train one here)")
@@ -238,7 +239,8 @@ async def main() -> None:
             off = {"enabled": False}
             print(f"upstream: the test server at {args.upstream_ms:g} ms; judge: a test server at 0 ms; "
                   f"{os.cpu_count()} cores shared by clients, proxy and servers")
-            for mode, name in (("tcp", "floor: TCP byte pipe"), ("aiohttp", "floor: bare aiohttp relay")):
+            for mode, name in (("tcp", "floor: TCP byte pipe"), ("aiohttp", "floor: bare aiohttp relay"),
+                               ("httptools", "floor: bare llhttp relay")):
                 with floor(mode, upstream) as url:
                     await compare(name, upstream.base_url, url, args.requests, args.rounds, "Hello")
             with proxy(folder, upstream, judge, input=off, output=off) as url:

@@ -1,7 +1,8 @@
 """The floor under any Python proxy on this machine, for ``bench/guard_bench.py``: what a proxy that does nothing
 adds. ``tcp``: an asyncio byte pipe (one upstream connection per client connection, no HTTP parsing at all);
 ``aiohttp``: the thinnest aiohttp proxy (read the body, post it upstream on a pooled session, answer with the
-upstream's bytes). Prints ``PORT <n>`` when it listens.
+upstream's bytes); ``httptools``: the same relay with llhttp parsing on both sides (an asyncio protocol for the
+server, the guard's own upstream client, ``cai_async/guard/upstream.py``). Prints ``PORT <n>`` when it listens.
 
     .venv/bin/python bench/proxy_floor.py --mode tcp --upstream http://127.0.0.1:PORT/v1"""
 
@@ -12,7 +13,10 @@ import asyncio
 from urllib.parse import urlsplit
 
 import aiohttp
+import httptools
 from aiohttp import web
+
+from cai_async.guard.upstream import UpstreamClient
 
 
 class _Pipe(asyncio.Protocol):
@@ -72,14 +76,50 @@ async def serve_aiohttp(base_url: str) -> web.ServerRunner:
     return runner
 
 
+class _Relay(asyncio.Protocol):
+    """An HTTP/1.1 server connection that relays each POST's body upstream and answers with the upstream's bytes."""
+
+    def __init__(self, client: UpstreamClient) -> None:
+        self.client, self.parser = client, httptools.HttpRequestParser(self)
+        self.url, self.body = b"", b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        asyncio.get_running_loop().create_task(self.relay(self.url.decode()[3:], self.body))
+        self.url, self.body = b"", b""
+
+    async def relay(self, path: str, body: bytes) -> None:
+        async with await self.client.send("POST", path, body=body,
+                                          headers={"Content-Type": "application/json"}) as answer:
+            data = await answer.read()
+        self.transport.write(b"HTTP/1.1 %d OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            answer.status, answer.content_type.encode(), len(data), data))
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("tcp", "aiohttp"), required=True)
+    parser.add_argument("--mode", choices=("tcp", "aiohttp", "httptools"), required=True)
     parser.add_argument("--upstream", required=True, help="the upstream's base URL (…/v1)")
     args = parser.parse_args()
     if args.mode == "tcp":
         parts = urlsplit(args.upstream)
         server = await serve_tcp(parts.hostname or "127.0.0.1", parts.port or 80)
+        port = server.sockets[0].getsockname()[1]
+    elif args.mode == "httptools":
+        client = UpstreamClient(args.upstream, timeout_s=300)
+        server = await asyncio.get_running_loop().create_server(lambda: _Relay(client), "127.0.0.1", 0, backlog=4096)
         port = server.sockets[0].getsockname()[1]
     else:
         runner = await serve_aiohttp(args.upstream.rstrip("/"))

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 import orjson
 from aiohttp import web
@@ -23,12 +22,12 @@ from backends.registry import Secret
 from cai_async.engine import Engine, EngineConfig
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import Guard, Verdict, VerdictLog
+from cai_async.guard.upstream import UpstreamAnswer, UpstreamClient, UpstreamUnreachable
 from cai_async.serving import stop_on_signal
 
 __all__ = ["build_proxy_app", "serve_guard"]
 
 _GUARD = web.AppKey("guard", Guard)
-_SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> web.Response:
@@ -99,6 +98,7 @@ class _Upstream:
             raise ConfigError("guard.upstream.base_url: the proxy needs an upstream (…/v1 of an OpenAI-compatible "
                               "server); pass --upstream URL")
         self.base_url = config.upstream.base_url.rstrip("/")
+        self.client = UpstreamClient(self.base_url, timeout_s=config.upstream.timeout_s)
         self.key: Secret | None = None
         if config.upstream.api_key_env:
             value = os.environ.get(config.upstream.api_key_env)
@@ -131,18 +131,15 @@ class _Upstream:
 
 
 def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
-    """The proxy's aiohttp application (the session to the upstream opens with the app)."""
+    """The proxy's aiohttp application (its pooled connections to the upstream open and close with the app)."""
     upstream = _Upstream(config)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[_GUARD] = guard
 
-    async def session_context(app: web.Application) -> Any:
-        timeout = aiohttp.ClientTimeout(total=config.upstream.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-            app[_SESSION] = session
-            yield
+    async def close_client(app: web.Application) -> None:
+        upstream.client.close()
 
-    app.cleanup_ctx.append(session_context)
+    app.on_cleanup.append(close_client)
 
     def authorised(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
         async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -168,17 +165,22 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
             return _json(_completion(body, verdict.refusal(), "content_filter", verdict))
         flagged_input = verdict if verdict.decision == "flag" else None
         try:
-            answer = await request.app[_SESSION].post(
-                f"{upstream.base_url}/chat/completions", data=raw, headers=upstream.headers(request))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return _error(502, f"the upstream {upstream.base_url} could not be reached ({type(exc).__name__}: "
-                               f"{exc}); check guard.upstream.base_url and that the server runs", "upstream_error")
+            answer = await upstream.client.send("POST", "/chat/completions", body=raw,
+                                                     headers=upstream.headers(request))
+        except UpstreamUnreachable as exc:
+            return _unreachable(upstream.base_url, exc)
         async with answer:
             if answer.status != 200 or (not config.output.enabled and flagged_input is None):
                 return await _relay_bytes(request, answer)  # an error, or nothing to check: relay the bytes
             if stream and answer.content_type == "text/event-stream":
                 return await _relay_stream(request, guard, config, messages, answer, flagged_input)
-            payload = await answer.json(content_type=None)
+            try:
+                payload = orjson.loads(await answer.read())
+            except UpstreamUnreachable as exc:
+                return _unreachable(upstream.base_url, exc)
+            except orjson.JSONDecodeError:
+                return _error(502, f"the upstream {upstream.base_url} answered with something that is not JSON",
+                              "upstream_error")
         choice = (payload.get("choices") or [{}])[0]
         text = str((choice.get("message") or {}).get("content") or "")
         out = await guard.check_output(messages, text)
@@ -194,12 +196,10 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
     @authorised
     async def models(request: web.Request) -> web.StreamResponse:
         try:
-            async with request.app[_SESSION].get(f"{upstream.base_url}/models",
-                                                 headers=upstream.headers(request)) as answer:
+            async with await upstream.client.send("GET", "/models", headers=upstream.headers(request)) as answer:
                 return await _relay_bytes(request, answer)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return _error(502, f"the upstream {upstream.base_url} could not be reached ({type(exc).__name__})",
-                          "upstream_error")
+        except UpstreamUnreachable as exc:
+            return _unreachable(upstream.base_url, exc)
 
     @authorised
     async def moderations(request: web.Request) -> web.StreamResponse:
@@ -229,14 +229,19 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
     return app
 
 
-async def _relay_bytes(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+def _unreachable(base_url: str, exc: UpstreamUnreachable) -> web.Response:
+    return _error(502, f"the upstream {base_url} could not be reached ({exc}); check guard.upstream.base_url and that "
+                       "the server runs", "upstream_error")
+
+
+async def _relay_bytes(request: web.Request, answer: UpstreamAnswer) -> web.StreamResponse:
     """The upstream's answer as it comes: a stream chunk by chunk, anything else whole (one write)."""
-    content_type = answer.headers.get("Content-Type", "application/json")
+    content_type = answer.headers.get("content-type", "application/json")
     if answer.content_type != "text/event-stream":
         return web.Response(body=await answer.read(), status=answer.status, headers={"Content-Type": content_type})
     response = web.StreamResponse(status=answer.status, headers={"Content-Type": content_type})
     await response.prepare(request)
-    async for data in answer.content.iter_any():
+    async for data in answer.chunks():
         await response.write(data)
     await response.write_eof()
     return response
@@ -256,7 +261,7 @@ async def _stream_text(request: web.Request, body: dict[str, Any], text: str, fi
 
 
 async def _relay_stream(request: web.Request, guard: Guard, config: GuardConfig, messages: list[dict[str, Any]],
-                        answer: aiohttp.ClientResponse, flagged: Verdict | None) -> web.StreamResponse:
+                        answer: UpstreamAnswer, flagged: Verdict | None) -> web.StreamResponse:
     """Relay an upstream stream, checking the answer every few chunks; text within ``hold_back_chars`` of
     the last check (or all of it, for ``revise``) is held until a later check clears it."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -278,7 +283,7 @@ async def _relay_stream(request: web.Request, guard: Guard, config: GuardConfig,
         await response.write_eof()
         return response
 
-    async for line in answer.content:
+    async for line in answer.lines():
         if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
@@ -298,7 +303,7 @@ async def _relay_stream(request: web.Request, guard: Guard, config: GuardConfig,
             verdict = await guard.check_output(messages, text, final=False)
             if verdict.blocked:
                 await guard.check_output(messages, text)  # logged as the final verdict of this answer
-                answer.close()
+                answer.release()  # the rest of the stream is not read: the connection closes
                 return await cut(verdict)
             await release(max(released, len(text) - policy.hold_back_chars))
         if choice.get("finish_reason"):
