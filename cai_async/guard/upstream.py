@@ -30,8 +30,11 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.answer: UpstreamAnswer | None = None
-        self.closed = False
         self.received = False
+
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -47,7 +50,6 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
         answer = self.answer
         if answer is None or answer.complete:
             return
@@ -80,7 +82,6 @@ class _Connection(asyncio.Protocol):
             self.answer.fail(exc)
 
     def close(self) -> None:
-        self.closed = True
         if self.transport is not None:
             self.transport.close()
 
@@ -226,9 +227,7 @@ class UpstreamClient:
             connection = self.idle.pop() if reused else await self._connect()
             answer = UpstreamAnswer(self, connection)
             connection.answer, connection.received = answer, False
-            if connection.closed or connection.transport is None:
-                answer.release()
-                continue
+            assert connection.transport is not None  # a fresh one, or an idle one still open
             connection.transport.write(request)
             try:
                 await answer.started
@@ -240,7 +239,7 @@ class UpstreamClient:
             except BaseException:
                 answer.release()
                 raise
-        raise UpstreamUnreachable("no connection to the upstream could be used")
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def close(self) -> None:
         """Close the idle connections."""
