@@ -6,9 +6,11 @@ get OpenAI-shaped 400s, and the upstream key reaches no file."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -203,6 +205,41 @@ def test_bad_requests_and_a_dead_upstream_get_openai_shaped_errors(
         with pytest.raises(openai.APIStatusError) as dead:
             ask(url, SAFE_PROMPTS[0])
         assert dead.value.status_code == 502 and "could not be reached" in str(dead.value)
+
+
+def test_an_upstream_answering_something_else_than_json_is_a_502_that_says_so(
+    tmp_path: Path, judge: TestServer
+) -> None:
+    """A base URL that points at a web page (a common slip: the site instead of its ``/v1``) answers 200 with
+    HTML; the proxy, which must read the answer to check it, says so instead of failing with a 500."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            page = b"<html><body>Welcome</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    upstream = f"http://127.0.0.1:{site.server_address[1]}/v1"
+    try:
+        recipe = guard_recipe(tmp_path / "run", upstream, judge.base_url, input={"enabled": False})
+        with proxy(tmp_path, recipe) as url:
+            with pytest.raises(openai.APIStatusError) as page:
+                ask(url, SAFE_PROMPTS[0])
+    finally:
+        site.shutdown()
+    assert page.value.status_code == 502
+    assert page.value.body["type"] == "upstream_error"  # type: ignore[index]
+    assert f"the upstream {upstream} answered with something that is not JSON" in page.value.message
+    assert not judge.requests()  # nothing was judged: there was no answer to judge
 
 
 def test_keys_the_moderations_endpoint_and_rules(tmp_path: Path, server: TestServer, judge: TestServer) -> None:
