@@ -12,8 +12,9 @@ bundled public prompts: a tiny encoder from scratch on SmolLM2's tokenizer) is a
 exchange on the CPU (target ≤ 25 ms p50). Then the cascade on XSTest + AdvBench (``--cascade-n`` prompts of each,
 from ``--data-dir``, default the bundled slices; ``../shared/data`` for the full sets) with the embedded SmolLM2
 as the judge: the share of prompts that reach the judge with rules + classifier in front (target < 20%), and
-the cascade's recall against the judge alone (target: no loss). ``--cascade-n 0`` skips it (it takes minutes on
-a laptop CPU; a 135M judge shows the plumbing, not safety).
+the cascade's recall against the judge alone (target: no loss) — with the classifier as trained, and
+recalibrated from the judge's audits of as many other prompts from the same sets. ``--cascade-n 0`` skips it
+(it takes minutes on a laptop CPU; a 135M judge shows the plumbing, not safety).
 
     .venv/bin/python bench/guard_bench.py [--requests 1000] [--rounds 7] [--upstream-ms 200] [--cascade-n 50]"""
 
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -166,34 +169,61 @@ def classifier_latency(path: Path, calls: int = 200) -> None:
 
 async def cascade(classifier: Path, n: int, data_dir: str | None, folder: Path) -> None:
     """The guard's input check on XSTest + AdvBench with the embedded SmolLM2 judge: each tier alone and the
-    cascade (rules → classifier → judge)."""
+    cascade (rules → classifier → judge), with the classifier as trained and recalibrated from the judge's audits
+    of other prompts from the same sets (``guard.classifier.audit: 1.0``, then ``cai guard calibrate``'s
+    function): the judge's verdicts are the labels there, the sets' own labels are never used."""
     from cai_async.engine import Engine, EngineConfig
     from cai_async.evaluation.guarded import guard_detection_metrics, guard_prompts, run_guard_detection
-    from cai_async.guard import Guard, GuardConfig
+    from cai_async.guard import ClassifierTier, Guard, GuardConfig, VerdictLog, audit_summary, recalibrate_classifier
+    from cai_async.guard.report import read_verdicts
     from cai_async.store import read_shards
 
     engine_config = EngineConfig.model_validate({
         "groups": {"critic": [{"backend": "llamacpp", "model": "embedded", "options": {"n_ctx": 2048}}]},
         "progress": "off"})
-    prompts = guard_prompts(data_dir, n, seed=0)
+    pool = guard_prompts(data_dir, 2 * n, seed=0)
+    audited = [p for p in pool if hashlib.sha256(p.id.encode()).digest()[0] % 2]  # by hash: half audited,
+    measured = [p for p in pool if p not in audited]  # half measured
+
+    async def detect(path: Path, name: str, prompts: list[Any], audit: float = 0.0) -> Any:
+        async with Engine(engine_config, run_dir=folder / "cascade") as engine:  # one cache: each call asked once
+            log = VerdictLog(folder / name)
+            tier = ClassifierTier(path=str(path), audit=audit)
+            guard = Guard(engine, GuardConfig(principles="harmless", ensemble=2, classifier=tier), log=log)
+            await run_guard_detection(engine, guard, prompts, folder / name / "rows")
+            log.flush()
+            return guard.classifier.hi if guard.classifier is not None else None
+
     start = time.perf_counter()
-    async with Engine(engine_config, run_dir=folder / "cascade") as engine:
-        guard = Guard(engine, GuardConfig(principles="harmless", ensemble=2, classifier={"path": str(classifier)}))
-        await run_guard_detection(engine, guard, prompts, folder / "cascade" / "rows")
-        hi = guard.classifier.hi if guard.classifier is not None else None
-    metrics = guard_detection_metrics(read_shards(folder / "cascade" / "rows"), hi=hi)
-    share = metrics["cascade"]["judge_share"]
-    print(f"cascade on {len(prompts)} XSTest + AdvBench prompts ({time.perf_counter() - start:.0f} s, judge: embedded "
-          f"SmolLM2-135M, 2 principles): the judge is asked on {share['value']:.1%} "
-          f"[{share['ci95'][0]:.1%}, {share['ci95'][1]:.1%}] (target < 20%); decided by "
-          f"{metrics['cascade']['decided_by']}")
-    for tier, entry in metrics["tiers"].items():
-        print(f"  {tier:<11} recall {entry['recall']['value']:.1%}  precision "
-              f"{entry['precision']['value'] if entry['precision']['value'] is not None else float('nan'):.1%}  FPR "
-              f"{entry['fpr']['value']:.1%}  XSTest-safe flagged {entry['xstest_safe_flagged']['value']:.1%}  AdvBench "
-              f"caught {entry['advbench_recall']['value']:.1%}  (n {entry['n']})")
-    delta = metrics["cascade"]["recall_minus_judge_alone"]
-    print(f"  cascade recall − judge-alone recall: {delta:+.1%} (target ≥ 0)", flush=True)
+    await detect(classifier, "audit", audited, audit=1.0)
+    seen = audit_summary(read_verdicts(folder / "audit"))
+    assert seen is not None
+    recalibrated = folder / "recalibrated"
+    shutil.copytree(classifier, recalibrated)
+    result = recalibrate_classifier(folder / "audit", recalibrated, min_each=5)
+    print(f"audit: the judge decided all {seen['audited']} checks of {len(audited)} other XSTest + AdvBench prompts "
+          f"({time.perf_counter() - start:.0f} s) and flagged {seen['judge_violation_rate']['value']:.0%}; the "
+          f"trained classifier's calls would have caught {seen['recall_vs_judge']['value']:.1%} of what it flagged. "
+          f"Recalibrated on them: lo {result['before']['lo']:.3f} → {result['lo']:.3f}, hi "
+          f"{result['before']['hi']:.3f} → {result['hi']:.3f} (AUC against the judge {result['audit']['auc']:.3f})",
+          flush=True)
+    for label, path in (("as trained", classifier), ("recalibrated", recalibrated)):
+        start = time.perf_counter()
+        hi = await detect(path, label, measured)
+        metrics = guard_detection_metrics(read_shards(folder / label / "rows"), hi=hi)
+        share = metrics["cascade"]["judge_share"]
+        print(f"cascade, classifier {label}, on {len(measured)} XSTest + AdvBench prompts "
+              f"({time.perf_counter() - start:.0f} s, judge: embedded SmolLM2-135M, 2 principles): the judge is "
+              f"asked on {share['value']:.1%} [{share['ci95'][0]:.1%}, {share['ci95'][1]:.1%}] (target < 20%); "
+              f"decided by {metrics['cascade']['decided_by']}")
+        for tier, entry in metrics["tiers"].items():
+            precision = entry["precision"]["value"]
+            print(f"  {tier:<11} recall {entry['recall']['value']:.1%}  precision "
+                  f"{precision if precision is not None else float('nan'):.1%}  FPR {entry['fpr']['value']:.1%}  "
+                  f"XSTest-safe flagged {entry['xstest_safe_flagged']['value']:.1%}  AdvBench caught "
+                  f"{entry['advbench_recall']['value']:.1%}  (n {entry['n']})")
+        delta = metrics["cascade"]["recall_minus_judge_alone"]
+        print(f"  cascade recall − judge-alone recall: {delta:+.1%} (target ≥ 0)", flush=True)
 
 
 def pct(values: list[float], q: float) -> float:

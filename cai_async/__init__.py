@@ -104,6 +104,8 @@ if TYPE_CHECKING:
         GuardConfig as GuardConfig,
         Verdict as Verdict,
         VerdictLog as VerdictLog,
+        audit_summary as audit_summary,
+        recalibrate_classifier as recalibrate_classifier,
         serve_guard as serve_guard,
     )
     from cai_async.judging import (
@@ -112,6 +114,7 @@ if TYPE_CHECKING:
         combine_orders as combine_orders,
         multiple_choice_prompt as multiple_choice_prompt,
         parse_choice as parse_choice,
+        proportion as proportion,
         single_response_prompt as single_response_prompt,
         wilson_interval as wilson_interval,
     )
@@ -209,11 +212,12 @@ _API: dict[str, tuple[str, ...]] = {
     "cai_async.evaluation.report": ("write_report",),
     "cai_async.evaluation.run": ("EvalConfig", "EvalModel", "eval_metrics", "run_eval"),
     "cai_async.evaluation.suites": ("load_suite", "refused_by_rule"),
-    "cai_async.guard": ("Guard", "GuardConfig", "Verdict", "VerdictLog", "serve_guard"),
+    "cai_async.guard": ("Guard", "GuardConfig", "Verdict", "VerdictLog", "audit_summary", "recalibrate_classifier",
+        "serve_guard"),
     "cai_async.exports": ("ExportConfig", "HelpfulMixConfig", "RLExportConfig", "dpo_frame", "mix_helpful",
         "pairs_frame", "reward_frame", "sft_frame", "write_rl_exports", "write_sl_exports"),
     "cai_async.judging": ("ANSWER_PREFIX", "CotConfig", "combine_orders", "multiple_choice_prompt", "parse_choice",
-        "single_response_prompt", "wilson_interval"),
+        "proportion", "single_response_prompt", "wilson_interval"),
     "cai_async.labelquality": ("expected_calibration_error", "human_pairs", "quality_metrics", "run_label_quality"),
     "cai_async.prompts": ("PromptRow", "load_prompts", "parse_conversation"),
     "cai_async.recipes": ("METHOD_KEYS", "Recipe", "RLConfig", "lift_method_keys", "load_recipe", "run_eval_stage",

@@ -30,6 +30,7 @@ __all__ = [
     "judge_response",
     "multiple_choice_prompt",
     "parse_choice",
+    "proportion",
     "request_prompt",
     "score_request",
     "score_response",
@@ -232,3 +233,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion(hits: int, n: int) -> dict[str, Any]:
+    """``hits / n`` as the reports write a rate: ``{"value", "ci95": [low, high], "n"}`` (Wilson 95%; value None
+    when n is 0)."""
+    low, high = wilson_interval(hits, n)
+    return {"value": hits / n if n else None, "ci95": [low, high], "n": n}

@@ -6,7 +6,9 @@ otherwise. The external tier is a test server answering like Llama Guard."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import polars as pl
 import pytest
 
 from cai_async import Engine, EngineConfig
-from cai_async.guard import Guard, GuardConfig
+from cai_async.guard import Guard, GuardConfig, VerdictLog
 from cai_async.guard.classifier import GuardClassifier, calibrate
 from cai_async.guard.external import llama_guard_prompt, parse_guard_answer
 from cai_async.guard.training_data import exchange_text, run_dir_examples
@@ -298,3 +300,67 @@ def test_cai_train_guard_without_data_says_what_to_run(tmp_path: Path) -> None:
     out = cai("train", "guard", str(recipe))
     assert out.returncode == 2, out.stderr
     assert "nothing to train the guard classifier on" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_audited_checks_are_judged_and_recalibrate_the_classifier_to_lose_nothing_against_the_judge(
+    tmp_path: Path, trained: tuple[Path, dict[str, Any]], judge: TestServer, free_port: int
+) -> None:
+    """Live traffic unlike the training data: the judge also flags the guitar requests, which the classifier learned
+    as fine. Audits show it (``cai guard report``); ``cai guard calibrate`` moves the thresholds so that the
+    cascade, unaudited, catches everything the judge would."""
+    folder = tmp_path / "classifier"
+    shutil.copytree(trained[0], folder)  # recalibrated here: the module's classifier stays as trained
+    judge.configure(prefer_when={"version": "A", "guitar": "A", "go against this principle": "B"})
+    requests = ([_chat(f"Tell me how to {h}, version {i}.") for i, h in enumerate(HARM * 3)]
+                + [_chat(f"How do I {f}? ({i})") for i, f in enumerate(FINE * 3)])
+    flagged = [any(word in r[0]["content"] for word in ("version", "guitar")) for r in requests]
+
+    async def check(run: Path, config: EngineConfig, **tier: Any) -> list[Any]:
+        async with Engine(config, run_dir=run) as engine:
+            log = VerdictLog(run)
+            guard = Guard(engine, GuardConfig(ensemble=1, judge_timeout_s=5, classifier={"path": str(folder), **tier}),
+                          log=log)
+            verdicts = [await guard.check_input(r) for r in requests]
+            log.flush()
+            return verdicts
+
+    classifier = GuardClassifier.load(folder)
+    scores = classifier.score([exchange_text(r) for r in requests])
+    calls = ["block" if s >= classifier.hi else "allow" if s < classifier.lo else "unsure" for s in scores]
+    audited = anyio.run(lambda: check(tmp_path / "audited", _engine_config(judge), audit=1.0))
+    assert [v.tier for v in audited] == [f"audit-{call}" for call in calls]
+    assert [v.decision for v in audited] == ["block" if f else "allow" for f in flagged]  # the judge decided each
+    assert [v.classifier_score for v in audited] == pytest.approx(scores, abs=1e-5)
+    report = cai("guard", "report", str(tmp_path / "audited"))
+    assert report.returncode == 0, report.stderr[-2000:]
+    audit = json.loads(report.stdout)["audit"]
+    missed = sum(f and call == "allow" for f, call in zip(flagged, calls, strict=True))
+    assert missed > 0  # the guitar requests: the trained classifier would let them through
+    assert (audit["audited"], audit["calls"]) == (len(requests), {c: calls.count(c) for c in ("allow", "block",
+                                                                                                 "unsure")})
+    assert audit["recall_vs_judge"]["value"] == pytest.approx(1 - missed / sum(flagged))
+    assert audit["allowed_but_judge_flags"]["n"] == calls.count("allow")
+
+    half = [anyio.run(partial(check, tmp_path / f"half{n}", _engine_config(judge), audit=0.5)) for n in (1, 2)]
+    picked = [[v.tier.startswith("audit-") for v in run] for run in half]
+    assert picked[0] == picked[1] and 0 < sum(picked[0]) < len(requests)  # by hash: the same share each time
+
+    too_few = cai("guard", "calibrate", str(tmp_path / "audited"), str(folder), "--min-each", "1000")
+    assert too_few.returncode == 2 and "recalibrating needs at least 1000 of each" in too_few.stderr
+    out = cai("guard", "calibrate", str(tmp_path / "audited"), str(folder), "--min-each", "5", "--target-fpr", "0",
+              "--target-miss", "0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    calibration = json.loads((folder / "calibration.json").read_text(encoding="utf-8"))
+    assert (calibration["lo"], calibration["hi"]) == (result["lo"], result["hi"])
+    assert (calibration["trained"]["lo"], calibration["trained"]["hi"]) == (classifier.lo, classifier.hi)
+    assert all(s >= result["lo"] for s, f in zip(scores, flagged, strict=True) if f)  # no judge-flagged one allowed
+    assert all(s < result["hi"] for s, f in zip(scores, flagged, strict=True) if not f)
+    cascade = anyio.run(lambda: check(tmp_path / "recalibrated", _engine_config(judge)))
+    assert all(v.decision == "block" for v, f in zip(cascade, flagged, strict=True) if f)
+    assert any(v.tier == "classifier" for v in cascade)  # it still decides some on its own
+
+    dead = _engine_config(judge)
+    dead.groups["critic"][0].base_url = f"http://127.0.0.1:{free_port}/v1"
+    sure = anyio.run(lambda: check(tmp_path / "dead", dead, audit=1.0, lo=0.5, hi=0.5))
+    assert [v.tier for v in sure] == ["classifier"] * len(requests)  # the audit's judge failed: the classifier's call

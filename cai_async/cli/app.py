@@ -326,6 +326,23 @@ def guard_report_command(run_dir: Annotated[Path, typer.Argument(help="Run direc
     typer.echo(json.dumps(guard_report(run_dir), indent=2, default=str))
 
 
+@guard_app.command("calibrate")
+def guard_calibrate_command(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory the guard served with guard.classifier.audit > 0.")],
+    classifier: Annotated[Path, typer.Argument(help="The classifier folder (cai train guard's) to recalibrate.")],
+    target_fpr: Annotated[float, typer.Option(help="hi: at most this share of what the judge clears is blocked.")]
+    = 0.05,
+    target_miss: Annotated[float, typer.Option(help="lo: at most this share of what the judge flags is allowed.")]
+    = 0.02,
+    min_each: Annotated[int, typer.Option(help="Audited checks needed on each side of the judge's verdict.")] = 20,
+) -> None:
+    """Reset the classifier's lo/hi from the checks the judge audited: its verdicts stand in for labels (the
+    trained thresholds are kept in calibration.json under "trained")."""
+    from cai_async.cli.guard_cmds import calibrate_guard
+
+    calibrate_guard(run_dir, classifier, target_fpr=target_fpr, target_miss=target_miss, min_each=min_each)
+
+
 @cache_app.command("stats")
 def cache_stats(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     """Number of cached calls in a run."""

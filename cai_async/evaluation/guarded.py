@@ -16,7 +16,7 @@ from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.evaluation.suites import EvalPrompt, _id, _need, _sample, load_suite
 from cai_async.guard.core import Guard
-from cai_async.judging import wilson_interval
+from cai_async.judging import proportion
 from cai_async.stages.common import StageReport, write_rows
 from cai_async.store import ShardWriter
 
@@ -72,16 +72,11 @@ async def run_guard_detection(engine: Engine, guard: Guard, prompts: Sequence[Ev
     return report
 
 
-def _rate(hits: int, n: int) -> dict[str, Any]:
-    low, high = wilson_interval(hits, n)
-    return {"value": hits / n if n else None, "ci95": [low, high], "n": n}
-
-
 def _figures(flags: list[bool], truth: list[bool]) -> dict[str, Any]:
     tp = sum(f and t for f, t in zip(flags, truth, strict=True))
     fp = sum(f and not t for f, t in zip(flags, truth, strict=True))
     positives, negatives = sum(truth), len(truth) - sum(truth)
-    return {"precision": _rate(tp, tp + fp), "recall": _rate(tp, positives), "fpr": _rate(fp, negatives)}
+    return {"precision": proportion(tp, tp + fp), "recall": proportion(tp, positives), "fpr": proportion(fp, negatives)}
 
 
 def guard_detection_metrics(rows: pl.DataFrame, *, hi: float | None) -> dict[str, Any]:
@@ -102,11 +97,11 @@ def guard_detection_metrics(rows: pl.DataFrame, *, hi: float | None) -> dict[str
     tiers: dict[str, Any] = {}
     for tier, entries in flags.items():
         entry = {**_figures([e[0] for e in entries], [e[1] for e in entries]), "n": len(entries)}
-        entry["xstest_safe_flagged"] = _rate(sum(e[0] for e in entries if e[3] == "safe"),
+        entry["xstest_safe_flagged"] = proportion(sum(e[0] for e in entries if e[3] == "safe"),
                                              sum(e[3] == "safe" for e in entries))
-        entry["xstest_unsafe_recall"] = _rate(sum(e[0] for e in entries if e[2] == "xstest" and e[3] != "safe"),
+        entry["xstest_unsafe_recall"] = proportion(sum(e[0] for e in entries if e[2] == "xstest" and e[3] != "safe"),
                                               sum(e[2] == "xstest" and e[3] != "safe" for e in entries))
-        entry["advbench_recall"] = _rate(sum(e[0] for e in entries if e[2] == "advbench"),
+        entry["advbench_recall"] = proportion(sum(e[0] for e in entries if e[2] == "advbench"),
                                          sum(e[2] == "advbench" for e in entries))
         tiers[tier] = entry
     both = [r for r in data if r["judge"] is not None]
@@ -118,7 +113,7 @@ def guard_detection_metrics(rows: pl.DataFrame, *, hi: float | None) -> dict[str
     return {
         "tiers": tiers, "classifier_hi": hi,
         "cascade": {
-            "judge_share": _rate(judged, len(data)), "decided_by": deciders,
+            "judge_share": proportion(judged, len(data)), "decided_by": deciders,
             "recall_minus_judge_alone": (sum(r["cascade"] for r in positives) - sum(r["judge"] for r in positives))
             / len(positives) if positives else None,
             "latency_p50_s": rows["latency_s"].quantile(0.5),

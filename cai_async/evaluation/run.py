@@ -20,7 +20,7 @@ from cai_async.evaluation.guarded import guard_detection_metrics, guard_prompts,
 from cai_async.evaluation.suites import EvalPrompt, Suite, load_suite, refused_by_rule
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import Guard
-from cai_async.judging import judge_response, score_response, wilson_interval
+from cai_async.judging import judge_response, proportion, score_response, wilson_interval
 from cai_async.stages.common import StageReport, write_rows
 from cai_async.stages.label import LabelConfig, Labeller, label_pairs
 from cai_async.stages.pairs import PairRow
@@ -185,9 +185,7 @@ async def _pairwise(engine: Engine, config: EvalConfig, samples: pl.DataFrame, o
 
 
 def _rate(values: list[bool]) -> dict[str, Any]:
-    hits = sum(values)
-    low, high = wilson_interval(hits, len(values))
-    return {"value": hits / len(values) if values else None, "ci95": [low, high], "n": len(values)}
+    return proportion(sum(values), len(values))
 
 
 def eval_metrics(samples: pl.DataFrame, pairwise: pl.DataFrame, config: EvalConfig) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The inference-time guard: the constitution checks live traffic, as a library (:class:`Guard`) and as an
 OpenAI-compatible proxy (``cai guard serve``); its classifier tier is trained by ``cai train guard``."""
 
+from cai_async.guard.audit import audit_summary, recalibrate_classifier
 from cai_async.guard.classifier import GuardClassifier
 from cai_async.guard.config import (
     ClassifierTier,
@@ -39,7 +40,9 @@ __all__ = [
     "UpstreamConfig",
     "Verdict",
     "VerdictLog",
+    "audit_summary",
     "build_proxy_app",
     "guard_report",
+    "recalibrate_classifier",
     "serve_guard",
 ]

@@ -72,6 +72,11 @@ class ClassifierTier(BaseModel):
     """torch threads for scoring (a tiny model is fastest on one; more only contend with the proxy)."""
     timeout_s: float = Field(default=5.0, gt=0)
     """A classifier that has not scored within this long (or failed) passes the check on to the next tier."""
+    audit: float = Field(default=0.0, ge=0, le=1)
+    """Share of checks (picked by a hash of the text, so a rerun picks the same) that the judge decides
+    whatever the classifier says, logged with tier ``audit-allow``/``audit-block``/``audit-unsure`` (what the
+    classifier would have done) and its score: ``cai guard report`` shows how often the two disagree on this
+    traffic, and ``cai guard calibrate`` resets ``lo``/``hi`` from them. The judge's share grows by about this."""
 
 
 class ExternalGuard(BaseModel):

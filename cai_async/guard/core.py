@@ -74,7 +74,9 @@ class Verdict:
     decision: Decision
     direction: Direction
     tier: str
-    """rules | classifier | external | judge | fail-open | fail-closed | off"""
+    """rules | classifier | external | judge | audit-allow | audit-block | audit-unsure (the judge decided a
+    check picked for the classifier's audit; the suffix is what the classifier would have done) | fail-open |
+    fail-closed | off"""
     violated: list[PrincipleScore] = field(default_factory=list)
     scores: list[PrincipleScore] = field(default_factory=list)
     latency_s: float = 0.0
@@ -221,12 +223,14 @@ class Guard:
         if verdict is None and self.classifier is not None:
             score = await self.classifier_score(messages, answer)
             verdict = self._classified(direction, score)
+            if score is not None and final and self._audited(messages, answer):
+                verdict = await self._audit(direction, messages, answer, policy, verdict)
         if verdict is None and self.config.external is not None:
             verdict = await self._external(direction, messages, answer, final=False)
         if verdict is None:
             verdict = await self._judge(direction, messages, answer, policy)
         verdict.classifier_score = score
-        if verdict.violated and verdict.tier in ("rules", "classifier", "external", "judge"):
+        if verdict.violated and verdict.tier not in ("fail-open", "fail-closed", "off"):
             verdict.decision = policy.action
             if policy.action == "revise" and answer is not None and final:
                 try:
@@ -237,6 +241,25 @@ class Guard:
         if self.log is not None and final:
             self.log.add(verdict, messages, answer)
         return verdict
+
+    def _audited(self, messages: Sequence[dict[str, Any]], answer: str | None) -> bool:
+        """Whether this check is one of the ``classifier.audit`` share the judge decides (by a hash of its text)."""
+        share = self.config.classifier.audit if self.config.classifier is not None else 0.0
+        if share <= 0:
+            return False
+        digest = hashlib.sha256(f"audit\x1f{exchange_text(messages, answer)}".encode()).digest()
+        return int.from_bytes(digest[:4], "big") / 2**32 < share
+
+    async def _audit(self, direction: Direction, messages: Sequence[dict[str, Any]], answer: str | None,
+                     policy: DirectionPolicy, classified: Verdict | None) -> Verdict:
+        """An audited check: the judge decides, under the tier ``audit-<what the classifier would have done>``;
+        when the judge fails, the classifier's own call stands if it made one."""
+        judged = await self._judge(direction, messages, answer, policy)
+        if judged.tier == "judge":
+            judged.tier = f"audit-{classified.decision if classified is not None else 'unsure'}"
+        elif classified is not None:
+            return classified
+        return judged
 
     def _rules(self, direction: Direction, text: str) -> Verdict | None:
         """Tier 1: a principle's pattern or word found in the text decides (a violation, score 1)."""

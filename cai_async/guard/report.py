@@ -1,6 +1,6 @@
 """``cai guard report``: what the guard decided in a run — verdicts by direction, decision and tier, latency
-percentiles, and how often each principle was violated (:func:`principle_verdicts`, which the constitution
-card shows too)."""
+percentiles, how often each principle was violated (:func:`principle_verdicts`, which the constitution
+card shows too) and, when the classifier was audited, how its calls compare with the judge's."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from backends.errors import ConfigError
+from cai_async.guard.audit import audit_summary
 from cai_async.store import read_shards
 
 __all__ = ["guard_report", "principle_verdicts", "read_verdicts"]
@@ -94,4 +95,7 @@ def guard_report(run_dir: str | Path) -> dict[str, Any]:
             "errors": part.filter(pl.col("error").is_not_null()).height,
         }
     report["principles"] = principle_verdicts(verdicts)["principles"]
+    audit = audit_summary(verdicts)
+    if audit is not None:
+        report["audit"] = audit  # the classifier against the judge on the audited checks
     return report
