@@ -212,9 +212,10 @@ async def cascade(classifier: Path, n: int, data_dir: str | None, folder: Path) 
         hi = await detect(path, label, measured)
         metrics = guard_detection_metrics(read_shards(folder / label / "rows"), hi=hi)
         share = metrics["cascade"]["judge_share"]
+        cached = "; the judge answers from the cache" if label != "as trained" else ""
         print(f"cascade, classifier {label}, on {len(measured)} XSTest + AdvBench prompts "
-              f"({time.perf_counter() - start:.0f} s, judge: embedded SmolLM2-135M, 2 principles): the judge is "
-              f"asked on {share['value']:.1%} [{share['ci95'][0]:.1%}, {share['ci95'][1]:.1%}] (target < 20%); "
+              f"({time.perf_counter() - start:.0f} s{cached}, judge: embedded SmolLM2-135M, 2 principles): the judge is"
+              f" asked on {share['value']:.1%} [{share['ci95'][0]:.1%}, {share['ci95'][1]:.1%}] (target < 20%); "
               f"decided by {metrics['cascade']['decided_by']}")
         for tier, entry in metrics["tiers"].items():
             precision = entry["precision"]["value"]
