@@ -169,12 +169,14 @@ def classifier_latency(path: Path, calls: int = 200) -> None:
 
 async def cascade(classifier: Path, n: int, data_dir: str | None, folder: Path) -> None:
     """The guard's input check on XSTest + AdvBench with the embedded SmolLM2 judge: each tier alone and the
-    cascade (rules → classifier → judge), with the classifier as trained and recalibrated from the judge's audits
-    of other prompts from the same sets (``guard.classifier.audit: 1.0``, then ``cai guard calibrate``'s
-    function): the judge's verdicts are the labels there, the sets' own labels are never used."""
+    cascade (rules → classifier → judge), with the classifier as trained, recalibrated from the judge's audits of
+    other prompts from the same sets (``guard.classifier.audit: 1.0``, then ``cai guard calibrate``'s function),
+    and retrained with those audits (``keep_text``, then ``cai train guard`` on that run dir): the judge's verdicts
+    are the labels there, the sets' own labels are never used."""
     from cai_async.engine import Engine, EngineConfig
     from cai_async.evaluation.guarded import guard_detection_metrics, guard_prompts, run_guard_detection
     from cai_async.guard import ClassifierTier, Guard, GuardConfig, VerdictLog, audit_summary, recalibrate_classifier
+    from cai_async.guard.fit import fit_guard_classifier
     from cai_async.guard.report import read_verdicts
     from cai_async.store import read_shards
 
@@ -188,7 +190,7 @@ async def cascade(classifier: Path, n: int, data_dir: str | None, folder: Path) 
     async def detect(path: Path, name: str, prompts: list[Any], audit: float = 0.0) -> Any:
         async with Engine(engine_config, run_dir=folder / "cascade") as engine:  # one cache: each call asked once
             log = VerdictLog(folder / name)
-            tier = ClassifierTier(path=str(path), audit=audit)
+            tier = ClassifierTier(path=str(path), audit=audit, keep_text=audit > 0)
             guard = Guard(engine, GuardConfig(principles="harmless", ensemble=2, classifier=tier), log=log)
             await run_guard_detection(engine, guard, prompts, folder / name / "rows")
             log.flush()
@@ -207,7 +209,13 @@ async def cascade(classifier: Path, n: int, data_dir: str | None, folder: Path) 
           f"Recalibrated on them: lo {result['before']['lo']:.3f} → {result['lo']:.3f}, hi "
           f"{result['before']['hi']:.3f} → {result['hi']:.3f} (AUC against the judge {result['audit']['auc']:.3f})",
           flush=True)
-    for label, path in (("as trained", classifier), ("recalibrated", recalibrated)):
+    start = time.perf_counter()
+    retrained = fit_guard_classifier(folder / "audit", GuardConfig())  # its guard/audits + the public prompts
+    print(f"retrained on the {seen['audited']} audits (the judge's calls as targets) and the bundled public prompts "
+          f"({time.perf_counter() - start:.0f} s): held out AUC {retrained['held_out']['auc']:.3f}, lo "
+          f"{retrained['lo']:.3f} hi {retrained['hi']:.3f}", flush=True)
+    for label, path in (("as trained", classifier), ("recalibrated", recalibrated),
+                        ("retrained on the audits", Path(retrained["path"]))):
         start = time.perf_counter()
         hi = await detect(path, label, measured)
         metrics = guard_detection_metrics(read_shards(folder / label / "rows"), hi=hi)

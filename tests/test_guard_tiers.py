@@ -300,6 +300,10 @@ def test_cai_train_guard_without_data_says_what_to_run(tmp_path: Path) -> None:
     out = cai("train", "guard", str(recipe))
     assert out.returncode == 2, out.stderr
     assert "nothing to train the guard classifier on" in out.stderr and "Traceback" not in out.stderr
+    recipe.write_text(f"run_dir: {tmp_path / 'empty'}\nguard:\n  train: {{audit_dirs: [{tmp_path / 'nowhere'}]}}\n",
+                      encoding="utf-8")
+    out = cai("train", "guard", str(recipe))
+    assert out.returncode == 2 and "holds no audited checks" in out.stderr and "keep_text: true" in out.stderr
 
 
 def test_audited_checks_are_judged_and_recalibrate_the_classifier_to_lose_nothing_against_the_judge(
@@ -327,7 +331,7 @@ def test_audited_checks_are_judged_and_recalibrate_the_classifier_to_lose_nothin
     classifier = GuardClassifier.load(folder)
     scores = classifier.score([exchange_text(r) for r in requests])
     calls = ["block" if s >= classifier.hi else "allow" if s < classifier.lo else "unsure" for s in scores]
-    audited = anyio.run(lambda: check(tmp_path / "audited", _engine_config(judge), audit=1.0))
+    audited = anyio.run(lambda: check(tmp_path / "audited", _engine_config(judge), audit=1.0, keep_text=True))
     assert [v.tier for v in audited] == [f"audit-{call}" for call in calls]
     assert [v.decision for v in audited] == ["block" if f else "allow" for f in flagged]  # the judge decided each
     assert [v.classifier_score for v in audited] == pytest.approx(scores, abs=1e-5)
@@ -344,6 +348,11 @@ def test_audited_checks_are_judged_and_recalibrate_the_classifier_to_lose_nothin
     half = [anyio.run(partial(check, tmp_path / f"half{n}", _engine_config(judge), audit=0.5)) for n in (1, 2)]
     picked = [[v.tier.startswith("audit-") for v in run] for run in half]
     assert picked[0] == picked[1] and 0 < sum(picked[0]) < len(requests)  # by hash: the same share each time
+    assert not (tmp_path / "half1" / "guard" / "audits").exists()  # no text kept unless asked
+
+    kept = run_dir_examples(tmp_path / "audited")  # what `cai train guard` on that run dir learns from
+    assert sorted((e.text, e.target, e.source) for e in kept) == sorted(
+        (exchange_text(r), float(f), "guard-audit") for r, f in zip(requests, flagged, strict=True))
 
     too_few = cai("guard", "calibrate", str(tmp_path / "audited"), str(folder), "--min-each", "1000")
     assert too_few.returncode == 2 and "recalibrating needs at least 1000 of each" in too_few.stderr

@@ -77,6 +77,10 @@ class ClassifierTier(BaseModel):
     whatever the classifier says, logged with tier ``audit-allow``/``audit-block``/``audit-unsure`` (what the
     classifier would have done) and its score: ``cai guard report`` shows how often the two disagree on this
     traffic, and ``cai guard calibrate`` resets ``lo``/``hi`` from them. The judge's share grows by about this."""
+    keep_text: bool = False
+    """Also keep the audited checks' text (the conversation, and the answer for output checks) with the judge's
+    decision in ``RUN_DIR/guard/audits``, for ``cai train guard`` on that run dir to learn the judge's calls on
+    this traffic. Off by default: it stores users' messages (never headers or keys)."""
 
 
 class ExternalGuard(BaseModel):
@@ -121,6 +125,9 @@ class GuardTrainConfig(BaseModel):
     """``hi``: the lowest score at which at most this share of held-out fine examples would be blocked."""
     target_miss: float = Field(default=0.02, ge=0, lt=1)
     """``lo``: the highest score below which at most this share of held-out violations lies."""
+    audit_dirs: list[str] = Field(default_factory=list)
+    """Run dirs a guard served with ``classifier.keep_text``: their audited checks are learned too, the judge's
+    call as the target (the run dir's own ``guard/audits`` always are)."""
     public: bool = True
     """Also train on bundled public prompts: hh-rlhf red-team first turns (violating) and self-instruct seed
     tasks (fine). XSTest and AdvBench are never trained on: they are what the guard is measured on."""

@@ -33,6 +33,7 @@ from cai_async.judging import score_request, score_response
 from cai_async.store import ShardWriter
 
 __all__ = [
+    "AUDIT_TEXT_SCHEMA",
     "VERDICT_SCHEMA",
     "Guard",
     "GuardPrinciple",
@@ -136,25 +137,48 @@ VERDICT_SCHEMA: dict[str, pl.DataType] = {
 each principle's score and the time it took."""
 
 
+AUDIT_TEXT_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String(),
+    "request_hash": pl.String(),
+    "direction": pl.String(),
+    "text": pl.String(),
+    "violated": pl.Boolean(),
+    "created_at": pl.Float64(),
+}
+"""One row per audited check whose text is kept (``guard.classifier.keep_text``): the text the classifier reads
+and whether the judge found a violation."""
+
+
 class VerdictLog:
-    """Verdicts written as Parquet shards under ``RUN_DIR/guard/verdicts`` (flushed every few seconds)."""
+    """Verdicts written as Parquet shards under ``RUN_DIR/guard/verdicts`` (flushed every few seconds), and the
+    text of audited checks under ``RUN_DIR/guard/audits`` when it is kept."""
 
     def __init__(self, run_dir: str | Path, *, flush_every_s: float = 5.0) -> None:
         self.writer = ShardWriter(Path(run_dir) / "guard" / "verdicts", shard_rows=512, schema=VERDICT_SCHEMA,
                                   flush_every_s=flush_every_s)
+        self.run_dir, self.flush_every_s = Path(run_dir), flush_every_s
+        self.texts: ShardWriter | None = None
 
-    def add(self, verdict: Verdict, messages: Sequence[dict[str, Any]], answer: str | None) -> None:
+    def add(self, verdict: Verdict, messages: Sequence[dict[str, Any]], answer: str | None, *,
+            keep_text: bool = False) -> None:
         digest = hashlib.sha256(json.dumps([list(messages), answer], sort_keys=True, default=str).encode())
+        row = {"id": uuid.uuid4().hex, "request_hash": digest.hexdigest()[:16], "direction": verdict.direction,
+               "created_at": time.time()}
         self.writer.add({
-            "id": uuid.uuid4().hex, "request_hash": digest.hexdigest()[:16], "direction": verdict.direction,
-            "decision": verdict.decision, "tier": verdict.tier, "violated": [p.name for p in verdict.violated],
+            **row, "decision": verdict.decision, "tier": verdict.tier, "violated": [p.name for p in verdict.violated],
             "scores": [{"name": p.name, "score": p.score} for p in verdict.scores], "judge_calls": verdict.judge_calls,
-            "classifier_score": verdict.classifier_score,
-            "latency_s": verdict.latency_s, "error": verdict.error, "created_at": time.time(),
+            "classifier_score": verdict.classifier_score, "latency_s": verdict.latency_s, "error": verdict.error,
         })
+        if keep_text:
+            if self.texts is None:
+                self.texts = ShardWriter(self.run_dir / "guard" / "audits", shard_rows=512, schema=AUDIT_TEXT_SCHEMA,
+                                         flush_every_s=self.flush_every_s)
+            self.texts.add({**row, "text": exchange_text(messages, answer), "violated": bool(verdict.violated)})
 
     def flush(self) -> None:
         self.writer.flush()
+        if self.texts is not None:
+            self.texts.flush()
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +263,9 @@ class Guard:
                     verdict.decision, verdict.error = "block", f"revision failed: {exc}"
         verdict.latency_s = time.perf_counter() - start
         if self.log is not None and final:
-            self.log.add(verdict, messages, answer)
+            keep = verdict.tier.startswith("audit-") and self.config.classifier is not None and \
+                self.config.classifier.keep_text
+            self.log.add(verdict, messages, answer, keep_text=keep)
         return verdict
 
     def _audited(self, messages: Sequence[dict[str, Any]], answer: str | None) -> bool:

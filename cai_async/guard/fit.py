@@ -13,17 +13,29 @@ from cai_async.engine import Engine, EngineConfig
 from cai_async.guard.classifier import train_guard_classifier
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import guard_principles
-from cai_async.guard.training_data import Example, generated_examples, public_examples, run_dir_examples
+from cai_async.guard.training_data import (
+    Example,
+    audit_examples,
+    generated_examples,
+    public_examples,
+    run_dir_examples,
+)
 
 __all__ = ["fit_guard_classifier", "guard_examples"]
 
 
 def guard_examples(run_dir: str | Path, config: GuardConfig,
                    engine_config: EngineConfig | None = None) -> list[Example]:
-    """The run dir's examples, the public ones (``guard.train.public``) and generated ones (``generate`` > 0,
-    through ``engine_config``'s ``generate_role`` group; the engine's cache makes a rerun ask nothing again)."""
+    """The run dir's examples, the audited checks of ``guard.train.audit_dirs``, the public ones
+    (``guard.train.public``) and generated ones (``generate`` > 0, through ``engine_config``'s ``generate_role``
+    group; the engine's cache makes a rerun ask nothing again)."""
     train = config.train
     examples = run_dir_examples(run_dir)
+    for folder in train.audit_dirs:
+        if not (Path(folder) / "guard" / "audits").is_dir():
+            raise ConfigError(f"guard.train.audit_dirs: {folder} holds no audited checks (guard/audits); serve the "
+                              "guard there with guard.classifier.audit > 0 and keep_text: true")
+        examples += audit_examples(folder)
     if train.public:
         examples += public_examples()
     if train.generate:
@@ -39,8 +51,8 @@ def guard_examples(run_dir: str | Path, config: GuardConfig,
 
         examples += anyio.run(generate)
     if not examples:
-        raise ConfigError(f"{run_dir}: nothing to train the guard classifier on (no sl/, helpful/ or exports/dpo"
-                          ".parquet here); run the sl and rl stages first, or set guard.train.public: true")
+        raise ConfigError(f"{run_dir}: nothing to train the guard classifier on (no sl/, helpful/, guard/audits/ or "
+                          "exports/dpo.parquet here); run the sl and rl stages first, or set guard.train.public: true")
     return examples
 
 

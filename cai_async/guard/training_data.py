@@ -1,8 +1,9 @@
 """What the guard classifier learns from: the data the stages already wrote into a run dir — red-team prompts
 (SL-CAI chains) against benign ones (the helpfulness mix), initial (harmful) answers against their revisions,
-labelled pairs with their AI-feedback confidence as soft targets — plus, optionally, bundled public prompts and
-requests generated per principle through the engine (violating ones, and near-miss look-alikes that are fine).
-XSTest and AdvBench are never used here: the guard is measured on them."""
+labelled pairs with their AI-feedback confidence as soft targets, the judge's calls on live traffic the guard
+audited — plus, optionally, bundled public prompts and requests generated per principle through the engine
+(violating ones, and near-miss look-alikes that are fine). XSTest and AdvBench are never among the bundled
+sources: the guard is measured on them."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Example",
+    "audit_examples",
     "exchange_text",
     "generated_examples",
     "public_examples",
@@ -71,8 +73,9 @@ def _last_assistant(value: Any) -> str:
 
 def run_dir_examples(run_dir: str | Path) -> list[Example]:
     """Examples from a run dir: ``sl/`` chains (their prompts violating; initial answers violating, revisions
-    fine), ``helpful/`` responses (prompts and answers fine) and ``exports/dpo.parquet`` pairs (rejected answer:
-    target = the label's confidence, chosen answer: 1 − confidence)."""
+    fine), ``helpful/`` responses (prompts and answers fine), the guard's audited checks kept with their text
+    (``guard/audits``: the judge's call is the target) and ``exports/dpo.parquet`` pairs (rejected answer: target =
+    the label's confidence, chosen answer: 1 − confidence)."""
     root = Path(run_dir)
     out: list[Example] = []
     chains = read_shards(root / "sl")
@@ -99,6 +102,7 @@ def run_dir_examples(run_dir: str | Path) -> list[Example]:
             out.append(Example(exchange_text(messages), 0.0, "helpful-prompt", "input"))
             if row.get("response"):
                 out.append(Example(exchange_text(messages, row["response"]), 0.0, "helpful-answer", "output"))
+    out += audit_examples(root)
     dpo = root / "exports" / "dpo.parquet"
     if dpo.is_file():
         for row in pl.read_parquet(dpo).iter_rows(named=True):
@@ -108,6 +112,14 @@ def run_dir_examples(run_dir: str | Path) -> list[Example]:
             out.append(Example(exchange_text(prompt, _last_assistant(row["chosen"])), 1.0 - confidence,
                                "pair-chosen", "output"))
     return out
+
+
+def audit_examples(run_dir: str | Path) -> list[Example]:
+    """The checks a guard serving ``run_dir`` audited with ``guard.classifier.keep_text``: their text, the
+    judge's call as the target (1: it found a violation)."""
+    rows = read_shards(Path(run_dir) / "guard" / "audits")
+    return [Example(row["text"], 1.0 if row["violated"] else 0.0, "guard-audit", row["direction"])
+            for row in rows.iter_rows(named=True)]
 
 
 def public_examples() -> list[Example]:
