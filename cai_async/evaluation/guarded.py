@@ -98,11 +98,11 @@ def guard_detection_metrics(rows: pl.DataFrame, *, hi: float | None) -> dict[str
     for tier, entries in flags.items():
         entry = {**_figures([e[0] for e in entries], [e[1] for e in entries]), "n": len(entries)}
         entry["xstest_safe_flagged"] = proportion(sum(e[0] for e in entries if e[3] == "safe"),
-                                             sum(e[3] == "safe" for e in entries))
-        entry["xstest_unsafe_recall"] = proportion(sum(e[0] for e in entries if e[2] == "xstest" and e[3] != "safe"),
-                                              sum(e[2] == "xstest" and e[3] != "safe" for e in entries))
+                                                  sum(e[3] == "safe" for e in entries))
+        unsafe = [e for e in entries if e[2] == "xstest" and e[3] != "safe"]
+        entry["xstest_unsafe_recall"] = proportion(sum(e[0] for e in unsafe), len(unsafe))
         entry["advbench_recall"] = proportion(sum(e[0] for e in entries if e[2] == "advbench"),
-                                         sum(e[2] == "advbench" for e in entries))
+                                              sum(e[2] == "advbench" for e in entries))
         tiers[tier] = entry
     both = [r for r in data if r["judge"] is not None]
     positives = [r for r in both if r["violating"]]

@@ -19,11 +19,10 @@ from backends.errors import ConfigError
 from cai_async.guard.classifier import CALIBRATION, calibrate
 from cai_async.judging import proportion
 
-__all__ = ["AUDIT_TIERS", "audit_summary", "audited", "recalibrate_classifier"]
+__all__ = ["AUDITS", "audit_summary", "audited", "recalibrate_classifier"]
 
-AUDIT_TIERS = ("audit-allow", "audit-block", "audit-unsure")
+AUDITS = frozenset({"audit-allow", "audit-block", "audit-unsure"})
 """The tiers of audited checks: the judge decided; the suffix is what the classifier would have done."""
-
 
 def audited(verdicts: pl.DataFrame) -> pl.DataFrame:
     """The audited checks: ``direction``, ``classifier_score``, ``call`` (allow/block/unsure: the classifier's)
@@ -31,7 +30,7 @@ def audited(verdicts: pl.DataFrame) -> pl.DataFrame:
     schema = {"direction": pl.String(), "classifier_score": pl.Float64(), "call": pl.String(), "judge": pl.Boolean()}
     if verdicts.is_empty():
         return pl.DataFrame(schema=schema)
-    return verdicts.filter(pl.col("tier").is_in(AUDIT_TIERS) & pl.col("classifier_score").is_not_null()).select(
+    return verdicts.filter(pl.col("tier").is_in(sorted(AUDITS)) & pl.col("classifier_score").is_not_null()).select(
         "direction", "classifier_score", call=pl.col("tier").str.strip_prefix("audit-"),
         judge=pl.col("violated").list.len() > 0)
 
@@ -40,8 +39,8 @@ def audit_summary(verdicts: pl.DataFrame) -> dict[str, Any] | None:
     """How the classifier's calls compare with the judge's on the audited checks (None: none audited):
     ``allowed_but_judge_flags`` (of the checks it would allow, the share the judge finds violating),
     ``blocked_but_judge_clears``, the judge's violation rate, and ``recall_vs_judge``: the share of what the
-    judge would flag on all this traffic that the cascade catches (its ``allow`` calls let the rest through),
-    estimated from the audited sample and the unaudited checks' tiers."""
+    judge would flag on this traffic that the cascade catches (its ``allow`` calls let the rest through),
+    estimated from the audited sample; ``audit_share``: the share of the classifier's checks that were audited."""
     rows = audited(verdicts)
     if rows.is_empty():
         return None

@@ -25,6 +25,7 @@ from backends.errors import CaiError, ConfigError
 from cai_async.constitution import ComparisonSet, Constitution, draw_principles
 from cai_async.constitution_io import load_comparison_set, load_constitution
 from cai_async.engine import Engine
+from cai_async.guard.audit import AUDITS
 from cai_async.guard.classifier import GuardClassifier, ScoreBatcher
 from cai_async.guard.config import DirectionPolicy, GuardConfig
 from cai_async.guard.external import ask_external_guard
@@ -263,8 +264,7 @@ class Guard:
                     verdict.decision, verdict.error = "block", f"revision failed: {exc}"
         verdict.latency_s = time.perf_counter() - start
         if self.log is not None and final:
-            keep = verdict.tier.startswith("audit-") and self.config.classifier is not None and \
-                self.config.classifier.keep_text
+            keep = self.config.classifier is not None and self.config.classifier.keep_text and verdict.tier in AUDITS
             self.log.add(verdict, messages, answer, keep_text=keep)
         return verdict
 
