@@ -1,12 +1,22 @@
-"""What the HTTP servers (``cai guard serve``, ``cai reward serve``) share: a clean stop on SIGTERM or SIGINT."""
+"""What the HTTP servers (``cai guard serve``, ``cai reward serve``) share: a clean stop on SIGTERM or SIGINT,
+and a heap frozen once they are set up."""
 
 from __future__ import annotations
 
+import gc
 import signal
 
 import anyio
 
-__all__ = ["stop_on_signal"]
+__all__ = ["freeze_startup_heap", "stop_on_signal"]
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive now (the imported libraries, the loaded models, the app) out of
+    the garbage collector's reach: its full collections then scan only what serving creates. Without it a full
+    collection in the guard proxy paused the event loop for 30–80 ms, every request in flight waiting."""
+    gc.collect()
+    gc.freeze()
 
 
 async def stop_on_signal(scope: anyio.CancelScope) -> None:

@@ -23,7 +23,7 @@ from cai_async.engine import Engine, EngineConfig
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import Guard, Verdict, VerdictLog
 from cai_async.guard.upstream import UpstreamAnswer, UpstreamClient, UpstreamUnreachable
-from cai_async.serving import stop_on_signal
+from cai_async.serving import freeze_startup_heap, stop_on_signal
 
 __all__ = ["build_proxy_app", "serve_guard"]
 
@@ -333,6 +333,7 @@ async def serve_guard(config: GuardConfig, engine_config: EngineConfig, run_dir:
         site = web.TCPSite(runner, config.host, config.port, backlog=4096)
         try:
             await site.start()
+            freeze_startup_heap()
             port = int(runner.addresses[0][1])
             if on_ready is not None:
                 on_ready(port)

@@ -28,7 +28,7 @@ from anyio.abc import TaskGroup
 
 from backends.errors import CaiError, ConfigError
 from cai_async.exitcodes import leaves
-from cai_async.serving import stop_on_signal
+from cai_async.serving import freeze_startup_heap, stop_on_signal
 from cai_async.train.config import RewardServerConfig, TrainConfig
 
 __all__ = [
@@ -279,6 +279,8 @@ async def serve_rewards(service: RewardService, *, on_ready: Callable[[int], Non
     site = web.TCPSite(runner, config.host, config.port, backlog=4096)
     try:
         await site.start()
+        if signals:  # the process is this server's (``cai reward serve``), not a host's that serves it on a thread
+            freeze_startup_heap()
         if on_ready is not None:
             on_ready(int(runner.addresses[0][1]))
         async with anyio.create_task_group() as tg:
