@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import json
 import os
@@ -265,6 +266,8 @@ async def main() -> None:
     parser.add_argument("--data-dir", help="a folder with the public sets' layout (default: the bundled slices)")
     args = parser.parse_args()
     upstream, judge = start_server(f"--latency-ms={args.upstream_ms}"), start_server()
+    gc.collect()
+    gc.freeze()  # this process's clients too: a full collection here would stall every request in flight
     judge.configure(prefer_when={"go against this principle": "B", "Judged by this principle": "A"})
     try:
         with tempfile.TemporaryDirectory() as tmp:

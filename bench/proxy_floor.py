@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -124,6 +125,8 @@ async def main() -> None:
     else:
         runner = await serve_aiohttp(args.upstream.rstrip("/"))
         port = runner.addresses[0][1]
+    gc.collect()
+    gc.freeze()  # as the guard proxy does once it serves (cai_async.serving.freeze_startup_heap)
     print(f"PORT {port}", flush=True)
     await asyncio.Event().wait()
 
