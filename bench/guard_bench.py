@@ -12,8 +12,8 @@ bundled public prompts: a tiny encoder from scratch on SmolLM2's tokenizer) is a
 exchange on the CPU (target ≤ 25 ms p50). Then the cascade on XSTest + AdvBench (``--cascade-n`` prompts of each,
 from ``--data-dir``, default the bundled slices; ``../shared/data`` for the full sets) with the embedded SmolLM2
 as the judge: the share of prompts that reach the judge with rules + classifier in front (target < 20%), and
-the cascade's recall against the judge alone (target: no loss) — with the classifier as trained, and
-recalibrated from the judge's audits of as many other prompts from the same sets. ``--cascade-n 0`` skips it
+the cascade's recall against the judge alone (target: no loss) — with the classifier as trained, recalibrated
+from the judge's audits of as many other prompts from the same sets, and retrained on them. ``--cascade-n 0`` skips it
 (it takes minutes on a laptop CPU; a 135M judge shows the plumbing, not safety).
 
     .venv/bin/python bench/guard_bench.py [--requests 1000] [--rounds 7] [--upstream-ms 200] [--cascade-n 50]"""
@@ -184,9 +184,10 @@ async def cascade(classifier: Path, n: int, data_dir: str | None, folder: Path) 
     engine_config = EngineConfig.model_validate({
         "groups": {"critic": [{"backend": "llamacpp", "model": "embedded", "options": {"n_ctx": 2048}}]},
         "progress": "off"})
-    pool = guard_prompts(data_dir, 2 * n, seed=0)
-    audited = [p for p in pool if hashlib.sha256(p.id.encode()).digest()[0] % 2]  # by hash: half audited,
-    measured = [p for p in pool if p not in audited]  # half measured
+    audited: list[Any] = []
+    measured: list[Any] = []
+    for prompt in guard_prompts(data_dir, 2 * n, seed=0):  # by a hash of the id: half audited, half measured
+        (audited if hashlib.sha256(prompt.id.encode()).digest()[0] % 2 else measured).append(prompt)
 
     async def detect(path: Path, name: str, prompts: list[Any], audit: float = 0.0) -> Any:
         async with Engine(engine_config, run_dir=folder / "cascade") as engine:  # one cache: each call asked once

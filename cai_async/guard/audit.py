@@ -18,6 +18,7 @@ import polars as pl
 from backends.errors import ConfigError
 from cai_async.guard.classifier import CALIBRATION, calibrate
 from cai_async.judging import proportion
+from cai_async.stages.unit import write_json
 
 __all__ = ["AUDITS", "audit_summary", "audited", "recalibrate_classifier"]
 
@@ -89,6 +90,6 @@ def recalibrate_classifier(run_dir: str | Path, classifier: str | Path, *, targe
     audit = {"run_dir": str(run_dir), "at": time.time(), **figures.pop("held_out")}
     updated = {**current, **figures, "trained": trained, "audit": audit}
     updated.pop("held_out", None)
-    path.write_text(json.dumps(updated, indent=2), encoding="utf-8")
+    write_json(path, updated)  # never half-written: a crash leaves the old thresholds
     return {"path": str(classifier), "lo": figures["lo"], "hi": figures["hi"], "before": {
         "lo": current["lo"], "hi": current["hi"]}, "audit": audit}
