@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -298,3 +299,30 @@ def test_the_library_checks_an_exchange(tmp_path: Path, judge: TestServer) -> No
     assert len(fine.scores) == 3 and all(s.score < 0.5 for s in fine.scores)
     assert harmful.decision == "block" and len(harmful.violated) == 3 and harmful.latency_s > 0
     assert (request.decision, request.direction) == ("block", "input")
+
+
+def test_the_proxy_freezes_its_startup_heap_once_it_serves(tmp_path: Path, free_port: int) -> None:
+    """A full garbage collection over the startup heap stalled every request in flight for ~100 ms; once the
+    proxy listens, what it imported and built is frozen out of the collector's reach (bench/heap_freeze.py)."""
+    script = f"""
+import functools, gc, anyio
+from cai_async.engine import EngineConfig
+from cai_async.guard import GuardConfig, serve_guard
+
+async def main():
+    async with anyio.create_task_group() as tg:
+        def ready(port):
+            print("frozen", gc.get_freeze_count(), flush=True)
+            tg.cancel_scope.cancel()
+        config = GuardConfig(port=0, upstream={{"base_url": "http://127.0.0.1:{free_port}/v1"}})
+        engine = EngineConfig.model_validate({{"groups": {{"critic": [{{"backend": "openai", "model": "m",
+            "base_url": "http://127.0.0.1:{free_port}/v1"}}]}}, "progress": "off"}})
+        tg.start_soon(functools.partial(serve_guard, config, engine, {str(tmp_path)!r}, on_ready=ready))
+
+print("before", gc.get_freeze_count(), flush=True)
+anyio.run(main)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    counts = dict(line.split() for line in out.stdout.splitlines())
+    assert int(counts["before"]) == 0 and int(counts["frozen"]) > 10_000  # the imported libraries and the app

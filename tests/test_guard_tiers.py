@@ -356,6 +356,12 @@ def test_audited_checks_are_judged_and_recalibrate_the_classifier_to_lose_nothin
 
     too_few = cai("guard", "calibrate", str(tmp_path / "audited"), str(folder), "--min-each", "1000")
     assert too_few.returncode == 2 and "recalibrating needs at least 1000 of each" in too_few.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "calibration.json").write_text('{"lo": 0.1,', encoding="utf-8")  # a write cut short
+    cut = cai("guard", "calibrate", str(tmp_path / "audited"), str(broken), "--min-each", "5")
+    assert cut.returncode == 2 and "not a calibration `cai train guard` wrote" in cut.stderr
+    assert "Traceback" not in cut.stderr and (broken / "calibration.json").read_text() == '{"lo": 0.1,'
     out = cai("guard", "calibrate", str(tmp_path / "audited"), str(folder), "--min-each", "5", "--target-fpr", "0",
               "--target-miss", "0")
     assert out.returncode == 0, out.stderr[-2000:]

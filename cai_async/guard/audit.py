@@ -83,7 +83,12 @@ def recalibrate_classifier(run_dir: str | Path, classifier: str | Path, *, targe
     path = Path(classifier) / CALIBRATION
     if not path.is_file():
         raise ConfigError(f"{classifier}: no trained guard classifier here ({CALIBRATION} missing)")
-    current = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        current = json.loads(path.read_text(encoding="utf-8"))
+        before = {"lo": float(current["lo"]), "hi": float(current["hi"])}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a calibration `cai train guard` wrote ({type(exc).__name__}: {exc}); "
+                          "retrain the classifier with `cai train guard`") from None
     figures = calibrate(fine, violating, target_fpr=target_fpr, target_miss=target_miss)
     trained = current.get("trained") or {k: current[k] for k in ("lo", "hi", "target_fpr", "target_miss",
                                                                  "held_out") if k in current}
@@ -91,5 +96,4 @@ def recalibrate_classifier(run_dir: str | Path, classifier: str | Path, *, targe
     updated = {**current, **figures, "trained": trained, "audit": audit}
     updated.pop("held_out", None)
     write_json(path, updated)  # never half-written: a crash leaves the old thresholds
-    return {"path": str(classifier), "lo": figures["lo"], "hi": figures["hi"], "before": {
-        "lo": current["lo"], "hi": current["hi"]}, "audit": audit}
+    return {"path": str(classifier), "lo": figures["lo"], "hi": figures["hi"], "before": before, "audit": audit}
