@@ -25,7 +25,7 @@ import anyio  # noqa: E402
 
 import cai_async.cli.app  # noqa: E402, F401  (what `cai guard serve` has imported when it serves)
 from cai_async.engine import Engine, EngineConfig  # noqa: E402
-from cai_async.guard import Guard, GuardConfig, build_proxy_app  # noqa: E402
+from cai_async.guard import Guard, GuardConfig, UpstreamConfig, build_proxy_app  # noqa: E402
 from cai_async.serving import freeze_startup_heap  # noqa: E402
 
 
@@ -53,7 +53,7 @@ async def main() -> None:
         config = EngineConfig.model_validate({"groups": {"critic": [
             {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}]}, "progress": "off"})
         async with Engine(config, run_dir=tmp) as engine:
-            guard_config = GuardConfig(upstream={"base_url": "http://127.0.0.1:9/v1"})
+            guard_config = GuardConfig(upstream=UpstreamConfig(base_url="http://127.0.0.1:9/v1"))
             app = build_proxy_app(Guard(engine, guard_config), guard_config)
             tracked = len(gc.get_objects())
             live = serving_objects(args.live)
