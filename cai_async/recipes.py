@@ -25,7 +25,8 @@ from cai_async.scale import Executor, RayConfig, executor_scope
 from cai_async.stages.generate import GenerateConfig
 from cai_async.stages.rl import RLConfig, run_rl_stage
 from cai_async.stages.sl import SLConfig, run_sl_stage
-from cai_async.stages.unit import StageContext, StageUnit, stage_unit, stage_units, write_json
+from cai_async.stages.unit import StageContext, StageUnit, stage_unit, stage_units
+from cai_async.store import write_json
 from cai_async.train.config import TrainConfig
 
 __all__ = [

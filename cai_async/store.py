@@ -7,6 +7,7 @@ compaction cut short between its rename and its deletes still reads every row ex
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -33,6 +34,7 @@ __all__ = [
     "shard_columns",
     "shard_files",
     "sink_parquet_atomic",
+    "write_json",
     "write_parquet_atomic",
 ]
 
@@ -102,6 +104,13 @@ def _publish(tmp: Path, target: Path) -> Path:
     os.replace(tmp, target)
     _fsync_dir(target.parent)
     return target
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON through a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:

@@ -19,9 +19,8 @@ from cai_async.stages.unit import (
     StagePlan,
     StageUnit,
     resolve_path,
-    write_json,
 )
-from cai_async.store import read_shards
+from cai_async.store import read_shards, write_json
 
 __all__ = ["STAGE", "EvalStage", "plan_eval", "run_eval_stage"]
 

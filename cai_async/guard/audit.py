@@ -18,7 +18,7 @@ import polars as pl
 from backends.errors import ConfigError
 from cai_async.guard.classifier import CALIBRATION, calibrate
 from cai_async.judging import proportion
-from cai_async.stages.unit import write_json
+from cai_async.store import write_json
 
 __all__ = ["AUDITS", "audit_summary", "audited", "recalibrate_classifier"]
 

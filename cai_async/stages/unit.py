@@ -13,7 +13,6 @@ The built-in stages (generate, sl, rl, train, eval) load lazily in that order; a
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -45,7 +44,6 @@ __all__ = [
     "stage_unit",
     "stage_units",
     "unregister_stage",
-    "write_json",
 ]
 
 ENTRY_POINT_GROUP = "cai_async.stages"
@@ -190,13 +188,6 @@ def load_prompt_texts(source: Any) -> list[str]:
         return [r.prompt for r in source.iter()]  # the texts only, not a row object each
     except CaiError:
         return []
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON through a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
 
 
 def report_dict(report: StageReport) -> dict[str, Any]:
