@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from backends.errors import ConfigError
 
-__all__ = ["apply_overrides", "load_config", "read_document", "read_mapping", "validate", "yaml_load"]
+__all__ = ["apply_overrides", "kind_of", "load_config", "read_document", "read_mapping", "validate", "yaml_load"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -133,9 +133,52 @@ def _paths_to(model: type[BaseModel], name: str, prefix: str = "", depth: int = 
     return found
 
 
+def _step(annotation: Any, part: Any) -> Any:
+    """The annotation one path part below ``annotation`` (a field of a model, an item of a list, a mapping's
+    value), or None when the part does not fit."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(part))
+        return None if field is None else field.annotation
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (list, tuple, set) and isinstance(part, int) and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if isinstance(annotation, types.UnionType) or origin is typing.Union:
+        for arg in args:
+            if arg is not type(None) and (found := _step(arg, part)) is not None:
+                return found
+    return None
+
+
+def _owner(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that holds the last key of ``loc`` (``loc`` from a validation error of ``model``)."""
+    node: Any = model
+    for part in loc[:-1]:
+        node = _step(node, part)
+        if node is None:
+            return None
+    owners = [inner for infix, inner in _model_types(node) if not infix]
+    return owners[0] if owners else None
+
+
+def _renamed(owner: type[BaseModel] | None) -> dict[str, str]:
+    """A model's ``_renamed_keys``: names other tools give its keys (old name → its name here)."""
+    renamed: dict[str, str] = getattr(owner, "_renamed_keys", {}) if owner is not None else {}
+    return renamed
+
+
 def _unknown_key(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    """"unknown key" with a hint of where the key belongs when the model has it elsewhere."""
+    """"unknown key" with a hint: the model's own for that key (``_key_hints``, ``_renamed_keys``: a key other
+    tools spell differently), else where the key belongs when the model has it elsewhere."""
     name = str(loc[-1])
+    owner = _owner(model, loc)
+    hints: dict[str, str] = getattr(owner, "_key_hints", {}) if owner is not None else {}
+    if name in hints:
+        return f"unknown key {name} — {hints[name]}"
+    if name in _renamed(owner):
+        return f"unknown key {name} — rename it to {_renamed(owner)[name]}"
     here = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
     paths = sorted(_paths_to(model, name), key=lambda p: (not p.startswith(here), len(p)))
     if not paths:
@@ -143,16 +186,65 @@ def _unknown_key(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     return f"unknown key {name} — did you mean {' or '.join(paths[:3])}?"
 
 
+def kind_of(value: Any) -> str:
+    """What a value is, in a config file's words."""
+    if value is None:
+        return "empty (null)"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text (a string)"
+    if isinstance(value, list | tuple):
+        return f"a list of {len(value)}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return type(value).__name__
+
+
+MAX_ERRORS = 20
+"""Validation problems listed before the rest are only counted."""
+
+
+def _problems(model: type[BaseModel], exc: ValidationError) -> list[str]:
+    """One line per problem, key path first. Left out: a list's "too short" when its items failed (the items
+    that failed are not counted: the real problems are theirs), and a required key written under another
+    tool's name for it (the unknown-key line says to rename it)."""
+    errors = exc.errors()
+    locs = [tuple(err["loc"]) for err in errors]
+    renamed = {
+        (*err["loc"][:-1], _renamed(_owner(model, tuple(err["loc"])))[str(err["loc"][-1])])
+        for err in errors
+        if err["type"] == "extra_forbidden" and err["loc"]
+        and str(err["loc"][-1]) in _renamed(_owner(model, tuple(err["loc"])))
+    }
+    lines = []
+    for err, loc in zip(errors, locs, strict=True):
+        if err["type"] == "too_short" and any(len(other) > len(loc) and other[: len(loc)] == loc for other in locs):
+            continue
+        if err["type"] == "missing" and loc in renamed:
+            continue
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            message = _unknown_key(model, loc)
+        elif err["type"].endswith("_type") and err["type"] != "literal_type":
+            message = f"{err['msg']}, not {kind_of(err['input'])}"
+        else:
+            message = err["msg"]
+        lines.append(f"  {where}: {message}")
+    return lines
+
+
 def validate(model: type[M], data: Mapping[str, Any], *, source: str = "config") -> M:
-    """Validate ``data`` into ``model``; every problem is listed with its key path."""
+    """Validate ``data`` into ``model``; every problem is listed with its key path (the first
+    :data:`MAX_ERRORS`, then how many more)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            message = _unknown_key(model, tuple(err["loc"])) if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {where}: {message}")
+        lines = _problems(model, exc)
+        if len(lines) > MAX_ERRORS:
+            lines = [*lines[:MAX_ERRORS], f"  … and {len(lines) - MAX_ERRORS} more errors"]
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
 
 

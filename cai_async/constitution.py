@@ -10,7 +10,16 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from backends.errors import ConfigError
 
@@ -104,6 +113,8 @@ class Principle(BaseModel):
     critique pair shown with the critique request when few-shot examples are on."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _renamed_keys: ClassVar[dict[str, str]] = {"critique_request": "critique", "revision_request": "revision"}
+    """The CAI paper's names for the two requests (a file written with them is told to rename them)."""
 
     name: str
     critique: str
@@ -171,13 +182,32 @@ class _PrincipleSet(BaseModel, Generic[PT]):
     draw: DrawMode = "random"
     principles: tuple[PT, ...] = Field(min_length=1)
 
+    @field_validator("principles", mode="wrap")
+    @classmethod
+    def _unique_names(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Principle names are unique; a repeated name is reported with the principles' other problems (were it
+        checked after them, any other problem would hide it)."""
+        repeats: list[InitErrorDetails] = []
+        seen: set[str] = set()
+        for index, item in enumerate(value if isinstance(value, list | tuple) else ()):
+            name = item.get("name") if isinstance(item, Mapping) else getattr(item, "name", None)
+            if isinstance(name, str) and name in seen:
+                problem = PydanticCustomError("duplicate_name", "duplicate principle name {name}", {"name": repr(name)})
+                repeats.append(InitErrorDetails(type=problem, loc=(index, "name"), input=name))
+            elif isinstance(name, str):
+                seen.add(name)
+        if not repeats:
+            return handler(value)
+        try:
+            handler(value)
+            errors: list[InitErrorDetails] = []
+        except ValidationError as exc:  # the items' own problems, kept as they were
+            errors = [InitErrorDetails(type=PydanticCustomError(err["type"], err["msg"]),
+                                       loc=err["loc"], input=err["input"]) for err in exc.errors()]
+        raise ValidationError.from_exception_data(cls.__name__, [*errors, *repeats])
+
     @model_validator(mode="after")
     def _check(self) -> Self:
-        seen: set[str] = set()
-        for index, principle in enumerate(self.principles):
-            if principle.name in seen:
-                raise ValueError(f"principles.{index}.name: duplicate principle name {principle.name!r}")
-            seen.add(principle.name)
         if not any(p.weight > 0 for p in self.principles):
             raise ValueError("every principle has weight 0: give at least one a positive weight")
         return self

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from backends.errors import ConfigError
-from cai_async.configio import read_document, read_mapping, validate, yaml_load
+from cai_async.configio import kind_of, read_document, read_mapping, validate, yaml_load
 from cai_async.constitution import ComparisonSet, Constitution
 
 __all__ = [
@@ -69,6 +69,12 @@ def load_comparison_set(source: str | Path | ComparisonSet) -> ComparisonSet:
     return validate(ComparisonSet, data, source=label)
 
 
+def _expect_text(value: Any, where: str) -> None:
+    """A public layout's text field must be text: a list or mapping there is a layout mistake, not a request."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected text (a string), not {kind_of(value)}")
+
+
 def _few_shot_from_chats(chats: Any, source: str) -> list[dict[str, Any]]:
     """``system_chat`` few-shot chats as few-shot examples: alternating user/assistant turns ending with
     prompt, response, critique request, critique, revision request, revision; earlier turns are context."""
@@ -104,6 +110,8 @@ def _from_list_layout(data: Mapping[str, Any], name: str, source: str) -> dict[s
     for index, item in enumerate(items):
         if not isinstance(item, dict) or set(item) != {"critic", "revision"}:
             raise ConfigError(f"{source}: constitutions.{index}: expected exactly the keys critic and revision")
+        for key in ("critic", "revision"):
+            _expect_text(item[key], f"{source}: constitutions.{index}.{key}")
         principles.append({"name": f"{name}-{index:02d}", "critique": item["critic"], "revision": item["revision"]})
     return {
         "name": name,
@@ -136,6 +144,8 @@ def _from_seed_layout(items: list[Any], name: str, source: str, where: str = "")
                 [f"unknown key {', '.join(unknown)} (allowed: {', '.join([*_SEED_KEYS, *_SEED_OPTIONAL])})"]
                 if unknown else [])
             raise ConfigError(f"{source}: {at}: {'; '.join(problems)}")
+        for key in _SEED_KEYS:
+            _expect_text(item[key], f"{source}: {at}.{key}")
         principle = {ours: item[theirs] for theirs, ours in _SEED_KEYS.items()}
         principle["priority"] = index
         principle.update({key: item[key] for key in _SEED_OPTIONAL if key in item})
@@ -147,13 +157,16 @@ def _from_dict_layout(data: Mapping[str, Any], name: str, source: str) -> dict[s
     """``{"harmful0": {"prompt": [critique], "edit_request": revision}, ...}`` (the paper's layout)."""
     principles = []
     for key, item in data.items():
-        prompt = item.get("prompt")
-        critique = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
-        if not isinstance(critique, str) or not isinstance(item.get("edit_request"), str):
-            raise ConfigError(f"{source}: {key}: expected prompt (one critique request) and edit_request (text)")
         if set(item) - {"prompt", "edit_request"}:
             raise ConfigError(f"{source}: {key}: unknown keys {sorted(set(item) - {'prompt', 'edit_request'})}")
-        principles.append({"name": key, "critique": critique, "revision": item["edit_request"]})
+        prompt = item.get("prompt")
+        if not (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str)):
+            raise ConfigError(
+                f"{source}: {key}.prompt: expected a list holding one critique request, like "
+                f'["Identify ways the response is harmful."], not {kind_of(prompt)}'
+            )
+        _expect_text(item.get("edit_request"), f"{source}: {key}.edit_request")
+        principles.append({"name": key, "critique": prompt[0], "revision": item["edit_request"]})
     return {"name": name, "principles": principles}
 
 

@@ -1,9 +1,10 @@
 """Parquet shards written with atomic renames, so a crash never leaves a half-written file; resume by id.
 
 Shards are ``part-NNNNN.parquet``; :func:`compact_shards` merges a run of them into one ``part-AAAAA-BBBBB.parquet``
-that replaces shards ``AAAAA`` to ``BBBBB``. Readers skip a shard whose number lies inside such a range, so a
-compaction cut short between its rename and its deletes still reads every row exactly once. Readers stream:
-:func:`scan_shards` is a lazy frame (column projection, ``sink_parquet``), :func:`iter_shards` yields slices."""
+that replaces shards ``AAAAA`` to ``BBBBB``, keeping only each id's latest row. Readers skip a shard whose number
+lies inside such a range, so a compaction cut short between its rename and its deletes still reads every row
+exactly once. Readers stream: :func:`scan_shards` is a lazy frame (column projection, ``sink_parquet``),
+:func:`iter_shards` yields slices."""
 
 from __future__ import annotations
 
@@ -275,54 +276,98 @@ def read_shards(
         raise _unreadable(directory, exc) from None
 
 
-def _merge(paths: list[Path], target: Path) -> None:
-    """Write ``paths`` (at most ``target_rows`` rows together) as one Parquet file, rows in order, columns aligned
-    to the shards' common schema: memory holds one merged file, whatever the stage's size."""
-    frame = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+def _superseded(files: list[Path], unique_by: str | None) -> dict[Path, pl.Series]:
+    """For each of ``files`` (in order) holding rows a later row of the same ``unique_by`` id replaces (an error
+    row a rerun healed, or recorded again), the row numbers within that file of those rows. Rows without an id
+    are never replaced. Reads only the ``unique_by`` column."""
+    if not unique_by:
+        return {}
+    parts = []
+    for number, file in enumerate(files):
+        rows = count_shard_rows(file)
+        ids = (pl.read_parquet(file, columns=[unique_by])[unique_by].cast(pl.String)
+               if unique_by in pl.read_parquet_schema(file) else pl.Series(unique_by, [None] * rows, pl.String))
+        parts.append(pl.DataFrame({"file": [number] * rows, "row": range(rows), "id": ids},
+                                  schema={"file": pl.Int64, "row": pl.Int64, "id": pl.String}))
+    if not parts:
+        return {}
+    stale = pl.concat(parts).filter(pl.col("id").is_not_null() & ~pl.col("id").is_last_distinct())
+    return {files[number]: group["row"] for (number,), group in stale.group_by("file")}
+
+
+def _merge(paths: list[Path], target: Path, stale: dict[Path, pl.Series]) -> None:
+    """Write ``paths`` (at most ``target_rows`` rows together) as one Parquet file, rows in order less the
+    ``stale`` ones, columns aligned to the shards' common schema: memory holds one merged file, whatever the
+    stage's size."""
+    def kept(path: Path) -> pl.DataFrame:
+        frame = pl.read_parquet(path)
+        if path not in stale:
+            return frame
+        return frame.with_row_index("__row").filter(~pl.col("__row").is_in(stale[path].implode())).drop("__row")
+
+    frame = pl.concat([kept(p) for p in paths], how="diagonal_relaxed")
     frame.write_parquet(target, metadata={FORMAT_KEY: str(FORMAT_VERSION)}, row_group_size=_GROUP_ROWS)
     del frame
 
 
-def compact_shards(directory: str | Path, *, target_rows: int = 4096) -> int:
+def compact_shards(directory: str | Path, *, target_rows: int = 4096, unique_by: str | None = "id") -> int:
     """Merge runs of small shards (under ``target_rows // 4`` rows) into ``part-AAAAA-BBBBB.parquet`` files of up
-    to ``target_rows`` rows, every row kept as it was, in order; return how many shards were replaced.
+    to ``target_rows`` rows, rows in order; return how many shards were replaced or rewritten. Only each
+    ``unique_by`` id's latest row is kept (the one readers read): the error rows a rerun healed go, so the files
+    read with Polars or ``datasets`` hold each id once. A shard left out of the runs (a large one) that holds
+    such rows is rewritten in place without them.
 
-    Kill-safe: each merged file is written under a hidden temporary name, fsynced, renamed into place (from then
-    on readers skip the shards it replaces), and only then are those removed; a compaction cut short leaves
-    either the old shards alone or the merged file and shards readers skip, which the next compaction removes."""
+    Kill-safe: each merged or rewritten file is written under a hidden temporary name, fsynced, renamed into
+    place (from then on readers skip the shards it replaces), and only then are those removed; a compaction
+    cut short leaves either the old shards alone or the merged file and shards readers skip, which the next
+    compaction removes. Either way readers see each id's latest row, as before."""
     folder = Path(directory)
-    for stale in folder.glob(".compact-*.tmp") if folder.is_dir() else []:
-        stale.unlink(missing_ok=True)
+    for stale_tmp in folder.glob(".compact-*.tmp") if folder.is_dir() else []:
+        stale_tmp.unlink(missing_ok=True)
     live = set(_shards(folder))
     for covered in [p for p in _all_shards(folder) if p not in live]:
         covered.unlink(missing_ok=True)  # a compaction was cut short after its rename
-    runs: list[list[tuple[Path, int]]] = [[]]
-    for path in sorted(live, key=_span):
+    ordered = sorted(live, key=_span)
+    for path in ordered:
         _check_format(path)
+    try:
+        stale = _superseded(ordered, unique_by)
+    except pl.exceptions.PolarsError as exc:
+        raise _unreadable(folder, exc) from None
+    runs: list[list[tuple[Path, int]]] = [[]]
+    for path in ordered:
         rows = count_shard_rows(path)
         if rows >= target_rows // 4 or (runs[-1] and sum(n for _, n in runs[-1]) + rows > target_rows):
             runs.append([])
         if rows < target_rows // 4:
             runs[-1].append((path, rows))
+    merged = {p for run in runs if len(run) >= 2 for p, _ in run}
     replaced = 0
     for run in runs:
         if len(run) < 2:
             continue
         paths = [p for p, _ in run]
         start, end = _span(paths[0])[0], _span(paths[-1])[1]
-        target = folder / f"part-{start:05d}-{end:05d}.parquet"
         tmp = folder / f".compact-{start:05d}-{end:05d}.tmp"
-        try:
-            _merge(paths, tmp)
-        except pl.exceptions.PolarsError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _unreadable(folder, exc) from None
-        _publish(tmp, target)
+        _write_merged(paths, tmp, folder / f"part-{start:05d}-{end:05d}.parquet", stale)
         for path in paths:
             path.unlink()
         _fsync_dir(folder)
         replaced += len(paths)
+    for path in [p for p in ordered if p in stale and p not in merged]:  # rewritten in place, less its old rows
+        start, end = _span(path)
+        _write_merged([path], folder / f".compact-{start:05d}-{end:05d}.tmp", path, stale)
+        replaced += 1
     return replaced
+
+
+def _write_merged(paths: list[Path], tmp: Path, target: Path, stale: dict[Path, pl.Series]) -> None:
+    try:
+        _merge(paths, tmp, stale)
+    except pl.exceptions.PolarsError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _unreadable(tmp.parent, exc) from None
+    _publish(tmp, target)
 
 
 class ShardWriter:

@@ -98,6 +98,80 @@ def test_validation_names_the_file_and_the_key(tmp_path: Path, text: str, patter
     assert pattern in str(info.value)
 
 
+def _load_error(path: Path, text: str) -> list[str]:
+    """The lines of the error loading ``text`` (written to ``path``) as a constitution gives."""
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_constitution(path)
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(str(path))
+    return lines
+
+
+def test_the_papers_key_names_are_told_to_be_renamed(tmp_path: Path) -> None:
+    lines = _load_error(tmp_path / "paper.yaml", (
+        "name: x\nprinciples:\n  - {name: a, critique_request: Find the harm., revision_request: Remove it.}\n"))
+    assert lines[1:] == [
+        "  principles.0.critique_request: unknown key critique_request — rename it to critique",
+        "  principles.0.revision_request: unknown key revision_request — rename it to revision",
+    ]  # no "did you mean few_shot.0.critique_request?", no "Field required" for the keys it names
+
+
+def test_a_principle_error_shows_with_a_duplicate_name_and_no_tuple_line(tmp_path: Path) -> None:
+    lines = _load_error(tmp_path / "dup.yaml", (
+        "name: x\nprinciples:\n  - {name: a, critique: c, revision: r}\n  - {name: a, critique: c, revision: r}\n"
+        "  - {name: b, critique: c, revision: r, weight: -1}\n"))
+    assert lines[1:] == [
+        "  principles.2.weight: Input should be greater than or equal to 0",
+        "  principles.1.name: duplicate principle name 'a'",
+    ]
+    only = _load_error(tmp_path / "one.yaml", "name: x\nprinciples:\n  - {name: a, critique: [c], revision: r}\n")
+    assert only[1:] == ["  principles.0.critique: Input should be a valid string, not a list of 1"]  # and no
+    # "principles: Tuple should have at least 1 item after validation, not 0"
+
+
+def test_errors_are_capped_at_twenty_and_counted(tmp_path: Path) -> None:
+    principles = [{"name": f"p{i}", "critique_request": "c", "revision_request": "r"} for i in range(2000)]
+    lines = _load_error(tmp_path / "big.json", json.dumps({"name": "big", "principles": principles}))
+    assert len(lines) == 1 + 20 + 1  # the file, the first 20 problems, the count of the rest
+    assert lines[1] == "  principles.0.critique_request: unknown key critique_request — rename it to critique"
+    assert lines[-1] == "  … and 3980 more errors"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("paper.json", {"harmful0": {"prompt": "Find the harm.", "edit_request": "Remove it."}},
+         'harmful0.prompt: expected a list holding one critique request, like ["Identify ways the response is '
+         'harmful."], not text (a string)'),
+        ("paper.json", {"harmful0": {"prompt": ["Find the harm.", "And more."], "edit_request": "Remove it."}},
+         "harmful0.prompt: expected a list holding one critique request, like"),
+        ("paper.json", {"harmful0": {"prompt": ["Find the harm."], "edit_request": ["Remove it."]}},
+         "harmful0.edit_request: expected text (a string), not a list of 1"),
+        ("swarm.json", {"constitutions": [{"critic": ["Find the harm."], "revision": "Remove it."}]},
+         "constitutions.0.critic: expected text (a string), not a list of 1"),
+        ("seed.json", [{"principle": "a", "critique_prompt": {"text": "c"}, "revision_prompt": "r"}],
+         "0.critique_prompt: expected text (a string), not a mapping"),
+    ],
+)
+def test_public_layouts_say_what_shape_was_expected(tmp_path: Path, name: str, data: object, message: str) -> None:
+    lines = _load_error(tmp_path / name, json.dumps(data))
+    assert len(lines) == 1 and f"{tmp_path / name}: {message}" in lines[0]
+
+
+def test_an_inline_api_key_is_told_to_use_api_key_env(tmp_path: Path) -> None:
+    from cai_async.recipes import load_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("engine:\n  groups:\n    policy:\n      - {model: m, base_url: 'http://x', api_key: sk-1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(recipe)
+    assert str(info.value).splitlines()[1:] == [
+        "  engine.groups.policy.0.api_key: unknown key api_key — use api_key_env (the name of the environment "
+        "variable holding the key; keys never go in files)"
+    ]
+
+
 def test_unknown_names_are_clear() -> None:
     with pytest.raises(ConfigError, match="built-ins: harmless"):
         load_constitution("no-such-constitution")

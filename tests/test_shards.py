@@ -1,5 +1,6 @@
-"""Streaming reads and compaction of Parquet shards: rows exact (order, repeats) after compaction, a compaction
-cut short at any step reads every row once and finishes on the next one, exports and resume ids unchanged."""
+"""Streaming reads and compaction of Parquet shards: rows exact (order) after compaction, which keeps only each
+id's latest row (the files hold no healed error rows), a compaction cut short at any step reads every row once and
+finishes on the next one, exports and resume ids unchanged."""
 
 from __future__ import annotations
 
@@ -62,10 +63,16 @@ def _state(directory: Path) -> tuple[pl.DataFrame, pl.DataFrame, tuple[set[str],
             finished_ids(ShardWriter(directory)))
 
 
-def test_compaction_keeps_every_row_in_order(tmp_path: Path) -> None:
+def _on_disk(directory: Path) -> pl.DataFrame:
+    """Every row of the directory's Parquet files, read as a user would: plain Polars, no dedupe."""
+    return pl.read_parquet(directory / "*.parquet")
+
+
+def test_compaction_keeps_each_ids_latest_row_in_order(tmp_path: Path) -> None:
     directory = _shard_dir(tmp_path, _rows(40, retried=3))
     before = _state(directory)
     assert before[1].height == 43 and before[0].height == 40  # the repeats are there, and read as one
+    assert _on_disk(directory).height == 43
     assert len(shard_files(directory)) == 15
     assert compact_shards(directory, target_rows=16) == 15
     files = shard_files(directory)
@@ -74,8 +81,12 @@ def test_compaction_keeps_every_row_in_order(tmp_path: Path) -> None:
     assert sorted(p.name for p in directory.iterdir()) == [f.name for f in files]  # nothing else left
     assert all(pl.read_parquet_metadata(f)[FORMAT_KEY] == str(FORMAT_VERSION) for f in files)
     after = _state(directory)
-    assert after[0].equals(before[0]) and after[1].equals(before[1]) and after[2] == before[2]
-    assert pl.concat(list(iter_shards(directory))).equals(before[0])  # a shard at a time, repeats read once
+    assert after[0].equals(before[0]) and after[2] == before[2]
+    assert after[1].equals(before[0])  # the replaced copies are gone: each id once, the latest copy, in order
+    disk = _on_disk(directory)
+    assert disk.height == 40 and disk["id"].n_unique() == 40
+    assert disk.filter(pl.col("id").is_in(["r0", "r5", "r10"]))["n"].to_list() == [1000, 1005, 1010]  # the reruns'
+    assert pl.concat(list(iter_shards(directory))).equals(before[0])  # a shard at a time
     # a rerun writes after the ranges; the next compaction folds them in with the new shards
     writer = ShardWriter(directory, shard_rows=2)
     writer.extend([{"id": "new1", "status": "ok", "n": -1}, {"id": "r1", "status": "ok", "n": -2}])
@@ -85,7 +96,7 @@ def test_compaction_keeps_every_row_in_order(tmp_path: Path) -> None:
     assert grown.filter(pl.col("id") == "r1")["n"].to_list() == [-2]  # the newer copy wins, as before
     compact_shards(directory, target_rows=64)
     assert [f.name for f in shard_files(directory)] == ["part-00000-00015.parquet"]
-    assert read_shards(directory).equals(grown)
+    assert read_shards(directory).equals(grown) and _on_disk(directory).equals(grown)
     # streaming reads give the same rows as the full read, in slices, with only the columns asked for
     slices = list(iter_shards(directory, columns=["id", "n", "missing"]))
     assert len(slices) == 1 and pl.concat(slices).equals(grown.select("id", "n"))
@@ -134,14 +145,62 @@ def test_a_compaction_cut_short_loses_and_repeats_nothing(
         assert ".compact-00000-00004.tmp" in left and not any("-" in n[5:] for n in left if n.startswith("part"))
     else:
         assert "part-00000-00004.parquet" in left
-    after = _state(directory)  # every row once, repeats as they were, the same resume ids
-    assert after[0].equals(before[0]) and after[1].equals(before[1]) and after[2] == before[2]
+    after = _state(directory)  # every id's latest row once, the same resume ids; no row but replaced ones lost
+    assert after[0].equals(before[0]) and after[2] == before[2]
+    assert before[0].height <= after[1].height <= before[1].height and set(after[1].rows()) <= set(before[1].rows())
     assert ShardWriter(directory)._next == 15  # a new shard never reuses a number a range covers
     compact_shards(directory, target_rows=16)  # the next compaction finishes the job and cleans up
     assert sorted(p.name for p in directory.iterdir()) == [
         "part-00000-00004.parquet", "part-00005-00009.parquet", "part-00010-00014.parquet"]
     final = _state(directory)
-    assert final[0].equals(before[0]) and final[1].equals(before[1]) and final[2] == before[2]
+    assert final[0].equals(before[0]) and final[1].equals(before[0]) and final[2] == before[2]
+
+
+def test_a_large_shard_left_out_of_the_runs_loses_its_replaced_rows_in_place(tmp_path: Path) -> None:
+    directory = _shard_dir(tmp_path, _rows(20), shard_rows=20)  # one shard of 20 rows, 4 of them errors
+    writer = ShardWriter(directory, shard_rows=2)  # a rerun heals two of them
+    writer.extend([{"id": f"r{i}", "status": "ok", "n": 1000 + i, "error_class": None, "error": None} for i in (0, 5)])
+    writer.flush()
+    before = read_shards(directory)
+    assert compact_shards(directory, target_rows=16) == 1  # the large shard rewritten; the lone small one kept
+    assert [f.name for f in shard_files(directory)] == ["part-00000.parquet", "part-00001.parquet"]
+    disk = _on_disk(directory)
+    assert disk.height == 20 and disk["id"].n_unique() == 20 and read_shards(directory).equals(before)
+    assert disk.filter(pl.col("id").is_in(["r0", "r5", "r10"]))["status"].to_list() == ["error", "ok", "ok"]
+    assert compact_shards(directory, target_rows=16) == 0  # nothing left to do
+
+
+def test_a_rerun_that_heals_error_rows_leaves_one_row_per_id_on_disk(tmp_path: Path, server: TestServer) -> None:
+    """Two runs that fail (answers without choices: an endpoint-side error a rerun retries), then one that heals:
+    the stage's files, read with plain Polars, hold each id once, the healed row; a permanent error stays."""
+    prompts = tmp_path / "p.jsonl"
+    lines = [*HH_PROMPTS.read_text().splitlines()[:5], '{"id": "bad", "prompt": "broken @@status:400@@"}']
+    prompts.write_text("\n".join(lines) + "\n")
+    recipe = Recipe.model_validate({
+        "run_dir": str(tmp_path / "run"),
+        "engine": {"groups": {"policy": [{"backend": "openai", "model": "m", "base_url": server.base_url}]},
+                   "progress": "off", "retry": {"max_attempts": 2, "initial_s": 0.01, "max_wait_s": 0.05},
+                   "breaker": {"cooloff_s": 0.05}},
+        "sl": {"input": str(prompts), "id_column": "id", "num_revisions": 1, "shard_rows": 2},
+    })
+    sl = tmp_path / "run" / "sl"
+    server.configure(nochoices=True)
+    for retried in (6, 5):  # the second run retries the endpoint's errors, not the 400
+        summary = anyio.run(run_recipe, recipe)
+        assert summary["stages"]["sl"]["written"] == summary["stages"]["sl"]["errors"] == retried
+    rows = read_shards(sl)
+    assert rows.height == 6 and rows["error_class"].value_counts().sort("error_class").rows() == [
+        ("InvalidAnswer", 5), ("PermanentError", 1)]
+    assert read_shards(sl, unique_by=None).height == _on_disk(sl).height == 6  # 11 written: each run compacts
+    server.configure(nochoices=False)
+    summary = anyio.run(run_recipe, recipe)
+    assert summary["stages"]["sl"]["ok"] == 5 and summary["stages"]["sl"]["errors_kept"] == 1
+    disk = _on_disk(sl)
+    assert disk.height == 6 and sorted(disk["id"]) == sorted(rows["id"])  # one row per id, of the 16 written
+    healed = disk.filter(pl.col("id") != "bad")
+    assert set(healed["status"]) == {"ok"} and healed["error"].null_count() == 5
+    assert disk.filter(pl.col("id") == "bad").select("status", "error_class").row(0) == ("error", "PermanentError")
+    assert disk.equals(read_shards(sl))  # what the project's readers read
 
 
 def _split(run_dir: Path, into: Path) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -21,6 +21,12 @@ class _Strict(BaseModel):
 
 class EndpointConfig(_Strict):
     """One model endpoint. Holds the *name* of the API-key variable, never the key."""
+
+    _key_hints: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("api_key", "apikey", "api_token", "key"),
+        "use api_key_env (the name of the environment variable holding the key; keys never go in files)",
+    )
+    """What to say of an unknown key that looks like an inline API key."""
 
     name: str = ""
     backend: str = DEFAULT_BACKEND
