@@ -12,7 +12,8 @@ USER_ERROR = 2
 """A configuration, input or option is wrong (one line says what to fix); nothing ran."""
 FAILED_ROWS = 3
 """The stages ran to the end, but some items failed (not written; a rerun retries them) or were recorded as
-errors; the summary says how many and why."""
+errors; the summary says how many and why. ``cai train guard``: the classifier trained, but its held-out scores do
+not separate (one line says why), so it was not written."""
 STOPPED = 4
 """The run stopped early: budget reached, every endpoint of a group down, a long rate-limit wait with
 ``retry.long_wait: stop``, or a refused API key. Finished items are kept; a rerun resumes."""

@@ -2,7 +2,8 @@
 minutes) that scores P(violation) of a request or an exchange, trained on :mod:`cai_async.guard.training_data`,
 with two thresholds calibrated on held-out examples and written beside it (``calibration.json``): at or above
 ``hi`` it blocks (at most ``target_fpr`` of held-out fine texts score that high), below ``lo`` it allows (at most
-``target_miss`` of held-out violations score that low); in between, the next tier is asked.
+``target_miss`` of held-out violations score that low); in between, the next tier is asked. A classifier whose
+held-out scores do not separate (all alike, or an AUC below a floor) is not written: :class:`ClassifierRefused`.
 
 By default the model is a tiny BERT-style encoder trained from scratch on the vocabulary of a tokenizer already
 on the machine (the embedded SmolLM2's, read from its GGUF): nothing is downloaded, at training or at run time.
@@ -22,14 +23,35 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from backends.errors import ConfigError
+from backends.errors import CaiError, ConfigError
 from cai_async.guard.config import GuardTrainConfig
 from cai_async.guard.training_data import Example, split_examples
 
-__all__ = ["CALIBRATION", "GuardClassifier", "ScoreBatcher", "calibrate", "train_guard_classifier"]
+__all__ = [
+    "CALIBRATION",
+    "MIN_AUC",
+    "MIN_SPREAD",
+    "ClassifierRefused",
+    "GuardClassifier",
+    "ScoreBatcher",
+    "calibrate",
+    "separation_problem",
+    "train_guard_classifier",
+]
 
 CALIBRATION = "calibration.json"
 """The calibration file beside the model: thresholds, how they were set, held-out figures."""
+MIN_SPREAD = 0.01
+"""The least spread (max − min) of a trained classifier's held-out scores for ``cai train guard`` to write it: below
+it, the model scores every text alike (it collapsed to a constant) and its thresholds would sit in float noise."""
+MIN_AUC = 0.6
+"""The least held-out AUC for ``cai train guard`` to write a classifier: below it, its scores barely tell the
+violating texts from the fine ones (0.5: a coin)."""
+
+
+class ClassifierRefused(CaiError):
+    """A trained guard classifier whose held-out scores do not separate the classes; nothing was written. The
+    message says what was wrong and what to do (``cai train guard`` exits 3 with it)."""
 
 
 def _encode(tokenizer: Any, texts: Sequence[str], max_length: int, prefix_id: int | None) -> dict[str, Any]:
@@ -106,7 +128,7 @@ def calibrate(benign: Sequence[float], violating: Sequence[float], *, target_fpr
     return {
         "lo": lo, "hi": hi, "target_fpr": target_fpr, "target_miss": target_miss,
         "held_out": {
-            "fine": len(benign), "violating": len(violating),
+            "fine": len(benign), "violating": len(violating), "spread": max(everything) - min(everything),
             "fpr_at_hi": sum(s >= hi for s in benign) / len(benign),
             "recall_at_hi": sum(s >= hi for s in violating) / len(violating),
             "miss_below_lo": sum(s < lo for s in violating) / len(violating),
@@ -116,6 +138,24 @@ def calibrate(benign: Sequence[float], violating: Sequence[float], *, target_fpr
     }
 
 
+def separation_problem(held_out: dict[str, Any], *, min_spread: float = MIN_SPREAD,
+                       min_auc: float = MIN_AUC) -> str | None:
+    """What is wrong with a classifier whose held-out figures (:func:`calibrate`'s ``held_out``) are these: its
+    scores spread less than ``min_spread`` (max − min), or its AUC is below ``min_auc``; None when neither."""
+    fix = ("train on more, and more varied, examples of both kinds (more sl/helpful rows, guard.train.public: true, "
+           "guard.train.generate) or for longer (guard.train.epochs, guard.train.learning_rate)")
+    spread, auc = float(held_out["spread"]), float(held_out["auc"])
+    if spread < min_spread:
+        return (f"guard classifier not written: its {held_out['fine'] + held_out['violating']} held-out scores "
+                f"spread over only {spread:.2g} (max − min; the floor is {min_spread:g}), so it scores every text "
+                f"alike; {fix}")
+    if auc < min_auc:
+        return (f"guard classifier not written: its held-out AUC is {auc:.3f} (the floor is {min_auc:g}), so its "
+                f"scores barely tell the {held_out['violating']} violating held-out texts from the "
+                f"{held_out['fine']} fine ones; {fix}")
+    return None
+
+
 def _batches(examples: list[Example], size: int, rng: random.Random) -> list[list[Example]]:
     order = examples[:]
     rng.shuffle(order)
@@ -123,10 +163,12 @@ def _batches(examples: list[Example], size: int, rng: random.Random) -> list[lis
 
 
 def train_guard_classifier(config: GuardTrainConfig, examples: Sequence[Example], out_dir: str | Path, *,
-                           label: str = "constitution") -> dict[str, Any]:
+                           label: str = "constitution", min_spread: float = MIN_SPREAD,
+                           min_auc: float = MIN_AUC) -> dict[str, Any]:
     """Train on ``examples`` (held out by hash for calibration), write the model, its tokenizer and
     ``calibration.json`` to ``out_dir``; return the calibration with training figures. ``label`` is the name a
-    refusal gives the violated principle."""
+    refusal gives the violated principle. A classifier whose held-out scores spread less than ``min_spread`` or
+    whose held-out AUC is below ``min_auc`` is not written: :class:`ClassifierRefused` (``out_dir`` untouched)."""
     import torch
 
     train, test = split_examples(examples, config.held_out, seed=config.seed)
@@ -136,16 +178,15 @@ def train_guard_classifier(config: GuardTrainConfig, examples: Sequence[Example]
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _train(config, train, test, Path(out_dir), label)
+        return _train(config, train, test, Path(out_dir), label, min_spread=min_spread, min_auc=min_auc)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(config: GuardTrainConfig, train: list[Example], test: list[Example], out: Path,
-           label: str) -> dict[str, Any]:
+def _train(config: GuardTrainConfig, train: list[Example], test: list[Example], out: Path, label: str, *,
+           min_spread: float, min_auc: float) -> dict[str, Any]:
     import torch
 
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(config.tokenizer)
     model, prefix = _model(config, tokenizer)
     model.train()
@@ -172,14 +213,15 @@ def _train(config: GuardTrainConfig, train: list[Example], test: list[Example], 
             group["lr"] = config.learning_rate * (1 - 0.9 * (step + 1) / total)
     seconds = time.perf_counter() - start
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     classifier = GuardClassifier(model, tokenizer, {"lo": 0.0, "hi": 1.0, "prefix_id": prefix,
                                                     "max_length": config.max_length, "label": label})
     scores = classifier.score([e.text for e in test]) if test else []
     benign = [s for s, e in zip(scores, test, strict=True) if e.target < 0.5]
     violating = [s for s, e in zip(scores, test, strict=True) if e.target > 0.5]
     calibration = calibrate(benign, violating, target_fpr=config.target_fpr, target_miss=config.target_miss)
+    problem = separation_problem(calibration["held_out"], min_spread=min_spread, min_auc=min_auc)
+    if problem is not None:
+        raise ClassifierRefused(problem)
     sources: dict[str, int] = {}
     for example in train:
         sources[example.source.split(":")[0]] = sources.get(example.source.split(":")[0], 0) + 1
@@ -192,6 +234,9 @@ def _train(config: GuardTrainConfig, train: list[Example], test: list[Example], 
                      "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]),
                      "seconds": round(seconds, 2)},
     })
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     (out / CALIBRATION).write_text(json.dumps(calibration, indent=2), encoding="utf-8")
     (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
     return {"path": str(out), **calibration}

@@ -10,7 +10,7 @@ import anyio
 
 from backends.errors import ConfigError
 from cai_async.engine import Engine, EngineConfig
-from cai_async.guard.classifier import train_guard_classifier
+from cai_async.guard.classifier import MIN_AUC, MIN_SPREAD, train_guard_classifier
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import guard_principles
 from cai_async.guard.training_data import (
@@ -56,10 +56,13 @@ def guard_examples(run_dir: str | Path, config: GuardConfig,
     return examples
 
 
-def fit_guard_classifier(run_dir: str | Path, config: GuardConfig,
-                         engine_config: EngineConfig | None = None) -> dict[str, Any]:
+def fit_guard_classifier(run_dir: str | Path, config: GuardConfig, engine_config: EngineConfig | None = None, *,
+                         min_spread: float = MIN_SPREAD, min_auc: float = MIN_AUC) -> dict[str, Any]:
     """Train the classifier on :func:`guard_examples` into ``guard.train.output_dir`` (default
-    RUN_DIR/guard/classifier); return its calibration and training figures."""
+    RUN_DIR/guard/classifier); return its calibration and training figures. One whose held-out scores spread less
+    than ``min_spread`` or whose held-out AUC is below ``min_auc`` is not written
+    (:class:`~cai_async.guard.classifier.ClassifierRefused`)."""
     out = Path(config.train.output_dir) if config.train.output_dir else Path(run_dir) / "guard" / "classifier"
     examples = guard_examples(run_dir, config, engine_config)
-    return train_guard_classifier(config.train, examples, out, label=Path(config.principles).stem)
+    return train_guard_classifier(config.train, examples, out, label=Path(config.principles).stem,
+                                  min_spread=min_spread, min_auc=min_auc)
