@@ -69,6 +69,11 @@ class ServerConfig:
     nochoices: bool = False  # answer JSON without choices (an invalid answer)
     logprobs: bool = True  # False: never send logprobs (an endpoint without them)
     dead: bool = False  # drop every connection without answering
+    choices: list[str] = field(default_factory=list)  # fixed texts, one per choice (an answer with n choices)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # [{name, arguments}]: answer with tool calls
+    echo_auth: bool = False  # answer 401 quoting the Authorization header received (a leaky upstream)
+    answer_json: Any = None  # answer this JSON, whatever it is, with status 200 (e.g. a list)
+    bad_stream_line: bool = False  # a stream carries a line that is not JSON after its first words
     # Batch API (/v1/files, /v1/batches): see tests/server_batches.py
     batches: bool = True  # False: /v1/batches answers 404, like a provider without a Batch API
     batch_validating_s: float = 0.05
@@ -155,6 +160,15 @@ class _State:
             "message": {"role": "assistant", "content": text},
             "finish_reason": "stop" if completion_tokens < max_tokens else "length",
         }
+        extra = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                 for i, t in enumerate(cfg.choices[1:], start=1)]
+        if cfg.choices:
+            choice["message"]["content"], choice["finish_reason"] = cfg.choices[0], "stop"
+        if cfg.tool_calls:
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": f"call_{i}", "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for i, c in enumerate(cfg.tool_calls)]}
+            choice["finish_reason"] = "tool_calls"
         if body.get("logprobs") and "nologprobs" not in markers and cfg.logprobs:
             top = int(body.get("top_logprobs") or 1)
             prefer = next((choice for text, choice in cfg.prefer_when.items() if text in last), cfg.prefer)
@@ -167,7 +181,7 @@ class _State:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model") or cfg.model,
-            "choices": [choice],
+            "choices": [choice, *extra],
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
@@ -235,25 +249,47 @@ def _choice_logprobs(messages: list[dict[str, Any]], prefer: str, top: int) -> l
     return entries[: max(1, top)]
 
 
-async def _stream(request: web.Request, payload: dict[str, Any], chunk_ms: float) -> web.StreamResponse:
-    """The answer as server-sent ``chat.completion.chunk`` events, a word a chunk, then ``[DONE]``."""
+async def _stream(request: web.Request, payload: dict[str, Any], chunk_ms: float, state: _State,
+                  bad_line: bool = False) -> web.StreamResponse:
+    try:
+        return await _stream_events(request, payload, chunk_ms, bad_line)
+    except ConnectionError:  # the client hung up mid-stream
+        state.stats["stream_aborted"] += 1
+        raise
+
+
+async def _stream_events(request: web.Request, payload: dict[str, Any], chunk_ms: float,
+                         bad_line: bool) -> web.StreamResponse:
+    """The answer as server-sent ``chat.completion.chunk`` events, a word a chunk (each choice in turn; tool calls
+    as deltas: the name, then the arguments a few characters at a time), then ``[DONE]``."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    choice = payload["choices"][0]
     base = {"id": payload["id"], "object": "chat.completion.chunk", "created": payload["created"],
             "model": payload["model"]}
 
-    async def send(delta: dict[str, Any], finish: str | None = None) -> None:
-        event = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
-
-    await send({"role": "assistant", "content": ""})
-    words = str(choice["message"]["content"]).split(" ")
-    for index, word in enumerate(words):
+    async def send(index: int, delta: dict[str, Any], finish: str | None = None) -> None:
         if chunk_ms:
             await asyncio.sleep(chunk_ms / 1000.0)
-        await send({"content": word if index == len(words) - 1 else word + " "})
-    await send({}, choice["finish_reason"])
+        event = {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+        await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+
+    for choice in payload["choices"]:
+        index, message = choice["index"], choice["message"]
+        await send(index, {"role": "assistant", "content": ""})
+        words = str(message.get("content") or "").split(" ") if message.get("content") else []
+        for position, word in enumerate(words):
+            await send(index, {"content": word if position == len(words) - 1 else word + " "})
+            if bad_line and position == 2:
+                await response.write(b"data: {not json\n\n")
+        for number, call in enumerate(message.get("tool_calls") or []):
+            function = call["function"]
+            await send(index, {"tool_calls": [{"index": number, "id": call["id"], "type": "function",
+                                               "function": {"name": function["name"], "arguments": ""}}]})
+            arguments = function["arguments"]
+            for start in range(0, len(arguments), 7):
+                await send(index, {"tool_calls": [{"index": number,
+                                                   "function": {"arguments": arguments[start:start + 7]}}]})
+        await send(index, {}, choice["finish_reason"])
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
@@ -280,6 +316,11 @@ def build_app(config: ServerConfig) -> web.Application:
         if cfg.html:
             state.stats["html"] += 1
             return web.Response(text=_HTML, status=200, content_type="text/html")
+        if cfg.echo_auth:  # a leaky upstream: its error quotes the header it received
+            state.stats["401"] += 1
+            given = request.headers.get("Authorization", "")
+            return _json({"error": {"message": f"Incorrect API key provided: {given}", "type": "auth",
+                                    "headers": {"authorization": given}}}, status=401)
         if cfg.api_key and request.headers.get("Authorization") != f"Bearer {cfg.api_key}":
             state.stats["401"] += 1
             return _json({"error": {"message": "Incorrect API key provided", "type": "auth"}}, status=401)
@@ -333,8 +374,10 @@ def build_app(config: ServerConfig) -> web.Application:
             return await _trickle(request, orjson.dumps(payload), cfg.trickle_s, state)
         state.stats["ok"] += 1
         state.seen[key] += 1
+        if cfg.answer_json is not None:
+            return _json(cfg.answer_json)
         if body.get("stream"):
-            return await _stream(request, payload, cfg.stream_chunk_ms)
+            return await _stream(request, payload, cfg.stream_chunk_ms, state, cfg.bad_stream_line)
         return _json(payload, headers=state.rate_headers())
 
     async def stats(_: web.Request) -> web.Response:

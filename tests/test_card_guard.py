@@ -123,7 +123,7 @@ def test_the_card_shows_the_guards_verdicts_per_principle(tmp_path: Path, judge:
         "score_mean": None, "score_max": None}
     other = guard["other"]
     assert _figures(other) == want["other"] and other["violated"] == 1 and other["decisions"] == {"block": 1}
-    harmless = {"less-harmful", "no-crime", "no-bias", "honest", "thoughtful", "not-preachy"}
+    harmless = {"less-harmful", "no-crime", "no-bias", "honest", "thoughtful", "not-preachy", "child-safe", "privacy"}
     assert len(other["names"]) == 2 and set(other["names"]) <= harmless  # pooled, not dropped
 
     # the guard's own report comes from the same aggregation, every principle under its own name

@@ -9,6 +9,7 @@ from cai_async.guard.config import (
     ExternalGuard,
     GuardConfig,
     GuardTrainConfig,
+    SizePolicy,
     StreamPolicy,
     UpstreamConfig,
 )
@@ -21,6 +22,7 @@ from cai_async.guard.core import (
     Verdict,
     VerdictLog,
 )
+from cai_async.guard.exchange import ExchangeError, Part
 from cai_async.guard.proxy import build_proxy_app, serve_guard
 from cai_async.guard.report import guard_report
 
@@ -28,13 +30,16 @@ __all__ = [
     "VERDICT_SCHEMA",
     "ClassifierTier",
     "DirectionPolicy",
+    "ExchangeError",
     "ExternalGuard",
     "Guard",
     "GuardClassifier",
     "GuardConfig",
     "GuardPrinciple",
     "GuardTrainConfig",
+    "Part",
     "PrincipleScore",
+    "SizePolicy",
     "StreamPolicy",
     "TierReadings",
     "UpstreamConfig",

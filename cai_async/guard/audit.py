@@ -17,13 +17,12 @@ import polars as pl
 
 from backends.errors import ConfigError
 from cai_async.guard.classifier import CALIBRATION, calibrate
+from cai_async.guard.verdicts import AUDITS
 from cai_async.judging import proportion
 from cai_async.store import write_json
 
 __all__ = ["AUDITS", "audit_summary", "audited", "recalibrate_classifier"]
 
-AUDITS = frozenset({"audit-allow", "audit-block", "audit-unsure"})
-"""The tiers of audited checks: the judge decided; the suffix is what the classifier would have done."""
 
 def audited(verdicts: pl.DataFrame) -> pl.DataFrame:
     """The audited checks: ``direction``, ``classifier_score``, ``call`` (allow/block/unsure: the classifier's)

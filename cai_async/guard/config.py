@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -12,6 +12,7 @@ __all__ = [
     "ExternalGuard",
     "GuardConfig",
     "GuardTrainConfig",
+    "SizePolicy",
     "StreamPolicy",
     "UpstreamConfig",
 ]
@@ -45,10 +46,37 @@ class StreamPolicy(BaseModel):
     check finds has not reached the client yet."""
 
 
+class SizePolicy(BaseModel):
+    """How much of an exchange each tier reads, and what happens to one too long to read whole. The rules read
+    all of it; the classifier its head and tail; the judge all of it, in windows of ``judge_window_chars`` (a
+    phrase on a cut is whole in the next window). An exchange needing more than ``max_windows`` windows, or
+    one the judge's endpoint refuses to read (a 4xx such as context too long), is *oversize*."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    judge_window_chars: int = Field(default=6000, ge=500)
+    """Characters of quoted text per judge call: keep it inside the judge model's context (about 4 characters a
+    token, plus ~600 for the question)."""
+    max_windows: int = Field(default=4, ge=1)
+    """Windows the judge reads per check and principle, at most; more text than this is oversize."""
+    classifier_chars: int = Field(default=2000, ge=100)
+    """Characters the classifier reads: the head and the tail of the exchange."""
+    oversize: Literal["block", "truncate", "allow"] = "block"
+    """block: a request is answered 400 and an answer replaced by a refusal, both saying why; truncate: every
+    tier reads the head and the tail that fit, and the verdict is marked; allow: pass it on unchecked past the
+    rules, marked (``cai_guard.tier: oversize``), counted by ``cai guard report``."""
+
+
 class UpstreamConfig(BaseModel):
     """The OpenAI-compatible server the proxy guards."""
 
     model_config = ConfigDict(extra="forbid")
+    _key_hints: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("api_key", "apikey", "api_token", "key"),
+        "use api_key_env (the name of the environment variable holding the key; keys never go in files)",
+    )
+    """What to say of an unknown key that looks like an inline API key."""
+
 
     base_url: str = ""
     """…/v1 of the upstream."""
@@ -144,6 +172,12 @@ class GuardConfig(BaseModel):
     """The guard: which principles it checks, with which judge, and what it does per direction."""
 
     model_config = ConfigDict(extra="forbid")
+    _key_hints: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("api_key", "apikey", "api_token", "key"),
+        "use api_key_env (the name of the environment variable holding the key; keys never go in files)",
+    )
+    """What to say of an unknown key that looks like an inline API key."""
+
 
     principles: str = "harmless"
     """A comparison set or a constitution (built-in name or file): its principles are what is checked, and
@@ -163,6 +197,7 @@ class GuardConfig(BaseModel):
     input: DirectionPolicy = Field(default_factory=DirectionPolicy)
     output: DirectionPolicy = Field(default_factory=DirectionPolicy)
     stream: StreamPolicy = Field(default_factory=StreamPolicy)
+    size: SizePolicy = Field(default_factory=SizePolicy)
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=0, le=65535)

@@ -1,37 +1,56 @@
 """The guard: a cascade of tiers, cheapest first, checks a request or an answer against the constitution's
-principles and returns a :class:`Verdict` — rules (patterns and words the principles carry) decide when they
-match; then the classifier trained from the constitution's own data (``cai train guard``) decides when its
-score is confidently high or low; then an external Llama-Guard-style model, when configured; otherwise the
-constitutional judge (the ``critic`` group, scored from choice probabilities exactly as the labeller scores)
-decides. Answers that violate a principle can be blocked, flagged or revised by the
-constitution's own critique → revision. Every call goes through the engine: limits, retries, cache, costs."""
+principles and returns a :class:`Verdict`. Every tier reads one view of the exchange (:mod:`.exchange`): every
+message, name, content part, tool call and tool definition of the request, and each choice of an answer with its
+tool calls. Rules (patterns and words the principles carry) decide when they match any of the texts that
+:mod:`.normalize` recovers from it (disguises undone, encoded spans decoded); then the classifier trained from
+the constitution's own data (``cai train guard``) decides when its score is confidently high or low; then an
+external Llama-Guard-style model, when configured; otherwise the constitutional judge (the ``critic`` group,
+scored from choice probabilities, the judged text fenced) decides. Text too long to read whole follows
+``guard.size`` (blocked by default, never waved through silently). Answers that violate a principle can be
+blocked, flagged or revised by the constitution's own critique → revision. Every call goes through the engine."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import time
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
-import polars as pl
 
-from backends.errors import CaiError, ConfigError
+from backends.errors import AuthenticationFailed, CaiError, ConfigError, NoChoiceFound, PermanentError
+from backends.types import ScoreRequest
 from cai_async.constitution import ComparisonSet, Constitution, draw_principles
 from cai_async.constitution_io import load_comparison_set, load_constitution
 from cai_async.engine import Engine
-from cai_async.guard.audit import AUDITS
 from cai_async.guard.classifier import GuardClassifier, ScoreBatcher
 from cai_async.guard.config import DirectionPolicy, GuardConfig
+from cai_async.guard.exchange import (
+    Part,
+    answer_parts,
+    conversation,
+    head_tail,
+    joined_text,
+    request_parts,
+    windows,
+)
 from cai_async.guard.external import ask_external_guard
+from cai_async.guard.normalize import decoded, squeeze, views
 from cai_async.guard.training_data import exchange_text
-from cai_async.judging import score_request, score_response
-from cai_async.store import ShardWriter
+from cai_async.guard.verdicts import (
+    AUDIT_TEXT_SCHEMA,
+    AUDITS,
+    VERDICT_SCHEMA,
+    Direction,
+    GuardPrinciple,
+    PrincipleScore,
+    TierReadings,
+    Verdict,
+    VerdictLog,
+)
+from cai_async.judging import ANSWER_PREFIX, fenced_request_prompt, fenced_response_prompt, quoted
 
 __all__ = [
     "AUDIT_TEXT_SCHEMA",
@@ -45,67 +64,11 @@ __all__ = [
     "guard_principles",
 ]
 
-Direction = Literal["input", "output"]
-Decision = Literal["allow", "flag", "block", "revise"]
-
-
-@dataclass(frozen=True, slots=True)
-class GuardPrinciple:
-    """A principle as the guard checks it: its name, the question the judge is asked, its weight and rules."""
-
-    name: str
-    question: str
-    weight: float
-    rules: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class PrincipleScore:
-    """How likely a principle is violated (0–1), and what said so."""
-
-    name: str
-    score: float
-    evidence: str = ""
-
-
-@dataclass(slots=True)
-class Verdict:
-    """The guard's decision on one request or answer: ``allow``, ``flag``, ``block`` or ``revise`` (the answer
-    was rewritten: ``revised``), the violated principles with their scores, the tier that decided, timing."""
-
-    decision: Decision
-    direction: Direction
-    tier: str
-    """rules | classifier | external | judge | audit-allow | audit-block | audit-unsure (the judge decided a
-    check picked for the classifier's audit; the suffix is what the classifier would have done) | fail-open |
-    fail-closed | off"""
-    violated: list[PrincipleScore] = field(default_factory=list)
-    scores: list[PrincipleScore] = field(default_factory=list)
-    latency_s: float = 0.0
-    judge_calls: int = 0
-    revised: str | None = None
-    error: str | None = None
-    classifier_score: float | None = None
-    """The classifier tier's P(violation), when it was asked (also when it passed the check on)."""
-
-    @property
-    def blocked(self) -> bool:
-        return self.decision == "block"
-
-    def refusal(self) -> str:
-        """A plain-words refusal that names the principles (what a blocked request or answer is replaced by)."""
-        names = ", ".join(p.name for p in self.violated) or "the guard's principles"
-        what = "this request" if self.direction == "input" else "that answer"
-        return f"I can't help with {what}: it goes against the principle of {names}."
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"decision": self.decision, "direction": self.direction, "tier": self.tier,
-                "violated": [p.name for p in self.violated],
-                "scores": {p.name: round(p.score, 4) for p in self.scores}, "latency_s": round(self.latency_s, 4)}
-
-
-def _conversation_text(messages: Sequence[dict[str, Any]]) -> str:
-    return "\n\n".join(f"{str(m.get('role', 'user')).capitalize()}: {m.get('content') or ''}" for m in messages)
+_SQUEEZE_MIN = 6
+"""A rule word is also looked for with every space and separator taken out (``bo mb``) when it has at least this
+many letters and digits; shorter words would match inside unrelated words."""
+_RULES_READ = 4
+"""The rules read up to this many times the judge's whole reach (``judge_window_chars × max_windows``)."""
 
 
 def guard_principles(source: str) -> list[GuardPrinciple]:
@@ -120,79 +83,36 @@ def guard_principles(source: str) -> list[GuardPrinciple]:
     return [GuardPrinciple(p.name, p.critique, p.weight, p.rules) for p in loaded.principles if p.weight > 0]
 
 
-VERDICT_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String(),
-    "request_hash": pl.String(),
-    "direction": pl.String(),
-    "decision": pl.String(),
-    "tier": pl.String(),
-    "violated": pl.List(pl.String()),
-    "scores": pl.List(pl.Struct({"name": pl.String(), "score": pl.Float64()})),
-    "judge_calls": pl.Int64(),
-    "classifier_score": pl.Float64(),
-    "latency_s": pl.Float64(),
-    "error": pl.String(),
-    "created_at": pl.Float64(),
-}
-"""One row per verdict: which request (by hash, never its text or headers), what was decided, by which tier,
-each principle's score and the time it took."""
+@dataclass(slots=True)
+class _Reading:
+    """What one check reads: the request's parts and (for an answer) the answer's, as the tiers see them."""
+
+    direction: Direction
+    request: list[Part]
+    answer: list[Part]
+    notice: str | None = None
+
+    @property
+    def checked(self) -> list[Part]:
+        return self.answer if self.direction == "output" else self.request
+
+    def turns(self) -> list[dict[str, str]]:
+        return conversation(self.request)
+
+    def answer_text(self) -> str | None:
+        if self.direction != "output":
+            return None
+        return "\n".join(turn["content"] for turn in conversation(self.answer))
 
 
-AUDIT_TEXT_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String(),
-    "request_hash": pl.String(),
-    "direction": pl.String(),
-    "text": pl.String(),
-    "violated": pl.Boolean(),
-    "created_at": pl.Float64(),
-}
-"""One row per audited check whose text is kept (``guard.classifier.keep_text``): the text the classifier reads
-and whether the judge found a violation."""
+class _Unjudgeable(Exception):
+    """The judge's endpoint refused to read a check (a 4xx such as context too long)."""
 
 
-class VerdictLog:
-    """Verdicts written as Parquet shards under ``RUN_DIR/guard/verdicts`` (flushed every few seconds), and the
-    text of audited checks under ``RUN_DIR/guard/audits`` when it is kept."""
-
-    def __init__(self, run_dir: str | Path, *, flush_every_s: float = 5.0) -> None:
-        self.writer = ShardWriter(Path(run_dir) / "guard" / "verdicts", shard_rows=512, schema=VERDICT_SCHEMA,
-                                  flush_every_s=flush_every_s)
-        self.run_dir, self.flush_every_s = Path(run_dir), flush_every_s
-        self.texts: ShardWriter | None = None
-
-    def add(self, verdict: Verdict, messages: Sequence[dict[str, Any]], answer: str | None, *,
-            keep_text: bool = False) -> None:
-        digest = hashlib.sha256(json.dumps([list(messages), answer], sort_keys=True, default=str).encode())
-        row = {"id": uuid.uuid4().hex, "request_hash": digest.hexdigest()[:16], "direction": verdict.direction,
-               "created_at": time.time()}
-        self.writer.add({
-            **row, "decision": verdict.decision, "tier": verdict.tier, "violated": [p.name for p in verdict.violated],
-            "scores": [{"name": p.name, "score": p.score} for p in verdict.scores], "judge_calls": verdict.judge_calls,
-            "classifier_score": verdict.classifier_score, "latency_s": verdict.latency_s, "error": verdict.error,
-        })
-        if keep_text:
-            if self.texts is None:
-                self.texts = ShardWriter(self.run_dir / "guard" / "audits", shard_rows=512, schema=AUDIT_TEXT_SCHEMA,
-                                         flush_every_s=self.flush_every_s)
-            self.texts.add({**row, "text": exchange_text(messages, answer), "violated": bool(verdict.violated)})
-
-    def flush(self) -> None:
-        self.writer.flush()
-        if self.texts is not None:
-            self.texts.flush()
-
-
-@dataclass(frozen=True, slots=True)
-class TierReadings:
-    """What each tier says of one text on its own: a rule matched; the classifier's score (None: no
-    classifier); the external guard blocks (None: none configured or no answer); the judge finds a violation
-    (None: it failed), and its highest P(violation)."""
-
-    rules: bool
-    classifier: float | None
-    external: bool | None
-    judge: bool | None
-    judge_score: float | None
+def _read_messages(messages: Sequence[Any], request: Mapping[str, Any] | None) -> list[Part]:
+    if messages and all(isinstance(m, Part) for m in messages):
+        return list(messages)
+    return request_parts(list(messages), request)
 
 
 class Guard:
@@ -203,6 +123,9 @@ class Guard:
         self.config = config
         self.principles = guard_principles(config.principles)
         self.by_name = {p.name: p for p in self.principles}
+        self._ruled = [p for p in self.principles if p.rules is not None]
+        self._squeezed = {p.name: [(w, sw) for w in p.rules.words if len(sw := squeeze(w)) >= _SQUEEZE_MIN]
+                          for p in self._ruled}
         self._set = ComparisonSet.model_validate({"name": "guard", "principles": [
             {"name": p.name, "question": p.question, "weight": p.weight} for p in self.principles]})
         self.constitution = load_constitution(config.constitution)
@@ -219,86 +142,155 @@ class Guard:
     def _policy(self, direction: Direction) -> DirectionPolicy:
         return self.config.input if direction == "input" else self.config.output
 
-    async def check_input(self, messages: Sequence[dict[str, Any]]) -> Verdict:
-        """Whether a request may go to the model."""
-        return await self._check("input", messages, None)
+    @staticmethod
+    def read_request(messages: Sequence[Any], request: Mapping[str, Any] | None = None) -> list[Part]:
+        """The parts of a request (its ``messages`` in any shape the OpenAI API allows, and the rest of the
+        ``request`` body); pass them to the checks of one request's answers to read it once. Raises
+        :class:`~cai_async.guard.exchange.ExchangeError` for a shape the API does not allow."""
+        return _read_messages(messages, request)
 
-    async def check_output(self, messages: Sequence[dict[str, Any]], answer: str, *,
-                           final: bool = True) -> Verdict:
-        """Whether an answer may go to the client; with the ``revise`` action (and ``final``), a violating
-        answer is rewritten and returned in ``Verdict.revised``."""
-        return await self._check("output", messages, answer, final=final)
+    async def check_input(self, messages: Sequence[Any], *, request: Mapping[str, Any] | None = None) -> Verdict:
+        """Whether a request may go to the model: every message of every role, names, tool calls and tool
+        results, and (with ``request``, the whole body) the tools offered and the other fields, are read."""
+        return await self._check(_Reading("input", _read_messages(messages, request), []))
 
-    async def check_exchange(self, messages: Sequence[dict[str, Any]], answer: str) -> Verdict:
+    async def check_output(self, messages: Sequence[Any], answer: str | Mapping[str, Any], *, final: bool = True,
+                           choice: int = 0, request: Mapping[str, Any] | None = None) -> Verdict:
+        """Whether an answer may go to the client — its text, or an assistant message with tool calls (one choice
+        of a completion: check each). With the ``revise`` action (and ``final``), a violating answer is rewritten
+        and returned in ``Verdict.revised``."""
+        return await self._check(_Reading("output", _read_messages(messages, request),
+                                          answer_parts(answer, choice=choice)), final=final)
+
+    async def check_exchange(self, messages: Sequence[Any], answer: str | Mapping[str, Any]) -> Verdict:
         """Both directions; the request's verdict when it is blocked or flagged, else the answer's."""
         request = await self.check_input(messages)
         if request.decision in ("block", "flag"):
             return request
         return await self.check_output(messages, answer)
 
-    async def _check(self, direction: Direction, messages: Sequence[dict[str, Any]], answer: str | None, *,
-                     final: bool = True) -> Verdict:
+    def _reach(self) -> int:
+        return self.config.size.judge_window_chars * self.config.size.max_windows
+
+    def _oversize(self, direction: Direction, length: int, why: str) -> Verdict:
+        """The ``size.oversize`` verdict on a check the judge cannot read whole."""
+        what = "request" if direction == "input" else "answer"
+        allow = self.config.size.oversize == "allow"
+        notice = (f"the {what} is too long for the guard to check: {why}; send less text, or raise "
+                  "guard.size.judge_window_chars / guard.size.max_windows (or set guard.size.oversize)")
+        if allow:
+            notice = f"the {what} was passed on unchecked past the rules: {why} (guard.size.oversize: allow)"
+        verdict = Verdict("allow" if allow else "block", direction, "oversize", notice=notice)
+        verdict.violated = [] if allow else [PrincipleScore("size", 1.0, f"{length} characters")]
+        return verdict
+
+    async def _check(self, reading: _Reading, *, final: bool = True) -> Verdict:
         start = time.perf_counter()
+        direction = reading.direction
         policy = self._policy(direction)
         if not policy.enabled:
             return Verdict("allow", direction, "off")
-        text = answer if direction == "output" else str(messages[-1].get("content") or "") if messages else ""
-        verdict = self._rules(direction, text or "")
+        text = joined_text(reading.checked)
+        reach = self._reach()
+        bounded = text if len(text) <= _RULES_READ * reach else head_tail(text, _RULES_READ * reach)
+        verdict = self._rules(direction, bounded, split=len(reading.checked) > 1)
+        if verdict is None and len(text) > reach:
+            why = f"{len(text)} characters where the judge reads at most {reach}"
+            if self.config.size.oversize == "truncate":
+                reading = self._truncated(reading, reach)
+                reading.notice = f"only the head and the tail of the {direction} were checked: {why}"
+            else:
+                verdict = self._oversize(direction, len(text), why)
         score: float | None = None
+        classified_text = head_tail(exchange_text(reading.turns(), reading.answer_text()),
+                                    self.config.size.classifier_chars)
         if verdict is None and self.classifier is not None:
-            score = await self.classifier_score(messages, answer)
+            score = await self._classifier_score(classified_text)
             verdict = self._classified(direction, score)
-            if score is not None and final and self._audited(messages, answer):
-                verdict = await self._audit(direction, messages, answer, policy, verdict)
+            if score is not None and final and self._audited(classified_text):
+                verdict = await self._audit(reading, policy, verdict)
         if verdict is None and self.config.external is not None:
-            verdict = await self._external(direction, messages, answer, final=False)
+            verdict = await self._external(reading, final=False)
         if verdict is None:
-            verdict = await self._judge(direction, messages, answer, policy)
+            verdict = await self._judge(reading, policy)
         verdict.classifier_score = score
-        if verdict.violated and verdict.tier not in ("fail-open", "fail-closed", "off"):
+        verdict.notice = verdict.notice or reading.notice
+        if verdict.violated and verdict.tier not in ("fail-open", "fail-closed", "off", "oversize"):
             verdict.decision = policy.action
-            if policy.action == "revise" and answer is not None and final:
+            if policy.action == "revise" and direction == "output" and final:
                 try:
-                    verdict.revised = await self._revise(messages, answer, verdict)
+                    verdict.revised = await self._revise(reading, verdict)
                 except Exception as exc:  # a failed revision must not let the answer through
                     verdict.decision, verdict.error = "block", f"revision failed: {exc}"
         verdict.latency_s = time.perf_counter() - start
         if self.log is not None and final:
             keep = self.config.classifier is not None and self.config.classifier.keep_text and verdict.tier in AUDITS
-            self.log.add(verdict, messages, answer, keep_text=keep)
+            self.log.add(verdict, classified_text, keep_text=keep)
         return verdict
 
-    def _audited(self, messages: Sequence[dict[str, Any]], answer: str | None) -> bool:
+    @staticmethod
+    def _truncated(reading: _Reading, reach: int) -> _Reading:
+        """The reading with each checked part cut to its head and tail, so that together they fit ``reach``."""
+        checked = reading.checked
+        share = max(200, reach // max(1, len(checked)))
+        cut = [Part(p.role, p.where, p.message, head_tail(p.text, share)) for p in checked]
+        if reading.direction == "output":
+            return _Reading("output", reading.request, cut)
+        return _Reading("input", cut, [])
+
+    def _rules(self, direction: Direction, text: str, *, split: bool = False) -> Verdict | None:
+        """Tier 1: a principle's pattern or word found in any view of the text (folded, de-leeted, rejoined,
+        decoded: :func:`~cai_async.guard.normalize.views`) decides (a violation, score 1). With ``split`` (the
+        text is several parts, one per line), encoded spans cut across parts are decoded from the parts put back
+        together as well."""
+        if not self._ruled or not text:
+            return None
+        seen = views(text)
+        if split:
+            known = set(seen)
+            seen += [view for span in decoded(text.replace("\n", "")) for view in views(span) if view not in known]
+        squeezed: list[str] | None = None
+        hits: list[PrincipleScore] = []
+        for principle in self._ruled:
+            assert principle.rules is not None
+            match = next((m for view in seen if (m := principle.rules.match(view)) is not None), None)
+            if match is None and self._squeezed[principle.name]:
+                squeezed = squeezed if squeezed is not None else [squeeze(view) for view in seen]
+                match = next((word for word, bare in self._squeezed[principle.name]
+                              if any(bare in s for s in squeezed)), None)
+            if match is not None:
+                hits.append(PrincipleScore(principle.name, 1.0, f"rule {match!r}"))
+        return Verdict("block", direction, "rules", violated=hits, scores=hits) if hits else None
+
+    def _audited(self, text: str) -> bool:
         """Whether this check is one of the ``classifier.audit`` share the judge decides (by a hash of its text)."""
         share = self.config.classifier.audit if self.config.classifier is not None else 0.0
         if share <= 0:
             return False
-        digest = hashlib.sha256(f"audit\x1f{exchange_text(messages, answer)}".encode()).digest()
+        digest = hashlib.sha256(f"audit\x1f{text}".encode("utf-8", "surrogatepass")).digest()
         return int.from_bytes(digest[:4], "big") / 2**32 < share
 
-    async def _audit(self, direction: Direction, messages: Sequence[dict[str, Any]], answer: str | None,
-                     policy: DirectionPolicy, classified: Verdict | None) -> Verdict:
+    async def _audit(self, reading: _Reading, policy: DirectionPolicy, classified: Verdict | None) -> Verdict:
         """An audited check: the judge decides, under the tier ``audit-<what the classifier would have done>``;
         when the judge fails, the classifier's own call stands if it made one."""
-        judged = await self._judge(direction, messages, answer, policy)
+        judged = await self._judge(reading, policy)
         if judged.tier == "judge":
             judged.tier = f"audit-{classified.decision if classified is not None else 'unsure'}"
         elif classified is not None:
             return classified
         return judged
 
-    def _rules(self, direction: Direction, text: str) -> Verdict | None:
-        """Tier 1: a principle's pattern or word found in the text decides (a violation, score 1)."""
-        hits = [PrincipleScore(p.name, 1.0, f"rule {match!r}") for p in self.principles
-                if p.rules is not None and (match := p.rules.match(text)) is not None]
-        return Verdict("block", direction, "rules", violated=hits, scores=hits) if hits else None
-
-    async def classifier_score(self, messages: Sequence[dict[str, Any]], answer: str | None) -> float | None:
+    async def classifier_score(self, messages: Sequence[Any], answer: str | Mapping[str, Any] | None) -> float | None:
         """The classifier's P(violation) of a request (``answer`` None) or an exchange; ``None`` when there is no
         classifier, or it failed or took longer than its ``timeout_s``."""
+        reading = _Reading("input" if answer is None else "output", _read_messages(messages, None),
+                           answer_parts(answer))
+        return await self._classifier_score(head_tail(exchange_text(reading.turns(), reading.answer_text()),
+                                                      self.config.size.classifier_chars))
+
+    async def _classifier_score(self, text: str) -> float | None:
         if self.classifier is None or self.config.classifier is None:
             return None
-        text = exchange_text(messages, answer)
         with anyio.move_on_after(self.config.classifier.timeout_s):
             try:
                 return await self._batcher.score(text)
@@ -318,18 +310,18 @@ class Guard:
                            scores=[PrincipleScore(self.classifier.label, score, "classifier")])
         return None
 
-    async def _external(self, direction: Direction, messages: Sequence[dict[str, Any]], answer: str | None, *,
-                        final: bool) -> Verdict | None:
+    async def _external(self, reading: _Reading, *, final: bool) -> Verdict | None:
         """Tier 3: the external guard's ``unsafe`` (with categories: these principles) decides; ``safe``
         decides unless ``safe_decides`` is off; a failed, late or unreadable answer passes the check on (unless
         ``final``, when it allows)."""
         external = self.config.external
         assert external is not None
+        direction = reading.direction
         read: tuple[bool, list[int]] | None = None
         with anyio.move_on_after(external.timeout_s):
             try:
-                read = await ask_external_guard(self.engine, external.role, self.principles, messages, answer,
-                                                direction, max_tokens=external.max_tokens)
+                read = await ask_external_guard(self.engine, external.role, self.principles, reading.turns(),
+                                                reading.answer_text(), direction, max_tokens=external.max_tokens)
             except CaiError:
                 read = None
         if read is None:
@@ -343,59 +335,97 @@ class Guard:
             return Verdict("allow", direction, "external")
         return None
 
-    async def tiers(self, direction: Direction, messages: Sequence[dict[str, Any]],
-                    answer: str | None = None) -> TierReadings:
+    async def tiers(self, direction: Direction, messages: Sequence[Any],
+                    answer: str | Mapping[str, Any] | None = None) -> TierReadings:
         """Every tier's own reading of one request or exchange, each asked alone (for measuring the tiers: the
         cascade is what :meth:`check_input` and :meth:`check_output` run)."""
-        text = answer if direction == "output" else str(messages[-1].get("content") or "") if messages else ""
-        rules = self._rules(direction, text or "")
+        reading = _Reading(direction, _read_messages(messages, None), answer_parts(answer))
+        rules = self._rules(direction, joined_text(reading.checked))
         external = None
         if self.config.external is not None:
-            external = await self._external(direction, messages, answer, final=True)
-        judge = await self._judge(direction, messages, answer, self._policy(direction))
+            external = await self._external(reading, final=True)
+        judge = await self._judge(reading, self._policy(direction))
         return TierReadings(rules=rules is not None, classifier=await self.classifier_score(messages, answer),
                             external=None if external is None else external.blocked,
                             judge=None if judge.tier != "judge" else bool(judge.violated),
                             judge_score=max((s.score for s in judge.scores), default=None))
 
-    async def _judge(self, direction: Direction, messages: Sequence[dict[str, Any]], answer: str | None,
-                     policy: DirectionPolicy) -> Verdict:
-        """Tier 2: the judge answers (A)/(B) per principle; P(violation) ≥ threshold is a violation."""
+    def _judge_prompts(self, reading: _Reading) -> list[tuple[str, bool]]:
+        """The quoted text the judge reads, cut into windows: ``(body, is_answer)`` pairs. An answer's windows
+        each carry the head and tail of the conversation before it."""
+        size = self.config.size.judge_window_chars
+        if reading.direction == "input":
+            return [(body, False) for body in windows(quoted(reading.turns()), size)]
+        context = head_tail(quoted(reading.turns()), size // 3)
+        answer = "\n".join(f"> {line}" for line in (reading.answer_text() or "").split("\n"))
+        room = max(200, size - len(context))
+        return [(f"{context}\n\nAssistant's response:\n{piece}", True) for piece in windows(answer, room)]
+
+    async def _judge(self, reading: _Reading, policy: DirectionPolicy) -> Verdict:
+        """The judge answers (A)/(B) per principle and window; P(violation) ≥ threshold is a violation."""
+        direction = reading.direction
+        bodies = self._judge_prompts(reading)
+        most = self.config.size.max_windows
+        if len(bodies) > most:
+            if self.config.size.oversize != "truncate":
+                return self._oversize(direction, sum(len(b) for b, _ in bodies),
+                                      f"{len(bodies)} judge windows where at most {most} are read")
+            reading.notice = reading.notice or f"the judge read {most} of {len(bodies)} windows (head and tail)"
+            bodies = bodies[: (most + 1) // 2] + bodies[len(bodies) - most // 2:]
         count = min(self.config.ensemble or len(self.principles), len(self.principles))
-        digest = hashlib.sha256(_conversation_text(messages).encode()).hexdigest()
+        digest = hashlib.sha256(bodies[0][0].encode("utf-8", "surrogatepass")).hexdigest()
         chosen = draw_principles(self._set, count, rng=random.Random(digest), mode="weighted")
         scores: list[PrincipleScore | None] = [None] * len(chosen)
-        conversation = [dict(m) for m in messages]
 
         async def one(index: int) -> None:
             question = self.by_name[chosen[index].name].question
-            if direction == "input":
-                p_a = await score_request(self.engine, self.config.judge_role, conversation, question)
-            else:
-                p_a = await score_response(self.engine, self.config.judge_role, conversation, answer, question)
-            if p_a is not None:  # None: an abstention, this principle says nothing
-                violation = p_a if direction == "input" else 1.0 - p_a
-                scores[index] = PrincipleScore(chosen[index].name, violation, "judge")
+            for body, is_answer in bodies:
+                prompt = fenced_response_prompt(body, question) if is_answer else fenced_request_prompt(body, question)
+                try:
+                    scored = await self.engine.score(self.config.judge_role, ScoreRequest(
+                        [{"role": "user", "content": prompt}], answer_prefix=ANSWER_PREFIX))
+                except NoChoiceFound:
+                    continue  # an abstention: this window says nothing under this principle
+                except PermanentError as exc:
+                    if exc.status in (400, 413, 422) and not isinstance(exc, AuthenticationFailed):
+                        raise _Unjudgeable(str(exc)) from None
+                    raise
+                p_a = scored.probs["A"]
+                violation = 1.0 - p_a if is_answer else p_a
+                current = scores[index]
+                if current is None or violation > current.score:
+                    scores[index] = PrincipleScore(chosen[index].name, violation, "judge")
 
         error: str | None = None
+        unjudgeable: str | None = None
+        calls = len(chosen) * len(bodies)
         with anyio.move_on_after(self.config.judge_timeout_s) as scope:
             try:
                 async with anyio.create_task_group() as tg:
                     for index in range(len(chosen)):
                         tg.start_soon(one, index)
+            except* _Unjudgeable as group:
+                unjudgeable = str(group.exceptions[0])
             except* CaiError as group:
                 error = "; ".join(dict.fromkeys(f"{type(e).__name__}: {e}" for e in group.exceptions))
+        if unjudgeable is not None:
+            verdict = self._oversize(direction, sum(len(b) for b, _ in bodies),
+                                     f"the judge's endpoint refused to read it ({unjudgeable})")
+            verdict.judge_calls = calls
+            return verdict
         if scope.cancelled_caught:
             error = f"the judge did not answer within {self.config.judge_timeout_s:g}s"
         usable = [s for s in scores if s is not None]
         if error is not None:
-            failed = "fail-open" if policy.fail == "open" else "fail-closed"
-            return Verdict("allow" if policy.fail == "open" else "block", direction, failed, scores=usable,
-                           judge_calls=len(chosen), error=error)
+            if policy.fail == "open":
+                return Verdict("allow", direction, "fail-open", scores=usable, judge_calls=calls, error=error,
+                               notice=f"not checked by the judge, passed on (fail: open): {error}")
+            return Verdict("block", direction, "fail-closed", scores=usable, judge_calls=calls, error=error,
+                           notice=f"not checked by the judge, blocked (fail: closed): {error}")
         violated = sorted((s for s in usable if s.score >= policy.threshold), key=lambda s: -s.score)
-        return Verdict("allow", direction, "judge", violated=violated, scores=usable, judge_calls=len(chosen))
+        return Verdict("allow", direction, "judge", violated=violated, scores=usable, judge_calls=calls)
 
-    async def _revise(self, messages: Sequence[dict[str, Any]], answer: str, verdict: Verdict) -> str:
+    async def _revise(self, reading: _Reading, verdict: Verdict) -> str:
         """Constitutional AI at inference time: critique → revision of the answer under the violated principles
         that the constitution has (else its first principle by priority)."""
         from cai_async.revision import Reviser, RevisionSettings
@@ -406,9 +436,10 @@ class Guard:
         names = {p.name for p in self.constitution.principles}
         principles = [self.constitution.principle(p.name) for p in verdict.violated if p.name in names] or [
             min(self.constitution.principles, key=lambda p: p.priority)]
-        current = answer
+        current = reading.answer_text() or ""
         record: dict[str, Any] = {"rounds": []}  # the steps' details stay out of the verdict
+        turns: list[dict[str, Any]] = [dict(t) for t in reading.turns()]
         for number, principle in enumerate(principles, start=1):
-            revised = await runner.revise_step(number, principle, [dict(m) for m in messages], current, record, [])
+            revised = await runner.revise_step(number, principle, [dict(m) for m in turns], current, record, [])
             current = revised if revised is not None else current
         return current

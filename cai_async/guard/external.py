@@ -12,7 +12,7 @@ from backends.types import ChatRequest
 
 if TYPE_CHECKING:
     from cai_async.engine import Engine
-    from cai_async.guard.core import GuardPrinciple
+    from cai_async.guard.verdicts import GuardPrinciple
 
 __all__ = ["ask_external_guard", "guard_categories", "llama_guard_prompt", "parse_guard_answer"]
 

@@ -25,7 +25,7 @@ from cai_async.store import read_shards
 
 if TYPE_CHECKING:
     from cai_async.engine import Engine
-    from cai_async.guard.core import GuardPrinciple
+    from cai_async.guard.verdicts import GuardPrinciple
 
 __all__ = [
     "Example",
