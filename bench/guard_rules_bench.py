@@ -42,7 +42,7 @@ def request_4kb() -> list[dict[str, object]]:
         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
             "name": "lookup", "arguments": '{"table": "q3", "columns": ["revenue", "hires"]}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "revenue: 4.2M; hires: 12"},
-        {"role": "user", "content": prose * 8 + " Summarise it in five bullet points."},
+        {"role": "user", "content": prose * 13 + " Summarise it in five bullet points."},
     ]
     return messages
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,79 @@ _RULES_READ = 4
 """The rules read up to this many times the judge's whole reach (``judge_window_chars × max_windows``)."""
 
 
+_NOT_ALNUM = re.compile(r"[\W_]+")
+
+
+_LEET_KEEP = re.compile(r"[^\w@$!|+€]+|_+")
+_LEET_ALL = str.maketrans("0123456789@$!|+€", "oizeasgtbgasilte")
+
+
+def _leet_bare(view: str) -> str:
+    """A folded view with its separators taken out, then every leet character read as a letter ("m4k3 4 80m8"
+    is "makeabomb"): what a long rule word is looked for in."""
+    return _LEET_KEEP.sub("", view).translate(_LEET_ALL)
+
+
+def _bare(view: str) -> str:
+    """A view with everything but letters and digits taken out (views are folded and de-leeted already)."""
+    return _NOT_ALNUM.sub("", view)
+
+
+def _required_literal(pattern: str, *, ignore_case: bool) -> str | None:
+    """The longest run of plain ASCII characters every match of ``pattern`` must contain (lower-cased when the
+    pattern ignores case), or None: a cheap ``in`` test that rules a view out before the regex runs."""
+    try:
+        from re import _parser  # the standard library's own regex parser
+
+        items = list(_parser.parse(pattern))
+    except Exception:  # another Python's internals: no prefilter, the regex alone decides
+        return None
+    best, run = "", ""
+    for op, value in items:
+        if op is _parser.LITERAL and value < 128:
+            run += chr(value)
+            best = max(best, run, key=len)
+        else:
+            run = ""
+    if len(best) < 3:
+        return None
+    return best.lower() if ignore_case else best
+
+
+class _RuleMatcher:
+    """One principle's rules, compiled once: its patterns (case-insensitive unless written all in lower case,
+    which views, being casefolded, match faster), each with a literal it cannot match without; its words as one
+    whole-word alternation; and the words long enough to look for with every separator taken out."""
+
+    def __init__(self, name: str, rules: Any) -> None:
+        self.name = name
+        self.patterns: list[tuple[str, re.Pattern[str], str | None]] = []
+        for source in rules.patterns:
+            ignore_case = source != source.lower()
+            compiled = re.compile(source, re.IGNORECASE if ignore_case else 0)
+            self.patterns.append((source, compiled, _required_literal(source, ignore_case=ignore_case)))
+        self.words_list = [w.casefold() for w in rules.words]
+        self.words = (re.compile(r"\b(?:" + "|".join(re.escape(w) for w in self.words_list) + r")\b")
+                      if self.words_list else None)
+        self.squeezed = [(w, bare) for w in rules.words if len(bare := squeeze(w)) >= _SQUEEZE_MIN]
+
+    def match(self, views: Sequence[str]) -> str | None:
+        """The first pattern or word found in any view (views are casefolded)."""
+        for view in views:
+            for source, pattern, literal in self.patterns:
+                if (literal is None or literal in view) and pattern.search(view):
+                    return source
+            if self.words is not None and any(w in view for w in self.words_list):
+                found = self.words.search(view)
+                if found is not None:
+                    return found.group()
+        return None
+
+    def match_squeezed(self, squeezed: Sequence[str]) -> str | None:
+        """The first long word found, separators ignored, in any squeezed view."""
+        return next((word for word, bare in self.squeezed if any(bare in text for text in squeezed)), None)
+
+
 def guard_principles(source: str) -> list[GuardPrinciple]:
     """The principles of a comparison set (their questions) or of a constitution (their critique requests)."""
     loaded: ComparisonSet | Constitution
@@ -123,9 +197,7 @@ class Guard:
         self.config = config
         self.principles = guard_principles(config.principles)
         self.by_name = {p.name: p for p in self.principles}
-        self._ruled = [p for p in self.principles if p.rules is not None]
-        self._squeezed = {p.name: [(w, sw) for w in p.rules.words if len(sw := squeeze(w)) >= _SQUEEZE_MIN]
-                          for p in self._ruled}
+        self._matchers = [_RuleMatcher(p.name, p.rules) for p in self.principles if p.rules is not None]
         self._set = ComparisonSet.model_validate({"name": "guard", "principles": [
             {"name": p.name, "question": p.question, "weight": p.weight} for p in self.principles]})
         self.constitution = load_constitution(config.constitution)
@@ -243,7 +315,7 @@ class Guard:
         decoded: :func:`~cai_async.guard.normalize.views`) decides (a violation, score 1). With ``split`` (the
         text is several parts, one per line), encoded spans cut across parts are decoded from the parts put back
         together as well."""
-        if not self._ruled or not text:
+        if not self._matchers or not text:
             return None
         seen = views(text)
         if split:
@@ -251,15 +323,13 @@ class Guard:
             seen += [view for span in decoded(text.replace("\n", "")) for view in views(span) if view not in known]
         squeezed: list[str] | None = None
         hits: list[PrincipleScore] = []
-        for principle in self._ruled:
-            assert principle.rules is not None
-            match = next((m for view in seen if (m := principle.rules.match(view)) is not None), None)
-            if match is None and self._squeezed[principle.name]:
-                squeezed = squeezed if squeezed is not None else [squeeze(view) for view in seen]
-                match = next((word for word, bare in self._squeezed[principle.name]
-                              if any(bare in s for s in squeezed)), None)
+        for matcher in self._matchers:
+            match = matcher.match(seen)
+            if match is None and matcher.squeezed:
+                squeezed = squeezed if squeezed is not None else [_leet_bare(seen[0]), *map(_bare, seen)]
+                match = matcher.match_squeezed(squeezed)
             if match is not None:
-                hits.append(PrincipleScore(principle.name, 1.0, f"rule {match!r}"))
+                hits.append(PrincipleScore(matcher.name, 1.0, f"rule {match!r}"))
         return Verdict("block", direction, "rules", violated=hits, scores=hits) if hits else None
 
     def _audited(self, text: str) -> bool:
