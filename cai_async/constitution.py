@@ -55,6 +55,10 @@ class GuardRules(BaseModel):
 
     patterns: tuple[str, ...] = ()
     words: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    """The roles whose text the rules read: ``system`` (and ``developer``), ``user``, ``assistant`` (earlier
+    turns, and answers), ``tool`` (tool results), ``tools`` (tool definitions offered), ``request`` (other fields of
+    the request). Empty: every part of the exchange."""
 
     @field_validator("patterns")
     @classmethod

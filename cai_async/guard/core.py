@@ -12,6 +12,7 @@ blocked, flagged or revised by the constitution's own critique → revision. Eve
 from __future__ import annotations
 
 import hashlib
+import importlib
 import random
 import re
 import time
@@ -30,6 +31,7 @@ from cai_async.guard.classifier import GuardClassifier, ScoreBatcher
 from cai_async.guard.config import DirectionPolicy, GuardConfig
 from cai_async.guard.exchange import (
     Part,
+    ReadRequest,
     answer_parts,
     conversation,
     head_tail,
@@ -72,30 +74,21 @@ _RULES_READ = 4
 """The rules read up to this many times the judge's whole reach (``judge_window_chars × max_windows``)."""
 
 
-_NOT_ALNUM = re.compile(r"[\W_]+")
-
-
-_LEET_KEEP = re.compile(r"[^\w@$!|+€]+|_+")
 _LEET_ALL = str.maketrans("0123456789@$!|+€", "oizeasgtbgasilte")
+"""Every leet character read as a letter, wherever it stands (a view of its own: "m4k3 4 80m8" is "make a bomb")."""
 
 
-def _leet_bare(view: str) -> str:
-    """A folded view with its separators taken out, then every leet character read as a letter ("m4k3 4 80m8"
-    is "makeabomb"): what a long rule word is looked for in."""
-    return _LEET_KEEP.sub("", view).translate(_LEET_ALL)
-
-
-def _bare(view: str) -> str:
-    """A view with everything but letters and digits taken out (views are folded and de-leeted already)."""
-    return _NOT_ALNUM.sub("", view)
+def _spread(bare: str) -> re.Pattern[str]:
+    """A whole word written with anything but letters and digits between its letters ("b o-m.b"), as a regex."""
+    body = "[\\W_]*".join(re.escape(char) for char in bare[1:])
+    return re.compile(f"{re.escape(bare[0])}(?<![^\\W_]{re.escape(bare[0])})[\\W_]*{body}(?![^\\W_])")
 
 
 def _required_literal(pattern: str, *, ignore_case: bool) -> str | None:
     """The longest run of plain ASCII characters every match of ``pattern`` must contain (lower-cased when the
     pattern ignores case), or None: a cheap ``in`` test that rules a view out before the regex runs."""
     try:
-        from re import _parser  # the standard library's own regex parser
-
+        _parser: Any = importlib.import_module("re._parser")  # the standard library's own regex parser
         items = list(_parser.parse(pattern))
     except Exception:  # another Python's internals: no prefilter, the regex alone decides
         return None
@@ -126,7 +119,7 @@ class _RuleMatcher:
         self.words_list = [w.casefold() for w in rules.words]
         self.words = (re.compile(r"\b(?:" + "|".join(re.escape(w) for w in self.words_list) + r")\b")
                       if self.words_list else None)
-        self.squeezed = [(w, bare) for w in rules.words if len(bare := squeeze(w)) >= _SQUEEZE_MIN]
+        self.squeezed = [(w, _spread(bare)) for w in rules.words if len(bare := squeeze(w)) >= _SQUEEZE_MIN]
 
     def match(self, views: Sequence[str]) -> str | None:
         """The first pattern or word found in any view (views are casefolded)."""
@@ -140,9 +133,10 @@ class _RuleMatcher:
                     return found.group()
         return None
 
-    def match_squeezed(self, squeezed: Sequence[str]) -> str | None:
-        """The first long word found, separators ignored, in any squeezed view."""
-        return next((word for word, bare in self.squeezed if any(bare in text for text in squeezed)), None)
+    def match_squeezed(self, views: Sequence[str]) -> str | None:
+        """The first long word found with anything but letters and digits between its letters (a whole word:
+        "bo mb" and "b-o-m-b" are "bomb", "bombastic" is not)."""
+        return next((word for word, spread in self.squeezed if any(spread.search(v) for v in views)), None)
 
 
 def guard_principles(source: str) -> list[GuardPrinciple]:
@@ -184,7 +178,7 @@ class _Unjudgeable(Exception):
 
 
 def _read_messages(messages: Sequence[Any], request: Mapping[str, Any] | None) -> list[Part]:
-    if messages and all(isinstance(m, Part) for m in messages):
+    if isinstance(messages, ReadRequest):
         return list(messages)
     return request_parts(list(messages), request)
 
@@ -197,7 +191,12 @@ class Guard:
         self.config = config
         self.principles = guard_principles(config.principles)
         self.by_name = {p.name: p for p in self.principles}
-        self._matchers = [_RuleMatcher(p.name, p.rules) for p in self.principles if p.rules is not None]
+        self._matchers: dict[frozenset[str], list[_RuleMatcher]] = {}  # by the roles they read (empty: all)
+        for principle in self.principles:
+            if principle.rules is not None:
+                roles = frozenset(principle.rules.roles) | ({"developer"} if "system" in principle.rules.roles
+                                                            else set())
+                self._matchers.setdefault(roles, []).append(_RuleMatcher(principle.name, principle.rules))
         self._set = ComparisonSet.model_validate({"name": "guard", "principles": [
             {"name": p.name, "question": p.question, "weight": p.weight} for p in self.principles]})
         self.constitution = load_constitution(config.constitution)
@@ -215,11 +214,11 @@ class Guard:
         return self.config.input if direction == "input" else self.config.output
 
     @staticmethod
-    def read_request(messages: Sequence[Any], request: Mapping[str, Any] | None = None) -> list[Part]:
+    def read_request(messages: Sequence[Any], request: Mapping[str, Any] | None = None) -> ReadRequest:
         """The parts of a request (its ``messages`` in any shape the OpenAI API allows, and the rest of the
         ``request`` body); pass them to the checks of one request's answers to read it once. Raises
         :class:`~cai_async.guard.exchange.ExchangeError` for a shape the API does not allow."""
-        return _read_messages(messages, request)
+        return messages if isinstance(messages, ReadRequest) else request_parts(list(messages), request)
 
     async def check_input(self, messages: Sequence[Any], *, request: Mapping[str, Any] | None = None) -> Verdict:
         """Whether a request may go to the model: every message of every role, names, tool calls and tool
@@ -264,8 +263,7 @@ class Guard:
             return Verdict("allow", direction, "off")
         text = joined_text(reading.checked)
         reach = self._reach()
-        bounded = text if len(text) <= _RULES_READ * reach else head_tail(text, _RULES_READ * reach)
-        verdict = self._rules(direction, bounded, split=len(reading.checked) > 1)
+        verdict = self._rules(direction, reading.checked, limit=_RULES_READ * reach)
         if verdict is None and len(text) > reach:
             why = f"{len(text)} characters where the judge reads at most {reach}"
             if self.config.size.oversize == "truncate":
@@ -310,26 +308,30 @@ class Guard:
             return _Reading("output", reading.request, cut)
         return _Reading("input", cut, [])
 
-    def _rules(self, direction: Direction, text: str, *, split: bool = False) -> Verdict | None:
-        """Tier 1: a principle's pattern or word found in any view of the text (folded, de-leeted, rejoined,
-        decoded: :func:`~cai_async.guard.normalize.views`) decides (a violation, score 1). With ``split`` (the
-        text is several parts, one per line), encoded spans cut across parts are decoded from the parts put back
-        together as well."""
-        if not self._matchers or not text:
-            return None
-        seen = views(text)
-        if split:
-            known = set(seen)
-            seen += [view for span in decoded(text.replace("\n", "")) for view in views(span) if view not in known]
-        squeezed: list[str] | None = None
+    def _rules(self, direction: Direction, parts: Sequence[Part], *, limit: int) -> Verdict | None:
+        """Tier 1: a principle's pattern or word found in any view of the text it reads (its ``roles``' parts, one
+        after another; folded, de-leeted, rejoined, decoded: :func:`~cai_async.guard.normalize.views`) decides (a
+        violation, score 1). Encoded spans cut across parts are decoded from the parts put back together as well.
+        At most ``limit`` characters are read (head and tail)."""
         hits: list[PrincipleScore] = []
-        for matcher in self._matchers:
-            match = matcher.match(seen)
-            if match is None and matcher.squeezed:
-                squeezed = squeezed if squeezed is not None else [_leet_bare(seen[0]), *map(_bare, seen)]
-                match = matcher.match_squeezed(squeezed)
-            if match is not None:
-                hits.append(PrincipleScore(matcher.name, 1.0, f"rule {match!r}"))
+        for roles, matchers in self._matchers.items():
+            chosen = [p for p in parts if not roles or p.role in roles]
+            text = head_tail(joined_text(chosen), limit)
+            if not text:
+                continue
+            seen = views(text)
+            if len(chosen) > 1:
+                known = set(seen)
+                seen += [view for span in decoded(text.replace("\n", "")) for view in views(span)
+                         if view not in known]
+            squeezed: list[str] | None = None
+            for matcher in matchers:
+                match = matcher.match(seen)
+                if match is None and matcher.squeezed:
+                    squeezed = squeezed if squeezed is not None else [*seen, seen[0].translate(_LEET_ALL)]
+                    match = matcher.match_squeezed(squeezed)
+                if match is not None:
+                    hits.append(PrincipleScore(matcher.name, 1.0, f"rule {match!r}"))
         return Verdict("block", direction, "rules", violated=hits, scores=hits) if hits else None
 
     def _audited(self, text: str) -> bool:
@@ -410,7 +412,7 @@ class Guard:
         """Every tier's own reading of one request or exchange, each asked alone (for measuring the tiers: the
         cascade is what :meth:`check_input` and :meth:`check_output` run)."""
         reading = _Reading(direction, _read_messages(messages, None), answer_parts(answer))
-        rules = self._rules(direction, joined_text(reading.checked))
+        rules = self._rules(direction, reading.checked, limit=_RULES_READ * self._reach())
         external = None
         if self.config.external is not None:
             external = await self._external(reading, final=True)

@@ -17,6 +17,7 @@ from typing import Any
 __all__ = [
     "ExchangeError",
     "Part",
+    "ReadRequest",
     "answer_parts",
     "conversation",
     "head_tail",
@@ -35,7 +36,6 @@ _NOT_TEXT = frozenset({
     "reasoning_effort", "prediction", "min_p", "top_k", "repetition_penalty",
 })
 _MEDIA = frozenset({"image_url", "input_audio", "file", "image", "audio"})
-_MAX_LEAVES = 10_000
 _MAX_DEPTH = 32
 
 
@@ -59,26 +59,28 @@ class Part:
     text: str
 
 
+class ReadRequest(list[Part]):
+    """The parts of a request read once (:func:`request_parts`), to pass to the checks of its answers."""
+
+
 def string_leaves(value: Any, *, depth: int = 0) -> Iterator[str]:
-    """Every string in a JSON value, keys included (bounded in depth and count by the caller's slice)."""
+    """Every string in a JSON value, keys included; below ``_MAX_DEPTH`` levels the rest is read as its JSON text
+    (nothing is left out: nesting cannot hide text)."""
     if isinstance(value, str):
         yield value
-    elif depth < _MAX_DEPTH and isinstance(value, Mapping):
+    elif depth >= _MAX_DEPTH and isinstance(value, (Mapping, list, tuple)):
+        yield json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, Mapping):
         for key, item in value.items():
             yield str(key)
             yield from string_leaves(item, depth=depth + 1)
-    elif depth < _MAX_DEPTH and isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple)):
         for item in value:
             yield from string_leaves(item, depth=depth + 1)
 
 
 def _leaves_text(value: Any) -> str:
-    out: list[str] = []
-    for count, leaf in enumerate(string_leaves(value)):
-        if count >= _MAX_LEAVES:
-            break
-        out.append(leaf)
-    return " ".join(out)
+    return " ".join(string_leaves(value))
 
 
 def _arguments_text(arguments: Any) -> str:
@@ -157,7 +159,7 @@ def message_parts(message: Any, index: int, *, param: str = "messages") -> list[
     return parts
 
 
-def request_parts(messages: Any, request: Mapping[str, Any] | None = None) -> list[Part]:
+def request_parts(messages: Any, request: Mapping[str, Any] | None = None) -> ReadRequest:
     """Every part of a request: its messages, then the tools it offers, ``response_format`` and any other field
     with text (``request`` is the whole body, when there is one). Raises :class:`ExchangeError` for shapes the
     API does not allow."""
@@ -171,7 +173,7 @@ def request_parts(messages: Any, request: Mapping[str, Any] | None = None) -> li
         if text:
             parts.append(Part("tools" if key in ("tools", "functions") else "request",
                               "tool_definition" if key in ("tools", "functions") else "field", -1, text))
-    return parts
+    return ReadRequest(parts)
 
 
 def answer_parts(answer: str | Mapping[str, Any] | None, *, choice: int = 0) -> list[Part]:

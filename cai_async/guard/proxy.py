@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import logging
 import os
 import re
 import sys
@@ -30,7 +31,7 @@ from backends.registry import Secret
 from cai_async.engine import Engine, EngineConfig
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import Guard, Verdict, VerdictLog
-from cai_async.guard.exchange import ExchangeError, Part
+from cai_async.guard.exchange import ExchangeError, ReadRequest
 from cai_async.guard.stream import relay_stream, stream_text
 from cai_async.guard.upstream import UpstreamAnswer, UpstreamClient, UpstreamUnreachable
 from cai_async.serving import freeze_startup_heap, stop_on_signal
@@ -199,6 +200,21 @@ class _Upstream:
         return hmac.compare_digest(given.encode(), f"Bearer {self.own_key.get()}".encode())
 
 
+@web.middleware
+async def _no_traceback(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """A failure of the proxy's own is an OpenAI-shaped 500 that names it (the traceback goes to run.log only);
+    nothing unchecked is forwarded because of it."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        logging.getLogger("cai_async.guard").exception("the guard failed on %s", request.path)
+        return _error(500, f"the guard failed on this request ({type(exc).__name__}); nothing was forwarded past "
+                           "the failure; the traceback is in RUN_DIR/run.log", "server_error")
+
+
 def _engine_secrets(engine: Engine) -> list[str]:
     """The keys of the engine's endpoints (the judge's), read from the variables their configs name."""
     names = [e.api_key_env for group in engine.config.groups.values() for e in group if e.api_key_env]
@@ -211,7 +227,7 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
     redact = _Redactor([s.get() for s in (upstream.key, upstream.own_key) if s is not None]
                        + _engine_secrets(guard.engine))
     console = _Console(redact)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=_MAX_BODY, middlewares=[_no_traceback])
     app[_GUARD] = guard
 
     async def close_client(app: web.Application) -> None:
@@ -337,16 +353,21 @@ def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
     return app
 
 
-async def _check_choices(guard: Guard, parts: list[Part], choices: list[Any],
+async def _check_choices(guard: Guard, parts: ReadRequest, choices: list[Any],
                          console: Callable[[Verdict], None]) -> Verdict | None:
     """Check every choice of a completion (its text and tool calls) at once; a blocked one is replaced by the
     refusal, a revised one by the revision. Returns the verdict to mark the answer with (a block first)."""
     verdicts: list[Verdict | None] = [None] * len(choices)
 
     async def one(position: int, choice: Any) -> None:
-        message = choice.get("message") if isinstance(choice, dict) else None
-        index = choice.get("index", position) if isinstance(choice, dict) else position
-        verdicts[position] = await guard.check_output(parts, message if isinstance(message, dict) else {},
+        if not isinstance(choice, dict):
+            choice = {"message": {"content": str(choice)}}
+        message = choice.get("message")
+        if not isinstance(message, dict):  # a completions-style choice, or something else: all its text is read
+            message = {"content": choice.get("text") if isinstance(choice.get("text"), str) else None,
+                       "fields": {k: v for k, v in choice.items() if k not in ("index", "finish_reason", "text")}}
+        index = choice.get("index", position)
+        verdicts[position] = await guard.check_output(parts, message,
                                                       choice=index if isinstance(index, int) else position)
 
     async with anyio.create_task_group() as tg:
@@ -357,11 +378,13 @@ async def _check_choices(guard: Guard, parts: list[Part], choices: list[Any],
         console(verdict)
         if not isinstance(choice, dict):
             continue
-        if verdict.blocked:
-            choice["message"] = {"role": "assistant", "content": verdict.refusal()}
-            choice["finish_reason"] = "content_filter"
-        elif verdict.revised is not None:
-            choice["message"] = {"role": "assistant", "content": verdict.revised}
+        if verdict.blocked or verdict.revised is not None:  # nothing of the old answer stays (logprobs, text)
+            for key in [k for k in choice if k not in ("index", "finish_reason")]:
+                del choice[key]
+            choice["message"] = {"role": "assistant",
+                                 "content": verdict.refusal() if verdict.blocked else verdict.revised}
+            if verdict.blocked:
+                choice["finish_reason"] = "content_filter"
     ranked = sorted((v for v in verdicts if v is not None and v.marked), key=lambda v: not v.blocked)
     return ranked[0] if ranked else None
 

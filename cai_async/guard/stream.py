@@ -17,7 +17,7 @@ from aiohttp import web
 
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import Guard
-from cai_async.guard.exchange import Part
+from cai_async.guard.exchange import ReadRequest
 from cai_async.guard.upstream import UpstreamAnswer, UpstreamUnreachable
 from cai_async.guard.verdicts import Verdict
 
@@ -98,7 +98,7 @@ class _Choice:
             call["function"]["arguments"] += str(function.get("arguments") or "")
 
 
-async def relay_stream(request: web.Request, guard: Guard, config: GuardConfig, parts: list[Part],
+async def relay_stream(request: web.Request, guard: Guard, config: GuardConfig, parts: ReadRequest,
                        answer: UpstreamAnswer, flagged: Verdict | None, redact: Redact,
                        on_verdict: Mark, *, expected: int = 1) -> web.StreamResponse:
     """Relay an upstream stream, checking each choice every ``stream.check_every_chunks`` chunks and when it
