@@ -389,8 +389,8 @@ def test_the_judge_reads_every_part_quoted_between_fences_the_text_cannot_forge(
         body = {"model": "m", "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": forged, "name": "mallory"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c", "type": "function", "function": {"name": "search", "arguments": '{"q": "\\u0062ridges"}'}}]},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+                "name": "search", "arguments": '{"q": "\\u0062ridges"}'}}]},
             {"role": "tool", "tool_call_id": "c", "content": "Bridges are structures."}],
             "tools": [{"type": "function", "function": {"name": "search", "description": "Searches the web."}}]}
         with proxy(tmp_path, recipe(tmp_path, upstream.base_url, judge.base_url)) as url:
