@@ -230,6 +230,7 @@ def test_ppo_dry_run_writes_openrlhfs_command(tmp_path: Path) -> None:
     assert rows == [{"input": [{"role": "user", "content": f"question {i}"}]} for i in range(3)]
 
 
+@pytest.mark.allowed_skip
 def test_ppo_without_openrlhf_says_what_to_install(tmp_path: Path) -> None:
     from cai_async.train.ppo import missing_openrlhf
 
