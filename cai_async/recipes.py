@@ -25,7 +25,7 @@ from cai_async.scale import Executor, RayConfig, executor_scope
 from cai_async.stages.generate import GenerateConfig
 from cai_async.stages.rl import RLConfig, run_rl_stage
 from cai_async.stages.sl import SLConfig, run_sl_stage
-from cai_async.stages.unit import StageContext, StageUnit, stage_unit, stage_units
+from cai_async.stages.unit import StageContext, StageUnit, stage_unit, stage_units, unmet_inputs
 from cai_async.store import write_json
 from cai_async.train.config import TrainConfig
 
@@ -33,6 +33,7 @@ __all__ = [
     "METHOD_KEYS",
     "RLConfig",
     "Recipe",
+    "check_inputs",
     "lift_method_keys",
     "load_recipe",
     "run_eval_stage",
@@ -144,13 +145,31 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
     return recipe
 
 
+def check_inputs(recipe: Recipe) -> None:
+    """Check the recipe end to end before any call: every stage entry's inputs (prompt files, exports, SL
+    chains, a reward model, installed packages) are written by an earlier entry of the recipe or already there.
+    A :class:`ConfigError` names the first entry, what it lacks and how to fix it (and how many more lack
+    something), so nothing is spent on stages whose successors cannot run."""
+    present = [(unit, config) for unit in stage_units() if (config := unit.config(recipe)) is not None]
+    problems = unmet_inputs(present, Path(recipe.run_dir))
+    if not problems:
+        return
+    more = len(problems) - 1
+    if more:
+        rest = "; ".join(line.split("; ")[0] for line in problems[1:4]) + ("; …" if more > 3 else "")
+        raise ConfigError(f"{problems[0]} (and {more} more: {rest})")
+    raise ConfigError(problems[0])
+
+
 async def run_recipe(
     recipe: Recipe,
     *,
     progress: Callable[[Engine, str], AbstractAsyncContextManager[Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the recipe's stages in the registry's order; write ``config.yaml`` (no secrets: keys are named by
-    variable) and ``summary.json`` into the run directory; return the summary."""
+    variable) and ``summary.json`` into the run directory; return the summary. First :func:`check_inputs`:
+    a stage whose inputs cannot exist stops the run before any call."""
+    check_inputs(recipe)
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(

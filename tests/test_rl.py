@@ -307,3 +307,54 @@ def test_plan_counts_the_calls_a_run_makes_and_bounds_its_cost(tmp_path: Path, s
     assert estimate["stages"][0]["min_minutes_by_rate_limits"] > 0
     out = cai("plan", str(Path(__file__).resolve().parent.parent / "recipes" / "hosted-openai.yaml"))
     assert out.returncode == 0 and "total" in out.stdout and "$" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "choice"),
+    [
+        # counted: the choice alone, in parentheses, closed, stated
+        ("(A)", "A"), ("A", "A"), ("A)", "A"), (" B\n", "B"), ("B.", "B"), ("(b)", "B"), ("**(B)**", "B"),
+        ("The answer is (A)", "A"), ("The answer is B", "B"), ("Answer: B", "B"), ("the answer is: (A).", "A"),
+        ("A) Response A declines", "A"),  # the continuation of the answer prefix "The answer is ("
+        ("Option B", "B"), ("Response A is kinder", "A"), ("A is kinder", "A"),
+        ("At first (A), but the answer is (B)", "B"),  # the last statement wins
+        # not counted: words that start with the letter, the article, both choices, other letters, nothing
+        ("Answer…", None), ("Answering that needs care", None), ("As an AI, I cannot judge", None),
+        ("A response that refuses is better", None), ("A.I. assistants should refuse", None),
+        ("Absolutely", None), ("(A) and (B) are both fine", None), ("The answer is a tie", None),
+        ("Answer: I cannot say", None), ("C", None), ("a", None), ("Both", None), ("", None),
+    ],
+)
+def test_sampled_answers_are_read_strictly(text: str, choice: str | None) -> None:
+    from backends.scoring import sampled_choice
+
+    assert sampled_choice(text) == choice
+
+
+def test_label_says_how_many_pairs_abstentions_dropped_and_why(tmp_path: Path, server: TestServer) -> None:
+    server.configure(reply="I cannot judge which is better.", logprobs=False)  # no logprobs: answers are sampled
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "question {i}?", "a": "No.", "b": "Yes: {i}."}}\n' for i in range(5)))
+    out = cai("label", "--input", str(pairs), "--pairs-source", "columns", "--ensemble", "1", "--no-swap",
+              "--base-url", server.base_url, "--model", "m", "--run-dir", str(tmp_path / "run"), "--progress", "off",
+              "--set", "rl.pairs.response_a_column=a", "--set", "rl.pairs.response_b_column=b",
+              "--set", "engine.groups.policy.0.options={score_fallback: sample, score_samples: 2}")
+    assert out.returncode == 0, out.stderr
+    assert server.stats()["requests"] == 5 * (1 + 2)  # the logprobs call, then two samples, for each pair
+    assert ("rl/labels: 5 of 5 pairs dropped from the exports: the critic's sampled answer named no choice "
+            "(score_fallback: sample); use an endpoint with logprobs or a bigger critic") in out.stderr
+    assert "rl/labels: 0 labelled, 5 abstained" in out.stderr and "dpo: " in out.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    dropped = summary["stages"]["rl"]["dropped"]
+    assert (dropped["pairs"], dropped["abstained"], dropped["ties"], dropped["errors"]) == (5, 5, 0, 0)
+    assert summary["stages"]["rl"]["exports"]["dpo"]["rows"] == 0
+
+
+def test_an_empty_export_of_ties_says_why(tmp_path: Path, server: TestServer) -> None:
+    server.configure(prefer="A")  # a pure position bias: the swap averages every pair to 0.5
+    summary = run(rl_recipe(server, tmp_path / "run", pairs={"input": str(HH_PROMPTS), "id_column": "id",
+                                                             "limit": 3}, ensemble=1))
+    rl = summary["stages"]["rl"]
+    assert rl["exports"]["dpo"]["rows"] == 0 and rl["dropped"]["ties"] == 3 and rl["dropped"]["abstained"] == 0
+    assert rl["dropped"]["why"] == ("rl/labels: 3 of 3 pairs dropped from the exports, none left: 3 left out as ties "
+                                    "(P(A) = 0.5: e.g. the two orders disagree) or below export.min_confidence=0.5")

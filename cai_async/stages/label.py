@@ -30,6 +30,8 @@ __all__ = [
     "LabelConfig",
     "LabelReport",
     "Labeller",
+    "abstention_reason",
+    "dropped_pairs",
     "label_pairs",
     "run_label",
 ]
@@ -183,6 +185,39 @@ class Labeller:
             created_at=time.time(),
         )
         return record
+
+
+def abstention_reason(config: LabelConfig, *, sampled: bool) -> str:
+    """Why the critic's answers named no choice, and what to do, for the line that counts the pairs an export
+    lost to abstentions. ``sampled``: the critic's endpoints sample answers (``score_fallback: sample``)."""
+    if config.cot.enabled:
+        return ("the critic's reasoned answer named no choice (cot); raise rl.label.cot.max_tokens so it reaches "
+                "its answer, or use a bigger critic")
+    if sampled:
+        return ("the critic's sampled answer named no choice (score_fallback: sample); use an endpoint with "
+                "logprobs or a bigger critic")
+    return ("no choice was among the critic's top logprobs; raise the endpoint's top_logprobs, check "
+            "rl.label.answer_prefix, or use a bigger critic")
+
+
+def dropped_pairs(labels_dir: str | Path, *, min_confidence: float = 0.5) -> dict[str, int]:
+    """Label rows of ``labels_dir`` (each pair's latest) and how many of them the dpo/reward exports leave out,
+    by cause: ``abstained`` (no principle's answer named a choice), ``ties`` (P(A) exactly 0.5), ``unsure``
+    (decided, below ``min_confidence``), ``errors`` (recorded errors)."""
+    from cai_async.store import scan_shards
+
+    frame = scan_shards(labels_dir, columns=("id", "status", "abstained", "chosen", "confidence"))
+    if frame is None:
+        return {"pairs": 0, "abstained": 0, "ties": 0, "unsure": 0, "errors": 0}
+    ok = pl.col("status") == "ok"
+    abstained = ok & pl.col("abstained").fill_null(False)
+    tie = ok & ~pl.col("abstained").fill_null(False) & pl.col("chosen").is_null()
+    unsure = ok & pl.col("chosen").is_not_null() & (pl.col("confidence") < min_confidence)
+    counts = frame.select(
+        pl.len().alias("pairs"), abstained.sum().alias("abstained"), tie.sum().alias("ties"),
+        unsure.sum().alias("unsure"), (~ok).sum().alias("errors"),
+    ).collect().row(0, named=True)
+    return {key: int(value or 0) for key, value in counts.items()}
 
 
 async def run_label(

@@ -3,6 +3,7 @@ exports."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from cai_async.constitution_io import builtin_comparison_sets
 from cai_async.engine import Engine
 from cai_async.exports import RL_COLUMNS, RLExportConfig, write_rl_exports
-from cai_async.stages.label import LabelConfig, Labeller, label_pairs
+from cai_async.stages.label import LabelConfig, Labeller, abstention_reason, dropped_pairs, label_pairs
 from cai_async.stages.pairs import PairsConfig, PairsReport, run_pairs
 from cai_async.stages.unit import (
     Count,
     StageCommand,
     StageContext,
     StageFlag,
+    StageInput,
     StagePlan,
     StageUnit,
     load_prompt_texts,
@@ -26,7 +28,9 @@ from cai_async.stages.unit import (
 )
 from cai_async.store import scan_shards
 
-__all__ = ["STAGE", "RLConfig", "RLStage", "plan_rl", "run_rl_stage"]
+__all__ = ["STAGE", "RLConfig", "RLStage", "dropped_line", "plan_rl", "run_rl_stage"]
+
+log = logging.getLogger(__name__)
 
 
 class RLConfig(BaseModel):
@@ -56,7 +60,32 @@ async def run_rl_stage(
     report["pairs"] = _pairs_report(pairs_report)
     labels = scan_shards(run_dir / "rl" / "labels", columns=RL_COLUMNS)
     report["exports"] = write_rl_exports(run_dir, labels, config.export)
+    if config.export.dpo or config.export.reward:
+        critics = engine.config.group(config.label.critic_role)
+        sampled = any(e.options.get("score_fallback") == "sample" for e in critics)
+        drops: dict[str, Any] = dropped_pairs(run_dir / "rl" / "labels", min_confidence=config.export.min_confidence)
+        line = dropped_line(drops, config, sampled=sampled, exported=max(
+            (int(e.get("rows") or 0) for e in report["exports"].values()), default=0))
+        report["dropped"] = {**drops, "why": line}
+        if line is not None:
+            log.warning("%s", line)
     return report
+
+
+def dropped_line(drops: dict[str, Any], config: RLConfig, *, sampled: bool, exported: int) -> str | None:
+    """One line saying how many labelled pairs the dpo/reward exports left out and why: always when the critic
+    abstained (its answer named no choice), else when nothing was exported at all (ties, below
+    ``export.min_confidence``); None when there is nothing to say."""
+    pairs, abstained, other = drops["pairs"], drops["abstained"], drops["ties"] + drops["unsure"]
+    undecided = (f"{other} {'more ' if abstained else ''}left out as ties (P(A) = 0.5: e.g. the two orders "
+                 f"disagree) or below export.min_confidence={config.export.min_confidence:g}")
+    if abstained:
+        reason = abstention_reason(config.label, sampled=sampled)
+        return (f"rl/labels: {abstained} of {pairs} pairs dropped from the exports: {reason}"
+                + (f" ({undecided})" if other else ""))
+    if other and not exported:
+        return f"rl/labels: {other} of {pairs} pairs dropped from the exports, none left: {undecided}"
+    return None
 
 
 def plan_rl(recipe: Any, count: Count) -> list[StagePlan]:
@@ -125,6 +154,30 @@ class RLStage(StageUnit[RLConfig]):
         config.pairs.input = resolve_path(base, config.pairs.input)
         if config.label.principles not in builtin_comparison_sets():
             config.label.principles = resolve_path(base, config.label.principles)
+
+    def inputs(self, config: RLConfig, entry: str, run_dir: Path) -> list[StageInput]:
+        """The pairs' source (prompts, a file with two response columns, or SL-CAI chains: this run's, written by
+        its sl stage, or ``rl.pairs.sl_run``'s) and a comparison-set file."""
+        pairs = config.pairs
+        needs: list[StageInput] = []
+        if pairs.source == "sl":
+            folder = Path(pairs.sl_run or run_dir) / "sl"
+            needs.append(StageInput(
+                what="SL-CAI chains", path=folder, ready=lambda: any(folder.glob("*.parquet")),
+                fix=f"run the sl stage in {pairs.sl_run} first, or fix rl.pairs.sl_run" if pairs.sl_run else
+                "add an sl section to the recipe (it runs before rl), or set rl.pairs.sl_run to a run directory "
+                "with SL chains"))
+        else:
+            what = "prompt file" if pairs.source == "generate" else "pairs file (two response columns)"
+            needs.append(StageInput(
+                what=what, path=pairs.input, key="rl.pairs.input",
+                fix="pass --input FILE or set rl.pairs.input (prompts, or a file with two response columns), or "
+                    "take pairs from SL chains: rl.pairs.source: sl"))
+        if config.label.principles not in builtin_comparison_sets():
+            needs.append(StageInput(
+                what="comparison set", path=config.label.principles, key="rl.label.principles",
+                fix=f"use a built-in set ({', '.join(builtin_comparison_sets())}) or fix the path"))
+        return needs
 
     def missing(self, config: RLConfig | None, source: str) -> str | None:
         """Pairs to label, or prompts to make them from."""

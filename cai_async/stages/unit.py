@@ -4,7 +4,9 @@ A :class:`StageUnit` says everything the rest of the package needs to know of a 
 type, the endpoint groups it calls, how it runs (``run``, one summary entry at a time), what it will cost
 (``plan``), the files it exports, and its command (:class:`StageCommand`: name, help, stage-specific flags; the
 shared endpoint/engine flags come from the CLI). ``cai run`` runs the registry's stages in order, ``cai plan``
-sums their estimates, and the CLI builds one command per stage that has one.
+sums their estimates, and the CLI builds one command per stage that has one. Each entry also declares what it
+reads (:meth:`StageUnit.inputs`: :class:`StageInput`) and writes (:meth:`StageUnit.outputs`), so a recipe is
+checked end to end before any call (:func:`unmet_inputs`).
 
 The built-in stages (generate, sl, rl, train, eval) load lazily in that order; another package adds one with
 :func:`register_stage`, or by naming a unit in the ``cai_async.stages`` entry-point group.
@@ -35,6 +37,7 @@ __all__ = [
     "StageCommand",
     "StageContext",
     "StageFlag",
+    "StageInput",
     "StagePlan",
     "StageUnit",
     "load_prompt_texts",
@@ -43,6 +46,7 @@ __all__ = [
     "resolve_path",
     "stage_unit",
     "stage_units",
+    "unmet_inputs",
     "unregister_stage",
 ]
 
@@ -104,6 +108,38 @@ class StageCommand:
     recipe_help: str = "Recipe YAML/JSON/TOML."
     output: Literal["run", "stage"] = "run"
     """``run``: every stage line, the summary table and what to open next; ``stage``: this stage's lines only."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageInput:
+    """Something a stage entry needs before it can run: a file or folder (``path``) that an earlier entry of the
+    recipe writes (:meth:`StageUnit.outputs`) or that is already there; or, without a path, something of this
+    machine (installed packages, a model format) that ``ready`` tells. ``what`` names it in the error line,
+    ``fix`` says how to get it."""
+
+    what: str
+    fix: str
+    path: str | Path = ""
+    key: str = ""
+    """The recipe key that sets ``path`` (named when it is not set)."""
+    ready: Callable[[], bool] | None = None
+    """Whether it is there now; default: ``path`` exists (a URI is taken as there: it cannot be checked offline)."""
+
+    def problem(self, entry: str, made: Sequence[Path]) -> str | None:
+        """One line saying what ``entry`` lacks and how to fix it; None when it is made earlier or there."""
+        path = str(self.path)
+        if not path and self.ready is None:
+            return f"{entry}: no {self.what} is set{f' ({self.key})' if self.key else ''}; {self.fix}"
+        if not path:
+            return None if self.ready is not None and self.ready() else f"{entry}: {self.what} is missing; {self.fix}"
+        if "://" in path:
+            return None
+        target = Path(os.path.abspath(path))
+        if target in made:
+            return None
+        if self.ready() if self.ready is not None else target.exists():
+            return None
+        return f"{entry}: {self.what} not found: {path} (and no earlier stage of this recipe writes it); {self.fix}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +206,42 @@ class StageUnit(Generic[C]):
     def missing(self, config: C | None, source: str) -> str | None:
         """What the stage's command needs that the recipe (``source``) lacks, as one line; None when nothing."""
         return None if config is not None else f"{source}: no {self.name} section"
+
+    def inputs(self, config: C, entry: str, run_dir: Path) -> list[StageInput]:
+        """What ``entry`` reads before it runs (checked before any call, see :func:`unmet_inputs`). Default: the
+        prompt file of a config that is a :class:`~cai_async.prompts.PromptSource`."""
+        from cai_async.prompts import PromptSource
+
+        if not isinstance(config, PromptSource):
+            return []
+        key = f"{self.name}.input"
+        return [StageInput(what="prompt file", path=config.input, key=key,
+                           fix=f"pass --input FILE or set {key} (a relative path in a recipe is read from the "
+                               f"recipe's folder)")]
+
+    def outputs(self, config: C, entry: str, run_dir: Path) -> list[Path]:
+        """What ``entry`` writes that later entries may read. Default: ``RUN_DIR/<name>/`` and the
+        :attr:`exports` the config does not switch off (``export.<name>: false``)."""
+        export = getattr(config, "export", None)
+        return [run_dir / self.name, *(run_dir / "exports" / f"{name}.parquet" for name in self.exports
+                                       if getattr(export, name, True) is not False)]
+
+
+def unmet_inputs(present: Sequence[tuple[StageUnit[Any], Any]], run_dir: Path) -> list[str]:
+    """Walk the recipe's stage entries in run order: one line for each input (:meth:`StageUnit.inputs`) that no
+    earlier entry writes (:meth:`StageUnit.outputs`) and that is not there already. Nothing is called."""
+    made: list[Path] = []
+    problems: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for unit, config in present:
+        for entry in unit.entries(config):
+            for need in unit.inputs(config, entry, run_dir):
+                line = need.problem(entry, made)
+                if line is not None and (need.what, str(need.path)) not in seen:
+                    seen.add((need.what, str(need.path)))
+                    problems.append(line)
+            made += [Path(os.path.abspath(path)) for path in unit.outputs(config, entry, run_dir)]
+    return problems
 
 
 def resolve_path(base: Path, value: str) -> str:
