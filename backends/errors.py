@@ -1,8 +1,9 @@
 """The one small error tree of cai-async, translated at the backend edge.
 
-``CaiError`` → ``BackendError`` → ``RateLimited`` / ``TransientError`` / ``PermanentError``,
-and ``ConfigError`` for bad configuration. ``RunStopped`` ends a run early (every endpoint of a group down, a
-rate-limit horizon with ``retry.long_wait: stop``, a refused key, the budget): the CLI exits 4 for it.
+``CaiError`` → ``BackendError`` → ``RateLimited`` / ``TransientError`` (→ ``EndpointFault``: ``Unreachable``,
+``BrokenAnswer``) / ``PermanentError``, and ``ConfigError`` for bad configuration. ``RunStopped`` ends a run early
+(every endpoint of a group down, a rate-limit horizon with ``retry.long_wait: stop``, a refused key, the budget):
+the CLI exits 4 for it.
 ``AuthenticationFailed`` (401/403) is both a backend error and a
 configuration error: the key is wrong for every call, so a run stops with one message instead of recording
 each item as failed for good. Messages say what to fix; they never carry secrets.
@@ -15,10 +16,12 @@ from typing import Any
 __all__ = [
     "AuthenticationFailed",
     "BackendError",
+    "BrokenAnswer",
     "BudgetExceeded",
     "CaiError",
     "ConfigError",
     "EndpointDown",
+    "EndpointFault",
     "InvalidAnswer",
     "MissingLogprobs",
     "NoChoiceFound",
@@ -81,18 +84,29 @@ class RateLimited(BackendError):
 
 
 class TransientError(BackendError):
-    """A failure worth retrying: 5xx, 408, timeouts, dropped connections, a body that is not JSON (a proxy's
-    HTML error page, even with status 200)."""
+    """A failure worth retrying: 5xx, 408, timeouts, dropped connections, an answer that is not a whole JSON
+    body (see :class:`EndpointFault`)."""
 
 
-class Unreachable(TransientError):
-    """No answer at all: the connection was refused or timed out, or the answer trickled past ``timeout_s``.
-    Enough in a row mark the endpoint *down* (``engine.breaker``); ``cause`` says why in a few words
-    (``"connection refused to http://127.0.0.1:9/v1"``)."""
+class EndpointFault(TransientError):
+    """A failure of the endpoint itself, not of one call: enough in a row mark the endpoint *down*
+    (``engine.breaker``: probed every ``probe_s``, and the run stops when its whole group stays down for
+    ``down_grace_s``). ``cause`` says why in a few words, for the one line that says it is down."""
 
     def __init__(self, message: str, *, endpoint: str = "", status: int | None = None, cause: str = "") -> None:
         super().__init__(message, endpoint=endpoint, status=status)
         self.cause = cause or message
+
+
+class Unreachable(EndpointFault):
+    """No answer at all: the connection was refused or timed out, or the answer trickled past ``timeout_s``
+    (``cause``: ``"connection refused to http://127.0.0.1:9/v1"``)."""
+
+
+class BrokenAnswer(EndpointFault):
+    """An answer that is not a whole JSON body: an HTML page with status 200 (a proxy or gateway), a body cut
+    short of its ``Content-Length``, bytes that are not valid UTF-8, text that is not JSON. ``cause`` says what
+    was received (``"the body was cut short: 812 of 2048 bytes"``)."""
 
 
 class PermanentError(BackendError):

@@ -6,6 +6,7 @@ tenth of the CPU per request that ``httpx`` or the official SDK do (``bench/engi
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import errno
 import logging
@@ -21,6 +22,7 @@ import orjson
 from backends.base import BackendTraits, BaseBackend
 from backends.errors import (
     BackendError,
+    BrokenAnswer,
     ConfigError,
     InvalidAnswer,
     MissingLogprobs,
@@ -40,6 +42,7 @@ from backends.openai_wire import (
 )
 from backends.options import OpenAIOptions, parse_options
 from backends.registry import BackendSettings
+from backends.scoring import sampled_choice
 from backends.types import ChatRequest, ChatResult, RateLimitInfo, ScoreRequest, ScoreResult, Usage
 
 __all__ = ["OpenAIBackend", "parse_duration", "parse_rate_limit_headers", "parse_retry_after"]
@@ -122,6 +125,24 @@ def _connect_cause(error: OSError | None) -> str:
 
 log = logging.getLogger("cai_async.backends")
 
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _html_gist(page: str) -> str:
+    """An HTML page in a few words: its title, else the start of its text."""
+    found = _TITLE.search(page)
+    text = found.group(1) if found else _TAG.sub(" ", page)
+    return " ".join(text.split())[:80] or page.strip()[:80]
+
+
+def _progress(resp: aiohttp.ClientResponse) -> tuple[int, int | None]:
+    """Bytes of a body read so far, and of how many its ``Content-Length`` announced (``None`` when it announced
+    none, or when the body is compressed: aiohttp counts the bytes it unpacked)."""
+    expected = None if resp.headers.get("Content-Encoding") else resp.content_length
+    return resp.content.total_bytes, expected
+
+
 _AT_ONCE_STATUSES = frozenset({500, 502, 503, 504})
 """Server errors sent once more at once (without ``Retry-After``): a lone failure of one worker or connection."""
 
@@ -166,6 +187,11 @@ class OpenAIBackend(BaseBackend):
         self._score_samples = options.score_samples
         self._prefill = options.prefill
         self._max_connections = options.max_connections
+        self._slow_body_s = options.slow_body_s
+        self._slow_said = 0.0
+        """When a trickling body was last said (``time.monotonic()``; 0: never)."""
+        self._slow_healed = False
+        """Whether an answer came whole within ``slow_body_s`` since then."""
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -205,15 +231,14 @@ class OpenAIBackend(BaseBackend):
 
     async def _post_once(self, body: dict[str, Any]) -> tuple[dict[str, Any], RateLimitInfo | None, float]:
         start = time.perf_counter()
+        resp: aiohttp.ClientResponse | None = None
         try:
             async with self._client().post(self._url, data=orjson.dumps(body), headers=self._headers) as resp:
-                raw = await resp.read()
                 status = resp.status
                 headers = resp.headers
+                raw = await self._read(resp)
         except TimeoutError:
-            cause = f"no complete answer within {self._settings.timeout_s:g}s from {self._settings.base_url} (timeout)"
-            raise self._error(Unreachable, f"{cause}: the server is slow, overloaded or trickling its answer; "
-                              "check it, or raise the endpoint's timeout_s", cause=cause) from None
+            raise self._timed_out(resp) from None
         except aiohttp.ClientConnectorError as exc:
             cause = f"{_connect_cause(exc.os_error)} to {self._settings.base_url}"
             raise self._error(Unreachable, f"{cause}; is the server running and base_url right?", cause=cause) from None
@@ -232,21 +257,99 @@ class OpenAIBackend(BaseBackend):
             self._raise_for_status(status, raw, headers)
         try:
             payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:  # a proxy's error page, a cut body: worth retrying, maybe elsewhere
-            excerpt = raw[:120].decode("utf-8", "replace")
-            what = "an HTML page" if raw.lstrip()[:1] == b"<" else "a body that is not JSON"
-            raise self._error(
-                TransientError,
-                f"answered status {status} with {what} ({excerpt!r}); a proxy or gateway error? "
-                "check that base_url is an OpenAI-compatible /v1 endpoint",
-                status=status,
-            ) from None
+        except orjson.JSONDecodeError as exc:  # a proxy's page, corrupted bytes: the endpoint, not this call
+            raise self._broken(raw, status, headers.get("Content-Type", ""), exc) from None
         if not isinstance(payload, dict):
             raise self._error(InvalidAnswer, "answered with JSON that is not an object", status=status)
         if isinstance(payload.get("error"), dict) and "choices" not in payload:  # a 5xx in a 200's clothing
             detail = str(payload["error"].get("message", payload["error"]))[:300]
             raise self._error(TransientError, f"answered status {status} with an error body: {detail}", status=status)
         return payload, rate_limit, latency
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body; one still coming ``slow_body_s`` after the headers is said once (a trickling server),
+        and one the connection cuts short of its ``Content-Length`` is a :class:`BrokenAnswer` saying so."""
+        began = time.monotonic()
+        watch = asyncio.get_running_loop().call_later(self._slow_body_s, self._slow_body, resp)
+        try:
+            raw = await resp.read()
+        except aiohttp.ClientPayloadError as exc:
+            raise self._cut_short(resp, exc) from None
+        finally:
+            watch.cancel()
+        if self._slow_said and time.monotonic() - began < self._slow_body_s:
+            self._slow_healed = True  # a whole body in time again: a later trickle is said again
+        return raw
+
+    def _slow_body(self, resp: aiohttp.ClientResponse) -> None:
+        """Say that a body is trickling: once, and again only after an answer came whole in time and a minute
+        has passed (a server that trickles now and then gets a line a minute at most)."""
+        now = time.monotonic()
+        if self._slow_said and not (self._slow_healed and now - self._slow_said >= 60.0):
+            return
+        self._slow_said, self._slow_healed = now, False
+        received, expected = _progress(resp)
+        of = f" of {expected}" if expected is not None else ""
+        timeout = self._settings.timeout_s
+        giving_up = "check the server, or lower timeout_s to give up on it sooner"
+        if expected and received:
+            needs = self._slow_body_s * expected / received
+            outlook = (f"at this pace it needs ~{needs:.0f} s, so it will time out: {giving_up}" if needs > timeout
+                       else f"at this pace it needs ~{needs:.0f} s: slow, but in time")
+        else:
+            outlook = f"a server trickling its answers? {giving_up}"
+        log.warning("%s", redact(
+            f"endpoint {self.name} ({self._settings.base_url}) has sent only {received}{of} bytes of an answer in "
+            f"{self._slow_body_s:g} s; it is given timeout_s={timeout:g} s per call ({outlook})",
+            [self._settings.api_key.get()]))
+
+    def _timed_out(self, resp: aiohttp.ClientResponse | None) -> BackendError:
+        timeout = self._settings.timeout_s
+        cause = f"no complete answer within {timeout:g}s from {self._settings.base_url} (timeout)"
+        if resp is not None and resp.content.total_bytes:
+            received, expected = _progress(resp)
+            of = f" of {expected}" if expected is not None else ""
+            cause += f": only {received}{of} bytes of its body came"
+        return self._error(Unreachable, f"{cause}; the server is slow, overloaded or trickling its answer: check "
+                           "it, or raise the endpoint's timeout_s", cause=cause)
+
+    def _cut_short(self, resp: aiohttp.ClientResponse, error: aiohttp.ClientPayloadError) -> BackendError:
+        """A body the connection ended before its ``Content-Length`` (or last chunk), or one that cannot be
+        unpacked (its ``Content-Encoding``)."""
+        received, expected = _progress(resp)
+        if "not completed" not in str(error):  # e.g. a gzip body that does not unpack
+            cause = f"the body could not be read: {error}"
+            return self._error(BrokenAnswer, cause, cause=cause, status=resp.status)
+        if expected is not None:
+            cause = f"the body was cut short: {received} of {expected} bytes"
+        else:
+            packed = resp.headers.get("Content-Encoding")
+            cause = f"the body was cut short after {received} bytes" + (f" (unpacked from {packed})" if packed else "")
+        return self._error(BrokenAnswer, f"{cause} (the connection closed before its end; the server or a proxy "
+                           "in between drops its answers)", cause=cause, status=resp.status)
+
+    def _broken(self, raw: bytes, status: int, content_type: str, error: orjson.JSONDecodeError) -> BackendError:
+        """What a body that is not JSON is, said in a few words: an HTML page, bytes that are not UTF-8, empty."""
+        hint = "check that base_url is the OpenAI-compatible /v1 endpoint itself"
+        text = raw.decode("utf-8", "replace")
+        if "html" in content_type.lower() or raw.lstrip()[:1] == b"<":
+            cause = f"answered an HTML page with status {status}: {_html_gist(text)!r}"
+            message = f"{cause} (a proxy, gateway or login page in front of the server?); {hint}"
+        elif not raw.strip():
+            cause = f"answered status {status} with an empty body"
+            message = f"{cause}; {hint}"
+        else:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                cause = f"the body is not valid UTF-8 at byte {bad.start}"
+                around = raw[max(0, bad.start - 24):bad.start + 8]
+                message = (f"{cause} of {len(raw)} ({around!r}); the server or a proxy in between corrupts its "
+                           "answers")
+            else:
+                cause = f"answered status {status} with a body that is not JSON: {text[:60]!r}"
+                message = f"{cause} ({error}); {hint}"
+        return self._error(BrokenAnswer, message, cause=cause, status=status)
 
     def _raise_for_status(self, status: int, raw: bytes, headers: Any) -> None:
         detail = raw[:300].decode("utf-8", "replace")
@@ -285,7 +388,7 @@ class OpenAIBackend(BaseBackend):
         latency = 0.0
         rate_limit: RateLimitInfo | None = None
         for sample in range(self._score_samples):
-            body = {**score, "max_tokens": 4, "temperature": 1.0, "seed": sample}
+            body = {**score, "max_tokens": 8, "temperature": 1.0, "seed": sample}  # "The answer is (A)" fits
             del body["logprobs"], body["top_logprobs"]
             payload, rate_limit, took = await self._post(body)
             latency += took
@@ -293,8 +396,8 @@ class OpenAIBackend(BaseBackend):
             prompt_tokens += usage.prompt_tokens
             completion_tokens += usage.completion_tokens
             text = chat_result(payload, model=self.model, endpoint=self.name, latency_s=took, make=self._error).text
-            answer = text.strip().lstrip("(").strip()[:1]
-            if answer in request.choices:
+            answer = sampled_choice(text, request.choices)  # strict: "Answer…" or "As an AI" name no choice
+            if answer is not None:
                 counts[answer] += 1
         total = sum(counts.values())
         if total == 0:

@@ -41,6 +41,10 @@ class OpenAIOptions(BackendOptions):
     score_samples: int = Field(default=8, ge=1, description="samples per scoring call with score_fallback: sample")
     prefill: bool = Field(default=False, description="send the answer prefix as an assistant turn to continue (vLLM)")
     max_connections: int = Field(default=0, ge=0, description="pooled connections; 0: unlimited (the engine bounds)")
+    slow_body_s: float = Field(
+        default=8.0, gt=0, description="an answer whose body is still coming this long after its headers (a server "
+        "trickling it) is said in one line, naming the endpoint's timeout_s",
+    )
 
 
 class BatchOptions(BackendOptions):

@@ -95,10 +95,12 @@ _DEFAULTS = {
     "latency_ms": 0.0, "rpm": 0, "tpm": 0, "send_rate_headers": True, "error_rate": 0.0,
     "drop_rate": 0.0, "api_key": "", "prefer": "", "seed": 0, "record": False, "reply": "",
     "prefer_when": {}, "stream_chunk_ms": 0.0, "fail_status": 0, "retry_after_s": 0.0, "trickle_s": 0.0,
-    "html": False, "nochoices": False, "logprobs": True, "dead": False, "batches": True, "batch_validating_s": 0.05,
+    "html": False, "truncate": False, "bad_utf8": False, "nochoices": False, "logprobs": True, "dead": False,
+    "batches": True, "batch_validating_s": 0.05,
     "batch_progress_s": 0.2,
     "batch_finalizing_s": 0.05, "batch_outcome": "completed", "batch_expire_fraction": 0.5,
     "batch_error_rate": 0.0, "batch_drop_ids": 0, "batch_unknown_ids": 0, "batch_max_requests": 50_000,
+    "choices": [], "tool_calls": [], "echo_auth": False, "answer_json": None, "bad_stream_line": False,
 }
 
 

@@ -6,10 +6,12 @@ rates; ``logprobs``/``top_logprobs`` for choice scoring, with an optional plante
 
 Per-request faults are planted with markers in the last user message: ``@@status:NNN@@``,
 ``@@malformed@@``, ``@@nochoices@@``, ``@@empty@@``, ``@@nologprobs@@``, ``@@drop@@``, ``@@html@@``,
-``@@error200@@`` (an error body with status 200).
+``@@error200@@`` (an error body with status 200), ``@@truncate@@`` (a body cut short: the connection closes
+before ``Content-Length`` is reached), ``@@badutf8@@`` (invalid UTF-8 inside the JSON).
 Whole-server faults (switched at run time, so a rerun can find them healed): ``retry_after_s`` (every call
 429 with that ``Retry-After``), ``trickle_s`` (bodies sent a few bytes at a time over that long), ``html``
-(a proxy's HTML page with status 200), ``nochoices``, ``logprobs: false``, ``dead`` (connections dropped).
+(a proxy's HTML page with status 200), ``truncate`` and ``bad_utf8`` (as the markers), ``nochoices``,
+``logprobs: false``, ``dead`` (connections dropped).
 
 Run: ``python -m tests.server --port 0 --latency-ms 200`` (prints ``PORT <n>`` when ready).
 The Batch API (``/v1/files``, ``/v1/batches``) follows OpenAI's documented behaviour: see
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import gc
 import hashlib
 import logging
@@ -60,12 +63,19 @@ class ServerConfig:
     model: str = "test-model"
     record: bool = False  # keep every request body's messages, served at GET /requests
     reply: str = ""  # a fixed chat answer (e.g. a chain-of-thought ending "The answer is (A)")
+    # planted answers by rule, the first that matches wins (else `reply`, else the deterministic text): each rule
+    # {"reply": TEXT} with any of "last" (a substring of the last message), "first" (of the first user message),
+    # "seed" (the request's seed), "base64": true (the last message holds base64 text: a planted weakness),
+    # "min_user_turns": N (the conversation has at least N user turns)
+    replies: list[dict[str, Any]] = field(default_factory=list)
     prefer_when: dict[str, str] = field(default_factory=dict)  # substring of the prompt → preferred choice
     stream_chunk_ms: float = 0.0  # with "stream": true, the pause before each word's chunk
     fail_status: int = 0  # answer every chat request with this status (e.g. 404: a model the server lacks)
     retry_after_s: float = 0.0  # > 0: answer every chat request 429 with this Retry-After
     trickle_s: float = 0.0  # > 0: send each answer's body a few bytes at a time over this many seconds
     html: bool = False  # answer with a proxy's HTML error page, status 200
+    truncate: bool = False  # send part of each answer's body, then close (Content-Length larger than what is sent)
+    bad_utf8: bool = False  # answer JSON with an invalid UTF-8 byte inside the message text
     nochoices: bool = False  # answer JSON without choices (an invalid answer)
     logprobs: bool = True  # False: never send logprobs (an endpoint without them)
     dead: bool = False  # drop every connection without answering
@@ -152,7 +162,8 @@ class _State:
         if "nochoices" in markers or cfg.nochoices:
             return 200, {"id": "x", "object": "chat.completion", "choices": []}
         max_tokens = int(body.get("max_tokens") or 16)
-        text = "" if "empty" in markers else (cfg.reply or _answer_text(messages, body.get("seed")))
+        text = "" if "empty" in markers else (_planted(cfg.replies, messages, body.get("seed")) or cfg.reply
+                                                or _answer_text(messages, body.get("seed")))
         prompt_tokens = _prompt_tokens(messages)
         completion_tokens = min(max_tokens, len(text.split()))
         choice: dict[str, Any] = {
@@ -224,6 +235,60 @@ async def _trickle(request: web.Request, body: bytes, seconds: float, state: _St
         await asyncio.sleep(seconds / chunks)
     await response.write_eof()
     return response
+
+
+async def _truncated(request: web.Request, body: bytes, state: _State) -> web.StreamResponse:
+    """Announce ``body``'s full length, send 40% of it, then close the connection (a body cut short)."""
+    state.stats["truncated"] += 1
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) * 2 // 5])
+    assert request.transport is not None
+    request.transport.close()  # flushes what was written, then closes: the rest never comes
+    raise ConnectionResetError("body cut short by the test server")
+
+
+def _bad_utf8(body: bytes, state: _State) -> web.Response:
+    """``body`` (JSON) with an invalid UTF-8 byte planted inside its first message text."""
+    state.stats["bad_utf8"] += 1
+    at = body.find(b'"content":"')
+    at = at + len(b'"content":"') if at >= 0 else len(body) // 2
+    return web.Response(body=body[:at] + b"\xff\xfe" + body[at:], status=200, content_type="application/json")
+
+
+def _planted(rules: list[dict[str, Any]], messages: list[dict[str, Any]], seed: Any) -> str:
+    """The reply of the first rule in ``rules`` that the request matches ("" when none does)."""
+    last = str(messages[-1].get("content", "")) if messages else ""
+    first = next((str(m.get("content", "")) for m in messages if m.get("role") == "user"), "")
+    for rule in rules:
+        if ("last" in rule and rule["last"] not in last) or ("first" in rule and rule["first"] not in first):
+            continue
+        if "seed" in rule and rule["seed"] != seed:
+            continue
+        if rule.get("base64") and not _holds_base64(last):
+            continue
+        if sum(m.get("role") == "user" for m in messages) < int(rule.get("min_user_turns", 0)):
+            continue
+        return str(rule["reply"])
+    return ""
+
+
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{20,}={0,2}")
+
+
+def _holds_base64(text: str) -> bool:
+    """Whether ``text`` holds a base64 run (20+ characters, padded to a multiple of 4) that decodes to text."""
+    for run in _BASE64_RUN.findall(text):
+        if len(run) % 4:
+            continue
+        try:
+            decoded = base64.b64decode(run, validate=True).decode("utf-8")
+        except ValueError:
+            continue
+        if sum(c.isalpha() or c.isspace() for c in decoded) >= 0.8 * len(decoded):
+            return True
+    return False
 
 
 def _answer_text(messages: list[dict[str, Any]], seed: Any) -> str:
@@ -367,6 +432,10 @@ def build_app(config: ServerConfig) -> web.Application:
             return web.Response(text=_HTML, status=200, content_type="text/html")
         if "error200" in markers:
             return _json({"error": {"message": "upstream overloaded", "type": "server_error"}})
+        if "truncate" in markers or cfg.truncate:
+            return await _truncated(request, orjson.dumps(payload), state)
+        if "badutf8" in markers or cfg.bad_utf8:
+            return _bad_utf8(orjson.dumps(payload), state)
         if cfg.error_rate and state.rng.random() < cfg.error_rate:
             state.stats["5xx"] += 1
             return _json({"error": {"message": "internal error (injected)"}}, status=503)

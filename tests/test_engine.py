@@ -13,9 +13,11 @@ import pytest
 
 from backends import (
     AuthenticationFailed,
+    BrokenAnswer,
     BudgetExceeded,
     ChatRequest,
     ChatResult,
+    EndpointDown,
     PermanentError,
     RateLimited,
     ScoreRequest,
@@ -240,6 +242,75 @@ class _CountingBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+class _GarbledBackend:
+    """Answers a body cut short while ``broken`` (a misbehaving server or proxy), else ``ok``."""
+
+    name = "garbled"
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.calls = 0
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        self.calls += 1
+        await anyio.lowlevel.checkpoint()
+        if self.broken:
+            raise BrokenAnswer("endpoint 'garbled': the body was cut short: 5 of 10 bytes (the connection closed)",
+                               endpoint="garbled", cause="the body was cut short: 5 of 10 bytes")
+        return ChatResult(text="ok", finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=1))
+
+    async def score(self, request: ScoreRequest) -> Any:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_broken_answers_mark_the_endpoint_down_and_every_waiting_call_stops_with_one_reason(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds
+        await anyio.lowlevel.checkpoint()
+
+    garbled = _GarbledBackend()
+    cfg = config(EndpointConfig(name="garbled", backend="garbled", model="m"), cache={"enabled": False},
+                 retry={"max_attempts": 20, "initial_s": 0.01},
+                 breaker={"failures": 3, "probe_s": 2.0, "down_grace_s": 10.0})
+    stops: list[BaseException] = []
+
+    async def call(role: str, index: int) -> None:
+        try:
+            await engine.chat(role, ChatRequest([{"role": "user", "content": f"{role} {index}"}]))
+        except EndpointDown as exc:
+            stops.append(exc)
+
+    async with Engine(cfg, backends={"garbled": garbled}, run_dir=tmp_path, sleep=fake_sleep,
+                      clock=lambda: now[0]) as engine:
+        async with anyio.create_task_group() as tg:
+            for role, index in (("policy", 0), ("policy", 1), ("critic", 2)):  # critic: the policy endpoints
+                tg.start_soon(call, role, index)
+        state = engine.group("policy")[0]
+        assert state.down_cause == "the body was cut short: 5 of 10 bytes"
+        first = stops[0]
+        # three waiting calls in two groups sharing the endpoint: one reason, said once (the same error)
+        assert len(stops) == 3 and all(stop is first for stop in stops)
+        assert "garbled is down (the body was cut short: 5 of 10 bytes) for 10s" in str(first)
+        assert now[0] >= 10.0  # stopped once down_grace_s of (fake) time had passed
+        assert garbled.calls <= 3 + 10.0 / 2.0  # the first failures, then at most a probe every probe_s (not 3 × 20)
+        # the endpoint heals: the next call (a probe) is answered, and a later stop has its own reason
+        garbled.broken = False
+        now[0] += 2.0
+        assert (await engine.chat("policy", ChatRequest([{"role": "user", "content": "again"}]))).text == "ok"
+        assert state.down_cause is None
+        garbled.broken = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "policy", 3)
+        assert len(stops) == 4 and stops[3] is not first
 
 
 async def test_backpressure_pulls_items_lazily(tmp_path: Path) -> None:

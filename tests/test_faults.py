@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -203,18 +204,76 @@ def test_a_used_up_limit_without_retry_after_is_a_learned_wait() -> None:
 # --- exit codes and reruns that heal ---------------------------------------------------------------------------
 
 
-def test_html_pages_are_transient_and_the_rerun_heals(tmp_path: Path, server: TestServer) -> None:
-    server.configure(html=True)
-    recipe = write_recipe(tmp_path, [live(server)], stage="generate", n=5, engine={"breaker": {"cooloff_s": 0.2}})
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        ({"html": True}, r"ep is down \(answered an HTML page with status 200: '502 Bad Gateway'\)"),
+        ({"truncate": True}, r"ep is down \(the body was cut short: (\d+) of (\d+) bytes\)"),
+        ({"bad_utf8": True}, r"ep is down \(the body is not valid UTF-8 at byte \d+\)"),
+    ],
+    ids=["html", "truncate", "bad_utf8"],
+)
+def test_an_endpoint_answering_garbage_is_declared_down_and_the_rerun_heals(
+    tmp_path: Path, server: TestServer, fault: dict[str, bool], said: str
+) -> None:
+    """An HTML page with status 200, a body cut short of its Content-Length, invalid UTF-8: the endpoint's
+    failures, counted toward down like connection errors; the run stops with one line saying what came, exit 4."""
+    try:  # (conftest's reset between tests knows html, not the faults added with this test)
+        garbage_is_declared_down(tmp_path, server, fault, said)
+    finally:
+        server.configure(html=False, truncate=False, bad_utf8=False)
+
+
+def garbage_is_declared_down(tmp_path: Path, server: TestServer, fault: dict[str, bool], said: str) -> None:
+    server.configure(**fault)
+    n = 20
+    recipe = write_recipe(tmp_path, [live(server, "ep")], n=n, engine={"breaker": {"down_grace_s": 2}})
+    start = time.monotonic()
     out = cai("run", str(recipe))
-    assert out.returncode == FAILED_ROWS, out.stderr
-    assert "5 failed" in out.stderr and "HTML page" in out.stderr and "exit 3" in out.stderr
-    summary = summary_of(tmp_path)
-    assert summary["stages"]["generate"]["failure_classes"] == {"TransientError": 5}
-    server.configure(html=False)
+    took = time.monotonic() - start
+    assert out.returncode == STOPPED, out.stderr
+    lines = out.stderr.splitlines()
+    stopped = [line for line in lines if line.startswith("stopped:")]
+    found = re.search(said, stopped[0]) if len(stopped) == 1 else None
+    assert found is not None and "curl" in stopped[0], out.stderr
+    if found.groups():  # cut short: 40% of what the Content-Length announced
+        assert int(found.group(1)) == int(found.group(2)) * 2 // 5
+    assert sum("ep is down after 5 failures in a row" in line for line in lines) == 1, out.stderr
+    assert sum("call failed" in line for line in lines) == 1, out.stderr  # the rest fold into the down line
+    assert len(lines) == 3, out.stderr  # the first failure, the endpoint down, the stop
+    assert "not JSON" not in out.stderr and "Traceback" not in out.stderr
+    # before down: the chains' first calls (one each, in flight at once) and at most 4 retries (the 5th failure
+    # marks it down); then a probe every probe_s (2 s) in the grace of 2 s. Before, each chain spent 8 attempts.
+    assert server.stats()["requests"] <= n + 4 + 2, server.stats()
+    assert took < 30, took  # the behaviour is the time: seconds, not minutes of cool-offs
+    assert read_shards(tmp_path / "run" / "sl").is_empty()  # nothing recorded as failed for good
+    server.configure(html=False, truncate=False, bad_utf8=False)  # healed
     again = cai("run", str(recipe))
     assert again.returncode == OK, again.stderr
-    assert "5 written" in again.stderr and read_shards(tmp_path / "run" / "generate").height == 5
+    assert read_shards(tmp_path / "run" / "sl")["status"].to_list() == ["ok"] * n
+
+
+def test_a_trickling_endpoint_is_said_within_seconds_naming_timeout_s(tmp_path: Path, server: TestServer) -> None:
+    """A server that sends its answers a few bytes at a time: one line once slow_body_s has passed (8 s by
+    default; 1 s here), naming timeout_s; when the calls time out, the endpoint is down and the run stops (exit 4),
+    each line said once."""
+    server.configure(trickle_s=60)
+    recipe = write_recipe(tmp_path, [live(server, "ep", timeout_s=4, options={"slow_body_s": 1})], n=10,
+                          engine={"breaker": {"down_grace_s": 1}})
+    out = cai("run", str(recipe))
+    assert out.returncode == STOPPED, out.stderr
+    lines = out.stderr.splitlines()
+    said = [index for index, line in enumerate(lines) if "has sent only" in line]
+    assert len(said) == 1, out.stderr
+    assert re.search(r"endpoint ep \(http://127\.0\.0\.1:\d+/v1\) has sent only \d+ of \d+ bytes of an answer in 1 s; "
+                     r"it is given timeout_s=4 s per call \(at this pace it needs ~\d+ s, so it will time out",
+                     lines[said[0]]), lines[said[0]]
+    down = [index for index, line in enumerate(lines) if "ep is down after" in line]
+    assert len(down) == 1 and said[0] < down[0], out.stderr  # said before the first timeout
+    assert "no complete answer within 4s" in lines[down[0]] and "bytes of its body came" in lines[down[0]]
+    stopped = [line for line in lines if line.startswith("stopped:")]
+    assert len(stopped) == 1 and "ep is down (no complete answer within 4s" in stopped[0], out.stderr
+    assert summary_of(tmp_path)["stopped"]["class"] == "EndpointDown"
 
 
 def test_invalid_answers_are_recorded_with_their_class_and_retried_by_a_rerun(

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import ast
+import logging
+import re
+
+import anyio
 import pytest
 
 from backends import (
     AuthenticationFailed,
     BackendSettings,
+    BrokenAnswer,
     ChatRequest,
     ConfigError,
+    EndpointFault,
     InvalidAnswer,
     PermanentError,
     RateLimited,
@@ -78,8 +85,8 @@ async def test_no_logprobs_is_a_clear_error_or_sampled_fallback(server: TestServ
 @pytest.mark.parametrize(
     ("marker", "error", "pattern"),
     [
-        ("@@malformed@@", TransientError, "a body that is not JSON"),
-        ("@@html@@", TransientError, "status 200 with an HTML page"),
+        ("@@malformed@@", BrokenAnswer, "with a body that is not JSON: '{\"choices\": \\['"),
+        ("@@html@@", BrokenAnswer, "answered an HTML page with status 200: '502 Bad Gateway'"),
         ("@@error200@@", TransientError, "status 200 with an error body: upstream overloaded"),
         ("@@nochoices@@", InvalidAnswer, "no choices"),
         ("@@status:400@@", PermanentError, "rejected \\(400\\)"),
@@ -98,6 +105,57 @@ async def test_bad_answers_translate_to_the_error_tree(
             await b.chat(ChatRequest([{"role": "user", "content": f"x {marker}"}]))
     finally:
         await b.aclose()
+
+
+async def test_bodies_cut_short_or_not_utf8_say_what_came_and_count_against_the_endpoint(
+    server: TestServer,
+) -> None:
+    b = backend(server)
+    try:
+        with pytest.raises(BrokenAnswer) as cut:
+            await b.chat(ChatRequest([{"role": "user", "content": "x @@truncate@@"}]))
+        with pytest.raises(BrokenAnswer) as garbled:
+            await b.chat(ChatRequest([{"role": "user", "content": "x @@badutf8@@"}]))
+    finally:
+        await b.aclose()
+    found = re.search(r"the body was cut short: (\d+) of (\d+) bytes", str(cut.value))
+    assert found is not None, cut.value
+    received, announced = int(found.group(1)), int(found.group(2))
+    assert received == announced * 2 // 5  # the test server sends 40% of what its Content-Length announces
+    assert cut.value.cause == found.group(0)
+    assert isinstance(cut.value, EndpointFault) and isinstance(garbled.value, EndpointFault)
+    # the server plants b"\xff\xfe" right after the answer's '"content":"'; the message shows the bytes around
+    found = re.search(r"the body is not valid UTF-8 at byte (\d+) of (\d+) \((b'.*')\)", str(garbled.value))
+    assert found is not None, garbled.value
+    around = ast.literal_eval(found.group(3))  # 24 bytes before the bad one and 8 from it
+    assert around[:-8].endswith(b'"content":"') and around[-8:].startswith(b"\xff\xfe"), around
+    assert "not JSON" not in str(garbled.value) and "proxy error" not in str(garbled.value)
+
+
+async def test_a_trickling_body_is_said_once_naming_timeout_s(
+    server: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.configure(trickle_s=1.5)
+    settings = BackendSettings(endpoint="slow", model="m", base_url=server.base_url, timeout_s=30,
+                               options={"slow_body_s": 0.3})
+    b = create_backend("openai", settings)
+    texts: list[str] = []
+
+    async def call(index: int) -> None:
+        texts.append((await b.chat(ChatRequest([{"role": "user", "content": f"q {index}"}]))).text)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="cai_async.backends"):
+            async with anyio.create_task_group() as tg:
+                for index in range(4):
+                    tg.start_soon(call, index)
+    finally:
+        await b.aclose()
+    said = [r.getMessage() for r in caplog.records if "has sent only" in r.getMessage()]
+    assert len(said) == 1 and len(texts) == 4, said  # four trickling answers, one line; each still answered
+    assert re.search(r"endpoint slow \(http://127\.0\.0\.1:\d+/v1\) has sent only \d+ of \d+ bytes of an answer in "
+                     r"0\.3 s; it is given timeout_s=30 s per call \(at this pace it needs ~\d+ s: slow, but in time\)",
+                     said[0]), said[0]
 
 
 async def test_429_carries_retry_after(server: TestServer) -> None:

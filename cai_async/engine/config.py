@@ -144,8 +144,9 @@ class RetryConfig(_Strict):
 
 class BreakerConfig(_Strict):
     """Circuit breaker and endpoint health. After ``failures`` consecutive failures an endpoint cools off for
-    ``cooloff_s``; when they were connection failures or timeouts it is *down* (with their cause) and gets one
-    probe call every ``probe_s``. A group whose every endpoint stays down for ``down_grace_s`` stops the stage
+    ``cooloff_s``; when they were failures of the endpoint itself (connection failures, timeouts, answers that are
+    not a whole JSON body: ``backends.errors.EndpointFault``) it is *down* (with their cause) and gets one probe
+    call every ``probe_s``. A group whose every endpoint stays down for ``down_grace_s`` stops the stage
     (exit 4; a rerun resumes)."""
 
     failures: int = Field(default=5, ge=1)

@@ -41,6 +41,13 @@ class Notices:
         self._log.warning("%s%s", message, more)
         self._seen[key] = _Seen(message, now)
 
+    def settle(self, key: str) -> None:
+        """Forget the repeats counted under ``key`` without a line: a later line says them (an endpoint declared
+        down, whose failing probes are no news)."""
+        seen = self._seen.get(key)
+        if seen is not None:
+            seen.folded = 0
+
     def flush(self) -> None:
         """Log every warning still folded, with its count."""
         for seen in self._seen.values():

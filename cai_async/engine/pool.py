@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from backends.base import traits_of
-from backends.errors import EndpointDown, TransientError, Unreachable
+from backends.errors import EndpointDown, EndpointFault, TransientError
 from backends.types import Backend
 from cai_async.engine.config import BreakerConfig, EndpointConfig, RetryConfig
 from cai_async.engine.limits import EndpointLimits
@@ -59,7 +59,7 @@ class EndpointState:
         self.consecutive_failures = 0
         self.open_until = 0.0
         self.down_cause: str | None = None
-        """Why the endpoint is down (``None`` while it is up): the cause of its last connection failure."""
+        """Why the endpoint is down (``None`` while it is up): the cause of its last failure (an EndpointFault)."""
         self.down_since = 0.0
         self.tripped = False
         """The breaker opened (failures in a row): once ``cooloff_s`` has passed, one probe call goes first."""
@@ -89,12 +89,13 @@ class EndpointState:
         self.probing = False
 
     def record_failure(self, error: TransientError) -> None:
-        """A transient failure: enough in a row open the breaker for ``cooloff_s``; when they are connection
-        failures or timeouts the endpoint is *down* (probed every ``probe_s``) with their cause."""
+        """A transient failure: enough in a row open the breaker for ``cooloff_s``; when they are failures of the
+        endpoint itself (:class:`EndpointFault`: connection failures, timeouts, an HTML page, a body cut short or
+        not UTF-8) the endpoint is *down* (probed every ``probe_s``) with their cause."""
         self.consecutive_failures += 1
         self.probing = False
         now = self._clock()
-        if isinstance(error, Unreachable) and (self.down_cause is not None
+        if isinstance(error, EndpointFault) and (self.down_cause is not None
                                                or self.consecutive_failures >= self._breaker.failures):
             if self.down_cause is None:
                 self.down_since = now

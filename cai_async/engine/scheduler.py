@@ -22,6 +22,7 @@ from backends.errors import (
     BudgetExceeded,
     CaiError,
     ConfigError,
+    EndpointDown,
     RateLimited,
     RunStopped,
     TransientError,
@@ -144,6 +145,10 @@ class Engine:
         self.notices = Notices(log, clock=clock)
         self._ledger: RunLedger | None = None
         self._ledger_saved = 0.0
+        self._stops: dict[frozenset[str], EndpointDown] = {}
+        """The first :class:`EndpointDown` raised for a set of endpoints (a group; ``critic`` sharing ``policy``'s
+        is the same set): the calls that were waiting on them all raise that one, so the run says one reason
+        however their causes and group names vary. Forgotten when one of them answers again."""
 
     @property
     def cache(self) -> RequestCache | None:
@@ -332,8 +337,11 @@ class Engine:
         self, role: str, endpoints: list[EndpointState], kind: str, request: Any, estimated: int, is_retry: bool,
         avoid: str = "",
     ) -> tuple[ChatResult | ScoreResult, EndpointState]:
-        state = await choose_endpoint(endpoints, role=role, retry=self.config.retry, breaker=self.config.breaker,
-                                      avoid=avoid, sleep=self._sleep, clock=self._clock)
+        try:
+            state = await choose_endpoint(endpoints, role=role, retry=self.config.retry, breaker=self.config.breaker,
+                                          avoid=avoid, sleep=self._sleep, clock=self._clock)
+        except EndpointDown as exc:  # every call waiting on these endpoints stops with the first reason: one line
+            raise self._stops.setdefault(frozenset(e.name for e in endpoints), exc) from None
         probe = state.probing
         stats = self.accounting.endpoint(state.name)
         if is_retry:
@@ -363,7 +371,11 @@ class Engine:
                         state.record_success()  # an answer: the endpoint is up, only busy
                     elif isinstance(exc, TransientError):
                         state.record_failure(exc)
-                        self.notices.warn(f"{state.name}:{type(exc).__name__}:{exc.status}", f"call failed: {exc}")
+                        key = f"{state.name}:{type(exc).__name__}:{exc.status}"
+                        if state.down_cause is None:
+                            self.notices.warn(key, f"call failed: {exc}")
+                        else:  # the line saying it is down says why; its failing probes are no news
+                            self.notices.settle(key)
                     else:
                         state.record_success()  # an answer (a 4xx): the endpoint is up
                     log.debug("call failed on %s: %s", state.name, exc)
@@ -374,6 +386,8 @@ class Engine:
                 state.probing = False
         state.limits.answered()
         state.record_success()
+        if self._stops:
+            self._stops = {names: stop for names, stop in self._stops.items() if state.name not in names}
         usage = result.usage
         state.limits.on_success(result.rate_limit, estimated, usage.total_tokens, state.inflight)
         stats.calls += 1
