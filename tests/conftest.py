@@ -100,7 +100,7 @@ _DEFAULTS = {
     "batch_progress_s": 0.2,
     "batch_finalizing_s": 0.05, "batch_outcome": "completed", "batch_expire_fraction": 0.5,
     "batch_error_rate": 0.0, "batch_drop_ids": 0, "batch_unknown_ids": 0, "batch_max_requests": 50_000,
-    "choices": [], "tool_calls": [], "echo_auth": False, "answer_json": None, "bad_stream_line": False,
+    "replies": [], "choices": [], "tool_calls": [], "echo_auth": False, "answer_json": None, "bad_stream_line": False,
 }
 
 

@@ -119,7 +119,7 @@ def _recipe(tmp_path: Path, server: TestServer, **toy: Any) -> dict[str, Any]:
 
 
 def test_the_registry_orders_stages_and_registration_is_undone(toy: ToyStage) -> None:
-    assert [u.name for u in stage_units()] == ["generate", "sl", "toy", "rl", "train", "eval"]
+    assert [u.name for u in stage_units()] == ["redteam", "generate", "sl", "toy", "rl", "train", "eval"]
     with pytest.raises(ConfigError, match="'toy' is already registered"):
         register_stage(STAGE)
     unregister_stage("toy")

@@ -279,7 +279,8 @@ def report_dict(report: StageReport) -> dict[str, Any]:
     return data
 
 
-_BUILTIN = ("cai_async.stages.generate", "cai_async.stages.sl", "cai_async.stages.rl", "cai_async.stages.train",
+_BUILTIN = ("cai_async.redteam.stage",
+            "cai_async.stages.generate", "cai_async.stages.sl", "cai_async.stages.rl", "cai_async.stages.train",
             "cai_async.evaluation.stage")
 """The modules of the built-in units (each names its unit ``STAGE``), in run order. The evaluation's unit lives
 with the evaluation, which imports the stages' row machinery (the arrow runs one way)."""

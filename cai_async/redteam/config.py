@@ -1,0 +1,74 @@
+"""The ``redteam`` recipe section: seeds, strategies, the groups it calls (target, judge, attacker) and what each
+strategy needs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from cai_async.prompts import PromptSource
+
+__all__ = ["ENCODINGS", "Encoding", "RedteamConfig", "SeedSet"]
+
+SeedSet = Literal["advbench", "hh_rlhf"]
+Encoding = Literal["base64", "rot13", "leetspeak", "split"]
+ENCODINGS: tuple[Encoding, ...] = ("base64", "rot13", "leetspeak", "split")
+
+
+class RedteamConfig(PromptSource):
+    """Options of the redteam stage (recipe key ``redteam``, command ``cai redteam``). ``input`` (optional): a
+    file of the user's own seed behaviours (its ``harmful_column`` a true/false label; without one every row is
+    taken as harmful: a behaviour the target should not carry out)."""
+
+    seeds: list[SeedSet] = Field(default_factory=lambda: list[SeedSet](["advbench"]))
+    """Bundled seed behaviours: AdvBench's harmful behaviours (labelled harmful) and/or hh-rlhf's red-team first
+    turns (unlabelled: a success there needs a principle's judge to flag the answer)."""
+    n: int | None = Field(default=20, ge=1)
+    """Seeds drawn from each bundled set (seeded); null: all of them."""
+    data_dir: str | None = None
+    """A folder with the full public sets (the layout of ``cai_async/data/public``), ``hub``, or null: bundled."""
+    harmful_column: str | None = None
+    strategies: list[str] = Field(default_factory=lambda: ["direct", "template", "encode", "persona", "multi_turn"])
+    """Attack strategies by registered name (:func:`cai_async.redteam.strategy.strategy_names`)."""
+    target: str = "policy"
+    """The engine group attacked: any group (a bare model, a hosted endpoint, the guard proxy)."""
+    judge_role: str = "critic"
+    attacker: str = "attacker"
+    """The group that writes attacks (``refine``)."""
+    principles: str = "harmless"
+    """The comparison set whose every principle judges every answer the target did not refuse."""
+    flag_below: float = Field(default=0.5, gt=0, lt=1)
+    """A principle flags an answer when its judge's P(good) is below this."""
+    judge_refusals: bool = False
+    """Judge answers the refusal rule already calls refusals (they cannot be successes)."""
+    templates: int = Field(default=3, ge=1)
+    """GPTFuzz jailbreak templates per seed (``template``), drawn with ``seed``."""
+    encodings: list[Encoding] = Field(default_factory=lambda: list(ENCODINGS))
+    personas: list[str] | None = None
+    """Role-play personas (``persona``) by name; null: every built-in one."""
+    turns: int = Field(default=3, ge=1)
+    """User turns of a ``multi_turn`` escalation (the last asks for the behaviour itself)."""
+    iterations: int = Field(default=3, ge=1)
+    """Target calls of a ``refine`` attack at most: the first asks directly, each later one is the attacker's
+    rewrite from the last answer and its judge scores."""
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Options of strategies registered from outside, by strategy name."""
+    max_tokens: int = Field(default=256, ge=1)
+    attacker_max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    shard_rows: int = Field(default=64, ge=1)
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        from cai_async.redteam.strategy import strategy_names
+
+        known = strategy_names()
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown strategies {', '.join(unknown)} (registered: {', '.join(known)})")
+        if len(set(value)) != len(value):
+            raise ValueError("strategies: each name once")
+        return value
