@@ -332,7 +332,7 @@ def test_sampled_answers_are_read_strictly(text: str, choice: str | None) -> Non
 
 
 def test_label_says_how_many_pairs_abstentions_dropped_and_why(tmp_path: Path, server: TestServer) -> None:
-    server.configure(reply="As an AI, I cannot judge which is better.", logprobs=False)  # no logprobs: answers are sampled
+    server.configure(reply="As an AI, I cannot judge which is better.", logprobs=False)  # sampled answers
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(f'{{"prompt": "question {i}?", "a": "No.", "b": "Yes: {i}."}}\n' for i in range(5)))
     out = cai("label", "--input", str(pairs), "--pairs-source", "columns", "--ensemble", "1", "--no-swap",
