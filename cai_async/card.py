@@ -1,8 +1,9 @@
 """The constitution card: the page a team publishes about its constitution and iterates from — principles in
 priority order with weights, critique and revision texts, few-shot and contrast examples, the content hash;
-and, given a run, what each principle did there (times applied, early stops, how much revisions changed the
-text), the AI-feedback label quality, the evaluation deltas and, where the guard served the run, how often it
-found each principle violated. Written as Markdown and self-contained HTML."""
+and, given a run, what each principle did there (times applied, early stops, revisions the quality gates
+rejected, how much revisions changed the text), the gates' rates, the AI-feedback label quality, the evaluation
+deltas and, where the guard served the run, how often it found each principle violated. Written as Markdown and
+self-contained HTML."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import polars as pl
 
 from cai_async.constitution import Constitution
 from cai_async.constitution_io import load_constitution
+from cai_async.gates import GATES, GateTally
 from cai_async.store import read_shards
 
 __all__ = ["card_data", "card_html", "card_markdown", "write_card"]
@@ -27,8 +29,9 @@ def _change(before: str, after: str) -> float:
 
 
 def _principle_stats(constitution: Constitution, chains: pl.DataFrame) -> dict[str, dict[str, Any]]:
-    stats: dict[str, dict[str, Any]] = {p.name: {"applied": 0, "early_stops": 0, "revisions": 0, "changes": []}
-                                        for p in constitution.principles}
+    stats: dict[str, dict[str, Any]] = {
+        p.name: {"applied": 0, "early_stops": 0, "revisions": 0, "rejected": 0, "changes": []}
+        for p in constitution.principles}
     for row in chains.iter_rows(named=True):
         current = row["initial_response"] or ""
         for step in row["rounds"] or []:
@@ -37,6 +40,7 @@ def _principle_stats(constitution: Constitution, chains: pl.DataFrame) -> dict[s
                 continue
             entry["applied"] += 1
             entry["early_stops"] += bool(step["early_stop"])
+            entry["rejected"] += step.get("gate") is not None
             if step["revision"] is not None:
                 entry["revisions"] += 1
                 entry["changes"].append(_change(current, step["revision"]))
@@ -73,7 +77,8 @@ def card_data(source: str | Path | Constitution, *, run_dir: str | Path | None =
             mine, matched = chains.filter(pl.col("constitution") == constitution.name), "name"
         chains = mine
     run: dict[str, Any] = {"dir": str(root), "chains": chains.height, "matched_by": matched,
-                           "principles": _principle_stats(constitution, chains) if not chains.is_empty() else {}}
+                           "principles": _principle_stats(constitution, chains) if not chains.is_empty() else {},
+                           "gates": GateTally().update(chains.iter_rows(named=True)).as_dict()}
     quality = _read_json(root / "label_quality" / "report.json")
     if quality is not None:
         run["label_quality"] = {"pairs": quality.get("pairs"), "position_consistency": quality.get(
@@ -103,6 +108,22 @@ def _guard_section(root: Path, names: list[str]) -> dict[str, Any] | None:
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
+
+
+_GATES_HEAD = ["gate", "first attempts failed", "share", "rejected after the retry"]
+
+
+def _gates_intro(gates: dict[str, Any]) -> str:
+    return (f"{gates['revision_steps']} revisions checked: {gates['first_failed']} "
+            f"({_pct(gates['first_failed_rate'])}) failed a gate at first, {gates['retry_passed']} of "
+            f"{gates['retried']} retries passed, {gates['rejected']} ({_pct(gates['rejected_rate'])}) were rejected "
+            f"(the previous response kept); {gates['chains_without_passing']} of {gates['chains']} chains kept no "
+            "revision (left out of the exports unless export.keep_failed_gates). A revision may fail several gates.")
+
+
+def _gates_rows(gates: dict[str, Any]) -> list[list[str]]:
+    return [[g, str(gates["by_gate"].get(g, 0)), _pct(gates["by_gate_rate"].get(g, 0.0)),
+             str(gates["rejected_by_gate"].get(g, 0))] for g in GATES]
 
 
 def _score(value: float | None) -> str:
@@ -156,10 +177,16 @@ def card_markdown(data: dict[str, Any]) -> str:
     if run:
         lines += [f"## In run `{run['dir']}`", "",
                   f"{run['chains']} chains (matched by constitution {run['matched_by']}).", "",
-                  "| principle | applied | early stops | revisions | mean change |", "|---|---|---|---|---|"]
+                  "| principle | applied | early stops | revisions | rejected by gates | mean change |",
+                  "|---|---|---|---|---|---|"]
         for name, s in run["principles"].items():
             lines.append(f"| {name} | {s['applied']} | {s['early_stops']} | {s['revisions']} | "
-                         f"{_pct(s['mean_change'])} |")
+                         f"{s.get('rejected', 0)} | {_pct(s['mean_change'])} |")
+        gates = run.get("gates")
+        if gates and gates["revision_steps"]:
+            lines += ["", f"Revision quality gates: {_gates_intro(gates)}", ""]
+            lines += ["| " + " | ".join(row) + " |"
+                      for row in [_GATES_HEAD, ["---"] * len(_GATES_HEAD), *_gates_rows(gates)]]
         if run.get("label_quality"):
             q = run["label_quality"]
             lines += ["", f"AI-feedback label quality ({q['pairs']} human-labelled pairs, position consistency "
@@ -214,10 +241,18 @@ def card_html(data: dict[str, Any]) -> str:
     if run:
         parts.append(f"<h2>In run <code>{e(run['dir'])}</code></h2><p>{run['chains']} chains (matched by "
                      f"constitution {e(run['matched_by'])}).</p><table><tr><th>principle</th><th>applied</th>"
-                     "<th>early stops</th><th>revisions</th><th>mean change</th></tr>")
+                     "<th>early stops</th><th>revisions</th><th>rejected by gates</th><th>mean change</th></tr>")
         parts += [f"<tr><td>{e(name)}</td><td>{s['applied']}</td><td>{s['early_stops']}</td><td>{s['revisions']}"
-                  f"</td><td>{_pct(s['mean_change'])}</td></tr>" for name, s in run["principles"].items()]
+                  f"</td><td>{s.get('rejected', 0)}</td><td>{_pct(s['mean_change'])}</td></tr>"
+                  for name, s in run["principles"].items()]
         parts.append("</table>")
+        gates = run.get("gates")
+        if gates and gates["revision_steps"]:
+            parts.append(f"<h3>Revision quality gates</h3><p>{e(_gates_intro(gates))}</p><table><tr>"
+                         + "".join(f"<th>{e(h)}</th>" for h in _GATES_HEAD) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>"
+                      for row in _gates_rows(gates)]
+            parts.append("</table>")
         if run.get("label_quality"):
             q = run["label_quality"]
             parts.append(f"<h3>AI-feedback label quality</h3><p>{q['pairs']} human-labelled pairs, position "

@@ -2,7 +2,8 @@
 
 - ``sft``: ``messages`` = the conversation, then the final revision as the assistant turn; optionally mixed
   with helpfulness rows (benign prompts and their responses) at a given share, because SL-CAI on harmful
-  prompts alone teaches a model to refuse too much.
+  prompts alone teaches a model to refuse too much. A chain whose every revision failed the quality gates
+  (:mod:`cai_async.gates`) is left out of ``sft`` and ``pairs`` unless ``keep_failed_gates``.
 - ``pairs``: ``prompt`` (the conversation), ``chosen`` = the revision, ``rejected`` = the initial response.
 - ``dpo``: ``prompt``/``chosen``/``rejected`` (conversational) plus ``confidence`` = P(chosen is better) from
   the AI-feedback labels.
@@ -28,6 +29,7 @@ __all__ = [
     "HelpfulMixConfig",
     "RLExportConfig",
     "conversations_with_response",
+    "count_exportable",
     "dpo_frame",
     "mix_helpful",
     "pairs_frame",
@@ -77,12 +79,16 @@ class ExportConfig(BaseModel):
     pairs: bool = True
     helpful: HelpfulMixConfig | None = None
     seed: int = 0
+    keep_failed_gates: bool = False
+    """Export chains whose every revision failed the quality gates too, with their last rejected revision as the
+    final response (by default they are left out: nothing they would teach passed the gates)."""
 
 
 Frame = pl.DataFrame | pl.LazyFrame
 """Rows to export: a frame, or a lazy one (streamed from the shards by :func:`~cai_async.store.scan_shards`)."""
 
-SL_COLUMNS = ("id", "status", "messages", "final_response", "initial_response", "constitution_hash")
+SL_COLUMNS = ("id", "status", "messages", "final_response", "initial_response", "constitution_hash",
+              "revisions_passed", "revisions_failed", "last_rejected")
 """The chain columns the SL exports read."""
 RL_COLUMNS = ("id", "status", "messages", "chosen", "rejected", "confidence")
 """The label columns the RL exports read."""
@@ -112,8 +118,34 @@ def conversations_with_response(frame: pl.DataFrame) -> pl.DataFrame:
                          .alias("messages"))
 
 
-def _finished(chains: Frame) -> pl.LazyFrame:
+def _ok(chains: Frame) -> pl.LazyFrame:
     return chains.lazy().filter((pl.col("status") == "ok") & pl.col("final_response").is_not_null())
+
+
+def _failed_gates(names: list[str]) -> pl.Expr:
+    """True for a chain that tried revisions and kept none (rows from before the gates never are)."""
+    if "revisions_failed" not in names or "revisions_passed" not in names:
+        return pl.lit(False)
+    return (pl.col("revisions_failed").fill_null(0) > 0) & (pl.col("revisions_passed").fill_null(0) == 0)
+
+
+def _finished(chains: Frame, keep_failed_gates: bool = False) -> pl.LazyFrame:
+    """Finished chains to export, ``final_response`` being what they teach: chains with no revision that passed
+    the gates are left out, or with ``keep_failed_gates`` taken with their last rejected revision."""
+    frame = _ok(chains)
+    names = frame.collect_schema().names()
+    failed = _failed_gates(names)
+    if not keep_failed_gates:
+        return frame.filter(~failed)
+    if "last_rejected" not in names:
+        return frame
+    return frame.with_columns(pl.when(failed & pl.col("last_rejected").is_not_null()).then(pl.col("last_rejected"))
+                              .otherwise(pl.col("final_response")).alias("final_response"))
+
+
+def count_exportable(chains: Frame, config: ExportConfig) -> int:
+    """The chains ``config``'s exports take (the SFT export's chain rows, before the helpfulness mix)."""
+    return _count(_finished(chains, config.keep_failed_gates))
 
 
 _SFT_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {"id": pl.String, "source": pl.String, "messages": _MESSAGES}
@@ -122,16 +154,16 @@ _PAIRS_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
 }
 
 
-def _sft_lazy(chains: Frame) -> pl.LazyFrame:
-    return _finished(chains).select(
+def _sft_lazy(chains: Frame, keep_failed_gates: bool = False) -> pl.LazyFrame:
+    return _finished(chains, keep_failed_gates).select(
         "id",
         pl.lit("sl").alias("source"),
         pl.concat_list("messages", _assistant("final_response")).alias("messages"),
     )
 
 
-def _pairs_lazy(chains: Frame) -> pl.LazyFrame:
-    differ = _finished(chains).filter(
+def _pairs_lazy(chains: Frame, keep_failed_gates: bool = False) -> pl.LazyFrame:
+    differ = _finished(chains, keep_failed_gates).filter(
         pl.col("final_response").str.strip_chars() != pl.col("initial_response").str.strip_chars())
     return differ.select(
         "id",
@@ -146,19 +178,20 @@ def _count(frame: pl.LazyFrame) -> int:
     return int(frame.select(pl.len()).collect(engine="streaming").item())
 
 
-def sft_frame(chains: Frame) -> pl.DataFrame:
-    """One SFT row per finished chain: ``id``, ``source="sl"``, ``messages`` ending with the final revision."""
+def sft_frame(chains: Frame, *, keep_failed_gates: bool = False) -> pl.DataFrame:
+    """One SFT row per finished chain: ``id``, ``source="sl"``, ``messages`` ending with the final revision
+    (chains with no revision that passed the gates left out, unless ``keep_failed_gates``)."""
     if _is_empty(chains):
         return pl.DataFrame(schema=_SFT_SCHEMA)
-    return _collected(_sft_lazy(chains), chains)
+    return _collected(_sft_lazy(chains, keep_failed_gates), chains)
 
 
-def pairs_frame(chains: Frame) -> tuple[pl.DataFrame, int]:
+def pairs_frame(chains: Frame, *, keep_failed_gates: bool = False) -> tuple[pl.DataFrame, int]:
     """Preference pairs (revision chosen over initial) and how many were dropped because they were identical."""
     if _is_empty(chains):
         return pl.DataFrame(schema=_PAIRS_SCHEMA), 0
-    frame = _collected(_pairs_lazy(chains), chains)
-    return frame, _count(_finished(chains)) - frame.height
+    frame = _collected(_pairs_lazy(chains, keep_failed_gates), chains)
+    return frame, _count(_finished(chains, keep_failed_gates)) - frame.height
 
 
 def mix_helpful(sft: pl.DataFrame, helpful: pl.DataFrame, *, ratio: float, seed: int = 0) -> pl.DataFrame:
@@ -188,24 +221,29 @@ def write_sl_exports(
     out = Path(run_dir) / "exports"
     info: dict[str, Any] = {}
     source = None if _is_empty(chains) else chains
+    keep = config.keep_failed_gates
+    gated = 0 if source is None else _count(_ok(source).filter(_failed_gates(_ok(source).collect_schema().names())))
     if config.sft:
         mixing = helpful is not None and config.helpful is not None and source is not None
         if mixing and source is not None and helpful is not None and config.helpful is not None:
-            sft = _sft_lazy(source).collect(engine="streaming")
+            sft = _sft_lazy(source, keep).collect(engine="streaming")
             sl_rows = sft.height
             sft = mix_helpful(sft, helpful, ratio=config.helpful.ratio, seed=config.seed)
             path, rows = write_parquet_atomic(sft, out / "sft.parquet"), sft.height
         else:
-            path, rows = _write(_sft_lazy(source) if source is not None else None, _SFT_SCHEMA, out / "sft.parquet")
+            path, rows = _write(_sft_lazy(source, keep) if source is not None else None, _SFT_SCHEMA,
+                                out / "sft.parquet")
             sl_rows = rows
         helpful_rows = rows - sl_rows
         info["sft"] = {"path": str(path), "rows": rows, "sl_rows": sl_rows, "helpful_rows": helpful_rows,
-                       "helpful_share": round(helpful_rows / rows, 3) if rows else 0.0}
+                       "helpful_share": round(helpful_rows / rows, 3) if rows else 0.0,
+                       **({"kept_failed_gates": gated} if keep else {"skipped_failed_gates": gated})}
     if config.pairs:
-        path, rows = _write(_pairs_lazy(source) if source is not None else None, _PAIRS_SCHEMA,
+        path, rows = _write(_pairs_lazy(source, keep) if source is not None else None, _PAIRS_SCHEMA,
                             out / "pairs.parquet")
-        identical = _count(_finished(source)) - rows if source is not None else 0
-        info["pairs"] = {"path": str(path), "rows": rows, "dropped_identical": identical}
+        identical = _count(_finished(source, keep)) - rows if source is not None else 0
+        info["pairs"] = {"path": str(path), "rows": rows, "dropped_identical": identical,
+                         **({"kept_failed_gates": gated} if keep else {"skipped_failed_gates": gated})}
     return info
 
 

@@ -1,7 +1,12 @@
 """The critique → revision step, shared by the SL-CAI chains (``stages/sl.py``) and the guard's inference-time
 revision: ask the critic for a critique under one principle, then the reviser for a revision, and strip the
 wrapper text small models put around a revision ("Sure, here is the revised response:", the revision request
-quoted back, surrounding quotes). The caller records that cleaning happened; nothing is silent."""
+quoted back, surrounding quotes). The caller records that cleaning happened; nothing is silent.
+
+With quality gates (:mod:`cai_async.gates`, ``RevisionSettings.gates``) a revision that copies its critique,
+restates a request, is the text it revises, loops, is cut at ``max_tokens`` or talks about "the last response"
+is tried once more (another seed), and when that fails too the step keeps the previous response: its record
+says which gate failed, with the number, and keeps the rejected texts."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from backends.errors import BudgetExceeded, CaiError, InvalidAnswer
 from backends.types import ChatRequest, ChatResult
 from cai_async.constitution import Principle
 from cai_async.engine import Engine
+from cai_async.gates import GateConfig, GateReport, check_revision
 from cai_async.store import call_fields
 
 __all__ = [
@@ -101,6 +107,8 @@ class RevisionSettings:
     teach: bool = False
     clean: bool = True
     stop_pattern: str | None = None
+    gates: GateConfig | None = None
+    """Revision quality gates; None (or ``enabled: false``): every revision is taken as it comes."""
 
 
 class Reviser:
@@ -113,11 +121,14 @@ class Reviser:
         self.prefix = list(prefix or [])
         self.stop_rule = re.compile(settings.stop_pattern, re.IGNORECASE) if settings.stop_pattern else None
 
-    async def chat(self, step: str, role: str, messages: list[dict[str, str]], max_tokens: int) -> ChatResult:
-        """One call of ``step``; a failure (or an empty answer) is raised as :class:`StepFailed`, except a spent
-        budget, which stops the run."""
+    async def chat(self, step: str, role: str, messages: list[dict[str, str]], max_tokens: int, *,
+                   temperature: float | None = None, seed: int | None = None) -> ChatResult:
+        """One call of ``step`` (at the settings' temperature and seed unless given); a failure (or an empty
+        answer) is raised as :class:`StepFailed`, except a spent budget, which stops the run."""
         request = ChatRequest(
-            messages, max_tokens=max_tokens, temperature=self.settings.temperature, seed=self.settings.seed
+            messages, max_tokens=max_tokens,
+            temperature=self.settings.temperature if temperature is None else temperature,
+            seed=self.settings.seed if seed is None else seed,
         )
         try:
             result = await self.engine.chat(role, request)
@@ -137,7 +148,8 @@ class Reviser:
         record: dict[str, Any], results: list[ChatResult],
     ) -> str | None:
         """One critique → revision step under ``principle``, appended to ``record["rounds"]``; the revised text,
-        or None when the critique found nothing to fix (early stop)."""
+        or None when the critique found nothing to fix (early stop: ``early_stop`` is set) or the gates rejected
+        the revision (``gate`` names the failed gate): the caller keeps the previous response."""
         cfg = self.settings
         request = principle.critique_request(teach=cfg.teach)
         asked = [*self.prefix, *conversation, {"role": "assistant", "content": current},
@@ -149,6 +161,8 @@ class Reviser:
             "critique": critique.text.strip(), "revision_request": principle.revision, "revision": None,
             "revision_raw": None, "cleaned": False, "early_stop": False,
             **call_fields("critique", critique), **call_fields("revision", None),
+            "gate": None, "gate_value": None, "gate_attempts": 0, "gates_first": None, "gates_retry": None,
+            "rejected": None,
         }
         record["rounds"].append(step)
         if self.stop_rule is not None and self.stop_rule.search(critique.text):
@@ -156,14 +170,55 @@ class Reviser:
             return None
         asked += [{"role": "assistant", "content": critique.text.strip()},
                   {"role": "user", "content": principle.revision}]
-        revision = await self.chat("revision", cfg.revision_role, asked, cfg.revision_max_tokens)
+        gates = cfg.gates if cfg.gates is not None and cfg.gates.enabled else None
+        text, report = await self._revision(number, principle, asked, step, results, gates, current, conversation)
+        if report is None or report.passed or gates is None:
+            return text
+        rejected = [text]
+        if gates.retry:
+            seed = None if cfg.seed is None else cfg.seed + 1
+            temperature = cfg.temperature if cfg.temperature > 0 else gates.retry_temperature
+            text, report = await self._revision(number, principle, asked, step, results, gates, current,
+                                                conversation, temperature=temperature, seed=seed)
+            assert report is not None
+            step["gates_retry"] = report.failed_gates
+            if report.passed:
+                step["rejected"] = rejected
+                return text
+            rejected.append(text)
+        failed = report.failed
+        assert failed is not None
+        step.update(revision=None, gate=failed.gate, gate_value=failed.number, rejected=rejected)
+        return None
+
+    async def _revision(
+        self, number: int, principle: Principle, asked: list[dict[str, str]], step: dict[str, Any],
+        results: list[ChatResult], gates: GateConfig | None, current: str, conversation: list[dict[str, str]], *,
+        temperature: float | None = None, seed: int | None = None,
+    ) -> tuple[str, GateReport | None]:
+        """One revision call, cleaned and recorded in ``step`` (an attempt counted in ``gate_attempts``); the text
+        and, with ``gates``, their report."""
+        cfg = self.settings
+        revision = await self.chat("revision", cfg.revision_role, asked, cfg.revision_max_tokens,
+                                   temperature=temperature, seed=seed)
         results.append(revision)
         raw = revision.text.strip()
         text, cleaned = clean_revision(raw, principle.revision) if cfg.clean else (raw, False)
-        step.update(revision=text, revision_raw=raw, cleaned=cleaned, **call_fields("revision", revision))
+        step.update(revision=text, revision_raw=raw, cleaned=cleaned, gate_attempts=step["gate_attempts"] + 1,
+                    **call_fields("revision", revision))
         if not text:
             raise StepFailed("revision", EmptyResponse(
                 f"round {number} ({principle.name}): the revision is empty once wrapper text is removed "
                 f"({raw[:80]!r}); set sl.clean_revisions=false to keep it raw, or use a stronger model"
             ))
-        return text
+        if gates is None:
+            return text, None
+        prompt = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
+        report = check_revision(
+            text, critique=step["critique"], revised=current, prompt=prompt,
+            requests={"the critique request": step["critique_request"], "the revision request": principle.revision},
+            finish_reason=revision.finish_reason, config=gates,
+        )
+        if step["gates_first"] is None:
+            step["gates_first"] = report.failed_gates
+        return text, report

@@ -301,6 +301,11 @@ def test_constitution_card_with_a_run(tmp_path: Path, server: TestServer) -> Non
     stats = data["run"]["principles"]
     assert all(s["applied"] == 3 and s["revisions"] == 3 for s in stats.values())
     assert all(0 < s["mean_change"] <= 1 for s in stats.values())
+    gates = data["run"]["gates"]  # every revision checked; the test server's all pass
+    assert (gates["revision_steps"], gates["first_failed"], gates["rejected"]) == (15, 0, 0)
+    assert all(s["rejected"] == 0 for s in stats.values())
+    assert "| rejected by gates |" in markdown and "15 revisions checked: 0 (0.0%) failed a gate" in markdown
+    assert "<h3>Revision quality gates</h3>" in page
     quality = data["run"]["label_quality"]
     assert quality["pairs"] > 0 and quality["per_principle"]
     assert "AI-feedback label quality" in markdown and quality["per_principle"][0]["variant"] in page

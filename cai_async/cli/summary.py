@@ -56,28 +56,38 @@ def run_and_report(recipe_obj: Any, *, only: str | None = None) -> None:
     raise typer.Exit(code)
 
 
-def _stage_row(name: str, stage: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
-    """(stage, rows, failures, time, tokens, cost) of one stage's report, for the closing table."""
+def _gate_cell(stage: dict[str, Any]) -> str:
+    """The quality gates' cell of a stage that revises: revisions rejected / checked."""
+    gates = stage.get("gates")
+    if not isinstance(gates, dict) or not gates.get("revision_steps"):
+        return "-"
+    return f"{gates['rejected']}/{gates['revision_steps']}"
+
+
+def _stage_row(name: str, stage: dict[str, Any]) -> tuple[str, str, str, str, str, str, str]:
+    """(stage, rows, failures, time, tokens, cost, gate rejects) of one stage's report, for the closing table."""
     usage = stage.get("usage") or {}
     tokens = f"{usage['tokens']:,}" if usage else "-"
     cost = f"${usage['cost_usd']:.4f}" if usage else "-"
     if name.startswith("train/"):
-        return name, f"{stage['rows']:,}", "0", f"{stage['seconds']:.1f}s", tokens, cost
+        return name, f"{stage['rows']:,}", "0", f"{stage['seconds']:.1f}s", tokens, cost, "-"
     if name == "eval":
         run = stage.get("run", {})
         failed = run.get("failed_not_recorded", 0) + run.get("pairwise_failed", 0) + failure_count(stage)
         return (name, f"{run.get('written', 0) + run.get('already_done', 0):,}", f"{failed}",
-                f"{run.get('seconds', 0):.1f}s", tokens, cost)
+                f"{run.get('seconds', 0):.1f}s", tokens, cost, "-")
     rows = stage.get("written", 0) + stage.get("skipped_already_done", 0)
-    return name, f"{rows:,}", f"{failure_count(stage)}", f"{stage.get('seconds', 0):.1f}s", tokens, cost
+    return (name, f"{rows:,}", f"{failure_count(stage)}", f"{stage.get('seconds', 0):.1f}s", tokens, cost,
+            _gate_cell(stage))
 
 
 def _print_summary_table(summary: dict[str, Any]) -> None:
-    """One table for the whole run: each stage's rows, failures, time, tokens and cost."""
+    """One table for the whole run: each stage's rows, failures, time, tokens and cost, and the revisions the
+    quality gates rejected of those they checked (SL-CAI)."""
     from rich.table import Table
 
     table = Table(title="run summary", title_justify="left")
-    for column in ("stage", "rows", "failures", "time", "tokens", "cost"):
+    for column in ("stage", "rows", "failures", "time", "tokens", "cost", "gated"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for name, stage in summary["stages"].items():
         table.add_row(*_stage_row(name, stage))
@@ -161,6 +171,8 @@ def print_stage(name: str, stage: dict[str, Any]) -> None:
         console.print(f"[red]failed[/] {failure['id']}: {escape(failure['error'])}")
     if stage.get("failure_classes"):
         console.print("  by class: " + ", ".join(f"{k} {v}" for k, v in stage["failure_classes"].items()))
+    if isinstance(stage.get("gates"), dict) and stage["gates"].get("revision_steps"):
+        print_gates(name, stage)
     if "helpful" in stage:
         print_stage(f"{name}/helpful", stage["helpful"])
     if "pairs" in stage:
@@ -170,6 +182,26 @@ def print_stage(name: str, stage: dict[str, Any]) -> None:
                       f"responses dropped, {pairs['failed']} failed")
     if "labelled" in stage:
         console.print(f"[bold]{name}/labels[/]: {stage['labelled']} labelled, {stage['abstained']} abstained")
+
+
+def gates_line(gates: dict[str, Any], exports: dict[str, Any] | None = None) -> str:
+    """The quality gates' counts as one line (plain text)."""
+    by_gate = ", ".join(f"{g} {n}" for g, n in gates["by_gate"].items())
+    line = (f"{gates['revision_steps']} revisions checked, {gates['first_failed']} "
+            f"({gates['first_failed_rate'] or 0:.0%}) failed a gate at first{f' ({by_gate})' if by_gate else ''}, "
+            f"{gates['retry_passed']} of {gates['retried']} retries passed, {gates['rejected']} rejected (previous "
+            f"response kept); {gates['chains_without_passing']} of {gates['chains']} chains kept no revision")
+    sft = (exports or {}).get("sft") or {}
+    if "kept_failed_gates" in sft:
+        return line + ": exported anyway (export.keep_failed_gates)"
+    if gates["chains_without_passing"]:
+        return line + ": left out of the exports (export.keep_failed_gates: true keeps them)"
+    return line
+
+
+def print_gates(name: str, stage: dict[str, Any]) -> None:
+    """A revising stage's quality-gate line."""
+    console.print(f"[bold]{name}/gates[/]: {escape(gates_line(stage['gates'], stage.get('exports')))}")
 
 
 def _print_chain(run_dir: Path, count: int = 1) -> None:

@@ -2,8 +2,10 @@
 principle in priority order (``draw: all``, the method's loop).
 
 Chains run concurrently through the engine; the steps of one chain run in order. Every step is kept in the
-chain row (``CHAIN_SCHEMA``). Finished chains are written as Parquet shards; a rerun skips them, and a chain
-cut off half-way gets its finished steps back from the engine's cache, so no call is paid twice."""
+chain row (``CHAIN_SCHEMA``), with the quality gates' verdict on each revision (:mod:`cai_async.gates`: a
+failed revision is tried once more, then the previous response is kept). Finished chains are written as
+Parquet shards; a rerun skips them, and a chain cut off half-way gets its finished steps back from the engine's
+cache, so no call is paid twice."""
 
 from __future__ import annotations
 
@@ -24,7 +26,14 @@ from backends.types import ChatResult
 from cai_async.constitution import Constitution, DrawMode, Principle, draw_passes
 from cai_async.constitution_io import load_constitution
 from cai_async.engine import Engine
-from cai_async.exports import SL_COLUMNS, ExportConfig, conversations_with_response, write_sl_exports
+from cai_async.exports import (
+    SL_COLUMNS,
+    ExportConfig,
+    conversations_with_response,
+    count_exportable,
+    write_sl_exports,
+)
+from cai_async.gates import GateConfig, GateTally
 from cai_async.prompts import PromptRow, PromptSource, load_prompts
 from cai_async.revision import NO_ISSUES_PATTERN, EmptyResponse, Reviser, RevisionSettings, StepFailed
 from cai_async.stages.common import (
@@ -48,7 +57,7 @@ from cai_async.stages.unit import (
     report_dict,
     resolve_path,
 )
-from cai_async.store import ShardWriter, read_shards, scan_shards
+from cai_async.store import ShardWriter, iter_shards, read_shards, scan_shards
 
 __all__ = [
     "CHAIN_SCHEMA",
@@ -58,6 +67,7 @@ __all__ = [
     "SLConfig",
     "SLReport",
     "SLStage",
+    "gate_summary",
     "plan_sl",
     "run_sl",
     "run_sl_stage",
@@ -78,8 +88,21 @@ ROUND_SCHEMA = pl.Struct(
         "early_stop": pl.Boolean(),
         **{f"critique_{k}": v for k, v in CALL_FIELDS.items()},
         **{f"revision_{k}": v for k, v in CALL_FIELDS.items()},
+        "gate": pl.String(),
+        "gate_value": pl.Float64(),
+        "gate_attempts": pl.Int64(),
+        "gates_first": pl.List(pl.String()),
+        "gates_retry": pl.List(pl.String()),
+        "rejected": pl.List(pl.String()),
     }
 )
+"""One critique → revision step. ``revision`` is the revision the chain took (null: an early stop, or a revision
+the gates rejected); ``revision_raw`` and the ``revision_*`` call fields are the last attempt's. Gate records:
+``gate_attempts`` (revision calls: 0, 1, or 2 with the retry), ``gates_first``/``gates_retry`` (every gate the
+first attempt and the retry failed; null: not checked, ``[]``: passed), ``gate``/``gate_value`` (the first gate,
+in :data:`~cai_async.gates.GATES` order, that the last attempt failed, and its number: the step was rejected and
+the previous response kept; null: passed), ``rejected`` (the revisions the gates rejected, in order). Rows written
+before the gates have none of these fields (null when read with newer rows)."""
 CHAIN_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String(),
     "run_id": pl.String(),
@@ -98,6 +121,9 @@ CHAIN_SCHEMA: dict[str, pl.DataType] = {
     "rounds": pl.List(ROUND_SCHEMA),
     "num_rounds": pl.Int64(),
     "final_response": pl.String(),
+    "revisions_passed": pl.Int64(),
+    "revisions_failed": pl.Int64(),
+    "last_rejected": pl.String(),
     "stopped_early": pl.Boolean(),
     "early_stop_rule": pl.String(),
     "prompt_tokens": pl.Int64(),
@@ -105,7 +131,10 @@ CHAIN_SCHEMA: dict[str, pl.DataType] = {
     "latency_s": pl.Float64(),
     "created_at": pl.Float64(),
 }
-"""One row per chain; ``rounds`` holds every critique → revision step with its endpoint, usage and timing."""
+"""One row per chain; ``rounds`` holds every critique → revision step with its endpoint, usage and timing.
+``revisions_passed``/``revisions_failed``: steps whose revision the chain took / the gates rejected (after the
+retry); ``last_rejected``: the last rejected revision (what ``export.keep_failed_gates`` exports for a chain with
+no passing revision). ``final_response`` is the last revision taken (or the initial response)."""
 
 
 class EarlyStopConfig(BaseModel):
@@ -143,6 +172,10 @@ class SLConfig(PromptSource):
     principle's good/bad critique pair (``contrast``) also goes before its critique request."""
     system_prompt: str | None = None
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    gates: GateConfig = Field(default_factory=GateConfig)
+    """Revision quality gates: a revision that copies its critique, restates a request, is the text it revises,
+    loops, is cut at ``revision_max_tokens`` or talks about "the last response" is tried once more, then the
+    previous response is kept (README: SL-CAI, revision quality gates)."""
     clean_revisions: bool = True
     max_tokens: int = Field(default=128, ge=1)
     critique_max_tokens: int = Field(default=128, ge=1)
@@ -194,6 +227,7 @@ class ChainRunner:
             critique_max_tokens=config.critique_max_tokens, revision_max_tokens=config.revision_max_tokens,
             temperature=config.temperature, seed=config.seed, teach=config.few_shot > 0,
             clean=config.clean_revisions, stop_pattern=config.early_stop.pattern if config.early_stop.enabled else None,
+            gates=config.gates,
         ), self.prefix)
         self.stop_rule = self.reviser.stop_rule
 
@@ -253,12 +287,13 @@ class ChainRunner:
             for number, principles in enumerate(
                 draw_passes(self.constitution, cfg.num_revisions, rng=rng, mode=cfg.draw), start=1
             ):
-                revised = False
+                asked_change = False
                 for principle in principles:
                     revision_text = await self.revise_step(number, principle, conversation, current, record, results)
                     if revision_text is not None:
-                        current, revised = revision_text, True
-                if not revised and self.stop_rule is not None:  # no principle of the pass asked for a change
+                        current = revision_text
+                    asked_change = asked_change or not record["rounds"][-1]["early_stop"]
+                if not asked_change and self.stop_rule is not None:  # no principle of the pass asked for a change
                     record["stopped_early"] = True
                     break
         except StepFailed as failed:
@@ -267,6 +302,9 @@ class ChainRunner:
             record.update(status="error", **error_fields(failed.error), error_step=failed.step)
         record["num_rounds"] = len(record["rounds"])
         record["final_response"] = current if record["status"] == "ok" else None
+        record["revisions_passed"] = sum(s["revision"] is not None for s in record["rounds"])
+        record["revisions_failed"] = sum(s["gate"] is not None for s in record["rounds"])
+        record["last_rejected"] = next((s["rejected"][-1] for s in reversed(record["rounds"]) if s["gate"]), None)
         record["prompt_tokens"] = sum(r.usage.prompt_tokens for r in results)
         record["completion_tokens"] = sum(r.usage.completion_tokens for r in results)
         record["latency_s"] = sum(r.latency_s for r in results)
@@ -316,10 +354,10 @@ async def run_sl_stage(
                                       retry_errors=retry_errors))
     helpful = config.export.helpful
     helpful_rows = None
+    report["gates"] = gate_summary(run_dir / "sl")
     chains = scan_shards(run_dir / "sl", columns=SL_COLUMNS)  # streamed into the exports, never all in memory
     if helpful is not None:
-        finished = 0 if chains is None else int(
-            chains.select((pl.col("status") == "ok").sum()).collect(engine="streaming").item() or 0)
+        finished = 0 if chains is None else count_exportable(chains, config.export)
         needed = max(1, math.ceil(helpful.ratio / (1 - helpful.ratio) * finished))
         limit = min(helpful.limit or needed, needed)
         if helpful.response_column is None:
@@ -336,6 +374,15 @@ async def run_sl_stage(
         helpful_rows = conversations_with_response(frame)
     report["exports"] = write_sl_exports(run_dir, chains, config.export, helpful_rows)
     return report
+
+
+def gate_summary(directory: str | Path) -> dict[str, Any]:
+    """The quality gates' counts over a stage's chains (:meth:`GateTally.as_dict`), read a shard at a time with
+    only the columns they need."""
+    tally = GateTally()
+    for part in iter_shards(directory, columns=["id", "rounds", "revisions_passed", "revisions_failed"]):
+        tally.update(part.iter_rows(named=True))
+    return tally.as_dict()
 
 
 def _steps_per_pass(constitution: Constitution, draw: str | None) -> float:
@@ -368,6 +415,9 @@ def plan_sl(config: SLConfig, count: Count) -> list[StagePlan]:
         critic.add(calls, calls * context, calls * sl.critique_max_tokens)
         reviser.add(calls, calls * (context + sl.critique_max_tokens + request), calls * sl.revision_max_tokens)
     policy.notes.append(f"{len(prompts)} prompts; every round assumed to run (early stop only saves)")
+    if sl.gates.enabled and sl.gates.retry:
+        reviser.notes.append("not counted: a revision that fails a quality gate is asked once more (at most one "
+                             "more revision call per step)")
     if steps != 1:
         critic.notes.append(f"{steps:g} principles per pass on average (draw: all)")
     if sl.export.helpful is not None:
