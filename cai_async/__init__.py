@@ -140,6 +140,33 @@ if TYPE_CHECKING:
         run_rl_stage as run_rl_stage,
         run_sl_stage as run_sl_stage,
     )
+    from cai_async.redteam import (
+        Attack as Attack,
+        AttackContext as AttackContext,
+        Calls as Calls,
+        RedteamConfig as RedteamConfig,
+        Seed as Seed,
+        SingleTurn as SingleTurn,
+        Strategy as Strategy,
+        gap_lines as gap_lines,
+        load_seeds as load_seeds,
+        principle_gaps as principle_gaps,
+        register_strategy as register_strategy,
+        strategy_names as strategy_names,
+        unregister_strategy as unregister_strategy,
+    )
+    from cai_async.redteam.stage import (
+        ATTEMPT_SCHEMA as ATTEMPT_SCHEMA,
+        RedteamReport as RedteamReport,
+        run_redteam as run_redteam,
+    )
+    from cai_async.redteam.suggest import (
+        Suggestion as Suggestion,
+        parse_principle as parse_principle,
+        suggest_principle as suggest_principle,
+        uncovered_failures as uncovered_failures,
+        write_suggestion as write_suggestion,
+    )
     from cai_async.runinfo import (
         chain_text as chain_text,
         describe_run as describe_run,
@@ -222,6 +249,11 @@ _API: dict[str, tuple[str, ...]] = {
     "cai_async.prompts": ("PromptRow", "load_prompts", "parse_conversation"),
     "cai_async.recipes": ("METHOD_KEYS", "Recipe", "RLConfig", "lift_method_keys", "load_recipe", "run_eval_stage",
         "run_recipe", "run_rl_stage", "run_sl_stage"),
+    "cai_async.redteam": ("Attack", "AttackContext", "Calls", "RedteamConfig", "Seed", "SingleTurn", "Strategy",
+        "gap_lines", "load_seeds", "principle_gaps", "register_strategy", "strategy_names", "unregister_strategy"),
+    "cai_async.redteam.stage": ("ATTEMPT_SCHEMA", "RedteamReport", "run_redteam"),
+    "cai_async.redteam.suggest": ("Suggestion", "parse_principle", "suggest_principle", "uncovered_failures",
+        "write_suggestion"),
     "cai_async.runinfo": ("chain_text", "describe_run"),
     "cai_async.stages": ("CHAIN_SCHEMA", "EarlyStopConfig", "GenerateConfig", "SLConfig", "SLReport",
         "clean_revision", "run_generate", "run_sl"),

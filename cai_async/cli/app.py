@@ -288,6 +288,54 @@ def constitution_card(
     typer.echo(f"wrote {paths['markdown']} and {paths['html']}")
 
 
+@constitution_app.command("suggest")
+def constitution_suggest(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory `cai redteam` wrote redteam/gaps.json into.")],
+    out: Annotated[Path | None, typer.Option(help="The draft's file (default RUN_DIR/redteam/suggested_principle.yaml)."
+                                             )] = None,
+    role: Annotated[str, typer.Option(help="The engine group (of RUN_DIR/config.yaml) that drafts it.")] = "critic",
+) -> None:
+    """Draft ONE new principle (name, critique and revision requests) from a red-team run's uncovered failures —
+    successful attacks no principle flags — and write it to a file for a person to review. It is never applied
+    to a constitution."""
+    from cai_async.constitution_io import load_comparison_set
+    from cai_async.engine import Engine
+    from cai_async.recipes import load_recipe
+    from cai_async.redteam.suggest import SUGGESTION_FILE, suggest_principle, uncovered_failures, write_suggestion
+    from cai_async.stages.unit import stage_unit
+
+    gaps = run_dir / "redteam" / "gaps.json"
+    failures = uncovered_failures(run_dir)
+    if not failures:
+        typer.echo(f"no uncovered failures in {gaps}: nothing to suggest")
+        return
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise CaiError_(f"{run_dir}: no config.yaml here (the engine to ask); is it a run directory?")
+    recipe = load_recipe(config)
+    unit = stage_unit("redteam")
+    section = unit.config(recipe) if unit is not None else None
+    principles: list[tuple[str, str]] | None = None
+    try:
+        if section is not None:
+            principles = [(p.name, p.question) for p in load_comparison_set(section.principles).principles]
+    except CaiError:
+        principles = None  # the draft is still asked for, without the current principles' texts
+
+    async def go() -> Any:
+        async with Engine(recipe.engine, run_dir=run_dir) as engine:
+            return await suggest_principle(engine, role, failures, principles)
+
+    principle = anyio.run(go)
+    suggestion = write_suggestion(principle, out or run_dir / "redteam" / SUGGESTION_FILE, gaps=gaps,
+                                  failures=failures)
+    typer.echo(f"wrote {suggestion.path} (a draft from {len(failures)} uncovered failures, for review: no "
+               "constitution was changed)")
+    typer.echo(f"[{principle.name}]")
+    typer.echo(f"  critique: {principle.critique}")
+    typer.echo(f"  revision: {principle.revision}")
+
+
 @guard_app.command("serve")
 def guard_serve(
     recipe: RecipeArg = None,

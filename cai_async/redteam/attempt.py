@@ -12,8 +12,7 @@ from backends.errors import NoChoiceFound
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult
 from cai_async.constitution import ComparisonSet
 from cai_async.engine import Engine
-from cai_async.evaluation.suites import refused_by_rule
-from cai_async.judging import ANSWER_PREFIX, single_response_prompt
+from cai_async.judging import ANSWER_PREFIX, refused_by_rule, single_response_prompt
 from cai_async.redteam.config import RedteamConfig
 from cai_async.redteam.seeds import Seed
 from cai_async.stages.common import gather_calls
