@@ -206,6 +206,7 @@ def test_the_command_resumes_after_kill_9_with_nothing_lost_or_twice(tmp_path: P
         assert 0 < len(ids) <= 360
         final = cai("redteam", str(path))
         assert final.returncode == 0, final.stderr
+        assert "40 successful attacks of 360 attempts" in final.stderr  # the gaps, printed by the command
         summary = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["redteam"]
         # 40 AdvBench seeds × (direct 1 + encode 4 + persona 4) = 360 attempts
         assert summary["total"] == 360 and summary["skipped_already_done"] == len(ids)

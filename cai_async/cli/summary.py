@@ -3,6 +3,7 @@ next; and running a recipe with a progress display, ending in the run's exit cod
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,11 @@ def print_stage(name: str, stage: dict[str, Any]) -> None:
         console.print("  by class: " + ", ".join(f"{k} {v}" for k, v in stage["failure_classes"].items()))
     if isinstance(stage.get("gates"), dict) and stage["gates"].get("revision_steps"):
         print_gates(name, stage)
+    if name == "redteam" and isinstance(stage.get("gaps"), dict) and Path(stage["gaps"]["path"]).is_file():
+        from cai_async.redteam.gaps import gap_lines
+
+        for line in gap_lines(json.loads(Path(stage["gaps"]["path"]).read_text(encoding="utf-8"))):
+            console.print(escape(line), highlight=False)
     if "helpful" in stage:
         print_stage(f"{name}/helpful", stage["helpful"])
     if "pairs" in stage:
