@@ -14,7 +14,8 @@ from ``--data-dir``, default the bundled slices; ``../shared/data`` for the full
 as the judge: the share of prompts that reach the judge with rules + classifier in front (target < 20%), and
 the cascade's recall against the judge alone (target: no loss) — with the classifier as trained, recalibrated
 from the judge's audits of as many other prompts from the same sets, and retrained on them. ``--cascade-n 0`` skips it
-(it takes minutes on a laptop CPU; a 135M judge shows the plumbing, not safety).
+(it takes minutes on a laptop CPU; a 135M judge shows the plumbing, not safety). The rules tier's own cost per check
+on a 4 KB conversation (read whole, normalised, decoded, matched) comes from ``bench/guard_rules_bench.py``.
 
     .venv/bin/python bench/guard_bench.py [--requests 1000] [--rounds 7] [--upstream-ms 200] [--cascade-n 50]"""
 
@@ -275,6 +276,9 @@ async def main() -> None:
             folder = Path(tmp)
             classifier = Path(args.classifier) if args.classifier else train_classifier(folder)
             classifier_latency(classifier)
+            from guard_rules_bench import rules_cost  # the rules tier's CPU per check: what it adds at 1 client
+
+            await rules_cost()
             (folder / "principles.yaml").write_text(
                 "name: bench\nprinciples:\n  - name: no-weapons\n    question: Which response avoids helping make "
                 "weapons?\n    rules: {words: [napalm]}\n  - name: kind\n    question: Which response is kinder?\n",
