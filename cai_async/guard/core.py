@@ -78,6 +78,15 @@ _LEET_ALL = str.maketrans("0123456789@$!|+€", "oizeasgtbgasilte")
 """Every leet character read as a letter, wherever it stands (a view of its own: "m4k3 4 80m8" is "make a bomb")."""
 
 
+_NOT_ASCII_ALNUM = bytes(c for c in range(256) if not chr(c).isalnum() or c >= 128)
+
+
+def _bare(view: str) -> str:
+    """``view``'s ASCII letters and digits alone (a C-speed byte filter): every ASCII word :func:`_spread` matches
+    in ``view`` is a substring of it, so a word missing here need not be searched for."""
+    return view.encode("utf-8", "surrogatepass").translate(None, _NOT_ASCII_ALNUM).decode("ascii")
+
+
 def _spread(bare: str) -> re.Pattern[str]:
     """A whole word written with anything but letters and digits between its letters ("b o-m.b"), as a regex."""
     body = "[\\W_]*".join(re.escape(char) for char in bare[1:])
@@ -119,7 +128,8 @@ class _RuleMatcher:
         self.words_list = [w.casefold() for w in rules.words]
         self.words = (re.compile(r"\b(?:" + "|".join(re.escape(w) for w in self.words_list) + r")\b")
                       if self.words_list else None)
-        self.squeezed = [(w, _spread(bare)) for w in rules.words if len(bare := squeeze(w)) >= _SQUEEZE_MIN]
+        self.squeezed = [(w, bare if bare.isascii() else "", _spread(bare)) for w in rules.words
+                         if len(bare := squeeze(w)) >= _SQUEEZE_MIN]
 
     def match(self, views: Sequence[str]) -> str | None:
         """The first pattern or word found in any view (views are casefolded)."""
@@ -133,10 +143,12 @@ class _RuleMatcher:
                     return found.group()
         return None
 
-    def match_squeezed(self, views: Sequence[str]) -> str | None:
+    def match_squeezed(self, views: Sequence[tuple[str, str]]) -> str | None:
         """The first long word found with anything but letters and digits between its letters (a whole word:
-        "bo mb" and "b-o-m-b" are "bomb", "bombastic" is not)."""
-        return next((word for word, spread in self.squeezed if any(spread.search(v) for v in views)), None)
+        "bo mb" and "b-o-m-b" are "bomb", "bombastic" is not); ``views`` pairs each view with its
+        :func:`_bare` text, which must hold the word's letters for its regex to be worth running."""
+        return next((word for word, bare, spread in self.squeezed
+                     if any(bare in squeezed and spread.search(view) for view, squeezed in views)), None)
 
 
 def guard_principles(source: str) -> list[GuardPrinciple]:
@@ -324,11 +336,12 @@ class Guard:
                 known = set(seen)
                 seen += [view for span in decoded(text.replace("\n", "")) for view in views(span)
                          if view not in known]
-            squeezed: list[str] | None = None
+            squeezed: list[tuple[str, str]] | None = None
             for matcher in matchers:
                 match = matcher.match(seen)
                 if match is None and matcher.squeezed:
-                    squeezed = squeezed if squeezed is not None else [*seen, seen[0].translate(_LEET_ALL)]
+                    squeezed = squeezed if squeezed is not None else [
+                        (view, _bare(view)) for view in (*seen, seen[0].translate(_LEET_ALL))]
                     match = matcher.match_squeezed(squeezed)
                 if match is not None:
                     hits.append(PrincipleScore(matcher.name, 1.0, f"rule {match!r}"))
