@@ -13,7 +13,7 @@ PIP_NO_CACHE := $(if $(filter -DGGML_NATIVE=OFF,$(CMAKE_ARGS)),,--no-cache-dir)
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed-local-train-dev
 
-.PHONY: quickstart test lint bench setup clean browser
+.PHONY: quickstart test lint bench setup clean browser docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check cai_async backends tests bench
 	$(BIN)/mypy
 
+# The docs site (mkdocs.yml, docs/) into site/; the configuration and CLI references are generated from the code
+# as it builds (docs/hooks.py). NO_MKDOCS_2_WARNING silences Material's banner about MkDocs 2.0.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/python bench/engine_bench.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,9 @@
 """The one small error tree of cai-async, translated at the backend edge.
 
 ``CaiError`` → ``BackendError`` → ``RateLimited`` / ``TransientError`` (→ ``EndpointFault``: ``Unreachable``,
-``BrokenAnswer``) / ``PermanentError``, and ``ConfigError`` for bad configuration. ``RunStopped`` ends a run early
-(every endpoint of a group down, a rate-limit horizon with ``retry.long_wait: stop``, a refused key, the budget):
-the CLI exits 4 for it.
+``BrokenAnswer``) / ``PermanentError``, and ``ConfigError`` for bad configuration (the CLI exits 2: nothing ran).
+``RunStopped`` ends a run early (every endpoint of a group down, a rate-limit horizon with ``retry.long_wait:
+stop``, a refused key, the budget, a trainer the run launched that failed: ``TrainerFailed``): the CLI exits 4.
 ``AuthenticationFailed`` (401/403) is both a backend error and a
 configuration error: the key is wrong for every call, so a run stops with one message instead of recording
 each item as failed for good. Messages say what to fix; they never carry secrets.
@@ -28,6 +28,7 @@ __all__ = [
     "PermanentError",
     "RateLimited",
     "RunStopped",
+    "TrainerFailed",
     "TransientError",
     "Unreachable",
     "redact",
@@ -49,6 +50,11 @@ class RunStopped(CaiError):
 
 class BudgetExceeded(RunStopped):
     """The configured cost cap was reached; no new calls are scheduled."""
+
+
+class TrainerFailed(RunStopped):
+    """A trainer the run launched as a process of its own (OpenRLHF for ``rl_algorithm: ppo``) ran and exited with
+    an error: the input was fine, the run stopped there; the message names the trainer's log."""
 
 
 class EndpointDown(RunStopped):

@@ -12,8 +12,8 @@ The copy holds the same weights: every Q4_1 weight ``d·q + m`` rounded to half 
 round them to 8 bits), so logits differ from the Q4_1 file's by about 0.2 on average (1.4 at most on the
 prompts tried), the size of difference a batch's summation order already makes; the greedy choice agreed at
 34 of 34 positions. It is made once (about a second for 135M parameters), written atomically into the cache
-folder and keyed by the source's path, size and modification time; sources over :data:`MAX_SOURCE_BYTES` are
-used as they are (their copy would be 3.2× their size).
+folder and keyed by the source's path, size and modification time and the llama-cpp-python version that wrote it;
+sources over :data:`MAX_SOURCE_BYTES` are used as they are (their copy would be 3.2× their size).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from typing import Any, Literal
 
 from backends.errors import ConfigError
 
-__all__ = ["MAX_SOURCE_BYTES", "WeightsChoice", "cache_folder", "gguf_file_type", "quiet_stderr", "weights_for"]
+__all__ = [
+    "MAX_SOURCE_BYTES", "WeightsChoice", "cache_folder", "copy_key", "gguf_file_type", "quiet_stderr", "weights_for",
+]
 
 WeightsChoice = Literal["auto", "as-is", "f16"]
 MAX_SOURCE_BYTES = 600 * 1024 * 1024
@@ -80,7 +82,7 @@ def weights_for(path: Path, choice: WeightsChoice, *, threads: int) -> tuple[Pat
         kind = gguf_file_type(path)
         if kind != _Q4_1:
             return path, "as given (its type has batched CPU kernels)" if kind != _F16 else "as given (F16)"
-    key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = copy_key(path, stat)
     target = cache_folder() / "gguf" / f"{path.stem}.{key}.f16.gguf"
     if not target.exists():
         try:
@@ -91,6 +93,18 @@ def weights_for(path: Path, choice: WeightsChoice, *, threads: int) -> tuple[Pat
                                   "weights: as-is") from None
             return path, f"as given (no F16 copy: {exc}; set CAI_CACHE_DIR to a writable folder)"
     return target, f"F16 copy of {path.name} for batched CPU kernels ({target})"
+
+
+def copy_key(path: Path, stat: os.stat_result | None = None) -> str:
+    """The cache key of ``path``'s F16 copy: its resolved path, size and modification time, and the llama.cpp
+    build that writes and reads the copy (a new llama-cpp-python may change the GGUF it writes or the kernels it
+    was measured with, so an upgrade makes a fresh copy rather than loading an old one)."""
+    import llama_cpp
+
+    stat = stat or path.stat()
+    version = getattr(llama_cpp, "__version__", "unknown")
+    source = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0llama-cpp-python {version}"
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 def _convert(source: Path, target: Path, *, threads: int) -> None:

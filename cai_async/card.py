@@ -2,8 +2,8 @@
 priority order with weights, critique and revision texts, few-shot and contrast examples, the content hash;
 and, given a run, what each principle did there (times applied, early stops, revisions the quality gates
 rejected, how much revisions changed the text), the gates' rates, the AI-feedback label quality, the evaluation
-deltas and, where the guard served the run, how often it found each principle violated. Written as Markdown and
-self-contained HTML."""
+deltas, where the guard served the run, how often it found each principle violated and, where the run was
+red-teamed, its principle gaps (``redteam/gaps.json``). Written as Markdown and self-contained HTML."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import polars as pl
 
 from cai_async.constitution import Constitution
 from cai_async.constitution_io import load_constitution
+from cai_async.gap_report import gaps_html, gaps_markdown, read_gaps, shown_gaps
 from cai_async.gates import GATES, GateTally
 from cai_async.store import read_shards
 
@@ -90,6 +91,9 @@ def card_data(source: str | Path | Constitution, *, run_dir: str | Path | None =
     guard = _guard_section(root, [p.name for p in ordered])
     if guard is not None:
         data["guard"] = guard
+    gaps = read_gaps(root)
+    if gaps is not None:
+        data["redteam"] = shown_gaps(gaps)
     return data
 
 
@@ -97,7 +101,8 @@ def _guard_section(root: Path, names: list[str]) -> dict[str, Any] | None:
     """The guard's verdicts in the run, per principle of the constitution (None: the guard never served it)."""
     if not (root / "guard" / "verdicts").is_dir():
         return None
-    from cai_async.guard.report import principle_verdicts, read_verdicts  # the guard's imports are heavy
+    from cai_async.guard.report import principle_verdicts  # the guard's imports are heavy
+    from cai_async.guard.verdicts import read_verdicts
 
     verdicts = read_verdicts(root)
     if verdicts.is_empty():
@@ -203,6 +208,8 @@ def card_markdown(data: dict[str, Any]) -> str:
         lines += ["", "## Guard verdicts", "", _guard_intro(data["guard"]), ""]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
                   for row in [_GUARD_HEAD, ["---"] * len(_GUARD_HEAD), *_guard_rows(data["guard"])]]
+    if data.get("redteam"):
+        lines += ["", gaps_markdown(data["redteam"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -273,6 +280,8 @@ def card_html(data: dict[str, Any]) -> str:
         parts += ["<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>"
                   for row in _guard_rows(data["guard"])]
         parts.append("</table>")
+    if data.get("redteam"):
+        parts.append(gaps_html(data["redteam"]))
     body = "\n".join(parts)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Constitution card: '
             f"{e(data['name'])}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")

@@ -16,7 +16,8 @@ errors; the summary says how many and why. ``cai train guard``: the classifier t
 not separate (one line says why), so it was not written."""
 STOPPED = 4
 """The run stopped early: budget reached, every endpoint of a group down, a long rate-limit wait with
-``retry.long_wait: stop``, or a refused API key. Finished items are kept; a rerun resumes."""
+``retry.long_wait: stop``, a refused API key, or a trainer the run launched (OpenRLHF) that exited with an error.
+Finished items are kept; a rerun resumes."""
 
 
 def failure_count(stage: dict[str, Any]) -> int:

@@ -103,7 +103,11 @@ class Recipe(BaseModel):
             if key in cls.model_fields:
                 continue
             unit = stage_unit(key)
-            if unit is None:
+            if key == "loop":
+                errors.append({"type": PydanticCustomError(
+                    "loop_section", "the loop section is for `cai loop RECIPE` (red-team, retrain, re-measure in "
+                    "rounds); run this recipe with it, or remove the section"), "loc": (key,), "input": data.pop(key)})
+            elif unit is None:
                 errors.append({"type": "extra_forbidden", "loc": (key,), "input": data.pop(key)})
             elif value is not None and not isinstance(value, unit.config_type):
                 try:
@@ -128,10 +132,13 @@ def _details(error: ValidationError, *prefix: str) -> list[InitErrorDetails]:
             for e in error.errors()]
 
 
-def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recipe:
+def load_recipe(path: str | Path | None, overrides: Iterable[str] = (), *, without: Iterable[str] = ()) -> Recipe:
     """Defaults → recipe file → ``key=value`` overrides. Relative file paths written in the recipe (inputs,
-    constitution) resolve against the recipe's folder; ``run_dir`` stays relative to where the command runs."""
+    constitution) resolve against the recipe's folder; ``run_dir`` stays relative to where the command runs.
+    ``without``: top-level sections another command reads (``cai loop``'s ``loop``), left out."""
     data = lift_method_keys(read_mapping(path), source=str(path)) if path is not None else {}
+    for key in without:
+        data.pop(key, None)
     recipe = validate(Recipe, data, source=str(path) if path is not None else "defaults")
     if path is not None:
         base = Path(path).parent

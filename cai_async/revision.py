@@ -84,11 +84,11 @@ class EmptyResponse(InvalidAnswer):
     """An endpoint answered with no text for a step that needs some (endpoint-side: a rerun retries it)."""
 
 
-class StepFailed(Exception):
+class StepFailed(CaiError):
     """A step of a chain failed with ``error``; ``step`` names it (initial, critique, revision)."""
 
     def __init__(self, step: str, error: CaiError):
-        super().__init__(step, error)
+        super().__init__(f"the {step} step failed: {error}")
         self.step = step
         self.error = error
 

@@ -101,6 +101,7 @@ _DEFAULTS = {
     "batch_finalizing_s": 0.05, "batch_outcome": "completed", "batch_expire_fraction": 0.5,
     "batch_error_rate": 0.0, "batch_drop_ids": 0, "batch_unknown_ids": 0, "batch_max_requests": 50_000,
     "replies": [], "choices": [], "tool_calls": [], "echo_auth": False, "answer_json": None, "bad_stream_line": False,
+    "hold_after": 0,
 }
 
 
@@ -121,25 +122,32 @@ def server(_server_process: TestServer) -> TestServer:
 
 
 def kill_repeatedly(args: list[str], delays: tuple[float, ...], server: TestServer, *, step: int = 25) -> int:
-    """Run ``args`` once per delay and ``kill -9`` it mid-run: once the server has answered ``step`` more calls
-    (so a slow or busy machine still kills it while it works), plus that delay's share of a second; returns how
-    many runs were killed rather than finished."""
+    """Run ``args`` once per delay and ``kill -9`` it mid-run at a known point: the server admits ``step`` × that
+    delay more calls, then holds every later one (``hold_after``); once the process has a call held it is killed
+    (it cannot finish first, however fast or slow the machine), and the hold is lifted (the dead process's held
+    calls are dropped unanswered). Returns how many runs were killed: all of them, unless one had less work left
+    than its share of calls."""
     import signal
     import time
 
     kills = 0
     for delay in delays:
-        target = server.stats().get("ok", 0) + step
+        server.configure(hold_after=server.stats().get("admitted", 0) + max(1, round(step * delay)))
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 60
-        while process.poll() is None and server.stats().get("ok", 0) < target and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(delay / 4)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            kills += 1
-        process.wait()
+        try:
+            deadline = time.monotonic() + 120
+            while process.poll() is None and server.stats().get("held", 0) == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+                kills += 1
+            process.wait()
+        finally:
+            server.configure(hold_after=0)
+            deadline = time.monotonic() + 30  # the dead process's held calls are dropped before the next run starts
+            while server.stats().get("held", 0) and time.monotonic() < deadline:
+                time.sleep(0.02)
     return kills
 
 
@@ -175,3 +183,18 @@ def module_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
     return modules
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Derived model files (the F16 copy of the embedded GGUF: about a second to make) go to a folder of this
+    session's own, for in-process backends and the ``cai`` subprocesses alike, never to ``~/.cache/cai-async``:
+    a copy left there by an older build or another checkout cannot stand in for the one these tests make."""
+    folder = tmp_path_factory.mktemp("cai-cache")
+    saved = os.environ.get("CAI_CACHE_DIR")
+    os.environ["CAI_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("CAI_CACHE_DIR", None)
+    else:
+        os.environ["CAI_CACHE_DIR"] = saved

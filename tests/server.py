@@ -11,7 +11,10 @@ before ``Content-Length`` is reached), ``@@badutf8@@`` (invalid UTF-8 inside the
 Whole-server faults (switched at run time, so a rerun can find them healed): ``retry_after_s`` (every call
 429 with that ``Retry-After``), ``trickle_s`` (bodies sent a few bytes at a time over that long), ``html``
 (a proxy's HTML page with status 200), ``truncate`` and ``bad_utf8`` (as the markers), ``nochoices``,
-``logprobs: false``, ``dead`` (connections dropped).
+``logprobs: false``, ``dead`` (connections dropped). ``hold_after``: let that many chat calls through (counted
+since the last reset, ``admitted`` in ``/stats``), then hold every later one unanswered (``held`` in ``/stats``) until
+it is set to 0 or raised; a held call whose client hangs up is dropped, never answered (a test kills a process at a
+known point: once its calls are held, it cannot finish first).
 
 Run: ``python -m tests.server --port 0 --latency-ms 200`` (prints ``PORT <n>`` when ready).
 The Batch API (``/v1/files``, ``/v1/batches``) follows OpenAI's documented behaviour: see
@@ -84,6 +87,7 @@ class ServerConfig:
     echo_auth: bool = False  # answer 401 quoting the Authorization header received (a leaky upstream)
     answer_json: Any = None  # answer this JSON, whatever it is, with status 200 (e.g. a list)
     bad_stream_line: bool = False  # a stream carries a line that is not JSON after its first words
+    hold_after: int = 0  # > 0: admit this many chat calls (since the last reset), then hold later ones (0: off)
     # Batch API (/v1/files, /v1/batches): see tests/server_batches.py
     batches: bool = True  # False: /v1/batches answers 404, like a provider without a Batch API
     batch_validating_s: float = 0.05
@@ -220,6 +224,23 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 _HTML = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+
+
+async def _admitted(request: web.Request, state: _State) -> bool:
+    """Wait while ``hold_after`` holds chat calls, then admit this one; False when its client hung up meanwhile."""
+    if state.config.hold_after and state.stats["admitted"] >= state.config.hold_after:
+        state.stats["held"] += 1
+        try:
+            while state.config.hold_after and state.stats["admitted"] >= state.config.hold_after and not (  # noqa: ASYNC110
+                    request.transport is None or request.transport.is_closing()):  # (a hang-up sets no event)
+                await asyncio.sleep(0.02)
+        finally:
+            state.stats["held"] -= 1
+        if request.transport is None or request.transport.is_closing():  # hung up, or killed before the release
+            state.stats["held_dropped"] += 1
+            return False
+    state.stats["admitted"] += 1
+    return True
 
 
 async def _trickle(request: web.Request, body: bytes, seconds: float, state: _State) -> web.StreamResponse:
@@ -395,6 +416,8 @@ def build_app(config: ServerConfig) -> web.Application:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return _json({"error": {"message": "bad request body"}}, status=400)
         key = hashlib.sha256(orjson.dumps([messages, body.get("seed"), body.get("logprobs")])).hexdigest()
+        if not await _admitted(request, state):
+            raise ConnectionResetError("a held call's client hung up")
         if cfg.record:
             state.requests.append(messages)
         last = str(messages[-1].get("content", "")) if messages else ""

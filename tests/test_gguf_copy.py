@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from backends import BackendSettings, ChatRequest, ConfigError, create_backend
-from backends.gguf_copy import gguf_file_type, weights_for
+from backends.gguf_copy import cache_folder, copy_key, gguf_file_type, weights_for
 from backends.llama_thread import compute_thread
 from backends.llamacpp import LlamaCppBackend, embedded_model_path
 
@@ -88,3 +88,21 @@ def test_a_cache_that_cannot_be_written(tmp_path: Path, monkeypatch: pytest.Monk
     assert path == embedded_model_path() and "no F16 copy" in note and "CAI_CACHE_DIR" in note
     with pytest.raises(ConfigError, match="CAI_CACHE_DIR"):
         weights_for(embedded_model_path(), "f16", threads=2)
+
+
+def test_the_copy_is_keyed_by_the_llama_cpp_version(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llama_cpp
+
+    source = embedded_model_path()
+    copy = weights_for(source, "auto", threads=2)[0]
+    assert copy.name == f"{source.stem}.{copy_key(source)}.f16.gguf"
+    monkeypatch.setattr(llama_cpp, "__version__", "0.0.0-another-build")
+    other = weights_for(source, "auto", threads=2)[0]  # another llama.cpp: a copy of its own, the old one unused
+    assert other != copy and other.is_file() and gguf_file_type(other) == F16
+    assert sorted(p.name for p in cache.joinpath("gguf").iterdir()) == sorted([copy.name, other.name])
+
+
+def test_the_suite_keeps_its_copies_in_a_folder_of_its_own(_model_cache: Path) -> None:
+    """tests/conftest.py points CAI_CACHE_DIR at this session's temporary folder (subprocesses inherit it)."""
+    assert cache_folder() == _model_cache
+    assert not _model_cache.is_relative_to(Path.home() / ".cache")

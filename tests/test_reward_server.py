@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -243,6 +244,30 @@ def test_ppo_without_openrlhf_says_what_to_install(tmp_path: Path) -> None:
     line = out.stderr.strip().splitlines()[-1]
     assert "pip install 'cai-async[openrlhf]'" in line and "CUDA GPUs" in line
     assert f"missing: {', '.join(missing_openrlhf())}" in line
+
+
+def test_ppo_that_fails_at_run_time_stops_with_exit_4(tmp_path: Path) -> None:
+    """OpenRLHF started and exited with an error: the input was fine, so not exit 2 ("nothing ran; fix the
+    input") but 4 (the run stopped), with one line that names OpenRLHF's log."""
+    from cai_async.train.ppo import OPENRLHF_MODULES
+
+    stubs = tmp_path / "stubs"
+    for name in [m for m in OPENRLHF_MODULES if importlib.util.find_spec(m) is None or m == "openrlhf"]:
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text("")
+    (stubs / "openrlhf" / "cli").mkdir()
+    (stubs / "openrlhf" / "cli" / "__init__.py").write_text("")
+    (stubs / "openrlhf" / "cli" / "train_ppo_ray.py").write_text(
+        "import sys\nprint('torch.OutOfMemoryError: CUDA out of memory')\nsys.exit(1)\n")
+    run_dir = _dpo_run(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stubs), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = cai("train", "rl", "--model", str(tmp_path / "policy"), "--run-dir", str(run_dir), "--set",
+              "train.rl_algorithm=ppo", "--set", "train.ppo.serve_reward=false", env=env)
+    assert out.returncode == 4, out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("stopped: OpenRLHF exited with status 1") and "Traceback" not in out.stderr, line
+    log = run_dir / "train" / "rl" / "openrlhf" / "openrlhf.log"
+    assert str(log) in line and "CUDA out of memory" in log.read_text()
 
 
 def test_cli_reward_serve(tmp_path: Path, server: TestServer) -> None:

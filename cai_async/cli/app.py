@@ -14,12 +14,12 @@ import typer
 import yaml
 from rich.text import Text
 
-from backends.errors import CaiError, RunStopped
+from backends.errors import CaiError, ConfigError, RunStopped
 from backends.registry import available_backends
+from cai_async.cli.console import console
 from cai_async.cli.flags import (
     BatchOpt,
     BudgetOpt,
-    CaiError_,
     RayOpt,
     RecipeArg,
     RetryErrorsOpt,
@@ -31,9 +31,11 @@ from cai_async.cli.flags import (
     shared,
     with_flags,
 )
+from cai_async.cli.init_cmds import init
+from cai_async.cli.loop_cmds import loop
 from cai_async.cli.reward_cmds import reward_app
 from cai_async.cli.stages import add_stage_commands
-from cai_async.cli.summary import console, print_training, run_and_report
+from cai_async.cli.summary import print_ppo, print_training, run_and_report
 from cai_async.exitcodes import STOPPED, USER_ERROR, leaves
 
 __all__ = ["app", "main"]
@@ -64,6 +66,10 @@ def _root(verbose: Annotated[bool, typer.Option(
     from cai_async.runlog import quiet_console
 
     quiet_console(verbose=verbose)
+
+
+app.command("init")(init)
+app.command("loop")(loop)
 
 
 @app.command()
@@ -166,11 +172,10 @@ def train(
     config = recipe_obj.train or TrainConfig()
     config.check_stage(stage)
     if dry_run:
-        from cai_async.cli.reward_cmds import print_ppo
         from cai_async.train.ppo import run_ppo
 
         if stage != "rl" or config.rl_algorithm != "ppo":
-            raise CaiError_("--dry-run is for `cai train rl` with rl_algorithm ppo (OpenRLHF)")
+            raise ConfigError("--dry-run is for `cai train rl` with rl_algorithm ppo (OpenRLHF)")
         return print_ppo(run_ppo(config, recipe_obj.run_dir, engine_config=recipe_obj.engine, dry_run=True))
     print_training(run_training(stage, config, recipe_obj.run_dir, engine_config=recipe_obj.engine))
 
@@ -281,7 +286,7 @@ def constitution_card(
     from cai_async.constitution_io import load_constitution
 
     if run is not None and not run.is_dir():
-        raise CaiError_(f"{run}: no such run directory")
+        raise ConfigError(f"{run}: no such run directory")
     constitution = load_constitution(source)
     folder = out or (run / "card" if run is not None else Path(f"card-{constitution.name}"))
     paths = write_card(constitution, folder, run_dir=run)
@@ -311,7 +316,7 @@ def constitution_suggest(
         return
     config = run_dir / "config.yaml"
     if not config.is_file():
-        raise CaiError_(f"{run_dir}: no config.yaml here (the engine to ask); is it a run directory?")
+        raise ConfigError(f"{run_dir}: no config.yaml here (the engine to ask); is it a run directory?")
     recipe = load_recipe(config)
     unit = stage_unit("redteam")
     section = unit.config(recipe) if unit is not None else None
@@ -398,7 +403,7 @@ def cache_stats(run_dir: Annotated[Path, typer.Argument(help="Run directory.")])
 
     path = run_dir / "cache.sqlite"
     if not path.exists():
-        raise CaiError_(f"{path}: no cache here")
+        raise ConfigError(f"{path}: no cache here")
     cache = RequestCache(path)
     typer.echo(f"{path}: {len(cache)} cached calls")
     cache.close()
@@ -419,11 +424,11 @@ def _batch_endpoints(run_dir: Path) -> list[Any]:
 
     config = run_dir / "config.yaml"
     if not config.is_file():
-        raise CaiError_(f"{run_dir}: no config.yaml here; is it a run directory?")
+        raise ConfigError(f"{run_dir}: no config.yaml here; is it a run directory?")
     endpoints = [e for group in load_recipe(config).engine.groups.values() for e in group if e.mode == "batch"
                  and (run_dir / "batches" / e.name / "journal.sqlite").is_file()]
     if not endpoints:
-        raise CaiError_(f"{run_dir}: no endpoint of this run sent batches")
+        raise ConfigError(f"{run_dir}: no endpoint of this run sent batches")
     return endpoints
 
 

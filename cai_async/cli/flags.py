@@ -16,14 +16,13 @@ from typing import Annotated, Any
 
 import typer
 
-from backends.errors import CaiError
+from backends.errors import ConfigError
 
 __all__ = [
     "HELP",
     "SHARED_FLAGS",
     "BatchOpt",
     "BudgetOpt",
-    "CaiError_",
     "Flag",
     "ProgressOpt",
     "RayOpt",
@@ -38,10 +37,6 @@ __all__ = [
     "shared",
     "with_flags",
 ]
-
-
-class CaiError_(CaiError):
-    """A user error found by the CLI itself."""
 
 
 HELP = {
@@ -204,7 +199,7 @@ def _use_batch(recipe_data: dict[str, Any]) -> dict[str, Any]:
     endpoints = [e for group in recipe_data.get("engine", {}).get("groups", {}).values() for e in group
                  if e.get("backend", "openai") == "openai"]
     if not endpoints:
-        raise CaiError_("--batch needs an OpenAI-compatible endpoint (backend: openai); this recipe has none")
+        raise ConfigError("--batch needs an OpenAI-compatible endpoint (backend: openai); this recipe has none")
     for endpoint in endpoints:
         endpoint["mode"] = "batch"
     return recipe_data

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from cai_async.cli.summary import console
+from cai_async.cli.console import console
 from cai_async.exitcodes import FAILED_ROWS
 
 __all__ = ["calibrate_guard", "train_guard"]

@@ -1,15 +1,14 @@
-"""``cai reward serve`` (OpenRLHF's remote reward protocol) and the printing of ``cai train rl`` with
-``rl_algorithm: ppo`` (``--dry-run`` prints the OpenRLHF command it wrote)."""
+"""``cai reward serve``: OpenRLHF's remote reward protocol over HTTP."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import anyio
 import typer
 
-__all__ = ["print_ppo", "reward_app"]
+__all__ = ["reward_app"]
 
 reward_app = typer.Typer(help="Rewards for RL engines: OpenRLHF's remote reward protocol over HTTP.",
                          no_args_is_help=True)
@@ -29,8 +28,8 @@ def reward_serve(
 ) -> None:
     """Serve rewards at http://HOST:PORT/get_reward for OpenRLHF (``--reward.remote_url``): POST
     {"query": [...], "prompts": [...], "labels": [...]} → {"rewards": [...]} (defaults → RECIPE → flags)."""
+    from cai_async.cli.console import console
     from cai_async.cli.flags import load_with_flags
-    from cai_async.cli.summary import console
     from cai_async.runlog import attach_run_log
     from cai_async.train.config import TrainConfig
     from cai_async.train.reward_server import serve_rewards, service_for
@@ -54,17 +53,3 @@ def reward_serve(
                       f"({service.stats['cache_hits']} from the cache)")
 
     anyio.run(main)
-
-
-def print_ppo(summary: dict[str, Any]) -> None:
-    """What ``cai train rl`` did with ``rl_algorithm: ppo``: the command (stdout with ``--dry-run``), where it
-    wrote the launch files, and how OpenRLHF exited."""
-    from cai_async.cli.summary import console
-
-    if summary["dry_run"]:
-        typer.echo(summary["command"])
-        console.print(f"train/rl (ppo through OpenRLHF): not run (--dry-run); reward URL {summary['reward_url']}; "
-                      f"launch script {summary['launch']}")
-        return
-    console.print(f"[bold]train/rl[/] (ppo through OpenRLHF): exit {summary['returncode']} after "
-                  f"{summary['seconds']:.1f}s; output in {summary['output_dir']}/")

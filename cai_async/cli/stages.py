@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
+from backends.errors import ConfigError
 from cai_async.cli.flags import (
     HELP,
-    CaiError_,
     Flag,
     SetOpt,
     flag_parameters,
@@ -57,7 +57,7 @@ def only_stage(recipe_obj: Any, unit: StageUnit[Any], source: str) -> Any:
     kept = unit.config(recipe_obj)
     message = unit.missing(kept, source)
     if message is not None:
-        raise CaiError_(message)
+        raise ConfigError(message)
     late -= {"policy", "critic"} | unit.roles(kept)
     groups = recipe_obj.engine.groups
     if late & set(groups):

@@ -9,15 +9,13 @@ from typing import Any
 
 import anyio
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from cai_async.cli.console import console
 from cai_async.exitcodes import STOPPED, exit_code, failure_count
 
-__all__ = ["console", "print_stage", "print_training", "run_and_report"]
-
-console = Console(stderr=True, soft_wrap=True)
+__all__ = ["print_ppo", "print_stage", "print_training", "run_and_report"]
 
 
 def run_and_report(recipe_obj: Any, *, only: str | None = None) -> None:
@@ -128,8 +126,6 @@ def _print_next(run_dir: Path, summary: dict[str, Any]) -> None:
 def print_training(stage: dict[str, Any]) -> None:
     """One training stage's line: steps, rows, losses, and its output folder (PPO: OpenRLHF's outcome)."""
     if stage["algorithm"] == "ppo":
-        from cai_async.cli.reward_cmds import print_ppo
-
         return print_ppo(stage)
     console.print(
         f"[bold]train/{stage['stage']}[/] ({stage['algorithm']}, {stage['device']}, {stage['precision']}): "
@@ -226,3 +222,15 @@ def _print_example(directory: Path) -> None:
     row = frame.row(0, named=True)
     console.print(f"[bold]example[/] prompt: {escape(row['prompt'][:200])}")
     console.print(f"[bold]example[/] response: {escape(row['response'][:400])}")
+
+
+def print_ppo(summary: dict[str, Any]) -> None:
+    """What ``cai train rl`` did with ``rl_algorithm: ppo``: the command (stdout with ``--dry-run``), where it
+    wrote the launch files, and how OpenRLHF exited."""
+    if summary["dry_run"]:
+        typer.echo(summary["command"])
+        console.print(f"train/rl (ppo through OpenRLHF): not run (--dry-run); reward URL {summary['reward_url']}; "
+                      f"launch script {summary['launch']}")
+        return
+    console.print(f"[bold]train/rl[/] (ppo through OpenRLHF): exit {summary['returncode']} after "
+                  f"{summary['seconds']:.1f}s; output in {summary['output_dir']}/")

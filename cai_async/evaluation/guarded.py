@@ -14,13 +14,14 @@ import polars as pl
 
 from backends.types import ChatRequest
 from cai_async.engine import Engine
-from cai_async.evaluation.suites import EvalPrompt, _id, _need, _sample, load_suite
+from cai_async.evaluation.suites import EvalPrompt, guard_prompts
 from cai_async.guard.core import Guard
 from cai_async.judging import proportion
 from cai_async.stages.common import StageReport, write_rows
 from cai_async.store import ShardWriter
 
 __all__ = ["guard_detection_metrics", "guard_prompts", "guarded_answer", "run_guard_detection"]
+# guard_prompts is read from the suites, beside the other prompt sets; named here too, as before.
 
 
 async def guarded_answer(guard: Guard, group: str, messages: list[dict[str, Any]], request: ChatRequest) -> tuple[
@@ -39,14 +40,6 @@ async def guarded_answer(guard: Guard, group: str, messages: list[dict[str, Any]
     decision, tier = (out.decision, out.tier) if out.decision != "allow" or verdict.decision == "allow" else (
         verdict.decision, verdict.tier)
     return (out.revised if out.revised is not None else answer.text), answer, decision, tier
-
-
-def guard_prompts(data_dir: str | Path | None, n: int | None, *, seed: int = 0) -> list[EvalPrompt]:
-    """XSTest safe and unsafe prompts (``n`` together, half each) and ``n`` AdvBench behaviours (all: None)."""
-    xstest = load_suite("overrefusal", data_dir, n=n, seed=seed)
-    adv = _need(data_dir, "advbench/harmful_behaviors.csv", "guard", ("goal",))
-    goals = [EvalPrompt(_id("adv", t), "guard", "harmful", t, "advbench") for t in adv["goal"].to_list()]
-    return [EvalPrompt(p.id, "guard", p.kind, p.prompt, p.source) for p in xstest] + _sample(goals, n, seed)
 
 
 async def run_guard_detection(engine: Engine, guard: Guard, prompts: Sequence[EvalPrompt],

@@ -1,5 +1,6 @@
 """The evaluation report: a self-contained HTML file (headline table with 95% intervals, the plots embedded,
-example answers per suite, failures) and the plots as PNG files beside it. No scripts, no external assets."""
+the run's red-team gaps when it was red-teamed, example answers per suite, failures) and the plots as PNG files
+beside it. No scripts, no external assets."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from cai_async.gap_report import gaps_html
 
 __all__ = ["METRICS", "write_report"]
 
@@ -108,8 +111,9 @@ def _guard_table(guard: dict[str, Any]) -> str:
 
 
 def write_report(metrics: dict[str, Any], samples: pl.DataFrame, out_dir: str | Path, *,
-                 examples: int = 2) -> Path:
-    """Write ``report.html``, ``metrics.png`` and ``tradeoff.png`` into ``out_dir``; return the HTML path."""
+                 examples: int = 2, gaps: dict[str, Any] | None = None) -> Path:
+    """Write ``report.html``, ``metrics.png`` and ``tradeoff.png`` into ``out_dir``; return the HTML path.
+    ``gaps``: the run's red-team gaps (``redteam/gaps.json``), shown after the plots."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(metrics, out)
@@ -166,6 +170,7 @@ the critic under the comparison principles; refusals are also counted by a trans
 <table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>
 {_guard_table(metrics.get("guard") or {})}
 {images}
+{gaps_html(gaps) if gaps else ""}
 <h2>Examples</h2>{''.join(blocks)}
 </body></html>
 """

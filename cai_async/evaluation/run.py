@@ -16,8 +16,8 @@ from backends.errors import ConfigError, PermanentError
 from backends.types import ChatRequest
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine
-from cai_async.evaluation.guarded import guard_detection_metrics, guard_prompts, guarded_answer, run_guard_detection
-from cai_async.evaluation.suites import EvalPrompt, Suite, load_suite, refused_by_rule
+from cai_async.evaluation.guarded import guard_detection_metrics, guarded_answer, run_guard_detection
+from cai_async.evaluation.suites import EvalPrompt, Suite, guard_prompts, load_suite, refused_by_rule
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import Guard
 from cai_async.judging import judge_response, proportion, score_response, wilson_interval
@@ -153,14 +153,17 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path, *,
     pair_report = StageReport()
     if "helpfulness" in config.suites and len(config.models) > 1:
         pair_report = await _pairwise(engine, config, samples, out)
-    metrics = eval_metrics(samples, read_shards(out / "pairwise"), config)
+    guard_metrics: dict[str, Any] | None = None
     if the_guard is not None:
         detection = await run_guard_detection(engine, the_guard, guard_prompts(config.data_dir, config.n,
                                                                                seed=config.seed), out / "guard")
         report.failed += detection.failed
         report.failures += detection.failures
         hi = the_guard.classifier.hi if the_guard.classifier is not None else None
-        metrics["guard"] = guard_detection_metrics(read_shards(out / "guard"), hi=hi)
+        guard_metrics = guard_detection_metrics(read_shards(out / "guard"), hi=hi)
+    metrics = eval_metrics(samples, read_shards(out / "pairwise"), config)
+    if guard_metrics is not None:
+        metrics["guard"] = guard_metrics
     metrics["run"] = {"samples": report.total, "already_done": report.skipped, "written": report.written,
                       "failed_not_recorded": report.failed, "failures": report.failures[:50],
                       "pairwise_failed": pair_report.failed, "seconds": round(report.seconds + pair_report.seconds, 2)}

@@ -9,6 +9,7 @@ from typing import Any
 
 from cai_async.engine import Engine
 from cai_async.evaluation.run import EvalConfig, run_eval
+from cai_async.gap_report import read_gaps
 from cai_async.guard.config import GuardConfig
 from cai_async.public_data import HUB_DIR
 from cai_async.stages.unit import (
@@ -27,14 +28,15 @@ __all__ = ["STAGE", "EvalStage", "plan_eval", "run_eval_stage"]
 
 async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path, *,
                          guard: GuardConfig | None = None) -> dict[str, Any]:
-    """Suites → ``eval/samples/``, metrics → ``eval/metrics.json``, report → ``eval/report.html`` + PNGs; with
-    ``guard``, a guarded model beside the bare one and the guard alone (see :mod:`cai_async.evaluation.guarded`)."""
+    """Suites → ``eval/samples/``, metrics → ``eval/metrics.json``, report → ``eval/report.html`` + PNGs (with the
+    run's red-team gaps, where ``redteam/gaps.json`` is there); with ``guard``, a guarded model beside the bare
+    one and the guard alone (see :mod:`cai_async.evaluation.guarded`)."""
     from cai_async.evaluation.report import write_report
 
     out = run_dir / "eval"
     metrics = await run_eval(engine, config, out, guard=guard)
     write_json(out / "metrics.json", metrics)
-    metrics["report"] = str(write_report(metrics, read_shards(out / "samples"), out))
+    metrics["report"] = str(write_report(metrics, read_shards(out / "samples"), out, gaps=read_gaps(run_dir)))
     return metrics
 
 

@@ -17,7 +17,7 @@ from backends.errors import ConfigError
 from cai_async.judging import REFUSAL_PREFIXES, refused_by_rule
 from cai_async.public_data import HH_TURNS, read_public
 
-__all__ = ["REFUSAL_PREFIXES", "EvalPrompt", "Suite", "load_suite", "refused_by_rule"]
+__all__ = ["REFUSAL_PREFIXES", "EvalPrompt", "Suite", "guard_prompts", "load_suite", "refused_by_rule"]
 
 Suite = Literal["harmlessness", "overrefusal", "jailbreak", "helpfulness"]
 
@@ -85,3 +85,12 @@ def load_suite(suite: Suite, data_dir: str | Path | None = None, *, n: int | Non
         return _sample([EvalPrompt(_id("vb", str(r["question_id"])), suite, "helpful", r["turns"][0], "vicuna-bench")
                         for r in rows.iter_rows(named=True)], n, seed)
     raise ConfigError(f"unknown suite {suite!r}: harmlessness, overrefusal, jailbreak or helpfulness")
+
+
+def guard_prompts(data_dir: str | Path | None, n: int | None, *, seed: int = 0) -> list[EvalPrompt]:
+    """What the guard alone is measured on (``cai eval`` with a guarded model): XSTest safe and unsafe prompts
+    (``n`` together, half each) and ``n`` AdvBench behaviours (all: None)."""
+    xstest = load_suite("overrefusal", data_dir, n=n, seed=seed)
+    adv = _need(data_dir, "advbench/harmful_behaviors.csv", "guard", ("goal",))
+    goals = [EvalPrompt(_id("adv", t), "guard", "harmful", t, "advbench") for t in adv["goal"].to_list()]
+    return [EvalPrompt(p.id, "guard", p.kind, p.prompt, p.source) for p in xstest] + _sample(goals, n, seed)

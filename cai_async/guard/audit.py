@@ -17,7 +17,7 @@ import polars as pl
 
 from backends.errors import ConfigError
 from cai_async.guard.classifier import CALIBRATION, calibrate
-from cai_async.guard.verdicts import AUDITS
+from cai_async.guard.verdicts import AUDITS, read_verdicts
 from cai_async.judging import proportion
 from cai_async.store import write_json
 
@@ -70,8 +70,6 @@ def recalibrate_classifier(run_dir: str | Path, classifier: str | Path, *, targe
     judge's verdicts are the labels (``hi``: at most ``target_fpr`` of what it clears is blocked; ``lo``: at most
     ``target_miss`` of what it flags is allowed). The trained thresholds are kept under ``trained``; returns the
     new calibration figures."""
-    from cai_async.guard.report import read_verdicts  # the report imports this module
-
     rows = audited(read_verdicts(run_dir))
     fine = rows.filter(~pl.col("judge"))["classifier_score"].to_list()
     violating = rows.filter(pl.col("judge"))["classifier_score"].to_list()

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from backends.errors import CaiError
+
 __all__ = [
     "ExchangeError",
     "Part",
@@ -39,8 +41,9 @@ _MEDIA = frozenset({"image_url", "input_audio", "file", "image", "audio"})
 _MAX_DEPTH = 32
 
 
-class ExchangeError(ValueError):
-    """A request or answer whose shape the OpenAI API does not allow; ``param`` names the field."""
+class ExchangeError(CaiError, ValueError):
+    """A request or answer whose shape the OpenAI API does not allow (the proxy answers 400); ``param`` names the
+    field. Also a ``ValueError``, as it was before it joined the error tree."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)

@@ -12,17 +12,12 @@ import polars as pl
 
 from backends.errors import ConfigError
 from cai_async.guard.audit import audit_summary
-from cai_async.store import read_shards
+from cai_async.guard.verdicts import read_verdicts
 
 __all__ = ["guard_report", "principle_verdicts", "read_verdicts"]
 
 _OTHER = "\x00other"
 """The key principles outside ``names`` are pooled under (no principle can be named so)."""
-
-
-def read_verdicts(run_dir: str | Path) -> pl.DataFrame:
-    """The rows of ``RUN_DIR/guard/verdicts`` (an empty frame when the guard never served this run)."""
-    return read_shards(Path(run_dir) / "guard" / "verdicts")
 
 
 def _counts(frame: pl.DataFrame, column: str) -> dict[str, dict[str, int]]:

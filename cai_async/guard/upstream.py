@@ -12,15 +12,15 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from backends.errors import ConfigError
+from backends.errors import ConfigError, Unreachable
 
 __all__ = ["UpstreamAnswer", "UpstreamClient", "UpstreamUnreachable"]
 
 _PAUSE_AT = 1 << 20  # bytes of an unread answer body before reading from the upstream pauses
 
 
-class UpstreamUnreachable(OSError):
-    """The upstream refused, dropped or did not answer within the timeout."""
+class UpstreamUnreachable(Unreachable):
+    """The upstream refused, dropped or did not answer within the timeout (the proxy answers 502)."""
 
 
 class _Connection(asyncio.Protocol):

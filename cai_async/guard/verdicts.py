@@ -1,5 +1,5 @@
 """The guard's bottom floor: the value types every tier and report shares (principles as the guard checks them,
-scores, verdicts, what each tier reads), the verdict log's schemas and its writer."""
+scores, verdicts, what each tier reads), the verdict log's schemas, its writer and its reader."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import polars as pl
 
-from cai_async.store import ShardWriter
+from cai_async.store import ShardWriter, read_shards
 
 __all__ = [
     "AUDITS",
@@ -26,6 +26,7 @@ __all__ = [
     "TierReadings",
     "Verdict",
     "VerdictLog",
+    "read_verdicts",
 ]
 
 Direction = Literal["input", "output"]
@@ -166,6 +167,11 @@ class VerdictLog:
         self.writer.flush()
         if self.texts is not None:
             self.texts.flush()
+
+
+def read_verdicts(run_dir: str | Path) -> pl.DataFrame:
+    """The rows of ``RUN_DIR/guard/verdicts`` (an empty frame when the guard never served this run)."""
+    return read_shards(Path(run_dir) / "guard" / "verdicts")
 
 
 @dataclass(frozen=True, slots=True)

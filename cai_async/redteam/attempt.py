@@ -45,11 +45,13 @@ class Verdict:
 @dataclass
 class Attack:
     """What a strategy hands back: the whole conversation (ending with the target's final answer), the final
-    verdict, and how many rounds it took (turns, rewrites)."""
+    verdict, how many rounds it took (turns, rewrites, offspring) and, where a strategy names them, what each
+    round did (``mutate``: the mutation operator of each offspring)."""
 
     conversation: Messages
     verdict: Verdict
     iterations: int = 1
+    steps: list[str] = field(default_factory=list)
 
 
 @dataclass

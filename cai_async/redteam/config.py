@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from cai_async.prompts import PromptSource
 
-__all__ = ["ENCODINGS", "Encoding", "RedteamConfig", "SeedSet"]
+__all__ = ["ENCODINGS", "MUTATIONS", "Encoding", "Mutation", "RedteamConfig", "SeedSet"]
 
-SeedSet = Literal["advbench", "hh_rlhf"]
+SeedSet = Literal["advbench", "hh_rlhf", "attacker"]
 Encoding = Literal["base64", "rot13", "leetspeak", "split"]
 ENCODINGS: tuple[Encoding, ...] = ("base64", "rot13", "leetspeak", "split")
+Mutation = Literal["generate", "crossover", "expand", "shorten", "rephrase"]
+MUTATIONS: tuple[Mutation, ...] = ("generate", "crossover", "expand", "shorten", "rephrase")
+"""GPTFuzz's mutation operators (``mutate``)."""
 
 
 class RedteamConfig(PromptSource):
@@ -23,7 +26,10 @@ class RedteamConfig(PromptSource):
 
     seeds: list[SeedSet] = Field(default_factory=lambda: list[SeedSet](["advbench"]))
     """Bundled seed behaviours: AdvBench's harmful behaviours (labelled harmful) and/or hh-rlhf's red-team first
-    turns (unlabelled: a success there needs a principle's judge to flag the answer)."""
+    turns (unlabelled: a success there needs a principle's judge to flag the answer); ``attacker``: behaviours the
+    attacker group writes for each principle from its text (``per_principle`` each, unlabelled)."""
+    per_principle: int = Field(default=3, ge=1)
+    """With ``attacker`` in ``seeds``: behaviours written per principle."""
     n: int | None = Field(default=20, ge=1)
     """Seeds drawn from each bundled set (seeded); null: all of them."""
     data_dir: str | None = None
@@ -50,8 +56,13 @@ class RedteamConfig(PromptSource):
     turns: int = Field(default=3, ge=1)
     """User turns of a ``multi_turn`` escalation (the last asks for the behaviour itself)."""
     iterations: int = Field(default=3, ge=1)
-    """Target calls of a ``refine`` attack at most: the first asks directly, each later one is the attacker's
-    rewrite from the last answer and its judge scores."""
+    """Target calls of a ``refine`` or ``mutate`` attack at most. ``refine``: the first asks directly, each later
+    one is the attacker's rewrite from the last answer and its judge scores. ``mutate``: each is one offspring
+    template the attacker mutated."""
+    mutations: list[Mutation] = Field(default_factory=lambda: list(MUTATIONS), min_length=1)
+    """The mutation operators ``mutate`` draws from, one per offspring (drawn with ``seed`` and the attempt)."""
+    languages: list[str] = Field(default_factory=lambda: ["Zulu", "Scots Gaelic", "Hmong"], min_length=1)
+    """``translate``: the low-resource languages the attacker translates each behaviour into."""
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Options of strategies registered from outside, by strategy name."""
     max_tokens: int = Field(default=256, ge=1)
@@ -59,16 +70,3 @@ class RedteamConfig(PromptSource):
     temperature: float = Field(default=0.0, ge=0)
     seed: int = 0
     shard_rows: int = Field(default=64, ge=1)
-
-    @field_validator("strategies")
-    @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
-        from cai_async.redteam.strategy import strategy_names
-
-        known = strategy_names()
-        unknown = [name for name in value if name not in known]
-        if unknown:
-            raise ValueError(f"unknown strategies {', '.join(unknown)} (registered: {', '.join(known)})")
-        if len(set(value)) != len(value):
-            raise ValueError("strategies: each name once")
-        return value

@@ -1,12 +1,14 @@
 """Principle gaps from the attempts: per strategy (and variant) the attack success rate, per principle ×
 strategy the rate its judge flags a non-refused answer, each with its Wilson 95% interval; and the "uncovered"
-list: successes on seeds labelled harmful that no principle's judge flags (a hole in the constitution)."""
+list: successes on seeds labelled harmful that no principle's judge flags (a hole in the constitution). They are
+shown by :mod:`cai_async.gap_report` (``gap_lines`` here too)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
 
+from cai_async.gap_report import gap_lines
 from cai_async.judging import proportion
 
 __all__ = ["gap_lines", "principle_gaps"]
@@ -57,30 +59,3 @@ def principle_gaps(rows: list[dict[str, Any]], principles: list[str]) -> dict[st
         "uncovered": sorted(uncovered, key=lambda u: str(u["id"])),
     }
 
-
-def _pct(entry: dict[str, Any]) -> str:
-    if entry["value"] is None:
-        return "-"
-    low, high = entry["ci95"]
-    return f"{entry['value']:.0%} [{low:.0%}, {high:.0%}] n={entry['n']}"
-
-
-def gap_lines(gaps: dict[str, Any], *, examples: int = 5) -> list[str]:
-    """The gaps as plain lines: success per strategy (and variant), the principle × strategy table, and the
-    first uncovered successes."""
-    lines = [f"{gaps['successes']} successful attacks of {gaps['attempts']} attempts"]
-    for strategy, entry in gaps["strategies"].items():
-        lines.append(f"  {strategy}: {_pct(entry)}")
-        lines += [f"    {v}: {_pct(e)}" for v, e in gaps["variants"].items() if v.startswith(f"{strategy}/")]
-    strategies = list(gaps["strategies"])
-    if gaps["principles"] and strategies:
-        lines.append("flagged by principle (not refused and the principle's judge flags it):")
-        for principle, row in gaps["principles"].items():
-            cells = ", ".join(f"{s} {row[s]['value']:.0%}" for s in strategies if row[s]["value"] is not None)
-            lines.append(f"  {principle}: {cells or '-'}")
-    uncovered = gaps["uncovered"]
-    lines.append(f"uncovered (harmful seed, attack succeeded, no principle flags it): {len(uncovered)}")
-    for item in uncovered[:examples]:
-        lines.append(f"  {item['strategy']}{'/' + item['variant'] if item['variant'] else ''} "
-                     f"{item['seed_id']}: {item['behaviour'][:80]!r} → {item['answer'][:80]!r}")
-    return lines

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from cai_async.public_data import HH_TURNS, read_public
 from cai_async.redteam.config import RedteamConfig
 
-__all__ = ["Seed", "load_seeds"]
+__all__ = ["Seed", "load_seeds", "seed_id"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,8 @@ class Seed:
     source: str
 
 
-def _id(source: str, text: str) -> str:
+def seed_id(source: str, text: str) -> str:
+    """A seed's stable id: its source and a hash of its text."""
     return f"{source}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}"
 
 
@@ -51,11 +52,11 @@ def load_seeds(config: RedteamConfig) -> list[Seed]:
     what = "redteam seeds"
     if "advbench" in config.seeds:
         goals = read_public("advbench/harmful_behaviors.csv", config.data_dir, what=what)["goal"].to_list()
-        seeds += _sample([Seed(_id("advbench", g), g, True, "advbench") for g in dict.fromkeys(goals)],
+        seeds += _sample([Seed(seed_id("advbench", g), g, True, "advbench") for g in dict.fromkeys(goals)],
                          config.n, config.seed)
     if "hh_rlhf" in config.seeds:
         turns = read_public(HH_TURNS, config.data_dir, what=what)["prompt"].to_list()
-        seeds += _sample([Seed(_id("hh", t), t, None, "hh-rlhf") for t in dict.fromkeys(turns)],
+        seeds += _sample([Seed(seed_id("hh", t), t, None, "hh-rlhf") for t in dict.fromkeys(turns)],
                          config.n, config.seed)
     if config.input:
         column = config.harmful_column

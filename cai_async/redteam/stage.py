@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from pydantic import field_validator
 
 from backends.errors import CaiError
 from cai_async.constitution_io import load_comparison_set
@@ -19,7 +20,8 @@ from cai_async.redteam.attempt import AttackContext
 from cai_async.redteam.config import RedteamConfig
 from cai_async.redteam.gaps import principle_gaps
 from cai_async.redteam.seeds import Seed, load_seeds
-from cai_async.redteam.strategy import Strategy, strategy
+from cai_async.redteam.strategy import Strategy, strategy, strategy_names
+from cai_async.redteam.written import written_seeds
 from cai_async.stages.common import MESSAGES, StageReport, write_rows
 from cai_async.stages.unit import (
     Count,
@@ -34,7 +36,8 @@ from cai_async.stages.unit import (
 )
 from cai_async.store import ShardWriter, read_shards, write_json
 
-__all__ = ["ATTEMPT_SCHEMA", "STAGE", "RedteamReport", "RedteamStage", "attempt_items", "run_redteam"]
+__all__ = ["ATTEMPT_SCHEMA", "STAGE", "CheckedRedteamConfig", "RedteamReport", "RedteamStage", "attempt_items",
+           "run_redteam"]
 
 ATTEMPT_SCHEMA: dict[str, Any] = {
     "id": pl.String, "status": pl.String, "strategy": pl.String, "variant": pl.String, "seed_id": pl.String,
@@ -42,7 +45,8 @@ ATTEMPT_SCHEMA: dict[str, Any] = {
     "prompt": pl.String, "answer": pl.String,
     "scores": pl.List(pl.Struct({"principle": pl.String, "p_good": pl.Float64})),
     "flagged": pl.List(pl.String), "refused": pl.Boolean, "success": pl.Boolean, "uncovered": pl.Boolean,
-    "iterations": pl.Int64, "target_calls": pl.Int64, "attacker_calls": pl.Int64, "judge_calls": pl.Int64,
+    "iterations": pl.Int64, "steps": pl.List(pl.String), "target_calls": pl.Int64, "attacker_calls": pl.Int64,
+    "judge_calls": pl.Int64,
     "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64, "cached_calls": pl.Int64, "cost_usd": pl.Float64,
 }
 """One row per attempt."""
@@ -85,9 +89,12 @@ async def run_redteam(engine: Engine, config: RedteamConfig, out_dir: str | Path
     out = Path(out_dir)
     principles = load_comparison_set(config.principles)
     seeds = load_seeds(config)
+    if "attacker" in config.seeds:
+        engine.group(config.attacker)
+        seeds += await written_seeds(engine, config, principles)
     items = attempt_items(config, seeds)
-    roles = {config.target, config.judge_role} | ({config.attacker} if any(i.strategy.uses_attacker
-                                                                          for i in items) else set())
+    roles = {config.target, config.judge_role} | ({config.attacker} if "attacker" in config.seeds or any(
+        i.strategy.uses_attacker for i in items) else set())
     for role in sorted(roles):
         engine.group(role)  # a missing group is one clear error before any call
     writer = ShardWriter(out / "attempts", shard_rows=config.shard_rows, schema=ATTEMPT_SCHEMA, flush_every_s=5)
@@ -108,7 +115,7 @@ async def run_redteam(engine: Engine, config: RedteamConfig, out_dir: str | Path
             "scores": [{"principle": name, "p_good": p} for name, p in verdict.scores.items()],
             "flagged": list(verdict.flagged), "refused": verdict.refused, "success": verdict.success,
             "uncovered": verdict.success and item.seed.harmful is True and not verdict.flagged,
-            "iterations": attack.iterations, **context.usage(),
+            "iterations": attack.iterations, "steps": list(attack.steps), **context.usage(),
         }
 
     await write_rows(engine, todo, attempt, writer, report, concurrency=engine.item_concurrency(*roles))
@@ -119,11 +126,27 @@ async def run_redteam(engine: Engine, config: RedteamConfig, out_dir: str | Path
     return report, gaps
 
 
+class CheckedRedteamConfig(RedteamConfig):
+    """The recipe's redteam section, its strategies checked against the registry (here, above the strategies, so
+    the config module stays below them)."""
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        known = strategy_names()
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown strategies {', '.join(unknown)} (registered: {', '.join(known)})")
+        if len(set(value)) != len(value):
+            raise ValueError("strategies: each name once")
+        return value
+
+
 class RedteamStage(StageUnit[RedteamConfig]):
     """The redteam stage."""
 
     name = "redteam"
-    config_type = RedteamConfig
+    config_type = CheckedRedteamConfig
     command = StageCommand(
         name="redteam",
         help="Attack the target group with seed behaviours × strategies; judge each answer per principle; write "
@@ -142,7 +165,7 @@ class RedteamStage(StageUnit[RedteamConfig]):
 
     def roles(self, config: RedteamConfig) -> set[str]:
         """The target, the judge, and the attacker when a strategy rewrites attacks."""
-        attacker = any(strategy(name).uses_attacker for name in config.strategies)
+        attacker = "attacker" in config.seeds or any(strategy(name).uses_attacker for name in config.strategies)
         return {config.target, config.judge_role} | ({config.attacker} if attacker else set())
 
     async def run(self, context: StageContext, config: RedteamConfig, entry: str) -> dict[str, Any]:
@@ -164,6 +187,11 @@ class RedteamStage(StageUnit[RedteamConfig]):
         try:
             seeds = load_seeds(config)
             principles = len(load_comparison_set(config.principles).principles)
+            if "attacker" in config.seeds:  # written when the stage runs: estimated at per_principle each
+                attacker.add(principles, principles * 150, principles * config.attacker_max_tokens)
+                attacker.notes.append(f"attacker-written seeds estimated at {config.per_principle} per principle")
+                seeds += [Seed(f"attacker-{i}", "x" * 80, None, "attacker")
+                          for i in range(config.per_principle * principles)]
             items = attempt_items(config, seeds)
         except CaiError:
             return [target, judge]

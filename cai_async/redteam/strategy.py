@@ -2,7 +2,7 @@
 (an encoding, a template, a persona; one unnamed variant by default), says how many calls one attempt may make
 (for ``cai plan``) and runs one attempt through an :class:`~cai_async.redteam.attempt.AttackContext`. A
 single-turn strategy only writes the prompt (:class:`SingleTurn`). Built-ins: ``direct``, ``template``,
-``encode``, ``persona``, ``multi_turn``, ``refine``; add one with :func:`register_strategy`."""
+``encode``, ``persona``, ``multi_turn``, ``refine``, ``mutate``; add one with :func:`register_strategy`."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ class SingleTurn(Strategy):
         return Attack([*messages, {"role": "assistant", "content": answer}], verdict)
 
 
-_BUILTIN = ("cai_async.redteam.transforms", "cai_async.redteam.multi_turn", "cai_async.redteam.refine")
+_BUILTIN = ("cai_async.redteam.transforms", "cai_async.redteam.multi_turn", "cai_async.redteam.refine",
+            "cai_async.redteam.mutate", "cai_async.redteam.translate")
 """Modules whose ``STRATEGIES`` are registered first, in this order."""
 _strategies: dict[str, Strategy] = {}
 _loaded = False

@@ -9,13 +9,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.errors import ConfigError
-from cai_async.train.ppo import PPOSettings
 
-__all__ = ["LoraSettings", "RLAlgorithm", "RewardServerConfig", "TrainConfig", "TrainStage"]
+__all__ = ["LoraSettings", "PPOSettings", "RLAlgorithm", "RewardServerConfig", "TrainConfig", "TrainStage"]
 
 TrainStage = Literal["sft", "reward", "dpo", "rl"]
 RLAlgorithm = Literal["dpo", "soft_dpo", "grpo", "rloo", "online_dpo", "ppo"]
 _ALGORITHMS: tuple[str, ...] = RLAlgorithm.__args__  # type: ignore[attr-defined]
+
 
 class RewardServerConfig(BaseModel):
     """``cai reward serve`` (recipe key ``train.reward_server``): where it listens, what scores, how it batches."""
@@ -38,6 +38,37 @@ class RewardServerConfig(BaseModel):
     def url(self) -> str:
         """The URL OpenRLHF is given (``--reward.remote_url``)."""
         return f"http://{self.host}:{self.port}/get_reward"
+
+
+class PPOSettings(BaseModel):
+    """OpenRLHF settings the rest of ``train`` does not say (recipe key ``train.ppo``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reward_url: str | None = None
+    """Default: ``cai reward serve`` on ``train.reward_server`` (started by ``cai train rl`` for the run)."""
+    serve_reward: bool = True
+    """Start the reward server in this process while OpenRLHF runs (off: one is already running)."""
+    prompts: str | None = None
+    """JSONL with an ``input`` conversation per line (default: written from ``train.rl_prompts`` or the prompts
+    of the dpo export, like the TRL online trainers)."""
+    gpus_per_node: int = Field(default=1, ge=1)
+    num_nodes: int = Field(default=1, ge=1)
+    vllm_engines: int = Field(default=1, ge=1)
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+    vllm_gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
+    colocate_all: bool = True
+    """Actor, critic, reference and vLLM on the same GPUs (what one GPU needs)."""
+    advantage_estimator: Literal["gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo"] = "gae"
+    """gae: PPO with a critic (the method's RL algorithm)."""
+    rollout_batch_size: int = Field(default=8, ge=1)
+    n_samples_per_prompt: int = Field(default=1, ge=1)
+    ppo_epochs: int = Field(default=1, ge=1)
+    critic_learning_rate: float = Field(default=9e-6, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    param_dtype: Literal["bf16", "fp16"] = "bf16"
+    extra_args: list[str] = Field(default_factory=list)
+    """More ``train_ppo_ray`` flags, passed as given (they win over the ones above)."""
 
 
 class LoraSettings(BaseModel):

@@ -13,47 +13,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from backends.errors import ConfigError, TrainerFailed
+from cai_async.engine.config import EngineConfig
+from cai_async.train.config import TrainConfig
 
-from backends.errors import ConfigError
-
-__all__ = ["OPENRLHF_MODULES", "PPOSettings", "missing_openrlhf", "ppo_command", "run_ppo"]
+__all__ = ["OPENRLHF_MODULES", "missing_openrlhf", "ppo_command", "run_ppo"]
 
 OPENRLHF_MODULES = ("openrlhf", "ray", "vllm", "deepspeed")
 """What the PPO path imports (in OpenRLHF's processes)."""
-
-
-class PPOSettings(BaseModel):
-    """OpenRLHF settings the rest of ``train`` does not say (recipe key ``train.ppo``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    reward_url: str | None = None
-    """Default: ``cai reward serve`` on ``train.reward_server`` (started by ``cai train rl`` for the run)."""
-    serve_reward: bool = True
-    """Start the reward server in this process while OpenRLHF runs (off: one is already running)."""
-    prompts: str | None = None
-    """JSONL with an ``input`` conversation per line (default: written from ``train.rl_prompts`` or the prompts
-    of the dpo export, like the TRL online trainers)."""
-    gpus_per_node: int = Field(default=1, ge=1)
-    num_nodes: int = Field(default=1, ge=1)
-    vllm_engines: int = Field(default=1, ge=1)
-    vllm_tensor_parallel_size: int = Field(default=1, ge=1)
-    vllm_gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
-    colocate_all: bool = True
-    """Actor, critic, reference and vLLM on the same GPUs (what one GPU needs)."""
-    advantage_estimator: Literal["gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo"] = "gae"
-    """gae: PPO with a critic (the method's RL algorithm)."""
-    rollout_batch_size: int = Field(default=8, ge=1)
-    n_samples_per_prompt: int = Field(default=1, ge=1)
-    ppo_epochs: int = Field(default=1, ge=1)
-    critic_learning_rate: float = Field(default=9e-6, gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    param_dtype: Literal["bf16", "fp16"] = "bf16"
-    extra_args: list[str] = Field(default_factory=list)
-    """More ``train_ppo_ray`` flags, passed as given (they win over the ones above)."""
 
 
 def missing_openrlhf() -> list[str]:
@@ -61,7 +30,7 @@ def missing_openrlhf() -> list[str]:
     return [name for name in OPENRLHF_MODULES if importlib.util.find_spec(name) is None]
 
 
-def _prompts(config: Any, root: Path, out: Path) -> Path:
+def _prompts(config: TrainConfig, root: Path, out: Path) -> Path:
     """The prompt file OpenRLHF reads (``--data.prompt_dataset``): one ``{"input": [messages]}`` a line."""
     if config.ppo.prompts:
         return Path(config.ppo.prompts)
@@ -79,16 +48,16 @@ def _prompts(config: Any, root: Path, out: Path) -> Path:
     return path
 
 
-def ppo_command(config: Any, run_dir: str | Path, *, reward_url: str) -> tuple[list[str], dict[str, Any]]:
-    """The ``train_ppo_ray`` command for ``config`` (a :class:`~cai_async.train.config.TrainConfig`) and the
-    flags it sets, as a mapping (written beside it as ``config.json``)."""
+def ppo_command(config: TrainConfig, run_dir: str | Path, *, reward_url: str) -> tuple[list[str], dict[str, Any]]:
+    """The ``train_ppo_ray`` command for ``config`` and the flags it sets, as a mapping (written beside it as
+    ``config.json``)."""
     root = Path(run_dir)
     out = (Path(config.output_dir) / "rl" if config.output_dir else root / "train" / "rl") / "openrlhf"
     folder = config.model  # a folder on the machine OpenRLHF runs on: it need not exist here
     if folder == "embedded" or folder.endswith(".gguf") or config.gguf_file:
         raise ConfigError(f"train.model {config.model!r} is a GGUF model; OpenRLHF (vLLM + DeepSpeed) needs a Hugging "
                           "Face model folder (with config.json) for rl_algorithm ppo")
-    ppo: PPOSettings = config.ppo
+    ppo = config.ppo
     gpus = ppo.gpus_per_node
     flags: dict[str, Any] = {
         "--actor.model_name_or_path": folder,
@@ -143,7 +112,8 @@ def ppo_command(config: Any, run_dir: str | Path, *, reward_url: str) -> tuple[l
     return [*command, *ppo.extra_args], {"flags": flags, "extra_args": list(ppo.extra_args), "output_dir": str(out)}
 
 
-def run_ppo(config: Any, run_dir: str | Path, *, engine_config: Any = None, dry_run: bool = False) -> dict[str, Any]:
+def run_ppo(config: TrainConfig, run_dir: str | Path, *, engine_config: EngineConfig | None = None,
+            dry_run: bool = False) -> dict[str, Any]:
     """Write the OpenRLHF launch (``launch.sh``, ``config.json``, ``prompts.jsonl``) and run it, with the reward
     server up for the run unless ``train.ppo.serve_reward`` is off; with ``dry_run`` only write and return it."""
     missing = [] if dry_run else missing_openrlhf()
@@ -151,7 +121,7 @@ def run_ppo(config: Any, run_dir: str | Path, *, engine_config: Any = None, dry_
         raise ConfigError(f"rl_algorithm ppo runs through OpenRLHF (Ray + vLLM + DeepSpeed), which needs CUDA GPUs: "
                           f"pip install 'cai-async[openrlhf]' (missing: {', '.join(missing)}); or --dry-run to "
                           f"write the command only")
-    ppo: PPOSettings = config.ppo
+    ppo = config.ppo
     server = config.reward_server
     url = ppo.reward_url or server.url
     command, spec = ppo_command(config, run_dir, reward_url=url)
@@ -172,7 +142,7 @@ def run_ppo(config: Any, run_dir: str | Path, *, engine_config: Any = None, dry_
         returncode = _run_logged(command, out)
     summary.update(returncode=returncode, seconds=round(time.perf_counter() - start, 2))
     if returncode != 0:
-        raise ConfigError(f"OpenRLHF exited with status {returncode}; its output is in {out / 'openrlhf.log'}")
+        raise TrainerFailed(f"OpenRLHF exited with status {returncode}; its output is in {out / 'openrlhf.log'}")
     return summary
 
 
@@ -181,8 +151,8 @@ def _run_logged(command: list[str], out: Path) -> int:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
 
 
-def _run_with_reward_server(config: Any, run_dir: str | Path, engine_config: Any, command: list[str],
-                            out: Path) -> int:
+def _run_with_reward_server(config: TrainConfig, run_dir: str | Path, engine_config: EngineConfig | None,
+                            command: list[str], out: Path) -> int:
     """Run OpenRLHF while the reward server answers on a blocking portal's event loop in this process."""
     import anyio
     import anyio.from_thread

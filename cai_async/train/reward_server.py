@@ -27,6 +27,7 @@ from aiohttp import web
 from anyio.abc import TaskGroup
 
 from backends.errors import CaiError, ConfigError
+from cai_async.engine.config import EngineConfig
 from cai_async.exitcodes import leaves
 from cai_async.serving import freeze_startup_heap, stop_on_signal
 from cai_async.train.config import RewardServerConfig, TrainConfig
@@ -250,7 +251,8 @@ def reward_model_scorer(folder: str | Path, *, max_length: int = 1024) -> Scorer
     return score
 
 
-async def service_for(config: TrainConfig, run_dir: str | Path, engine_config: Any = None) -> RewardService:
+async def service_for(config: TrainConfig, run_dir: str | Path,
+                      engine_config: EngineConfig | None = None) -> RewardService:
     """The service ``config`` asks for: the constitutional reward on ``engine_config``'s critic group (the
     questions of ``train.rl_principles``, ``rl_ensemble`` of them a completion, as GRPO's reward), or the
     reward model (``train.reward_server.reward_model``, default the run's trained one)."""
