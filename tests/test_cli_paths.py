@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from cai_async.exports import (
 )
 from tests.conftest import ROOT, TestServer, start_server
 from tests.test_cli import cai
+from tests.test_ray_executor import _gone
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -344,17 +343,6 @@ def test_cai_guard_serve_with_the_llama_guard_tier(tmp_path: Path, server: TestS
 
 
 # --- cai run with executor: ray ------------------------------------------------------------------------------
-
-
-def _gone(pid: int) -> bool:
-    """Whether process ``pid`` has exited (within a generous 30 s)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
-        if not state or state.startswith("Z"):
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_cai_run_with_executor_ray(tmp_path: Path, server: TestServer) -> None:
