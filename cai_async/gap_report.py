@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GAPS_FILE", "gap_lines", "gaps_html", "gaps_markdown", "read_gaps", "shown_gaps"]
+__all__ = ["GAPS_FILE", "gap_lines", "gaps_html", "gaps_markdown", "rate_text", "read_gaps", "shown_gaps"]
 
 GAPS_FILE = Path("redteam") / "gaps.json"
 """Where the redteam stage writes the gaps, under the run directory."""
@@ -34,8 +34,9 @@ def shown_gaps(gaps: dict[str, Any], *, examples: int = 5) -> dict[str, Any]:
                                                                                    len(uncovered))}
 
 
-def _rate(entry: dict[str, Any]) -> str:
-    if entry["value"] is None:
+def rate_text(entry: dict[str, Any] | None) -> str:
+    """A rate with its Wilson interval and n, in a line ("-" when there is none)."""
+    if not entry or entry.get("value") is None:
         return "-"
     low, high = entry["ci95"]
     return f"{entry['value']:.0%} [{low:.0%}, {high:.0%}] n={entry['n']}"
@@ -62,7 +63,7 @@ def gap_lines(gaps: dict[str, Any], *, examples: int = 5) -> list[str]:
     """The gaps as plain lines: success per strategy (and variant), the principle × strategy table, and the
     first uncovered successes."""
     lines = [f"{gaps['successes']} successful attacks of {gaps['attempts']} attempts"]
-    lines += [f"  {'  ' if '/' in name else ''}{name}: {_rate(entry)}" for name, entry in _rows(gaps)]
+    lines += [f"  {'  ' if '/' in name else ''}{name}: {rate_text(entry)}" for name, entry in _rows(gaps)]
     strategies = list(gaps["strategies"])
     if gaps["principles"] and strategies:
         lines.append("flagged by principle (not refused and the principle's judge flags it):")

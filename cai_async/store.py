@@ -36,6 +36,7 @@ __all__ = [
     "shard_files",
     "sink_parquet_atomic",
     "write_json",
+    "write_jsonl",
     "write_parquet_atomic",
 ]
 
@@ -107,11 +108,23 @@ def _publish(tmp: Path, target: Path) -> Path:
     return target
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON through a temporary file and a rename (never half-written)."""
+def _write_text(path: Path, text: str) -> Path:
+    """Write ``text`` through a temporary file and a rename (never half-written)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, never half-written."""
+    _write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """``rows`` as JSON lines (its folder created), never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:

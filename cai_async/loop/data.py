@@ -16,7 +16,7 @@ from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.judging import refused_by_rule
 from cai_async.redteam.seeds import Seed
-from cai_async.store import read_shards, write_json
+from cai_async.store import read_shards, write_json, write_jsonl
 
 __all__ = [
     "LOOP_FILE",
@@ -27,7 +27,6 @@ __all__ = [
     "pick_heldout",
     "read_seed_file",
     "replayed",
-    "write_jsonl",
     "write_seed_file",
 ]
 
@@ -82,15 +81,6 @@ class LoopState:
     def save(self) -> None:
         """Write the state."""
         write_json(self.path, self.data)
-
-
-def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """``rows`` as JSON lines, through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def write_seed_file(path: Path, seeds: Sequence[Seed]) -> Path:

@@ -12,23 +12,27 @@ so a killed loop resumes at the step it was in (and the stages inside a step res
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
+import polars as pl
 import yaml
 
-from backends.errors import RunStopped
+from backends.errors import CaiError, RunStopped
 from cai_async.card import card_data, write_card
 from cai_async.engine import EndpointConfig, Engine, EngineConfig
 from cai_async.evaluation.run import EvalConfig, EvalModel
 from cai_async.exitcodes import failure_count
 from cai_async.exports import HelpfulMixConfig
+from cai_async.gap_report import rate_text, read_gaps
 from cai_async.judging import proportion
 from cai_async.loop.config import LoopConfig
 from cai_async.loop.data import (
@@ -39,12 +43,13 @@ from cai_async.loop.data import (
     pick_heldout,
     read_seed_file,
     replayed,
-    write_jsonl,
     write_seed_file,
 )
 from cai_async.recipes import Recipe, run_recipe
 from cai_async.redteam.config import RedteamConfig
 from cai_async.redteam.seeds import load_seeds
+from cai_async.stages.common import gather_calls
+from cai_async.store import write_jsonl
 
 __all__ = ["BASE_GROUP", "STEPS", "TRAINED_GROUP", "run_loop"]
 
@@ -148,8 +153,7 @@ class _Loop:
     async def _attack_heldout(self, run_dir: Path, engine: EngineConfig, target: str) -> dict[str, Any]:
         config = self._redteam(self.root / "heldout.jsonl", target, self.loop.heldout_strategies)
         ran = await self._run(run_dir, engine, redteam=config)
-        gaps = ran["stages"]["redteam"]["gaps"]
-        full = _read_json(Path(gaps["path"]))
+        full = _gaps(run_dir)
         return {"asr": _proportion_of(full), "principles": _principle_rates(full),
                 "strategies": full["strategies"], "usage": ran["usage"], "failed": ran["failed"]}
 
@@ -162,7 +166,7 @@ class _Loop:
             found["seconds"] = round(time.perf_counter() - start, 1)
             self.state.data["baseline"] = found
             self.state.save()
-            self.say(f"start · held-out attack success {_pct(found['asr'])} against the starting policy")
+            self.say(f"start · held-out attack success {rate_text(found['asr'])} against the starting policy")
         baseline: dict[str, Any] = self.state.data["baseline"]
         return baseline
 
@@ -193,11 +197,11 @@ class _Loop:
         seeds = pick_fresh(pool, used, count, seed=self.loop.seed, round_index=k)
         write_seed_file(out / "seeds.jsonl", seeds)
         ran = await self._run(out, self._engine(k), redteam=self._redteam(out / "seeds.jsonl", "policy"))
-        full = _read_json(out / "redteam" / "gaps.json")
+        full = _gaps(out)
         asr = _proportion_of(full)
         return {"asr": asr, "strategies": full["strategies"], "uncovered": len(full["uncovered"]),
                 "usage": ran["usage"], "failed": ran["failed"],
-                "line": f"{full['successes']} of {full['attempts']} attacks got through ({_pct(asr)})"}
+                "line": f"{full['successes']} of {full['attempts']} attacks got through ({rate_text(asr)})"}
 
     async def _step_prompts(self, k: int, out: Path) -> dict[str, Any]:
         attacks = attack_prompts(out)
@@ -219,8 +223,12 @@ class _Loop:
             behaviours = list(dict.fromkeys(str(a["behaviour"]) for a in attacks))
             async with Engine(self._engine(k), run_dir=out) as engine:
                 before = engine.accounting.cost_usd
-                written = [await near_miss(engine, role, b, max_tokens=self.loop.near_miss_max_tokens,
-                                           seed=self.loop.seed) for b in behaviours]
+                outcomes = await gather_calls([partial(near_miss, engine, role, b, seed=self.loop.seed,
+                                                       max_tokens=self.loop.near_miss_max_tokens)
+                                               for b in behaviours], together=True)
+                written = [o for o in outcomes if not isinstance(o, CaiError)]
+                if len(written) < len(outcomes):  # as before: a failed call stops the step (a rerun resumes it)
+                    raise next(o for o in outcomes if isinstance(o, CaiError))
                 usage = {"calls": len(behaviours), "cost_usd": round(engine.accounting.cost_usd - before, 6)}
             misses = list(dict.fromkeys(m for m in written if m))
         rows = [{"id": f"near-miss:{i}", "prompt": [{"role": "user", "content": m}], "origin": "near_miss"}
@@ -289,7 +297,7 @@ class _Loop:
     async def _step_heldout(self, k: int, out: Path) -> dict[str, Any]:
         found = await self._attack_heldout(out / "heldout", self._engine(k, trained=self._model_after(k)),
                                            TRAINED_GROUP)
-        return {**found, "line": f"held-out attack success {_pct(found['asr'])} against round {k}'s model"}
+        return {**found, "line": f"held-out attack success {rate_text(found['asr'])} against round {k}'s model"}
 
     async def _step_eval(self, k: int, out: Path) -> dict[str, Any]:
         template = self.recipe.eval
@@ -301,15 +309,15 @@ class _Loop:
             data_dir=template.data_dir if template is not None else None,
             judge_role=template.judge_role if template is not None else "critic")
         ran = await self._run(out, self._engine(k, trained=self._model_after(k), start=True), eval=config)
-        models = _read_json(out / "eval" / "metrics.json")["models"]
+        models = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))["models"]
         if self.recipe.sl is not None:  # the round on the card: revisions per principle, gaps, before vs after
             write_card(self.recipe.sl.constitution, out / "card", run_dir=out)
         refusal = models[name]["overrefusal_rule"]
         win = models[name].get("helpful_win_rate")
         return {"xstest_refusal": refusal, "xstest_refusal_start": models[START]["overrefusal_rule"],
                 "helpful_win_rate": win, "usage": ran["usage"], "failed": ran["failed"],
-                "line": f"XSTest safe prompts refused {_pct(refusal)}; helpfulness vs start "
-                        f"{_pct(win) if win else '-'}"}
+                "line": f"XSTest safe prompts refused {rate_text(refusal)}; helpfulness vs start "
+                        f"{rate_text(win) if win else '-'}"}
 
     async def _step_guard(self, k: int, out: Path) -> dict[str, Any]:
         guard = self.recipe.guard
@@ -378,8 +386,6 @@ _EXPORTS = {"sft": "sft", "reward": "reward"}
 def _rows(path: Path) -> int:
     if not path.is_file():
         return -1  # not there: the stage's own input check says what is missing
-    import polars as pl
-
     return int(pl.scan_parquet(path).select(pl.len()).collect().item())
 
 
@@ -401,18 +407,10 @@ def _usage(summary: dict[str, Any]) -> dict[str, Any]:
             "cost_usd": round(sum(float(u.get("cost_usd") or 0) for u in stages), 6)}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data
-
-
-def _pct(entry: dict[str, Any] | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "-"
-    low, high = entry["ci95"]
-    return f"{entry['value']:.0%} [{low:.0%}, {high:.0%}] n={entry['n']}"
+def _gaps(run_dir: Path) -> dict[str, Any]:
+    gaps = read_gaps(run_dir)
+    assert gaps is not None, f"{run_dir}: the redteam stage wrote no gaps"
+    return gaps
 
 
 async def run_loop(recipe: Recipe, loop: LoopConfig, *, progress: Progress | None = None,
