@@ -22,8 +22,9 @@ from backends.errors import (
     Unreachable,
     redact,
 )
-from backends.registry import BackendSettings, Secret, available_backends, create_backend, register_backend
+from backends.registry import BackendSettings, available_backends, create_backend, register_backend
 from backends.scoring import normalize_choice_logprobs
+from backends.strict import StrictModel
 from backends.types import (
     Backend,
     ChatRequest,
@@ -60,7 +61,7 @@ __all__ = [
     "RunStopped",
     "ScoreRequest",
     "ScoreResult",
-    "Secret",
+    "StrictModel",
     "TransientError",
     "Unreachable",
     "Usage",

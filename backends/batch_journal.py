@@ -12,7 +12,6 @@ process killed at any point can be rerun and find its batches instead of paying 
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 import uuid
@@ -22,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from backends.atomic import write_atomic
 from backends.migrations import Migration, migrate
 
 __all__ = ["MIGRATIONS", "BatchEntry", "BatchJournal", "Outcome"]
@@ -111,12 +111,7 @@ class BatchJournal:
         local_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:8]
         data = b"".join(line for _, line in lines)
         path = self.input_path(local_id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        write_atomic(path, data)
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute(

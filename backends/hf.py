@@ -2,10 +2,11 @@
 loads from a folder): chat through ``generate``, choice scoring from the last position's logits, in a worker
 thread. torch and transformers are imported when the backend is created.
 
-Concurrent calls are batched (a simpler scheme than the llama.cpp backend's continuous batching): calls queue
-per loaded model; whoever gets the model next waits ``batch_window_s`` for others to arrive, then runs every
-queued call that is compatible with its own (chat with the same temperature and top-p, or scoring), up to
-``batch_size``, as one left-padded ``generate`` (one forward per step for the batch) or one forward pass.
+Concurrent calls are batched (a simpler scheme than the llama.cpp backend's continuous batching), through a
+:class:`backends.microbatch.MicroBatcher` per loaded model and kind of call (chat with the same temperature and
+top-p, or scoring): a batch waits up to ``batch_window_s`` for company (less once ``batch_size`` calls wait),
+then runs as one left-padded ``generate`` (one forward per step for the batch) or one forward pass, one batch
+of a model at a time.
 A batch generates up to its longest ``max_tokens``; each answer is cut to its own ``max_tokens``, its end of
 sequence and its stop strings. Sampled batches are seeded with their first call's seed, so a seeded call is
 reproducible only alone (``batch_size: 1``); greedy answers equal the one-at-a-time ones up to the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import anyio
 
 from backends.base import BackendTraits, BaseBackend
 from backends.errors import BackendError, ConfigError, PermanentError
+from backends.microbatch import MicroBatcher
 from backends.options import TransformersOptions, parse_options
 from backends.registry import BackendSettings
 from backends.scoring import normalize_choice_logprobs
@@ -41,7 +44,6 @@ class _Call:
     request: ChatRequest | ScoreRequest
     result: ChatResult | ScoreResult | None = None
     error: BaseException | None = None
-    done: bool = False
 
     def group_key(self) -> tuple[Any, ...]:
         """Calls with equal keys can share one ``generate`` (or one forward pass, for scoring)."""
@@ -56,8 +58,9 @@ class _Loaded:
     model: Any
     tokenizer: Any
     limiter: anyio.CapacityLimiter
-    pending: list[_Call] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    """One batch of this model at a time, whichever batcher it comes from."""
+    batchers: dict[tuple[Any, ...], MicroBatcher[_Call, ChatResult | ScoreResult]] = field(default_factory=dict)
+    """By the calls' group key, batch size and window: the calls each one gathers can share a batch."""
 
 
 _MODELS: dict[str, _Loaded] = {}
@@ -156,29 +159,14 @@ class TransformersBackend(BaseBackend):
             self._loaded = await anyio.to_thread.run_sync(self._load)
         loaded = self._loaded
         call = _Call(self, request)
-        with loaded.lock:
-            loaded.pending.append(call)
-        try:
-            async with loaded.limiter:
-                if not call.done:
-                    if self.batch_size > 1 and self._window_s > 0:
-                        await anyio.sleep(self._window_s)  # let concurrent calls join this batch
-                    with loaded.lock:
-                        key = call.group_key()
-                        group = [c for c in loaded.pending if c.group_key() == key][: self.batch_size]
-                        if call not in group:
-                            group = [call, *group[: self.batch_size - 1]]
-                        loaded.pending = [c for c in loaded.pending if c not in group]
-                    self._batches += 1
-                    self._largest = max(self._largest, len(group))
-                    await anyio.to_thread.run_sync(run_group, loaded, group)
-        finally:
-            with loaded.lock:
-                if call in loaded.pending:
-                    loaded.pending.remove(call)
-        if call.error is not None:
-            raise call.error
-        return call.result
+        window = self._window_s if self.batch_size > 1 else 0.0
+        key = (*call.group_key(), self.batch_size, window)
+        batcher = loaded.batchers.get(key)
+        if batcher is None:
+            batcher = loaded.batchers[key] = MicroBatcher(
+                partial(_answer, loaded), max_batch=self.batch_size, window_s=window, limiter=loaded.limiter,
+                shield=True)  # the worker thread runs to its end anyway: its answers are kept
+        return await batcher.submit(call)
 
     def summary(self) -> dict[str, Any]:
         """Batching settings and counters, for ``summary.json`` and tests."""
@@ -215,9 +203,16 @@ def run_group(loaded: _Loaded, group: list[_Call]) -> None:
         for call in group:
             if call.result is None and call.error is None:
                 call.error = exc
-    finally:
-        for call in group:
-            call.done = True
+
+
+async def _answer(loaded: _Loaded, group: list[_Call]) -> list[ChatResult | ScoreResult | BaseException]:
+    """A :class:`MicroBatcher`'s batch: ``group`` answered in a worker thread, each call's result or error."""
+    for backend in {call.backend for call in group}:
+        backend._batches += 1
+        backend._largest = max(backend._largest, len(group))
+    await anyio.to_thread.run_sync(run_group, loaded, group)
+    return [call.error if call.error is not None else call.result if call.result is not None
+            else BackendError("the batch gave this call no answer", endpoint=call.backend.name) for call in group]
 
 
 def _encode(loaded: _Loaded, texts: list[str]) -> tuple[Any, Any, Any]:

@@ -27,6 +27,7 @@ import anyio
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from backends.atomic import write_atomic
 from backends.base import BackendTraits, BaseBackend
 from backends.batch_journal import BatchEntry, BatchJournal, Outcome
 from backends.errors import (
@@ -118,7 +119,7 @@ class OpenAIBatchBackend(BaseBackend):
         except ModuleNotFoundError:
             raise ConfigError("batch mode needs the official openai package: pip install 'cai-async[batch]'") from None
         self._client = openai.AsyncOpenAI(
-            base_url=self._settings.base_url, api_key=self._settings.api_key.get() or "unused",
+            base_url=self._settings.base_url, api_key=self._settings.api_key.get_secret_value() or "unused",
             timeout=self._settings.timeout_s, max_retries=0,  # retried here, where a repeat cannot double-submit
         )
 
@@ -196,7 +197,7 @@ class OpenAIBatchBackend(BaseBackend):
 
     def _error(self, cls: type[BackendError], message: str, **kwargs: Any) -> BackendError:
         text = redact(f"endpoint {self.name!r} (batch, {self._settings.base_url}): {message}",
-                      [self._settings.api_key.get()])
+                      [self._settings.api_key.get_secret_value()])
         return cls(text, endpoint=self.name, **kwargs)
 
     async def _submit(self, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -337,7 +338,7 @@ class OpenAIBatchBackend(BaseBackend):
                 return ConfigError(redact(
                     f"endpoint {self.name!r} ({self._settings.base_url}): this provider does not support the Batch "
                     "API (404 on /v1/batches); set the endpoint's mode to online (or drop --batch)",
-                    [self._settings.api_key.get()]))
+                    [self._settings.api_key.get_secret_value()]))
             detail = str(exc.message)
             return error_for_status(exc.status_code, f"{step}: {detail}", self._error)
         if isinstance(exc, openai.APIConnectionError):  # includes timeouts
@@ -396,7 +397,7 @@ class OpenAIBatchBackend(BaseBackend):
             return []
         content = await self._step("download", lambda e: self._client.files.content(file_id), entry)
         data: bytes = content.content
-        (self.journal.folder / f"{entry.local_id}.{kind}.jsonl").write_bytes(data)
+        write_atomic(self.journal.folder / f"{entry.local_id}.{kind}.jsonl", data)
         return [line for line in data.splitlines() if line.strip()]
 
     async def _finish(self, entry: BatchEntry, batch: Any) -> None:

@@ -180,7 +180,7 @@ class OpenAIBackend(BaseBackend):
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
         if settings.api_key:
-            self._headers["Authorization"] = f"Bearer {settings.api_key.get()}"
+            self._headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
         options = parse_options(OpenAIOptions, settings.options, backend="openai", endpoint=settings.endpoint)
         self._top_logprobs = options.top_logprobs
         self._score_fallback = options.score_fallback
@@ -213,7 +213,8 @@ class OpenAIBackend(BaseBackend):
             await self._session.close()
 
     def _error(self, cls: type[BackendError], message: str, **kwargs: Any) -> BackendError:
-        text = redact(f"endpoint {self.name!r} ({self._settings.base_url}): {message}", [self._settings.api_key.get()])
+        text = redact(f"endpoint {self.name!r} ({self._settings.base_url}): {message}",
+                      [self._settings.api_key.get_secret_value()])
         return cls(text, endpoint=self.name, **kwargs)
 
     async def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], RateLimitInfo | None, float]:
@@ -301,7 +302,7 @@ class OpenAIBackend(BaseBackend):
         log.warning("%s", redact(
             f"endpoint {self.name} ({self._settings.base_url}) has sent only {received}{of} bytes of an answer in "
             f"{self._slow_body_s:g} s; it is given timeout_s={timeout:g} s per call ({outlook})",
-            [self._settings.api_key.get()]))
+            [self._settings.api_key.get_secret_value()]))
 
     def _timed_out(self, resp: aiohttp.ClientResponse | None) -> BackendError:
         timeout = self._settings.timeout_s

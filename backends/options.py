@@ -8,9 +8,10 @@ import difflib
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, Field, StrictBool, ValidationError
 
 from backends.errors import ConfigError
+from backends.strict import StrictModel
 
 __all__ = [
     "BackendOptions",
@@ -25,10 +26,8 @@ __all__ = [
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
-class BackendOptions(BaseModel):
+class BackendOptions(StrictModel):
     """Base of backend options: unknown keys are rejected."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class OpenAIOptions(BackendOptions):

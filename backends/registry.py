@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
+
 from backends.errors import ConfigError
 from backends.types import Backend
 
@@ -16,7 +18,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_BACKEND",
     "BackendSettings",
-    "Secret",
     "available_backends",
     "batch_backend",
     "batch_capable",
@@ -26,27 +27,6 @@ __all__ = [
 ]
 
 
-class Secret:
-    """A string that never shows itself in ``repr``/``str``/f-strings/logs."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def get(self) -> str:
-        """The secret value, for the one place that needs it (an HTTP header)."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackendSettings:
     """What a backend needs to start: resolved from an engine ``Endpoint``."""
@@ -54,7 +34,8 @@ class BackendSettings:
     endpoint: str
     model: str = ""
     base_url: str = ""
-    api_key: Secret = field(default_factory=lambda: Secret(""))
+    api_key: SecretStr = field(default_factory=lambda: SecretStr(""))
+    """pydantic's ``SecretStr``: it never shows itself in ``repr``/``str``/f-strings/logs."""
     timeout_s: float = 120.0
     options: dict[str, Any] = field(default_factory=dict)
     state_dir: str | None = None

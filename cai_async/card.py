@@ -19,7 +19,7 @@ from cai_async.constitution import Constitution
 from cai_async.constitution_io import load_constitution
 from cai_async.gap_report import gaps_html, gaps_markdown, read_gaps, shown_gaps
 from cai_async.gates import GATES, GateTally
-from cai_async.store import read_shards
+from cai_async.store import read_json, read_shards
 
 __all__ = ["card_data", "card_html", "card_markdown", "write_card"]
 
@@ -53,7 +53,7 @@ def _principle_stats(constitution: Constitution, chains: pl.DataFrame) -> dict[s
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def card_data(source: str | Path | Constitution, *, run_dir: str | Path | None = None) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -22,6 +21,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from backends.errors import ConfigError
+from backends.strict import StrictModel
 
 __all__ = [
     "ComparisonPrinciple",
@@ -47,11 +47,11 @@ def _not_blank(value: str) -> str:
     return value
 
 
-class GuardRules(BaseModel):
+class GuardRules(StrictModel):
     """Cheap input/output filters a principle may carry for the inference-time guard: regular expressions
     (case-insensitive) and whole words; a match is a violation of the principle without asking a judge."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     patterns: tuple[str, ...] = ()
     words: tuple[str, ...] = ()
@@ -82,11 +82,11 @@ class GuardRules(BaseModel):
         return None
 
 
-class ContrastExample(BaseModel):
+class ContrastExample(StrictModel):
     """A good and a bad critique of one flawed response, shown to the model (labelled as such) before the
     principle's critique request when few-shot examples are on: what a useful critique looks like."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     prompt: str
     response: str
@@ -108,7 +108,7 @@ class ContrastExample(BaseModel):
         )
 
 
-class Principle(BaseModel):
+class Principle(StrictModel):
     """One principle: the request that asks for a critique and the request that asks for a revision.
 
     ``weight`` (≥ 0; 0 disables the principle) is the principle's share: of the draws in ``weighted`` mode, of
@@ -116,7 +116,7 @@ class Principle(BaseModel):
     orders ``priority`` draws and the principles of an ``all`` pass. ``contrast`` is an optional good/bad
     critique pair shown with the critique request when few-shot examples are on."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
     _renamed_keys: ClassVar[dict[str, str]] = {"critique_request": "critique", "revision_request": "revision"}
     """The CAI paper's names for the two requests (a file written with them is told to rename them)."""
 
@@ -139,11 +139,11 @@ class Principle(BaseModel):
         return self.critique
 
 
-class FewShotExample(BaseModel):
+class FewShotExample(StrictModel):
     """A worked critique → revision exchange, put before the real one as prior chat turns. ``context`` holds
     earlier turns of the conversation, for multi-turn examples."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     context: tuple[dict[str, str], ...] = ()
     prompt: str
@@ -173,11 +173,11 @@ class FewShotExample(BaseModel):
 PT = TypeVar("PT", "Principle", "ComparisonPrinciple")
 
 
-class _PrincipleSet(BaseModel, Generic[PT]):
+class _PrincipleSet(StrictModel, Generic[PT]):
     """What constitutions and comparison sets share: a name, a version, principles with unique names and at
     least one positive weight, a draw mode, a content hash, and re-weighting."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
     _hashed: ClassVar[set[str]] = {"draw", "principles"}
 
     name: str
@@ -262,11 +262,11 @@ class Constitution(_PrincipleSet[Principle]):
     few_shot: tuple[FewShotExample, ...] = ()
 
 
-class ComparisonPrinciple(BaseModel):
+class ComparisonPrinciple(StrictModel):
     """A principle phrased as a multiple-choice question over two responses ("Which of these responses is
     less harmful…?"), for AI-feedback labels."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     name: str
     question: str

@@ -325,7 +325,7 @@ def config_reference() -> str:
     lines += [
         "## Constitution files",
         "",
-        "A constitution (`sl.constitution`, `guard.constitution`) or a comparison set (`rl.label.principles`,",
+        "A constitution (`sl.constitution`, `guard.constitution`) or a comparison set (`label.label.principles`,",
         "`eval.principles`, `guard.principles`) named by file is read in this layout (YAML, JSON or TOML);",
         "the public layouts are converted on load (see [Constitutions](../constitution.md)).",
         "",

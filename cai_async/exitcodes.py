@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FAILED_ROWS", "OK", "STOPPED", "USER_ERROR", "exit_code", "failure_count", "leaves"]
+__all__ = ["FAILED_ROWS", "OK", "STOPPED", "USER_ERROR", "exit_code", "failure_count", "leaves", "outcome_code"]
 
 OK = 0
 """Every selected item finished ok."""
@@ -21,9 +21,10 @@ Finished items are kept; a rerun resumes."""
 
 
 def failure_count(stage: dict[str, Any]) -> int:
-    """Items of a stage summary that did not finish ok: failed (not written), recorded errors (this run's, and
-    earlier runs' kept without a retry), and the same for its nested parts (pairs, helpfulness responses) and
-    evaluated models."""
+    """Items of a stage's ``summary.json`` entry (a summary read back) that did not finish ok: failed (not
+    written), recorded errors (this run's, and earlier runs' kept without a retry), and the same for its nested
+    parts (pairs, helpfulness responses) and evaluated models. A running recipe has each entry's report, which
+    counts its own (``StageResult.failure_count``)."""
     count = sum(int(stage.get(key) or 0) for key in ("failed", "errors", "errors_kept"))
     for part in ("pairs", "helpful"):
         if isinstance(stage.get(part), dict):
@@ -34,14 +35,18 @@ def failure_count(stage: dict[str, Any]) -> int:
     return count
 
 
-def exit_code(summary: dict[str, Any]) -> int:
+def outcome_code(*, stopped: bool, failed: int) -> int:
     """``STOPPED`` when the run or a stage stopped early, ``FAILED_ROWS`` when an item failed, else ``OK``."""
-    stages = summary.get("stages", {})
-    if summary.get("stopped") or any(isinstance(s, dict) and s.get("stopped") for s in stages.values()):
+    if stopped:
         return STOPPED
-    if any(isinstance(s, dict) and failure_count(s) for s in stages.values()):
-        return FAILED_ROWS
-    return OK
+    return FAILED_ROWS if failed else OK
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """The exit code of a run's summary (``summary.json`` read back): see :func:`outcome_code`."""
+    stages = [s for s in summary.get("stages", {}).values() if isinstance(s, dict)]
+    return outcome_code(stopped=bool(summary.get("stopped")) or any(s.get("stopped") for s in stages),
+                        failed=sum(failure_count(s) for s in stages))
 
 
 def leaves(exc: BaseException) -> list[BaseException]:

@@ -5,9 +5,10 @@ report. It lives on the bottom floor because those three stand side by side and 
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
+
+from backends.atomic import read_json
 
 __all__ = ["GAPS_FILE", "gap_lines", "gaps_html", "gaps_markdown", "rate_text", "read_gaps", "shown_gaps"]
 
@@ -22,7 +23,7 @@ def read_gaps(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / GAPS_FILE
     if not path.is_file():
         return None
-    gaps: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    gaps: dict[str, Any] = read_json(path)
     return gaps
 
 

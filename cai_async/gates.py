@@ -28,7 +28,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from backends.strict import StrictModel
 
 __all__ = [
     "GATES",
@@ -51,15 +53,13 @@ GATES: tuple[GateName, ...] = ("copies_critique", "restates_request", "unchanged
 whether it was cut (the first failed one names the step's failure)."""
 
 
-class GateConfig(BaseModel):
+class GateConfig(StrictModel):
     """Revision quality gates (recipe key ``sl.gates``). A similarity threshold fails a revision whose similarity
     (0–1: difflib's ratio on lower-cased text with spacing collapsed, or, against the critique and the
     constitution's requests, the share of the revision's words copied from them in runs of 3 or more, whichever
     is higher) is at least the threshold; ``null`` turns that gate off. A failed revision is tried once more
     (another seed; at ``retry_temperature`` when the chain's temperature is 0, since a greedy model would only
     repeat itself), then the previous response is kept."""
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     """False: every revision is taken as it comes (the behaviour before the gates)."""

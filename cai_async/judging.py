@@ -16,9 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from backends.errors import NoChoiceFound
+from backends.strict import StrictModel
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult
 from cai_async.constitution import ComparisonPrinciple, ComparisonSet, draw_principles
 
@@ -59,10 +60,8 @@ _COT_INSTRUCTION = (
 )
 
 
-class CotConfig(BaseModel):
+class CotConfig(StrictModel):
     """Chain-of-thought labels: the critic reasons, then answers; the answer is clamped to ``band``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
     band: tuple[float, float] = (0.4, 0.6)

@@ -19,7 +19,7 @@ from cai_async.judging import wilson_interval
 from cai_async.prompts import parse_conversation
 from cai_async.stages.label import LabelConfig, run_label
 from cai_async.stages.pairs import PairRow, pair_id
-from cai_async.store import read_shards
+from cai_async.store import read_shards, write_json
 
 __all__ = ["expected_calibration_error", "human_pairs", "quality_metrics", "run_label_quality"]
 
@@ -200,7 +200,7 @@ async def run_label_quality(
     metrics["run"] = {"labelled": report.labelled, "abstained": report.abstained, "errors": report.errors,
                       "failed": report.failed, "seconds": round(report.seconds, 2)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
+    write_json(out / "report.json", metrics, default=float)
     (out / "report.md").write_text(_markdown(metrics, ", ".join(models) or "critic"), encoding="utf-8")
     _reliability_png(metrics["variants"], out / "reliability.png")
     metrics["files"] = {name: str(out / name) for name in ("report.json", "report.md", "reliability.png")}

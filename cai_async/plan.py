@@ -47,10 +47,10 @@ def _token_counter(recipe: Any) -> tuple[Count, str]:
     return _approximate, "approximate prompt tokens: 4 characters a token + 4 a message"
 
 
-_SUMMED = ("calls", "input_tokens", "output_tokens", "cost_usd", "cost_usd_online", "cost_usd_batch")
+SUMMED = ("calls", "input_tokens", "output_tokens", "cost_usd", "cost_usd_online", "cost_usd_batch")
 
 
-def _row(plan: StagePlan, endpoints: list[Any]) -> dict[str, Any]:
+def plan_row(plan: StagePlan, endpoints: list[Any]) -> dict[str, Any]:
     """One stage's line: its work, its price in the endpoints' own mode and in each mode (split by endpoint
     weight), and the least time the online endpoints' rate limits allow."""
     weights = sum(e.weight for e in endpoints) or 1.0
@@ -79,7 +79,7 @@ def plan_recipe(recipe: Any) -> dict[str, Any]:
     count, method = _token_counter(recipe)
     plans = [plan for unit in stage_units() if unit.config(recipe) is not None for plan in unit.plan(recipe, count)]
     rows: list[dict[str, Any]] = []
-    total: dict[str, float] = dict.fromkeys(_SUMMED, 0)
+    total: dict[str, float] = dict.fromkeys(SUMMED, 0)
     for plan in plans:
         if not plan.calls:
             continue
@@ -87,8 +87,8 @@ def plan_recipe(recipe: Any) -> dict[str, Any]:
             endpoints = recipe.engine.group(plan.group)
         except CaiError:
             endpoints = []
-        rows.append(_row(plan, endpoints))
-        for key in _SUMMED:
+        rows.append(plan_row(plan, endpoints))
+        for key in SUMMED:
             total[key] = round(total[key] + rows[-1][key], 4)
     return {"stages": rows, "total": total,
             "method": f"{method}; outputs at max_tokens (upper bound)"}

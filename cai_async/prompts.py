@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from backends.errors import ConfigError
+from backends.strict import StrictModel
 
 __all__ = [
     "PromptRow", "PromptSource", "is_uri", "iter_prompts", "load_prompts", "parse_conversation", "prompt_id",
@@ -244,10 +245,8 @@ def iter_prompts(
         )
 
 
-class PromptSource(BaseModel):
+class PromptSource(StrictModel):
     """Where a stage's prompts come from: the file (or saved dataset), its columns and how many rows."""
-
-    model_config = ConfigDict(extra="forbid")
 
     input: str = ""
     prompt_column: str = "prompt"

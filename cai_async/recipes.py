@@ -14,9 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from backends.deprecation import renamed
 from backends.errors import ConfigError, RunStopped
 from cai_async.configio import apply_overrides, read_mapping, validate
-from cai_async.engine import Engine, EngineConfig
+from cai_async.engine import JUDGE, OLD_JUDGE, Engine, EngineConfig
 from cai_async.evaluation.run import EvalConfig
 from cai_async.evaluation.stage import run_eval_stage
 from cai_async.exitcodes import leaves
@@ -25,7 +26,15 @@ from cai_async.scale import Executor, RayConfig, executor_scope
 from cai_async.stages.generate import GenerateConfig
 from cai_async.stages.rl import RLConfig, run_rl_stage
 from cai_async.stages.sl import SLConfig, run_sl_stage
-from cai_async.stages.unit import StageContext, StageUnit, stage_unit, stage_units, unmet_inputs
+from cai_async.stages.unit import (
+    StageContext,
+    StageResult,
+    StageUnit,
+    resolve_path,
+    stage_unit,
+    stage_units,
+    unmet_inputs,
+)
 from cai_async.store import write_json
 from cai_async.train.config import TrainConfig
 
@@ -53,10 +62,42 @@ METHOD_KEYS: dict[str, tuple[str, str]] = {
 """The method's own configuration keys, accepted at a recipe's top level as aliases of their nested homes."""
 
 
-def lift_method_keys(data: dict[str, Any], *, source: str, replace: bool = False) -> dict[str, Any]:
-    """Move the top-level :data:`METHOD_KEYS` to their sections. A key given both ways is an error naming both,
-    unless ``replace`` (command-line overrides, which win over the file)."""
+RENAMED_SECTIONS = {"rl": "label"}
+"""Recipe sections by their old key: still read, with one line saying the new one."""
+
+
+def renamed_sections(data: dict[str, Any], *, source: str, replace: bool = False) -> dict[str, Any]:
+    """``data`` with each old section key of :data:`RENAMED_SECTIONS` moved to its new key (one line says so).
+    Both keys given is an error, unless ``replace`` (command-line overrides: the old key's values are laid over
+    the new section's)."""
     result = dict(data)
+    for old, new in RENAMED_SECTIONS.items():
+        if old not in result:
+            continue
+        value = result.pop(old)
+        renamed(old, new, where=source)
+        if new in result and result[new] is not None:
+            if not replace:
+                raise ConfigError(f"{source}: {old} and {new} are both given; keep {new} ({old} is its old name)")
+            value = _deep_merge(result[new], value)
+        result[new] = value
+    return result
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    if not isinstance(over, dict):
+        return over
+    merged = dict(base.model_dump(mode="json") if isinstance(base, BaseModel) else base or {})
+    for key, value in over.items():
+        merged[key] = _deep_merge(merged.get(key), value) if isinstance(value, dict) else value
+    return merged
+
+
+def lift_method_keys(data: dict[str, Any], *, source: str, replace: bool = False) -> dict[str, Any]:
+    """Move the top-level :data:`METHOD_KEYS` to their sections, and old section keys to their new ones. A key
+    given both ways is an error naming both, unless ``replace`` (command-line overrides, which win over the
+    file)."""
+    result = renamed_sections(data, source=source, replace=replace)
     for alias, (section, key) in METHOD_KEYS.items():
         if alias not in result:
             continue
@@ -80,7 +121,8 @@ class Recipe(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     generate: GenerateConfig | None = None
     sl: SLConfig | None = None
-    rl: RLConfig | None = None
+    label: RLConfig | None = None
+    """RL-CAI labelling (``cai label``): pairs, AI-feedback labels, dpo/reward exports (``rl``: its old key)."""
     train: TrainConfig | None = None
     eval: EvalConfig | None = None
     guard: GuardConfig | None = None
@@ -90,6 +132,11 @@ class Recipe(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     """With ``executor: ray``: the cluster, the actors and how they share limits and the cache."""
 
+    @property
+    def rl(self) -> RLConfig | None:
+        """The labelling section by its old name (read-only; the key is ``label``)."""
+        return self.label
+
     @model_validator(mode="wrap")
     @classmethod
     def _registered_stages(cls, data: Any, handler: Callable[[Any], Recipe]) -> Recipe:
@@ -97,7 +144,7 @@ class Recipe(BaseModel):
         any other unknown key is an error, as with ``extra="forbid"``; every problem is reported at once."""
         if not isinstance(data, dict):
             return handler(data)
-        data = dict(data)
+        data = renamed_sections(dict(data), source="a recipe")
         errors: list[InitErrorDetails] = []
         for key, value in list(data.items()):
             if key in cls.model_fields:
@@ -146,6 +193,9 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = (), *, witho
             config = unit.config(recipe)
             if config is not None:
                 unit.resolve(config, base)
+        if recipe.guard is not None:  # its principles and constitution files, like the stages' (run paths stay)
+            recipe.guard.principles = resolve_path(base, recipe.guard.principles)
+            recipe.guard.constitution = resolve_path(base, recipe.guard.constitution)
     if overrides:
         data = apply_overrides(recipe.model_dump(mode="json"), overrides)
         recipe = validate(Recipe, lift_method_keys(data, source=str(path), replace=True), source=str(path))
@@ -172,10 +222,12 @@ async def run_recipe(
     recipe: Recipe,
     *,
     progress: Callable[[Engine, str], AbstractAsyncContextManager[Any]] | None = None,
+    reports: dict[str, StageResult] | None = None,
 ) -> dict[str, Any]:
     """Run the recipe's stages in the registry's order; write ``config.yaml`` (no secrets: keys are named by
     variable) and ``summary.json`` into the run directory; return the summary. First :func:`check_inputs`:
-    a stage whose inputs cannot exist stops the run before any call."""
+    a stage whose inputs cannot exist stops the run before any call. ``reports``: filled with each entry's
+    report (:class:`~cai_async.stages.unit.StageResult`: failures, stopped early) as the entry finishes."""
     check_inputs(recipe)
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +241,8 @@ async def run_recipe(
     present = [(unit, config) for unit in stage_units() if (config := unit.config(recipe)) is not None]
     try:
         for session, group in groupby(present, key=lambda pair: pair[0].session):
-            await _run_session(recipe, run_dir, summary, progress, session, list(group), present)
+            await _run_session(recipe, run_dir, summary, progress, session, list(group), present,
+                               {} if reports is None else reports)
     except BaseException as exc:  # group down, refused key: say in summary.json where and why the run stopped
         stopped = next((leaf for leaf in leaves(exc) if isinstance(leaf, RunStopped)), None)
         if stopped is not None:
@@ -215,7 +268,7 @@ Present = list[tuple[StageUnit[Any], Any]]
 def _session_engine(config: EngineConfig, session: str, group: Present, present: Present) -> EngineConfig:
     """The engine of one session has every group but those only later stages name and that may not exist yet
     (a model the run trains: :meth:`StageUnit.late_groups`)."""
-    used = {"policy", "critic"}.union(*(unit.roles(c) for unit, c in group))
+    used = {"policy", JUDGE, OLD_JUDGE}.union(*(unit.roles(c) for unit, c in group))
     late = set[str]().union(*(unit.late_groups(c) for unit, c in present if unit.session != session))
     if not late - used:
         return config
@@ -230,30 +283,34 @@ async def _run_session(
     session: str | None,
     group: Present,
     present: Present,
+    reports: dict[str, StageResult],
 ) -> None:
     """Run consecutive stages of one session: in one engine (its summary under ``engine`` for the data session,
-    ``engine_<session>`` for another), or without one; each entry's report, with the calls, tokens and dollars
-    it spent, goes under its name."""
+    ``engine_<session>`` for another), or without one; each entry's report (into ``reports``) and its
+    ``summary.json`` entry, with the calls, tokens and dollars it spent, under its name."""
     if session is None:
         context = StageContext(run_dir=run_dir, recipe=recipe, retry_errors=recipe.retry_errors)
         for unit, config in group:
             for entry in unit.entries(config):
                 summary["running"] = entry
-                summary["stages"][entry] = await unit.run(context, config, entry)
+                reports[entry] = await unit.run(context, config, entry)
+                summary["stages"][entry] = reports[entry].to_json()
         return
     engine_config = _session_engine(recipe.engine, session, group, present)
     async with Engine(engine_config, run_dir=run_dir) as engine, \
-            executor_scope(recipe.executor, recipe.ray, engine_config, run_dir):
-        context = StageContext(run_dir=run_dir, recipe=recipe, engine=engine, retry_errors=recipe.retry_errors)
+            executor_scope(recipe.executor, recipe.ray, engine, run_dir) as executor:
+        context = StageContext(run_dir=run_dir, recipe=recipe, engine=engine, executor=executor,
+                               retry_errors=recipe.retry_errors)
         try:
             for unit, config in group:
                 for entry in unit.entries(config):
                     summary["running"] = entry
                     async with progress(engine, entry) if progress is not None else nullcontext():
                         before = _usage(engine)
-                        report = await unit.run(context, config, entry)
+                        report = reports[entry] = await unit.run(context, config, entry)
                         after = _usage(engine)
-                        report["usage"] = {key: round(after[key] - before[key], 6) for key in after}
-                        summary["stages"][entry] = report
+                        data = report.to_json()
+                        data["usage"] = {key: round(after[key] - before[key], 6) for key in after}
+                        summary["stages"][entry] = data
         finally:
             summary["engine" if session == "data" else f"engine_{session}"] = engine.summary()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,7 +11,7 @@ import polars as pl
 
 from backends.errors import ConfigError
 from cai_async.engine.ledger import read_ledger
-from cai_async.store import iter_shards, scan_shards, shard_columns
+from cai_async.store import iter_shards, read_json, scan_shards, shard_columns
 
 __all__ = ["chain_text", "describe_run", "sample_chains"]
 
@@ -42,7 +41,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             info["calls_paid_twice"] = max(0, ledger["calls"] - len(stored))  # answered, then lost to a kill
             stored.close()
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary = read_json(summary_path)
         engine = summary.get("engine", {})
         if ledger is None:
             info["tokens"] = engine.get("tokens", 0)

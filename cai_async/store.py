@@ -4,12 +4,13 @@ Shards are ``part-NNNNN.parquet``; :func:`compact_shards` merges a run of them i
 that replaces shards ``AAAAA`` to ``BBBBB``, keeping only each id's latest row. Readers skip a shard whose number
 lies inside such a range, so a compaction cut short between its rename and its deletes still reads every row
 exactly once. Readers stream: :func:`scan_shards` is a lazy frame (column projection, ``sink_parquet``),
-:func:`iter_shards` yields slices."""
+:func:`iter_shards` yields slices.
+
+Every file is written by the one atomic writer (:mod:`backends.atomic`); JSON state files (:func:`write_json`) carry
+``format_version`` as shards carry ``FORMAT_KEY``, and :func:`read_json` refuses one newer than this build."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,6 +19,16 @@ from typing import Any, Literal
 
 import polars as pl
 
+from backends.atomic import (
+    JSON_FORMAT_KEY,
+    JSON_FORMAT_VERSION,
+    atomic_path,
+    fsync_dir,
+    publish,
+    read_json,
+    write_json,
+    write_jsonl,
+)
 from backends.errors import ConfigError
 from backends.types import ChatResult, ScoreResult
 
@@ -25,11 +36,14 @@ __all__ = [
     "CALL_FIELDS",
     "FORMAT_KEY",
     "FORMAT_VERSION",
+    "JSON_FORMAT_KEY",
+    "JSON_FORMAT_VERSION",
     "MESSAGES",
     "ShardWriter",
     "compact_shards",
     "count_shard_rows",
     "iter_shards",
+    "read_json",
     "read_shards",
     "scan_shards",
     "shard_columns",
@@ -89,61 +103,19 @@ def _check_format(path: Path) -> None:
         )
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, target: Path) -> Path:
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    return target
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """Write ``text`` through a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON, never half-written."""
-    _write_text(path, json.dumps(data, indent=2, default=str))
-
-
-def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """``rows`` as JSON lines (its folder created), never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
 def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
     """Write ``frame`` to ``path`` through a temporary file, fsync and rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    frame.write_parquet(tmp, metadata={FORMAT_KEY: str(FORMAT_VERSION)})
-    return _publish(tmp, target)
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp, metadata={FORMAT_KEY: str(FORMAT_VERSION)})
+    return Path(path)
 
 
 def sink_parquet_atomic(frame: pl.LazyFrame, path: str | Path) -> Path:
     """Stream ``frame`` into ``path`` (Polars' streaming ``sink_parquet``: memory stays flat in the rows)
     through a temporary file, fsync and rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    frame.sink_parquet(tmp, metadata={FORMAT_KEY: str(FORMAT_VERSION)}, row_group_size=_GROUP_ROWS)
-    return _publish(tmp, target)
+    with atomic_path(path) as tmp:
+        frame.sink_parquet(tmp, metadata={FORMAT_KEY: str(FORMAT_VERSION)}, row_group_size=_GROUP_ROWS)
+    return Path(path)
 
 
 _GROUP_ROWS = 2048
@@ -365,7 +337,7 @@ def compact_shards(directory: str | Path, *, target_rows: int = 4096, unique_by:
         _write_merged(paths, tmp, folder / f"part-{start:05d}-{end:05d}.parquet", stale)
         for path in paths:
             path.unlink()
-        _fsync_dir(folder)
+        fsync_dir(folder)
         replaced += len(paths)
     for path in [p for p in ordered if p in stale and p not in merged]:  # rewritten in place, less its old rows
         start, end = _span(path)
@@ -380,7 +352,7 @@ def _write_merged(paths: list[Path], tmp: Path, target: Path, stale: dict[Path, 
     except pl.exceptions.PolarsError as exc:
         tmp.unlink(missing_ok=True)
         raise _unreadable(tmp.parent, exc) from None
-    _publish(tmp, target)
+    publish(tmp, target)
 
 
 class ShardWriter:

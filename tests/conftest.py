@@ -151,6 +151,20 @@ def kill_repeatedly(args: list[str], delays: tuple[float, ...], server: TestServ
     return kills
 
 
+def listening_line(stream: Any, *, most: int = 20) -> str:
+    """The first line of a server process's ``stream`` that says where it listens (``listening on URL``); lines
+    before it (a warning, a renamed-setting notice) are skipped. Fails with what was read when none comes."""
+    seen: list[str] = []
+    while len(seen) < most:
+        line = stream.readline()
+        if not line:  # the process ended
+            break
+        if "listening on" in line:
+            return str(line)
+        seen.append(line)
+    raise AssertionError("no 'listening on' line; the server said:\n" + "".join(seen))
+
+
 @pytest.fixture
 def free_port() -> int:
     """A loopback port with nothing listening on it."""

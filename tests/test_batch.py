@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,8 @@ def test_batch_answers_match_online_at_batch_prices(tmp_path: Path, server: Test
 
 def test_chains_go_through_as_rounds(tmp_path: Path, server: TestServer) -> None:
     rec = recipe(server, tmp_path / "run", stage="sl", limit=12)
-    rec.rl = type(rec).model_validate({"rl": {"pairs": {"source": "sl"}, "label": {"ensemble": 2, "swap": True}}}).rl
+    section = {"pairs": {"source": "sl"}, "label": {"ensemble": 2, "swap": True}}
+    rec.label = type(rec).model_validate({"label": section}).label
     summary = run(rec)
     assert summary["stages"]["sl"]["ok"] == 12
     stats = server.stats()
@@ -85,7 +88,7 @@ def test_chains_go_through_as_rounds(tmp_path: Path, server: TestServer) -> None
     # (2 principles × 2 orders) together
     assert stats["batches"] == 4 and stats.get("batch_repeats", 0) == 0
     assert stats["batch_requests"] == 36 + 12 * 4
-    assert summary["stages"]["rl"]["labelled"] == 12
+    assert summary["stages"]["label"]["labelled"] == 12
     chains = read_shards(tmp_path / "run" / "sl")
     assert all(r["rounds"][0]["revision"].startswith("Reply ") for r in chains.iter_rows(named=True))
 
@@ -94,15 +97,15 @@ def test_rl_samples_and_judgments_each_take_one_round(tmp_path: Path, server: Te
     rec = Recipe.model_validate({
         "run_dir": str(tmp_path / "run"),
         "engine": {"groups": {"policy": [endpoint(server)]}, "progress": "off"},
-        "rl": {"pairs": {"source": "generate", "input": str(HH_PROMPTS), "id_column": "id", "limit": 6, "k": 3,
+        "label": {"pairs": {"source": "generate", "input": str(HH_PROMPTS), "id_column": "id", "limit": 6, "k": 3,
                          "temperatures": [0.7, 1.0]},
                "label": {"ensemble": 2, "swap": True}},
     })
     summary = run(rec)
     stats = server.stats()
     assert stats["batches"] == 2  # the K samples of every prompt, then every judgment of every pair
-    assert stats["batch_requests"] == 6 * 3 + summary["stages"]["rl"]["pairs"]["pairs_written"] * 4
-    assert summary["stages"]["rl"]["labelled"] == summary["stages"]["rl"]["pairs"]["pairs_written"] > 0
+    assert stats["batch_requests"] == 6 * 3 + summary["stages"]["label"]["pairs"]["pairs_written"] * 4
+    assert summary["stages"]["label"]["labelled"] == summary["stages"]["label"]["pairs"]["pairs_written"] > 0
 
 
 def test_rounds_split_at_request_and_size_limits(tmp_path: Path, server: TestServer) -> None:
@@ -229,6 +232,25 @@ def test_an_interrupted_upload_or_creation_is_found_not_repeated(
     assert stats["files"] == 1 and stats["batches"] == 1 and stats.get("batch_repeats", 0) == 0
 
 
+def _recorded_batches(run_dir: Path) -> int:
+    """Batches whose provider id the run has committed to its journal (read-only, beside the running process)."""
+    path = run_dir / "batches" / "srv" / "journal.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return int(db.execute("SELECT COUNT(*) FROM batches WHERE batch_id IS NOT NULL").fetchone()[0])
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+
+
+def _wait_until(ready: Callable[[], bool], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, "the run never reached the state the test waits for"
+        time.sleep(0.02)
+
+
 def test_kill_9_with_batches_in_flight_submits_nothing_twice(tmp_path: Path, server: TestServer) -> None:
     server.configure(batch_progress_s=1.5)
     run_dir = tmp_path / "run"
@@ -236,11 +258,9 @@ def test_kill_9_with_batches_in_flight_submits_nothing_twice(tmp_path: Path, ser
     kills = 0
     for _ in range(2):  # kill in round 1, then again in a later round
         process = subprocess.Popen([*CAI, "run", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = server.stats().get("batches", 0) + 1
-        deadline = time.monotonic() + 60
-        while process.poll() is None and server.stats().get("batches", 0) < target and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # the batch is in progress at the provider
+        target = _recorded_batches(run_dir) + 1
+        # kill once the run has recorded the provider's id of its next batch: the batch is in progress there
+        _wait_until(lambda p=process, t=target: p.poll() is not None or _recorded_batches(run_dir) >= t)
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             kills += 1
@@ -262,10 +282,7 @@ def test_cancel_stops_paying_for_an_abandoned_run_and_a_rerun_resubmits(tmp_path
     run_dir = tmp_path / "run"
     config = _write(tmp_path, recipe(server, run_dir, stage="sl", limit=6))
     process = subprocess.Popen([*CAI, "run", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while server.stats().get("batches", 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    _wait_until(lambda: _recorded_batches(run_dir) >= 1)  # submitted, and its id on disk
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     listed = cai("batches", "list", str(run_dir))

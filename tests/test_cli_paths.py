@@ -90,7 +90,7 @@ def test_the_quickstart_pipeline_sl_label_train_eval(tmp_path: Path, server: Tes
     out = cai("run", str(_write_yaml(tmp_path / "quickstart.yaml", recipe)), timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert list(summary["stages"]) == ["sl", "rl", "train/sft", "eval"]
+    assert list(summary["stages"]) == ["sl", "label", "train/sft", "eval"]
 
     # sl: every chain applies each of the seed constitution's principles once (draw: all, one pass)
     principles = len(load_constitution(sl["constitution"]).principles)
@@ -136,7 +136,7 @@ def test_the_quickstart_pipeline_sl_label_train_eval(tmp_path: Path, server: Tes
     judged = 2 * per_model * (1 + recipe["eval"]["ensemble"])  # a refusal question + the ensemble's, per sample
     assert eval_calls == {"after": per_model, "before": per_model, "srv": judged}
     sl_calls = n * (1 + 2 * principles) + helpful_rows
-    label_calls = n * recipe["rl"]["label"]["ensemble"] * 2
+    label_calls = n * recipe["label"]["label"]["ensemble"] * 2
     assert summary["engine"]["endpoints"]["srv"]["calls"] == sl_calls + label_calls
     assert server.stats()["ok"] == sl_calls + label_calls + per_model + judged  # every call paid once
 
@@ -357,7 +357,7 @@ def test_cai_run_with_executor_ray(tmp_path: Path, server: TestServer) -> None:
         "engine": {"groups": {"policy": [_endpoint(server, "srv")]}, "progress": "off"},
         "sl": {"input": str(ROOT / "cai_async" / "data" / "quickstart_prompts.jsonl"), "limit": n,
                "num_revisions": revisions},
-        "rl": {"pairs": {"source": "sl"}, "label": {"ensemble": ensemble}},
+        "label": {"pairs": {"source": "sl"}, "label": {"ensemble": ensemble}},
     })
     out = cai("run", str(recipe), timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -396,10 +396,10 @@ def test_cai_label_cot(tmp_path: Path, server: TestServer) -> None:
     run_dir = tmp_path / "run"
     out = cai("label", "--input", str(pairs), "--pairs-source", "columns", "--cot", "--ensemble", "2",
               "--base-url", server.base_url, "--model", "m", "--run-dir", str(run_dir), "--progress", "off",
-              "--set", "rl.pairs.response_a_column=a", "--set", "rl.pairs.response_b_column=b",
-              "--set", "rl.pairs.id_column=id")
+              "--set", "label.pairs.response_a_column=a", "--set", "label.pairs.response_b_column=b",
+              "--set", "label.pairs.id_column=id")
     assert out.returncode == 0, out.stderr
-    assert f"rl/labels: {len(prompts) - 1} labelled, 1 abstained" in out.stderr
+    assert f"label/labels: {len(prompts) - 1} labelled, 1 abstained" in out.stderr
     assert server.stats()["ok"] == len(prompts) * 2 * 2  # 2 principles × both orders, one reasoned answer each
     instruction = multiple_choice_prompt([], "q", "x", "y", cot=True).split("(B) y\n\n", 1)[1]
     assert all(request[-1]["content"].endswith(instruction) for request in server.requests())
@@ -429,7 +429,7 @@ def test_cai_plan_batch(tmp_path: Path, server: TestServer) -> None:
                    "progress": "off"},
         "sl": {"input": str(ROOT / "cai_async" / "data" / "quickstart_prompts.jsonl"), "limit": n,
                "num_revisions": revisions},
-        "rl": {"pairs": {"source": "sl"}, "label": {"ensemble": ensemble}},
+        "label": {"pairs": {"source": "sl"}, "label": {"ensemble": ensemble}},
     })
     calls = n * (1 + 2 * revisions) + n * ensemble * 2
 
@@ -439,7 +439,7 @@ def test_cai_plan_batch(tmp_path: Path, server: TestServer) -> None:
         lines = out.stdout.splitlines()
         total = next(line for line in lines if line.startswith("total"))
         priced = next(line for line in lines if line.startswith("priced online"))
-        return [line for line in lines if line.startswith(("sl ", "rl "))], total, [
+        return [line for line in lines if line.startswith(("sl ", "label "))], total, [
             float(part.split("$")[1].split()[0].rstrip(";")) for part in priced.split(":")[1:]]
 
     online_rows, online_total, (online_price, batch_price) = plan()
@@ -454,7 +454,7 @@ def test_cai_plan_batch(tmp_path: Path, server: TestServer) -> None:
     def rounds(stage: str) -> int:
         return sum(int(row.split("(batch), ")[1].split()[0]) for row in batch_rows if row.startswith(stage))
 
-    assert rounds("sl") == 1 + 2 * revisions and rounds("rl") == 1  # initial → critique → revision; the labels
+    assert rounds("sl") == 1 + 2 * revisions and rounds("label") == 1  # initial → critique → revision; the labels
     assert server.stats().get("ok", 0) == 0 and not run_dir.exists()
 
 

@@ -134,7 +134,7 @@ def test_cli_eval(tmp_path: Path, server: TestServer) -> None:
     )
     recipe.write_text(text)
     no_judge = cai("eval", str(recipe), "--n", "4")
-    assert no_judge.returncode == 2 and "no endpoint group 'critic'" in no_judge.stderr
+    assert no_judge.returncode == 2 and "no endpoint group 'judge'" in no_judge.stderr
     recipe.write_text(text.replace("  progress: off", f"    critic: [{{backend: openai, model: m, base_url: "
                                                       f"'{server.base_url}'}}]\n  progress: off"))
     out = cai("eval", str(recipe), "--n", "4")

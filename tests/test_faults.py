@@ -313,8 +313,8 @@ def test_missing_logprobs_heal_after_the_suggested_fix(tmp_path: Path, server: T
     source = tmp_path / "pairs.jsonl"
     source.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}", "a": "one", "b": "two"}) + "\n"
                               for i in range(3)))
-    args = ["label", "--input", str(source), "--set", "rl.pairs.id_column=id", "--set", "rl.pairs.source=columns",
-            "--set", "rl.pairs.response_a_column=a", "--set", "rl.pairs.response_b_column=b", "--ensemble", "1",
+    args = ["label", "--input", str(source), "--set", "label.pairs.id_column=id", "--set", "label.pairs.source=columns",
+            "--set", "label.pairs.response_a_column=a", "--set", "label.pairs.response_b_column=b", "--ensemble", "1",
             "--no-swap", "--base-url", server.base_url, "--model", "m", "--run-dir", str(tmp_path / "run"),
             "--progress", "off"]
     out = cai(*args)

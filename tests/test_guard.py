@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from cai_async import read_shards
-from tests.conftest import ROOT, TestServer, start_server
+from tests.conftest import ROOT, TestServer, listening_line, start_server
 from tests.test_cli import CAI, cai
 
 HARMFUL = "HARMFUL-DETAIL"
@@ -69,9 +69,9 @@ def proxy(tmp_path: Path, recipe: dict[str, Any], env: dict[str, str] | None = N
     process = subprocess.Popen([*CAI, "guard", "serve", str(path)], stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=ROOT)
     assert process.stderr is not None
-    line = process.stderr.readline()
+    line = ""
     try:
-        assert "listening on" in line, line + process.stderr.read()[-2000:]
+        line = listening_line(process.stderr)
         yield line.split("listening on ")[1].split()[0]
     finally:
         process.terminate()

@@ -43,7 +43,7 @@ def principles_file(folder: Path) -> Path:
 def recipe(folder: Path, upstream: str, judge_url: str, **guard: Any) -> dict[str, Any]:
     return {
         "run_dir": str(folder / "run"),
-        "engine": {"groups": {"critic": [{"name": "judge", "backend": "openai", "model": "j", "base_url": judge_url}]},
+        "engine": {"groups": {"judge": [{"name": "judge", "backend": "openai", "model": "j", "base_url": judge_url}]},
                    "progress": "off", "retry": {"max_attempts": 2, "initial_s": 0.01, "max_wait_s": 0.05},
                    "cache": {"enabled": False}},
         "guard": {"principles": str(principles_file(folder)), "port": 0, "upstream": {"base_url": upstream},

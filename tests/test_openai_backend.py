@@ -8,6 +8,7 @@ import re
 
 import anyio
 import pytest
+from pydantic import SecretStr
 
 from backends import (
     AuthenticationFailed,
@@ -20,7 +21,6 @@ from backends import (
     PermanentError,
     RateLimited,
     ScoreRequest,
-    Secret,
     TransientError,
     Unreachable,
     create_backend,
@@ -183,7 +183,7 @@ async def test_wrong_key_never_leaks(server: TestServer) -> None:
     server.configure(api_key="right-key-000")
     secret = "sk-wrong-SECRET-123456"
     b = create_backend(
-        "openai", BackendSettings(endpoint="t", base_url=server.base_url, api_key=Secret(secret))
+        "openai", BackendSettings(endpoint="t", base_url=server.base_url, api_key=SecretStr(secret))
     )
     try:
         with pytest.raises(AuthenticationFailed) as info:
@@ -194,7 +194,7 @@ async def test_wrong_key_never_leaks(server: TestServer) -> None:
     assert "authentication failed (401)" in str(info.value)
     assert secret not in str(info.value) and secret not in repr(info.value)
     assert secret not in repr(b)
-    assert secret not in repr(BackendSettings(endpoint="t", api_key=Secret(secret)))
+    assert secret not in repr(BackendSettings(endpoint="t", api_key=SecretStr(secret)))
 
 
 def test_header_parsing() -> None:

@@ -107,7 +107,7 @@ def test_missing_suite_data_is_one_line_naming_the_suite(tmp_path: Path, server:
         load_suite("jailbreak", tmp_path)
     recipe = tmp_path / "eval.yaml"
     group = f"[{{backend: openai, model: m, base_url: '{server.base_url}'}}]"
-    recipe.write_text(f"run_dir: {tmp_path / 'run'}\nengine:\n  groups:\n    m: {group}\n    critic: {group}\n"
+    recipe.write_text(f"run_dir: {tmp_path / 'run'}\nengine:\n  groups:\n    m: {group}\n    judge: {group}\n"
                       f"  progress: off\neval:\n  models: [{{name: m, group: m}}]\n  suites: [overrefusal]\n"
                       f"  data_dir: empty\n")
     (tmp_path / "empty").mkdir()

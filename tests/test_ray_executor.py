@@ -165,7 +165,7 @@ def test_pairs_labels_and_evaluation_run_on_actors_with_the_local_results(
         return Recipe.model_validate({
             "run_dir": str(run_dir), "executor": executor, "ray": {"actors": 2, "batch_size": 8},
             "engine": {"groups": {"policy": [endpoint], "m": [{**endpoint, "name": "model"}]}, "progress": "off"},
-            "rl": {"pairs": {"input": str(HH_PROMPTS), "id_column": "id", "limit": 24},
+            "label": {"pairs": {"input": str(HH_PROMPTS), "id_column": "id", "limit": 24},
                    "label": {"ensemble": 2}},
             "eval": {"models": [{"name": "m", "group": "m"}], "n": 4,
                      "suites": ["harmlessness", "overrefusal"]},

@@ -35,7 +35,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_a_stage_whose_input_nothing_writes_stops_the_run_before_any_call(tmp_path: Path, server: TestServer) -> None:
-    # DPO training reads exports/dpo.parquet, which only an rl section writes; this recipe has sl only
+    # DPO training reads exports/dpo.parquet, which only a label section writes; this recipe has sl only
     data = recipe_data(server, tmp_path / "run", sl={"input": str(PROMPTS), "limit": 2},
                        train={"stages": ["dpo"], "model": "embedded", "device": "cpu"})
     out = run_cli(tmp_path, data)
@@ -44,7 +44,7 @@ def test_a_stage_whose_input_nothing_writes_stops_the_run_before_any_call(tmp_pa
     [line] = error_lines(out.stderr)
     assert line.startswith("error: train/dpo: the dpo export not found: ")
     assert f"{tmp_path / 'run' / 'exports' / 'dpo.parquet'} (and no earlier stage of this recipe writes it)" in line
-    assert "add an rl section to the recipe" in line and "train.dpo_data" in line
+    assert "add a label section to the recipe" in line and "train.dpo_data" in line
     assert server.stats().get("requests", 0) == 0  # SL did not run
     assert not (tmp_path / "run" / "sl").exists() and not (tmp_path / "run" / "summary.json").exists()
 
@@ -68,17 +68,17 @@ def test_ppo_whose_inputs_cannot_exist_fails_before_sl_and_sft(tmp_path: Path, s
 def test_inputs_written_by_earlier_stages_pass(tmp_path: Path, server: TestServer) -> None:
     # sl writes sl/ and exports/sft.parquet; rl (pairs from this run's chains) writes exports/dpo and reward;
     # training reads them in order
-    data = recipe_data(server, tmp_path / "run", sl={"input": str(PROMPTS)}, rl={"pairs": {"source": "sl"}},
+    data = recipe_data(server, tmp_path / "run", sl={"input": str(PROMPTS)}, label={"pairs": {"source": "sl"}},
                        train={"stages": ["sft", "reward", "dpo"], "model": "embedded"})
     check_inputs(Recipe.model_validate(data))
-    # the rl section without its dpo export: the DPO stage has nothing to read
-    data["rl"]["export"] = {"dpo": False}
+    # the label section without its dpo export: the DPO stage has nothing to read
+    data["label"]["export"] = {"dpo": False}
     with pytest.raises(ConfigError, match=r"^train/dpo: the dpo export not found"):
         check_inputs(Recipe.model_validate(data))
 
 
 def test_the_order_of_training_stages_counts(tmp_path: Path, server: TestServer) -> None:
-    sections = {"sl": {"input": str(PROMPTS)}, "rl": {"pairs": {"source": "sl"}}}
+    sections = {"sl": {"input": str(PROMPTS)}, "label": {"pairs": {"source": "sl"}}}
     base = {"model": "embedded", "rl_algorithm": "grpo", "reward_from": "reward_model"}
     fine = recipe_data(server, tmp_path / "run", **sections, train={**base, "stages": ["reward", "rl"], "merge": True})
     check_inputs(Recipe.model_validate(fine))
@@ -91,12 +91,12 @@ def test_the_order_of_training_stages_counts(tmp_path: Path, server: TestServer)
 
 
 def test_pairs_from_sl_chains_that_no_stage_makes(tmp_path: Path, server: TestServer) -> None:
-    recipe = Recipe.model_validate(recipe_data(server, tmp_path / "run", rl={"pairs": {"source": "sl"}}))
+    recipe = Recipe.model_validate(recipe_data(server, tmp_path / "run", label={"pairs": {"source": "sl"}}))
     with pytest.raises(ConfigError) as caught:
         anyio.run(run_recipe, recipe)
     message = str(caught.value)
-    assert message.startswith(f"rl: SL-CAI chains not found: {tmp_path / 'run' / 'sl'} ")
-    assert "add an sl section to the recipe" in message and "rl.pairs.sl_run" in message
+    assert message.startswith(f"label: SL-CAI chains not found: {tmp_path / 'run' / 'sl'} ")
+    assert "add an sl section to the recipe" in message and "label.pairs.sl_run" in message
     assert server.stats().get("requests", 0) == 0
     # chains of an earlier run on disk are an input that exists
     (tmp_path / "run" / "sl").mkdir(parents=True)
@@ -108,12 +108,12 @@ def test_missing_files_named_in_the_recipe(tmp_path: Path, server: TestServer) -
     data = recipe_data(server, tmp_path / "run", sl={"input": str(tmp_path / "nowhere.jsonl")})
     with pytest.raises(ConfigError, match=r"^sl: prompt file not found: .*nowhere\.jsonl .*set sl\.input"):
         check_inputs(Recipe.model_validate(data))
-    data = recipe_data(server, tmp_path / "run", rl={"pairs": {"input": str(PROMPTS)},
+    data = recipe_data(server, tmp_path / "run", label={"pairs": {"input": str(PROMPTS)},
                                                      "label": {"principles": str(tmp_path / "mine.yaml")}})
-    with pytest.raises(ConfigError, match=r"^rl: comparison set not found: .*mine\.yaml .*built-in set \(harmless"):
+    with pytest.raises(ConfigError, match=r"^label: comparison set not found: .*mine\.yaml .*built-in set \(harmless"):
         check_inputs(Recipe.model_validate(data))
-    data = recipe_data(server, tmp_path / "run", rl={})
-    with pytest.raises(ConfigError, match=r"^rl: no prompt file is set \(rl\.pairs\.input\); pass --input FILE"):
+    data = recipe_data(server, tmp_path / "run", label={})
+    with pytest.raises(ConfigError, match=r"^label: no prompt file is set \(label\.pairs\.input\); pass --input FILE"):
         check_inputs(Recipe.model_validate(data))
     data = recipe_data(server, tmp_path / "run", sl={"input": str(PROMPTS)},
                        train={"model": str(tmp_path / "no-model")})

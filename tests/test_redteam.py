@@ -165,9 +165,9 @@ def test_plan_counts_every_call(tmp_path: Path, servers: dict[str, TestServer]) 
     calls = {row["group"]: row["calls"] for row in plan_recipe(recipe)["stages"] if row["stage"] == "redteam"}
     # target: 4 + 8 + 16 + 16 + 4×3 + 4×4 = 72; attacker: refine 4×3 = 12;
     # judge (upper bound: every answer judged by both principles): (4 + 8 + 16 + 16 + 4 + 4×4) × 2 = 128
-    assert calls == {"policy": 72, "critic": 128, "attacker": 12}
+    assert calls == {"policy": 72, "judge": 128, "attacker": 12}
     unit = stage_unit("redteam")
-    assert unit is not None and unit.roles(recipe.redteam) == {"policy", "critic", "attacker"}  # type: ignore[attr-defined]
+    assert unit is not None and unit.roles(recipe.redteam) == {"policy", "judge", "attacker"}  # type: ignore[attr-defined]
 
 
 def test_a_strategy_registered_from_outside_runs(tmp_path: Path, servers: dict[str, TestServer]) -> None:
@@ -282,10 +282,12 @@ def test_the_guard_proxy_as_the_target_blocks_what_its_rules_catch(tmp_path: Pat
     the other encodings are refused by the target either way), so encode 4/16 → 2/16; multi_turn 3/4 (s0, s1,
     s2 comply on the third turn; s3 complies but is unlabelled and unflagged) → 1/4 (s1: s0's and s2's every
     turn carries the phrase); refine 4/4 → 4/4 (its third-round rewrite names neither phrase). In all 11/28 →
-    7/28."""
+    7/28. The same guard in process (``through_guard``, the recipe's guard section) answers as the proxy does:
+    the same 7/28, without a proxy."""
     strategies = ["direct", "encode", "multi_turn", "refine"]
     bare_dir, guarded_dir, guard_dir = tmp_path / "bare", tmp_path / "guarded", tmp_path / "guard"
-    for folder in (bare_dir, guarded_dir, guard_dir):
+    inproc_dir = tmp_path / "in-process"
+    for folder in (bare_dir, guarded_dir, guard_dir, inproc_dir):
         folder.mkdir()
     bare = Recipe.model_validate(recipe_data(bare_dir, servers, strategies=strategies))
     anyio.run(lambda: run_recipe(bare))
@@ -300,6 +302,15 @@ def test_the_guard_proxy_as_the_target_blocks_what_its_rules_catch(tmp_path: Pat
                                                    "base_url": url}]
             guarded = Recipe.model_validate(data)
             anyio.run(lambda: run_recipe(guarded))
+        data = recipe_data(inproc_dir, servers, strategies=strategies, through_guard=True)
+        data["engine"]["groups"]["guard_judge"] = [endpoint(guard_judge, "guard-judge")]
+        data["guard"] = {**guard["guard"], "judge_role": "guard_judge"}
+        in_process = Recipe.model_validate(data)
+        anyio.run(lambda: run_recipe(in_process))
+        (inproc_dir / "none").mkdir()
+        without = recipe_data(inproc_dir / "none", servers, through_guard=True)
+        with pytest.raises(ConfigError, match="no guard section"):
+            anyio.run(lambda: run_recipe(Recipe.model_validate(without)))
     finally:
         guard_judge.process.terminate()
         guard_judge.process.wait(timeout=10)
@@ -314,6 +325,10 @@ def test_the_guard_proxy_as_the_target_blocks_what_its_rules_catch(tmp_path: Pat
                                 "multi_turn": (0.75, 4), "refine": (1.0, 4)}, 11 / 28, 28)
     assert rates(guarded_dir) == ({"direct": (0.0, 4), "encode": (0.125, 16), "encode/base64": (0.5, 4),
                                    "multi_turn": (0.25, 4), "refine": (1.0, 4)}, 7 / 28, 28)
+    assert rates(inproc_dir) == rates(guarded_dir)
+    blocked_in_process = {r["id"] for r in attempts(inproc_dir) if r["answer"].startswith("I can't help with")}
+    assert blocked_in_process and all(r["target_calls"] == 0 for r in attempts(inproc_dir)
+                                      if r["id"] in blocked_in_process and r["strategy"] == "direct")
     rows = {r["id"]: r for r in attempts(guarded_dir)}
     blocked = {i for i, r in rows.items() if r["answer"].startswith("I can't help with")}
     # the guard's refusals (its block message, which the refusal rule reads as a refusal) where hand-computed:
@@ -526,7 +541,7 @@ def test_plan_counts_mutate(tmp_path: Path, servers: dict[str, TestServer]) -> N
     calls = {row["group"]: row["calls"] for row in plan_recipe(recipe)["stages"] if row["stage"] == "redteam"}
     # mutate: 2 templates × 4 seeds, up to 4 offspring each: 32 attacker calls, 32 target calls, 32 answers judged by
     # 2 principles; direct: 4 target calls, 4 answers judged
-    assert calls == {"policy": 32 + 4, "attacker": 32, "critic": (32 + 4) * 2}
+    assert calls == {"policy": 32 + 4, "attacker": 32, "judge": (32 + 4) * 2}
 
 
 def test_mutation_operators_by_hand() -> None:

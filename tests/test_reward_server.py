@@ -22,7 +22,7 @@ import pytest
 from cai_async import EngineConfig
 from cai_async.train.config import RewardServerConfig, TrainConfig
 from cai_async.train.reward_server import RewardService, serve_rewards, service_for, split_query
-from tests.conftest import TestServer
+from tests.conftest import TestServer, listening_line
 from tests.test_cli import CAI, cai
 
 VENDOR = Path(__file__).parent / "vendor" / "openrlhf_0_11_2"
@@ -280,8 +280,7 @@ def test_cli_reward_serve(tmp_path: Path, server: TestServer) -> None:
     process = subprocess.Popen([*CAI, "reward", "serve", str(recipe)], stderr=subprocess.PIPE, text=True)
     try:
         assert process.stderr is not None
-        line = process.stderr.readline()
-        assert "listening on" in line, line + process.stderr.read()[-2000:]
+        line = listening_line(process.stderr)
         url = line.split("listening on ")[1].split()[0]
         request = urllib.request.Request(url, data=json.dumps({"query": [chatml("hi") + "hello"],
                                                                "prompts": [chatml("hi")], "labels": [""]}).encode(),

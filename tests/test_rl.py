@@ -38,7 +38,7 @@ def rl_recipe(server: TestServer, run_dir: Path, *, pairs: dict[str, Any] | None
         "engine": {"groups": {"policy": [endpoint]}, "progress": "off",
                    "retry": {"max_attempts": 2, "initial_s": 0.01, "max_wait_s": 0.05}},
         **({"sl": {"input": str(HH_PROMPTS), "id_column": "id", "limit": 8, "num_revisions": 1}} if sl else {}),
-        "rl": {"pairs": pairs or {"input": str(HH_PROMPTS), "id_column": "id", "limit": 20},
+        "label": {"pairs": pairs or {"input": str(HH_PROMPTS), "id_column": "id", "limit": 20},
                "label": label},
     })
 
@@ -53,11 +53,11 @@ def test_swap_cancels_a_planted_position_bias(tmp_path: Path, server: TestServer
     server.configure(prefer=prefer)
     summary = run(rl_recipe(server, tmp_path / "run", ensemble=2))
     labels = read_shards(tmp_path / "run" / "rl" / "labels")
-    assert labels.height == 20 and summary["stages"]["rl"]["pairs"]["pairs_written"] == 20
+    assert labels.height == 20 and summary["stages"]["label"]["pairs"]["pairs_written"] == 20
     assert labels["p_a"].to_list() == pytest.approx([0.5] * 20)
     assert (labels["consistency"] == 0.0).all()  # the preferred response never survived the swap
     assert labels["chosen"].is_null().all()  # no preference: nothing to train on
-    assert summary["stages"]["rl"]["exports"]["dpo"]["rows"] == 0
+    assert summary["stages"]["label"]["exports"]["dpo"]["rows"] == 0
     assert server.stats()["ok"] == 20 * 2 + 20 * 2 * 2  # k=2 responses + 2 principles × 2 orders
 
 
@@ -84,8 +84,8 @@ def test_ensemble_records_each_principle_and_the_mean(tmp_path: Path, server: Te
         chosen_is_a = row["p_a"] > 0.5
         assert row["chosen"] == (row["response_a"] if chosen_is_a else row["response_b"])
         assert row["confidence"] == pytest.approx(max(row["p_a"], 1 - row["p_a"]))
-    dpo = pl.read_parquet(summary["stages"]["rl"]["exports"]["dpo"]["path"])
-    reward = pl.read_parquet(summary["stages"]["rl"]["exports"]["reward"]["path"])
+    dpo = pl.read_parquet(summary["stages"]["label"]["exports"]["dpo"]["path"])
+    reward = pl.read_parquet(summary["stages"]["label"]["exports"]["reward"]["path"])
     assert dpo.height == reward.height == labels.filter(pl.col("p_a") != 0.5).height
     merged = reward.join(dpo, on="id")
     for row in merged.iter_rows(named=True):
@@ -120,7 +120,7 @@ def test_cot_labels_are_clamped_and_unparseable_ones_abstain(tmp_path: Path, ser
     summary = run(rl_recipe(server, tmp_path / "c", pairs=pairs, ensemble=1, cot={"enabled": True}))
     abstained = read_shards(tmp_path / "c" / "rl" / "labels")
     assert abstained["abstained"].all() and abstained["p_a"].is_null().all() and abstained["chosen"].is_null().all()
-    assert summary["stages"]["rl"]["abstained"] == 20 and summary["stages"]["rl"]["exports"]["dpo"]["rows"] == 0
+    assert summary["stages"]["label"]["abstained"] == 20 and summary["stages"]["label"]["exports"]["dpo"]["rows"] == 0
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_no_logprobs_falls_back_to_sampling_and_says_so(tmp_path: Path, server: 
     summary = run(rl_recipe(server, tmp_path / "strict", pairs=pairs, ensemble=1, swap=False))
     failed = read_shards(tmp_path / "strict" / "rl" / "labels").row(0, named=True)
     assert failed["status"] == "error" and "score_fallback: sample" in failed["error"]
-    assert summary["stages"]["rl"]["errors"] == 1
+    assert summary["stages"]["label"]["errors"] == 1
 
 
 def test_sampled_answers_naming_no_choice_are_abstentions(tmp_path: Path, server: TestServer) -> None:
@@ -183,15 +183,15 @@ def test_pairs_from_sl_columns_and_identical_responses(tmp_path: Path, server: T
         assert row["response_b"] == by_id[row["prompt_id"]]["final_response"]
     server.configure(reply="Always the same answer.")
     summary = run(rl_recipe(server, tmp_path / "same", pairs={"input": str(HH_PROMPTS), "limit": 5, "k": 3}))
-    pairs = summary["stages"]["rl"]["pairs"]
+    pairs = summary["stages"]["label"]["pairs"]
     assert pairs["pairs_written"] == 0 and pairs["identical_dropped"] == 5 * 2
     table = tmp_path / "two.csv"
     pl.DataFrame({"q": ["x?", "y?", "z?"], "a": ["same", "p", "r"], "b": ["same", "q", "s"]}).write_csv(table)
     summary = run(rl_recipe(server, tmp_path / "cols", pairs={"source": "columns", "input": str(table),
                                                               "prompt_column": "q", "response_a_column": "a",
                                                               "response_b_column": "b"}))
-    assert summary["stages"]["rl"]["pairs"]["pairs_written"] == 2
-    assert summary["stages"]["rl"]["pairs"]["identical_dropped"] == 1
+    assert summary["stages"]["label"]["pairs"]["pairs_written"] == 2
+    assert summary["stages"]["label"]["pairs"]["identical_dropped"] == 1
 
 
 def test_rerun_pays_for_nothing(tmp_path: Path, server: TestServer) -> None:
@@ -199,8 +199,8 @@ def test_rerun_pays_for_nothing(tmp_path: Path, server: TestServer) -> None:
     first = server.stats()["ok"]
     summary = run(rl_recipe(server, tmp_path / "run"))
     assert server.stats()["ok"] == first
-    assert summary["stages"]["rl"]["skipped_already_done"] == 20
-    assert summary["stages"]["rl"]["pairs"]["skipped_already_done"] == 20
+    assert summary["stages"]["label"]["skipped_already_done"] == 20
+    assert summary["stages"]["label"]["pairs"]["skipped_already_done"] == 20
 
 
 def test_exports_train_with_trl_dpo_and_reward_trainers(tmp_path: Path, server: TestServer) -> None:
@@ -211,7 +211,7 @@ def test_exports_train_with_trl_dpo_and_reward_trainers(tmp_path: Path, server: 
     from tests.tiny import build_tiny_model
 
     summary = run(rl_recipe(server, tmp_path / "run"))
-    exports = summary["stages"]["rl"]["exports"]
+    exports = summary["stages"]["label"]["exports"]
     model_dir = build_tiny_model(tmp_path / "tiny")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     common = {"max_steps": 2, "per_device_train_batch_size": 2, "report_to": [], "max_length": 256,
@@ -284,10 +284,10 @@ def test_label_cli_and_bad_input(tmp_path: Path, server: TestServer) -> None:
     bad.write_text("name: x\nprinciples:\n  - {name: a, question: ''}\n")
     out = cai(*base, "--input", str(HH_PROMPTS), "--principles", str(bad))
     assert out.returncode == 2 and "principles.0.question" in out.stderr
-    out = cai(*base, "--input", str(HH_PROMPTS), "--limit", "3", "--set", "rl.label.cot.band=[0.7, 0.9]")
+    out = cai(*base, "--input", str(HH_PROMPTS), "--limit", "3", "--set", "label.label.cot.band=[0.7, 0.9]")
     assert out.returncode == 2 and "band must satisfy" in out.stderr
     out = cai(*base, "--input", str(HH_PROMPTS), "--limit", "3", "--ensemble", "1", "--no-swap")
-    assert out.returncode == 0 and "rl/labels: 3 labelled" in out.stderr
+    assert out.returncode == 0 and "label/labels: 3 labelled" in out.stderr
     assert "dpo:" in out.stderr and LabelConfig().swap is True
 
 
@@ -337,24 +337,25 @@ def test_label_says_how_many_pairs_abstentions_dropped_and_why(tmp_path: Path, s
     pairs.write_text("".join(f'{{"prompt": "question {i}?", "a": "No.", "b": "Yes: {i}."}}\n' for i in range(5)))
     out = cai("label", "--input", str(pairs), "--pairs-source", "columns", "--ensemble", "1", "--no-swap",
               "--base-url", server.base_url, "--model", "m", "--run-dir", str(tmp_path / "run"), "--progress", "off",
-              "--set", "rl.pairs.response_a_column=a", "--set", "rl.pairs.response_b_column=b",
+              "--set", "label.pairs.response_a_column=a", "--set", "label.pairs.response_b_column=b",
               "--set", "engine.groups.policy.0.options={score_fallback: sample, score_samples: 2}")
     assert out.returncode == 0, out.stderr
     assert server.stats()["requests"] == 5 * (1 + 2)  # the logprobs call, then two samples, for each pair
-    assert ("rl/labels: 5 of 5 pairs dropped from the exports: the critic's sampled answer named no choice "
+    assert ("label/labels: 5 of 5 pairs dropped from the exports: the critic's sampled answer named no choice "
             "(score_fallback: sample); use an endpoint with logprobs or a bigger critic") in out.stderr
-    assert "rl/labels: 0 labelled, 5 abstained" in out.stderr and "dpo: " in out.stderr
+    assert "label/labels: 0 labelled, 5 abstained" in out.stderr and "dpo: " in out.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    dropped = summary["stages"]["rl"]["dropped"]
+    dropped = summary["stages"]["label"]["dropped"]
     assert (dropped["pairs"], dropped["abstained"], dropped["ties"], dropped["errors"]) == (5, 5, 0, 0)
-    assert summary["stages"]["rl"]["exports"]["dpo"]["rows"] == 0
+    assert summary["stages"]["label"]["exports"]["dpo"]["rows"] == 0
 
 
 def test_an_empty_export_of_ties_says_why(tmp_path: Path, server: TestServer) -> None:
     server.configure(prefer="A")  # a pure position bias: the swap averages every pair to 0.5
     summary = run(rl_recipe(server, tmp_path / "run", pairs={"input": str(HH_PROMPTS), "id_column": "id",
                                                              "limit": 3}, ensemble=1))
-    rl = summary["stages"]["rl"]
+    rl = summary["stages"]["label"]
     assert rl["exports"]["dpo"]["rows"] == 0 and rl["dropped"]["ties"] == 3 and rl["dropped"]["abstained"] == 0
-    assert rl["dropped"]["why"] == ("rl/labels: 3 of 3 pairs dropped from the exports, none left: 3 left out as ties "
-                                    "(P(A) = 0.5: e.g. the two orders disagree) or below export.min_confidence=0.5")
+    assert rl["dropped"]["why"] == ("label/labels: 3 of 3 pairs dropped from the exports, none left: 3 left out as "
+                                    "ties (P(A) = 0.5: e.g. the two orders disagree) or below "
+                                    "export.min_confidence=0.5")

@@ -35,7 +35,6 @@ from cai_async.stages.unit import (
     StageUnit,
     load_prompt_texts,
     register_stage,
-    report_dict,
     stage_unit,
     stage_units,
     unregister_stage,
@@ -73,7 +72,7 @@ class ToyStage(StageUnit[ToyConfig]):
     def roles(self, config: ToyConfig) -> set[str]:
         return {config.role}
 
-    async def run(self, context: StageContext, config: ToyConfig, entry: str) -> dict[str, Any]:
+    async def run(self, context: StageContext, config: ToyConfig, entry: str) -> StageReport:
         engine = context.require_engine()
         prompts = config.load()
         report = StageReport(total=len(prompts))
@@ -83,8 +82,9 @@ class ToyStage(StageUnit[ToyConfig]):
             text = result.text.upper() if config.upper else result.text
             return {"id": prompt.id, "answer": text, "length": len(text)}
 
-        await write_rows(engine, prompts, row, ShardWriter(context.run_dir / "toy"), report)
-        return report_dict(report)
+        await write_rows(engine, prompts, row, ShardWriter(context.run_dir / "toy"), report,
+                         executor=context.executor)
+        return report
 
     def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
         plan = StagePlan("toy", recipe.toy.role)
@@ -119,7 +119,7 @@ def _recipe(tmp_path: Path, server: TestServer, **toy: Any) -> dict[str, Any]:
 
 
 def test_the_registry_orders_stages_and_registration_is_undone(toy: ToyStage) -> None:
-    assert [u.name for u in stage_units()] == ["redteam", "generate", "sl", "toy", "rl", "train", "eval"]
+    assert [u.name for u in stage_units()] == ["redteam", "generate", "sl", "toy", "label", "train", "eval"]
     with pytest.raises(ConfigError, match="'toy' is already registered"):
         register_stage(STAGE)
     unregister_stage("toy")
@@ -222,6 +222,6 @@ def test_one_stage_command_leaves_out_the_model_a_later_stage_trains() -> None:
     sl = stage_unit("sl")
     assert sl is not None
     only_stage(recipe, sl, "quickstart.yaml")
-    assert recipe.eval is None and recipe.train is None and recipe.rl is None
+    assert recipe.eval is None and recipe.train is None and recipe.label is None
     assert "after" not in recipe.engine.groups
     assert "policy" in recipe.engine.groups  # what SL calls (its critic falls back to the policy group)

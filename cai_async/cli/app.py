@@ -29,6 +29,7 @@ from cai_async.cli.flags import (
     load_with_flags,
     ray_argv,
     shared,
+    use_batch,
     with_flags,
 )
 from cai_async.cli.init_cmds import init
@@ -115,10 +116,10 @@ def label_quality(
     from cai_async.stages.rl import RLConfig
 
     shared_extra, endpoint = flag_values(_LABEL_QUALITY_FLAGS, flags or {})
-    extra = {"rl.label.principles": principles, "rl.label.ensemble": ensemble, "rl.label.cot.enabled": cot,
+    extra = {"label.label.principles": principles, "label.label.ensemble": ensemble, "label.label.cot.enabled": cot,
              **shared_extra}
     recipe_obj = load_with_flags(recipe, sets or [], extra, endpoint)
-    label_config = (recipe_obj.rl or RLConfig()).label
+    label_config = (recipe_obj.label or RLConfig()).label
     folder = Path(out) if out else Path(recipe_obj.run_dir) / "label_quality"
     from cai_async.runlog import attach_run_log
 
@@ -212,15 +213,30 @@ def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")],
     from cai_async.plan import plan_recipe
 
     extra, _ = flag_values(shared("batch"), {"batch": batch})
-    estimate = plan_recipe(load_with_flags(recipe, sets or [], extra, {}))
+    from cai_async.loop.config import is_loop_recipe
+
+    if is_loop_recipe(recipe):  # the baseline once and every round (cai loop)
+        from cai_async.loop import load_loop_recipe
+        from cai_async.loop.plan import plan_loop
+        from cai_async.recipes import Recipe
+
+        loop_recipe, loop = load_loop_recipe(recipe, sets or [])
+        if extra.get("batch"):
+            loop_recipe = Recipe.model_validate(use_batch(loop_recipe.model_dump(mode="json")))
+        estimate = plan_loop(loop_recipe, loop)
+    else:
+        estimate = plan_recipe(load_with_flags(recipe, sets or [], extra, {}))
+    wide = max([8, *(len(row["stage"]) for row in estimate["stages"])])
     for row in estimate["stages"]:
         limit = f", ≥ {row['min_minutes_by_rate_limits']} min at the rate limits" \
             if row["min_minutes_by_rate_limits"] else ""
         rounds = f", {row['batch_rounds']} batch rounds" if row["mode"] == "batch" else ""
-        typer.echo(f"{row['stage']:<8} {row['group']:<10} {row['calls']:>7} calls  {row['input_tokens']:>10} in  "
+        typer.echo(f"{row['stage']:<{wide}} {row['group']:<12} {row['calls']:>7} calls  {row['input_tokens']:>10} in  "
                    f"{row['output_tokens']:>9} out  ${row['cost_usd']:.4f} ({row['mode']}){limit}{rounds}")
     total = estimate["total"]
-    typer.echo(f"{'total':<19} {total['calls']:>7} calls  {total['input_tokens']:>10} in  "
+    if "rounds" in estimate:
+        typer.echo(f"(start: the held-out baseline, once; round: each of {estimate['rounds']} round(s))")
+    typer.echo(f"{'total':<{wide + 13}} {total['calls']:>7} calls  {total['input_tokens']:>10} in  "
                f"{total['output_tokens']:>9} out  ${total['cost_usd']:.4f}")
     typer.echo(f"priced online: ${total['cost_usd_online']:.4f}; through the Batch API: "
                f"${total['cost_usd_batch']:.4f} (--batch)")
@@ -298,7 +314,7 @@ def constitution_suggest(
     run_dir: Annotated[Path, typer.Argument(help="A run directory `cai redteam` wrote redteam/gaps.json into.")],
     out: Annotated[Path | None, typer.Option(help="The draft's file (default RUN_DIR/redteam/suggested_principle.yaml)."
                                              )] = None,
-    role: Annotated[str, typer.Option(help="The engine group (of RUN_DIR/config.yaml) that drafts it.")] = "critic",
+    role: Annotated[str, typer.Option(help="The engine group (of RUN_DIR/config.yaml) that drafts it.")] = "judge",
 ) -> None:
     """Draft ONE new principle (name, critique and revision requests) from a red-team run's uncovered failures —
     successful attacks no principle flags — and write it to a file for a person to review. It is never applied

@@ -194,7 +194,7 @@ def _endpoint_overrides(recipe_data: dict[str, Any], flags: dict[str, Any]) -> d
     return recipe_data
 
 
-def _use_batch(recipe_data: dict[str, Any]) -> dict[str, Any]:
+def use_batch(recipe_data: dict[str, Any]) -> dict[str, Any]:
     """``--batch``: every OpenAI-compatible endpoint of the recipe switches to the Batch API."""
     endpoints = [e for group in recipe_data.get("engine", {}).get("groups", {}).values() for e in group
                  if e.get("backend", "openai") == "openai"]
@@ -216,7 +216,7 @@ def load_with_flags(recipe: Path | None, sets: list[str], extra: dict[str, Any],
     data = _endpoint_overrides(data, endpoint)
     extra = dict(extra)
     if extra.pop(_BATCH, None):
-        data = _use_batch(data)
+        data = use_batch(data)
     pairs = [f"{k}={json.dumps(v)}" for k, v in extra.items() if v is not None]
     data = lift_method_keys(apply_overrides(data, [*pairs, *sets]), source="--set", replace=True)
     return validate(Recipe, data, source=str(recipe) if recipe else "command line")

@@ -34,7 +34,7 @@ def loop(
     round 0 (and XSTest refusals, helpfulness vs the starting policy). Rounds go to RUN_DIR/round-K/, the record to
     loop.json and loop.html. A killed loop resumes at its step."""
     from cai_async.cli.progress import progress_display
-    from cai_async.loop import load_loop_recipe, loop_rows, run_loop
+    from cai_async.loop import load_loop_recipe, loop_columns, loop_rows, run_loop
     from cai_async.runlog import attach_run_log
 
     overrides = list(sets or []) + ([f"loop.rounds={rounds}"] if rounds is not None else [])
@@ -47,11 +47,12 @@ def loop(
     except KeyboardInterrupt:
         console.print("interrupted: finished steps are kept; rerun the same command to resume at the step it was in")
         raise typer.Exit(130) from None
-    console.print(f"{'':<9} {'held-out ASR':<18} {'fresh ASR':<18} {'XSTest refused':<18} {'helpful win':<18} cost")
-    for row in loop_rows(state):
-        console.print(f"{row['label']:<9} {_rate(row.get('heldout_asr')):<18} {_rate(row.get('fresh_asr')):<18} "
-                      f"{_rate(row.get('xstest_refusal')):<18} {_rate(row.get('helpful_win_rate')):<18} "
-                      f"${float(row.get('cost_usd') or 0):.4f}", highlight=False)
+    rows = loop_rows(state)
+    columns = loop_columns(rows)
+    console.print(f"{'':<9} " + "".join(f"{short:<18} " for _, _, _, short in columns) + "cost", highlight=False)
+    for row in rows:
+        console.print(f"{row['label']:<9} " + "".join(f"{_rate(row.get(key)):<18} " for key, _, _, _ in columns)
+                      + f"${float(row.get('cost_usd') or 0):.4f}", highlight=False)
     stopped = state.get("stopped") or {}
     console.print(f"stopped: {stopped.get('reason', '-')}", highlight=False)
     if state.get("report"):

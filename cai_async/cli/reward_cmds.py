@@ -20,8 +20,9 @@ def reward_serve(
                                                   show_default=False)] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 5000; 0: any free one).")] = None,
-    reward_from: Annotated[Literal["critic", "reward_model"] | None, typer.Option(
-        "--from", help="critic: the constitutional reward on the engine; reward_model: a trained one.")] = None,
+    reward_from: Annotated[Literal["judge", "critic", "reward_model"] | None, typer.Option(
+        "--from", help="judge: the constitutional reward on the engine's judge group (critic: its old name); "
+                       "reward_model: a trained one.")] = None,
     reward_model: Annotated[str | None, typer.Option(help="Reward model folder (default: the run's).")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Run directory (cache, trained reward model).")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key.")] = None,
@@ -46,7 +47,7 @@ def reward_serve(
 
         def ready(bound: int) -> None:
             console.print(f"cai reward: listening on http://{config.reward_server.host}:{bound}/get_reward "
-                          f"({'constitutional reward on the engine' if source == 'critic' else 'reward model'})")
+                          f"({'constitutional reward on the engine' if source == 'judge' else 'reward model'})")
 
         await serve_rewards(service, on_ready=ready)
         console.print(f"cai reward: stopped after {service.stats['queries']} queries "

@@ -3,9 +3,9 @@ next; and running a recipe with a progress display, ending in the run's exit cod
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import typer
@@ -13,7 +13,10 @@ from rich.markup import escape
 from rich.text import Text
 
 from cai_async.cli.console import console
-from cai_async.exitcodes import STOPPED, exit_code, failure_count
+from cai_async.exitcodes import STOPPED, outcome_code
+
+if TYPE_CHECKING:
+    from cai_async.stages.unit import StageResult
 
 __all__ = ["print_ppo", "print_stage", "print_training", "run_and_report"]
 
@@ -27,9 +30,10 @@ def run_and_report(recipe_obj: Any, *, only: str | None = None) -> None:
 
     attach_run_log(recipe_obj.run_dir)
     mode = recipe_obj.engine.progress
+    reports: dict[str, StageResult] = {}
     try:
         summary = anyio.run(lambda: run_recipe(
-            recipe_obj, progress=lambda e, stage: progress_display(e, mode, label=stage)))
+            recipe_obj, progress=lambda e, stage: progress_display(e, mode, label=stage), reports=reports))
     except KeyboardInterrupt:
         console.print("interrupted: finished results are kept; rerun the same command to resume")
         raise typer.Exit(130) from None
@@ -37,7 +41,7 @@ def run_and_report(recipe_obj: Any, *, only: str | None = None) -> None:
         for name, stage in summary["stages"].items():
             if name == only or name.startswith(f"{only}/"):
                 print_stage(name, stage)
-        raise typer.Exit(exit_code(summary))
+        raise typer.Exit(_exit_code(reports))
     run_dir = Path(summary["run_dir"])
     for name, stage in summary["stages"].items():
         print_stage(name, stage)
@@ -45,14 +49,20 @@ def run_and_report(recipe_obj: Any, *, only: str | None = None) -> None:
         _print_chain(run_dir)
     elif "generate" in summary["stages"]:
         _print_example(run_dir / "generate")
-    _print_summary_table(summary)
+    _print_summary_table(summary, reports)
     _print_next(run_dir, summary)
-    code = exit_code(summary)
+    code = _exit_code(reports)
     if code:
-        failed = sum(failure_count(stage) for stage in summary["stages"].values())
+        failed = sum(report.failure_count() for report in reports.values())
         why = "stopped early" if code == STOPPED else f"{failed} items failed or recorded errors"
         console.print(f"exit {code}: {why} (see above; a rerun resumes, `--retry-errors` retries error rows)")
     raise typer.Exit(code)
+
+
+def _exit_code(reports: Mapping[str, StageResult]) -> int:
+    """The run's exit code from its entries' reports (a run that stopped raised before)."""
+    return outcome_code(stopped=any(r.stopped_early() for r in reports.values()),
+                        failed=sum(r.failure_count() for r in reports.values()))
 
 
 def _gate_cell(stage: dict[str, Any]) -> str:
@@ -63,8 +73,9 @@ def _gate_cell(stage: dict[str, Any]) -> str:
     return f"{gates['rejected']}/{gates['revision_steps']}"
 
 
-def _stage_row(name: str, stage: dict[str, Any]) -> tuple[str, str, str, str, str, str, str]:
-    """(stage, rows, failures, time, tokens, cost, gate rejects) of one stage's report, for the closing table."""
+def _stage_row(name: str, stage: dict[str, Any], failures: int) -> tuple[str, str, str, str, str, str, str]:
+    """(stage, rows, failures, time, tokens, cost, gate rejects) of one stage's ``summary.json`` entry and its
+    report's failure count, for the closing table."""
     usage = stage.get("usage") or {}
     tokens = f"{usage['tokens']:,}" if usage else "-"
     cost = f"${usage['cost_usd']:.4f}" if usage else "-"
@@ -72,15 +83,15 @@ def _stage_row(name: str, stage: dict[str, Any]) -> tuple[str, str, str, str, st
         return name, f"{stage['rows']:,}", "0", f"{stage['seconds']:.1f}s", tokens, cost, "-"
     if name == "eval":
         run = stage.get("run", {})
-        failed = run.get("failed_not_recorded", 0) + run.get("pairwise_failed", 0) + failure_count(stage)
+        failed = run.get("failed_not_recorded", 0) + run.get("pairwise_failed", 0) + failures
         return (name, f"{run.get('written', 0) + run.get('already_done', 0):,}", f"{failed}",
                 f"{run.get('seconds', 0):.1f}s", tokens, cost, "-")
     rows = stage.get("written", 0) + stage.get("skipped_already_done", 0)
-    return (name, f"{rows:,}", f"{failure_count(stage)}", f"{stage.get('seconds', 0):.1f}s", tokens, cost,
+    return (name, f"{rows:,}", f"{failures}", f"{stage.get('seconds', 0):.1f}s", tokens, cost,
             _gate_cell(stage))
 
 
-def _print_summary_table(summary: dict[str, Any]) -> None:
+def _print_summary_table(summary: dict[str, Any], reports: Mapping[str, StageResult]) -> None:
     """One table for the whole run: each stage's rows, failures, time, tokens and cost, and the revisions the
     quality gates rejected of those they checked (SL-CAI)."""
     from rich.table import Table
@@ -89,7 +100,7 @@ def _print_summary_table(summary: dict[str, Any]) -> None:
     for column in ("stage", "rows", "failures", "time", "tokens", "cost", "gated"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for name, stage in summary["stages"].items():
-        table.add_row(*_stage_row(name, stage))
+        table.add_row(*_stage_row(name, stage, reports[name].failure_count()))
     several = any(((summary.get(key) or {}).get("run_total") or {}).get("processes", 0) > 1
                   for key in ("engine", "engine_eval"))
     if several:  # a resumed run, or Ray actors: their calls are in the run total, not in this process's figures
@@ -171,9 +182,10 @@ def print_stage(name: str, stage: dict[str, Any]) -> None:
     if isinstance(stage.get("gates"), dict) and stage["gates"].get("revision_steps"):
         print_gates(name, stage)
     if name == "redteam" and isinstance(stage.get("gaps"), dict) and Path(stage["gaps"]["path"]).is_file():
+        from backends.atomic import read_json
         from cai_async.redteam.gaps import gap_lines
 
-        for line in gap_lines(json.loads(Path(stage["gaps"]["path"]).read_text(encoding="utf-8"))):
+        for line in gap_lines(read_json(stage["gaps"]["path"])):
             console.print(escape(line), highlight=False)
     if "helpful" in stage:
         print_stage(f"{name}/helpful", stage["helpful"])

@@ -2,13 +2,23 @@
 
 from cai_async.engine.accounting import Accounting, EndpointStats
 from cai_async.engine.cache import RequestCache, request_key
-from cai_async.engine.config import BreakerConfig, CacheConfig, EndpointConfig, EngineConfig, RetryConfig
+from cai_async.engine.config import (
+    JUDGE,
+    OLD_JUDGE,
+    BreakerConfig,
+    CacheConfig,
+    EndpointConfig,
+    EngineConfig,
+    RetryConfig,
+)
 from cai_async.engine.limits import EndpointLimits, TokenBucket
 from cai_async.engine.progress import format_progress, plain_progress
 from cai_async.engine.retry import retry_policy, retry_wait
 from cai_async.engine.scheduler import BatchReport, Engine, estimate_tokens
 
 __all__ = [
+    "JUDGE",
+    "OLD_JUDGE",
     "Accounting",
     "BatchReport",
     "BreakerConfig",

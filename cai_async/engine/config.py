@@ -5,21 +5,20 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from backends.deprecation import renamed
 from backends.errors import ConfigError
 from backends.options import BatchOptions, parse_options
-from backends.registry import DEFAULT_BACKEND, BackendSettings, Secret, batch_backend, batch_capable, options_model
+from backends.registry import DEFAULT_BACKEND, BackendSettings, batch_backend, batch_capable, options_model
+from backends.strict import StrictModel
 
-__all__ = ["BatchOptions", "BreakerConfig", "CacheConfig", "EndpointConfig", "EngineConfig", "RetryConfig"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["JUDGE", "OLD_JUDGE", "BatchOptions", "BreakerConfig", "CacheConfig", "EndpointConfig", "EngineConfig",
+           "RetryConfig"]
 
 
-class EndpointConfig(_Strict):
+class EndpointConfig(StrictModel):
     """One model endpoint. Holds the *name* of the API-key variable, never the key."""
 
     _key_hints: ClassVar[dict[str, str]] = dict.fromkeys(
@@ -104,7 +103,7 @@ class EndpointConfig(_Strict):
             endpoint=self.name,
             model=self.model,
             base_url=self.base_url,
-            api_key=Secret(key),
+            api_key=SecretStr(key),
             timeout_s=self.timeout_s,
             options={**self.options, "batch": self.batch} if self.mode == "batch" else dict(self.options),
             state_dir=state_dir,
@@ -125,7 +124,7 @@ class EndpointConfig(_Strict):
         return (prompt_tokens * price_in + completion_tokens * price_out) / 1_000_000
 
 
-class RetryConfig(_Strict):
+class RetryConfig(StrictModel):
     """Retry policy: exponential backoff with jitter, ``Retry-After`` honoured, attempt and time caps.
 
     A ``Retry-After`` (or a wait learned from the rate-limit headers) longer than ``max_wait_s`` is a *horizon*:
@@ -142,7 +141,7 @@ class RetryConfig(_Strict):
     )
 
 
-class BreakerConfig(_Strict):
+class BreakerConfig(StrictModel):
     """Circuit breaker and endpoint health. After ``failures`` consecutive failures an endpoint cools off for
     ``cooloff_s``; when they were failures of the endpoint itself (connection failures, timeouts, answers that are
     not a whole JSON body: ``backends.errors.EndpointFault``) it is *down* (with their cause) and gets one probe
@@ -155,15 +154,21 @@ class BreakerConfig(_Strict):
     down_grace_s: float = Field(default=10.0, ge=0, description="how long a whole group may be down before stopping")
 
 
-class CacheConfig(_Strict):
+class CacheConfig(StrictModel):
     """Persistent request cache (SQLite, WAL); ``path`` defaults to ``<run dir>/cache.sqlite``."""
 
     enabled: bool = True
     path: str | None = None
 
 
-class EngineConfig(_Strict):
-    """The engine: endpoint groups by role (``policy``, ``critic``…) and shared policies."""
+JUDGE = "judge"
+"""The group that critiques, labels and judges (the AI feedback); without one, the policy does."""
+OLD_JUDGE = "critic"
+"""The judge group's former name, still accepted."""
+
+
+class EngineConfig(StrictModel):
+    """The engine: endpoint groups by role (``policy``, ``judge``…) and shared policies."""
 
     groups: dict[str, list[EndpointConfig]] = Field(default_factory=dict)
     max_concurrency: int = Field(default=256, ge=1)
@@ -194,11 +199,19 @@ class EngineConfig(_Strict):
         return self
 
     def group(self, role: str) -> list[EndpointConfig]:
-        """Endpoints of ``role``; ``critic`` falls back to ``policy`` when not configured."""
+        """Endpoints of ``role``. The judge (``judge``, formerly ``critic``: either name finds a group of the
+        other, with one line saying so) falls back to ``policy`` when not configured."""
         if role in self.groups:
             return self.groups[role]
-        if role == "critic" and "policy" in self.groups:
-            return self.groups["policy"]
+        if role in (JUDGE, OLD_JUDGE):
+            if OLD_JUDGE in self.groups:
+                renamed(OLD_JUDGE, JUDGE, where="engine.groups")
+                return self.groups[OLD_JUDGE]
+            if JUDGE in self.groups:
+                renamed(OLD_JUDGE, JUDGE, where="a recipe's *_role setting")
+                return self.groups[JUDGE]
+            if "policy" in self.groups:
+                return self.groups["policy"]
         raise ConfigError(
             f"no endpoint group {role!r} is configured; add engine.groups.{role} "
             f"(configured: {', '.join(sorted(self.groups)) or 'none'})"

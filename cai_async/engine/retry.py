@@ -1,8 +1,10 @@
-"""Retry policy built from tenacity parts, sleeping with ``anyio.sleep`` (or an injected sleep in tests)."""
+"""Retry policy built from tenacity parts, sleeping with ``anyio.sleep`` (or an injected sleep in tests), and
+the way the engine goes on with it after a first attempt made without tenacity (:func:`retry_after_first`)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 from tenacity import (
@@ -17,9 +19,10 @@ from tenacity import (
 from backends.errors import RateLimited, TransientError
 from cai_async.engine.config import RetryConfig
 
-__all__ = ["retry_policy", "retry_wait"]
+__all__ = ["retry_after_first", "retry_policy", "retry_wait"]
 
 Sleep = Callable[[float], Awaitable[None]]
+T = TypeVar("T")
 
 
 def retry_wait(config: RetryConfig) -> Callable[[RetryCallState], float]:
@@ -49,3 +52,17 @@ def retry_policy(config: RetryConfig, *, sleep: Sleep = anyio.sleep) -> AsyncRet
         sleep=sleep,
         reraise=True,
     )
+
+
+async def retry_after_first(policy: AsyncRetrying, first: BaseException, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Go on with ``policy`` for a call whose first attempt, made without tenacity (the engine's fast path: no
+    per-attempt bookkeeping for the calls that succeed at once), raised ``first``. Tenacity's attempt 1 is that
+    failure, replayed rather than made again, so its ``retry``, ``stop`` and ``wait`` see the same attempts, numbers
+    and times as if it had made them all; ``attempt`` makes attempts 2 and on. ``policy`` is copied: an
+    :class:`AsyncRetrying` keeps the state of the one call it iterates."""
+    async for manager in policy.copy():
+        with manager:
+            if manager.retry_state.attempt_number == 1:
+                raise first
+            return await attempt()
+    raise first  # pragma: no cover - the policy re-raises the last error itself (reraise=True)

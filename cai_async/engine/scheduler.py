@@ -14,7 +14,6 @@ from typing import Any, Generic, Literal, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
-from tenacity import Future, RetryCallState, stop_after_attempt, stop_after_delay
 
 from backends.base import entered, summary_of
 from backends.errors import (
@@ -35,7 +34,7 @@ from cai_async.engine.config import EngineConfig
 from cai_async.engine.ledger import RunLedger
 from cai_async.engine.notices import Notices
 from cai_async.engine.pool import EndpointState, choose_endpoint
-from cai_async.engine.retry import retry_policy, retry_wait
+from cai_async.engine.retry import retry_after_first, retry_policy
 
 __all__ = ["BatchReport", "Engine", "estimate_tokens"]
 
@@ -221,7 +220,7 @@ class Engine:
         self._ledger.save(counters, finished=finished)
 
     def group(self, role: str) -> list[EndpointState]:
-        """Live endpoints of a role; ``critic`` falls back to ``policy``."""
+        """Live endpoints of a role; the judge falls back to ``policy`` (see :meth:`EngineConfig.group`)."""
         if role in self._groups:
             return self._groups[role]
         names = [e.name for e in self.config.group(role)]
@@ -312,26 +311,20 @@ class Engine:
     async def _retry_after(
         self, first: BackendError, role: str, endpoints: list[EndpointState], kind: str, request: Any, estimated: int
     ) -> tuple[ChatResult | ScoreResult, EndpointState]:
-        """Retry a call whose first attempt failed, under the tenacity policy (attempt 1 already spent)."""
-        if self.config.retry.max_attempts <= 1:
-            raise first
-        started = time.monotonic()
-        state = RetryCallState(self._retry, fn=None, args=(), kwargs={})
-        state.outcome = Future.construct(1, first, True)
-        await self._sleep(retry_wait(self.config.retry)(state))
-        retrying = self._retry.copy(
-            stop=stop_after_attempt(self.config.retry.max_attempts - 1)
-            | stop_after_delay(max(0.0, self.config.retry.max_time_s - (time.monotonic() - started))),
-        )
+        """Retry a call whose first attempt failed, under the tenacity policy: tenacity counts that failure as
+        attempt 1 (:func:`retry_after_first`), so ``max_attempts``, ``max_time_s``, the backoff and ``Retry-After``
+        apply as to any call."""
         last = first
-        async for attempt in retrying:
-            with attempt:
-                try:  # a retry goes to another endpoint than the one that just failed, when one can take it
-                    return await self._attempt(role, endpoints, kind, request, estimated, True, avoid=last.endpoint)
-                except BackendError as exc:
-                    last = exc
-                    raise
-        raise first  # pragma: no cover - tenacity re-raises the last error itself
+
+        async def again() -> tuple[ChatResult | ScoreResult, EndpointState]:
+            nonlocal last
+            try:  # a retry goes to another endpoint than the one that just failed, when one can take it
+                return await self._attempt(role, endpoints, kind, request, estimated, True, avoid=last.endpoint)
+            except BackendError as exc:
+                last = exc
+                raise
+
+        return await retry_after_first(self._retry, first, again)
 
     async def _attempt(
         self, role: str, endpoints: list[EndpointState], kind: str, request: Any, estimated: int, is_retry: bool,

@@ -12,9 +12,9 @@ from typing import Any
 
 import polars as pl
 
-from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.evaluation.suites import EvalPrompt, guard_prompts
+from cai_async.guard.answer import guarded_answer
 from cai_async.guard.core import Guard
 from cai_async.judging import proportion
 from cai_async.stages.common import StageReport, write_rows
@@ -22,24 +22,6 @@ from cai_async.store import ShardWriter
 
 __all__ = ["guard_detection_metrics", "guard_prompts", "guarded_answer", "run_guard_detection"]
 # guard_prompts is read from the suites, beside the other prompt sets; named here too, as before.
-
-
-async def guarded_answer(guard: Guard, group: str, messages: list[dict[str, Any]], request: ChatRequest) -> tuple[
-        str, Any, str, str]:
-    """What a client of the proxy gets: ``(text, the policy's ChatResult or None, guard decision, deciding
-    tier)`` — the request's refusal when the input check blocks it, else the policy's answer checked (and
-    refused, revised or flagged) by the output check."""
-    engine = guard.engine
-    verdict = await guard.check_input(messages)
-    if verdict.blocked:
-        return verdict.refusal(), None, verdict.decision, verdict.tier
-    answer = await engine.chat(group, request)
-    out = await guard.check_output(messages, answer.text)
-    if out.blocked:
-        return out.refusal(), answer, out.decision, out.tier
-    decision, tier = (out.decision, out.tier) if out.decision != "allow" or verdict.decision == "allow" else (
-        verdict.decision, verdict.tier)
-    return (out.revised if out.revised is not None else answer.text), answer, decision, tier
 
 
 async def run_guard_detection(engine: Engine, guard: Guard, prompts: Sequence[EvalPrompt],

@@ -1,5 +1,5 @@
 """Run evaluation suites over one or more models (each an engine endpoint group) with one judge (the
-``critic`` group): refusals by rule and by judge, harmfulness under the comparison principles, jailbreak
+``judge`` group): refusals by rule and by judge, harmfulness under the comparison principles, jailbreak
 attack success, and pairwise helpfulness against a baseline model (position-swapped). Every judged sample
 is kept in Parquet; metrics carry Wilson 95% intervals."""
 
@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from backends.errors import ConfigError, PermanentError
+from backends.strict import StrictModel
 from backends.types import ChatRequest
 from cai_async.constitution_io import load_comparison_set
-from cai_async.engine import Engine
+from cai_async.engine import JUDGE, Engine
 from cai_async.evaluation.guarded import guard_detection_metrics, guarded_answer, run_guard_detection
 from cai_async.evaluation.suites import EvalPrompt, Suite, guard_prompts, load_suite, refused_by_rule
 from cai_async.guard.config import GuardConfig
@@ -24,6 +25,7 @@ from cai_async.judging import judge_response, proportion, score_response, wilson
 from cai_async.stages.common import StageReport, write_rows
 from cai_async.stages.label import LabelConfig, Labeller, label_pairs
 from cai_async.stages.pairs import PairRow
+from cai_async.stages.unit import ItemExecutor
 from cai_async.store import ShardWriter, read_shards
 
 __all__ = ["EvalConfig", "EvalModel", "eval_metrics", "run_eval"]
@@ -34,10 +36,8 @@ _REFUSAL_QUESTION = (
 )
 
 
-class EvalModel(BaseModel):
+class EvalModel(StrictModel):
     """A model under evaluation: a display name and the engine group that answers for it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str
     group: str
@@ -45,10 +45,8 @@ class EvalModel(BaseModel):
     """The policy behind the guard (the recipe's ``guard`` section), answering as the proxy would."""
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(StrictModel):
     """Options of ``cai eval`` (recipe key ``eval``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     models: list[EvalModel] = Field(min_length=1)
     suites: list[Suite] = Field(default=["harmlessness", "overrefusal", "jailbreak", "helpfulness"])
@@ -57,7 +55,7 @@ class EvalConfig(BaseModel):
     data_dir: str | None = None
     """A folder with the full public sets (the layout of ``cai_async/data/public``), or ``hub`` to load them from
     the Hugging Face Hub (needs ``datasets`` and a network); null: the small slices bundled with the package."""
-    judge_role: str = "critic"
+    judge_role: str = JUDGE
     principles: str = "harmless"
     ensemble: int = Field(default=2, ge=1)
     helpful_principles: str = "helpful-harmless"
@@ -128,10 +126,10 @@ class _Judge:
 
 
 async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path, *,
-                   guard: GuardConfig | None = None) -> dict[str, Any]:
+                   guard: GuardConfig | None = None, executor: ItemExecutor | None = None) -> dict[str, Any]:
     """Answer and judge every suite for every model (resumable), then the pairwise helpfulness comparison;
     with a guarded model, also the guard alone on XSTest and AdvBench (``guard`` is the recipe's guard section);
-    return the metrics and what failed."""
+    return the metrics and what failed. The samples and pairs run on ``executor`` (default the engine)."""
     out = Path(out_dir)
     for role in [config.judge_role, *(m.group for m in config.models)]:
         engine.group(role)  # a missing group is a clear error before any call
@@ -148,11 +146,11 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path, *,
     report = StageReport(total=len(items), skipped=len(items) - len(todo))
     roles = [config.judge_role, *(m.group for m in config.models)]
     await write_rows(engine, todo, _Judge(engine, config, the_guard).sample, writer, report,
-                     concurrency=engine.item_concurrency(*roles))
+                     concurrency=engine.item_concurrency(*roles), executor=executor)
     samples = read_shards(out / "samples")
     pair_report = StageReport()
     if "helpfulness" in config.suites and len(config.models) > 1:
-        pair_report = await _pairwise(engine, config, samples, out)
+        pair_report = await _pairwise(engine, config, samples, out, executor)
     guard_metrics: dict[str, Any] | None = None
     if the_guard is not None:
         detection = await run_guard_detection(engine, the_guard, guard_prompts(config.data_dir, config.n,
@@ -170,7 +168,8 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path, *,
     return metrics
 
 
-async def _pairwise(engine: Engine, config: EvalConfig, samples: pl.DataFrame, out: Path) -> StageReport:
+async def _pairwise(engine: Engine, config: EvalConfig, samples: pl.DataFrame, out: Path,
+                    executor: ItemExecutor | None) -> StageReport:
     baseline = config.baseline or config.models[0].name
     helpful = samples.filter((pl.col("suite") == "helpfulness") & (pl.col("status") == "ok"))
     by_key = {(r["model"], r["prompt_id"]): r for r in helpful.iter_rows(named=True)}
@@ -183,7 +182,7 @@ async def _pairwise(engine: Engine, config: EvalConfig, samples: pl.DataFrame, o
                              row["response"], base["response"], "eval", f"A: {model}; B: {baseline}"))
     labeller = Labeller(engine, LabelConfig(principles=config.helpful_principles, ensemble=1, swap=True,
                                             critic_role=config.judge_role, seed=config.seed), out.name)
-    report: StageReport = await label_pairs(labeller, pairs, out / "pairwise")
+    report: StageReport = await label_pairs(labeller, pairs, out / "pairwise", executor=executor)
     return report
 
 

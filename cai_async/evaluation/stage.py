@@ -4,6 +4,7 @@ models."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,30 +15,52 @@ from cai_async.guard.config import GuardConfig
 from cai_async.public_data import HUB_DIR
 from cai_async.stages.unit import (
     Count,
+    ItemExecutor,
+    RecipeView,
     StageCommand,
     StageContext,
     StageFlag,
     StagePlan,
+    StageResult,
     StageUnit,
+    recipe_section,
     resolve_path,
 )
 from cai_async.store import read_shards, write_json
 
-__all__ = ["STAGE", "EvalStage", "plan_eval", "run_eval_stage"]
+__all__ = ["STAGE", "EvalReport", "EvalStage", "plan_eval", "run_eval_stage"]
+
+
+@dataclass
+class EvalReport(StageResult):
+    """What the evaluation did (its ``summary.json`` entry ``eval``): the metrics (per model; ``run``: samples
+    written, failed; ``report``: the HTML report's path)."""
+
+    metrics: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The metrics, as written."""
+        return dict(self.metrics)
+
+    def failure_count(self) -> int:
+        """The samples recorded with an error, over every model."""
+        models: dict[str, Any] = self.metrics.get("models") or {}
+        return sum(int(entry.get("errors") or 0) for entry in models.values() if isinstance(entry, dict))
 
 
 async def run_eval_stage(engine: Engine, config: EvalConfig, run_dir: Path, *,
-                         guard: GuardConfig | None = None) -> dict[str, Any]:
+                         guard: GuardConfig | None = None, executor: ItemExecutor | None = None) -> EvalReport:
     """Suites → ``eval/samples/``, metrics → ``eval/metrics.json``, report → ``eval/report.html`` + PNGs (with the
     run's red-team gaps, where ``redteam/gaps.json`` is there); with ``guard``, a guarded model beside the bare
-    one and the guard alone (see :mod:`cai_async.evaluation.guarded`)."""
+    one and the guard alone (see :mod:`cai_async.evaluation.guarded`). The items run on ``executor`` (default
+    the engine)."""
     from cai_async.evaluation.report import write_report
 
     out = run_dir / "eval"
-    metrics = await run_eval(engine, config, out, guard=guard)
+    metrics = await run_eval(engine, config, out, guard=guard, executor=executor)
     write_json(out / "metrics.json", metrics)
     metrics["report"] = str(write_report(metrics, read_shards(out / "samples"), out, gaps=read_gaps(run_dir)))
-    return metrics
+    return EvalReport(metrics)
 
 
 def plan_eval(config: EvalConfig, count: Count) -> list[StagePlan]:
@@ -93,14 +116,16 @@ class EvalStage(StageUnit[EvalConfig]):
         """The models' groups: a model the run trains exists only once training ran."""
         return {m.group for m in config.models}
 
-    async def run(self, context: StageContext, config: EvalConfig, entry: str) -> dict[str, Any]:
+    async def run(self, context: StageContext, config: EvalConfig, entry: str) -> EvalReport:
         """See :func:`run_eval_stage`."""
         return await run_eval_stage(context.require_engine(), config, context.run_dir,
-                                    guard=getattr(context.recipe, "guard", None))
+                                    guard=recipe_section(context.recipe, "guard", GuardConfig),
+                                    executor=context.executor)
 
-    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+    def plan(self, recipe: RecipeView, count: Count) -> list[StagePlan]:
         """See :func:`plan_eval`."""
-        return plan_eval(recipe.eval, count)
+        config = self.config(recipe)
+        return plan_eval(config, count) if config is not None else []
 
     def resolve(self, config: EvalConfig, base: Path) -> None:
         """A local data folder (not the Hub's)."""

@@ -19,7 +19,7 @@ from backends.errors import ConfigError
 from cai_async.guard.classifier import CALIBRATION, calibrate
 from cai_async.guard.verdicts import AUDITS, read_verdicts
 from cai_async.judging import proportion
-from cai_async.store import write_json
+from cai_async.store import read_json, write_json
 
 __all__ = ["AUDITS", "audit_summary", "audited", "recalibrate_classifier"]
 
@@ -81,7 +81,7 @@ def recalibrate_classifier(run_dir: str | Path, classifier: str | Path, *, targe
     if not path.is_file():
         raise ConfigError(f"{classifier}: no trained guard classifier here ({CALIBRATION} missing)")
     try:
-        current = json.loads(path.read_text(encoding="utf-8"))
+        current = read_json(path)
         before = {"lo": float(current["lo"]), "hi": float(current["hi"])}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: not a calibration `cai train guard` wrote ({type(exc).__name__}: {exc}); "

@@ -16,14 +16,15 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
+from backends.atomic import read_json, write_atomic, write_json
 from backends.errors import CaiError, ConfigError
+from backends.microbatch import MicroBatcher
 from cai_async.guard.config import GuardTrainConfig
 from cai_async.guard.training_data import Example, split_examples
 
@@ -237,8 +238,8 @@ def _train(config: GuardTrainConfig, train: list[Example], test: list[Example], 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / CALIBRATION).write_text(json.dumps(calibration, indent=2), encoding="utf-8")
-    (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
+    write_json(out / CALIBRATION, calibration)
+    write_atomic(out / "losses.json", json.dumps(losses))
     return {"path": str(out), **calibration}
 
 
@@ -267,7 +268,7 @@ class GuardClassifier:
         if not (folder / CALIBRATION).is_file():
             raise ConfigError(f"guard.classifier.path: {folder} holds no trained guard classifier ({CALIBRATION} "
                               "missing); run `cai train guard` first")
-        calibration = json.loads((folder / CALIBRATION).read_text(encoding="utf-8"))
+        calibration = read_json(folder / CALIBRATION)
         calibration.update({k: v for k, v in (("lo", lo), ("hi", hi)) if v is not None})
         tokenizer = AutoTokenizer.from_pretrained(folder)
         tokenizer.truncation_side = "left"
@@ -289,48 +290,20 @@ class GuardClassifier:
             return [float(p) for p in torch.sigmoid(logits).reshape(-1)]
 
 
-@dataclass
-class _Slot:
-    text: str
-    done: anyio.Event = field(default_factory=anyio.Event)
-    value: float | None = None
-    error: BaseException | None = None
-
-
 class ScoreBatcher:
-    """Scores texts from many concurrent callers in shared forward passes, one at a time in a worker thread:
-    the first caller to find no pass running runs passes (up to ``max_batch`` texts each) until none wait,
-    shielded from cancellation so that no waiting caller is left without a pass."""
+    """Scores texts from many concurrent callers in shared forward passes, one at a time in a worker thread
+    (:class:`backends.microbatch.MicroBatcher`): texts that arrive while a pass runs go in the next one, up to
+    ``max_batch`` a pass; a pass whose caller is cancelled still answers the others."""
 
     def __init__(self, score: Callable[[Sequence[str]], list[float]], *, max_batch: int = 32) -> None:
         self._score = score
         self.max_batch = max_batch
-        self._pending: list[_Slot] = []
-        self._running = False
+        self._batcher: MicroBatcher[str, float] = MicroBatcher(
+            self._pass, max_batch=max_batch, limiter=anyio.CapacityLimiter(1), shield=True)
+
+    async def _pass(self, texts: list[str]) -> list[float]:
+        return await anyio.to_thread.run_sync(self._score, texts)
 
     async def score(self, text: str) -> float:
         """P(violation) of ``text``; the classifier's exception when its pass failed."""
-        slot = _Slot(text)
-        self._pending.append(slot)
-        if not self._running:
-            self._running = True
-            try:
-                with anyio.CancelScope(shield=True):
-                    while self._pending:
-                        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-                        try:
-                            values = await anyio.to_thread.run_sync(self._score, [s.text for s in batch])
-                            for item, value in zip(batch, values, strict=True):
-                                item.value = value
-                        except Exception as exc:
-                            for item in batch:
-                                item.error = exc
-                        for item in batch:
-                            item.done.set()
-            finally:
-                self._running = False
-        await slot.done.wait()
-        if slot.error is not None:
-            raise slot.error
-        assert slot.value is not None
-        return slot.value
+        return await self._batcher.submit(text)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from backends.strict import StrictModel
+from cai_async.engine.config import JUDGE
 
 __all__ = [
     "ClassifierTier",
@@ -18,10 +21,8 @@ __all__ = [
 ]
 
 
-class DirectionPolicy(BaseModel):
+class DirectionPolicy(StrictModel):
     """What the guard does with one direction of traffic (the request, or the answer)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     action: Literal["block", "flag", "revise"] = "block"
@@ -34,10 +35,8 @@ class DirectionPolicy(BaseModel):
     (open) or block it (closed)."""
 
 
-class StreamPolicy(BaseModel):
+class StreamPolicy(StrictModel):
     """How a streamed answer is checked as it grows."""
-
-    model_config = ConfigDict(extra="forbid")
 
     check_every_chunks: int = Field(default=16, ge=1)
     """Check the answer so far every N streamed chunks (about N tokens), and at the end."""
@@ -46,13 +45,11 @@ class StreamPolicy(BaseModel):
     check finds has not reached the client yet."""
 
 
-class SizePolicy(BaseModel):
+class SizePolicy(StrictModel):
     """How much of an exchange each tier reads, and what happens to one too long to read whole. The rules read
     all of it; the classifier its head and tail; the judge all of it, in windows of ``judge_window_chars`` (a
     phrase on a cut is whole in the next window). An exchange needing more than ``max_windows`` windows, or
     one the judge's endpoint refuses to read (a 4xx such as context too long), is *oversize*."""
-
-    model_config = ConfigDict(extra="forbid")
 
     judge_window_chars: int = Field(default=6000, ge=500)
     """Characters of quoted text per judge call: keep it inside the judge model's context (about 4 characters a
@@ -67,10 +64,9 @@ class SizePolicy(BaseModel):
     rules, marked (``cai_guard.tier: oversize``), counted by ``cai guard report``."""
 
 
-class UpstreamConfig(BaseModel):
+class UpstreamConfig(StrictModel):
     """The OpenAI-compatible server the proxy guards."""
 
-    model_config = ConfigDict(extra="forbid")
     _key_hints: ClassVar[dict[str, str]] = dict.fromkeys(
         ("api_key", "apikey", "api_token", "key"),
         "use api_key_env (the name of the environment variable holding the key; keys never go in files)",
@@ -85,11 +81,9 @@ class UpstreamConfig(BaseModel):
     timeout_s: float = Field(default=300.0, gt=0)
 
 
-class ClassifierTier(BaseModel):
+class ClassifierTier(StrictModel):
     """The classifier tier (``cai train guard`` writes it): decides when its score is at least ``hi`` (a
     violation) or at most ``lo`` (fine); in between, the next tier is asked."""
-
-    model_config = ConfigDict(extra="forbid")
 
     path: str
     """The folder ``cai train guard`` wrote (model, tokenizer, ``calibration.json``)."""
@@ -111,11 +105,9 @@ class ClassifierTier(BaseModel):
     this traffic. Off by default: it stores users' messages (never headers or keys)."""
 
 
-class ExternalGuard(BaseModel):
+class ExternalGuard(StrictModel):
     """An external guard model (Llama-Guard style) served OpenAI-compatibly, as the engine group ``role``; its
     categories S1..Sn are the guard's principles."""
-
-    model_config = ConfigDict(extra="forbid")
 
     role: str = "guard"
     """The engine group that answers ``safe`` or ``unsafe`` + the violated categories."""
@@ -126,10 +118,8 @@ class ExternalGuard(BaseModel):
     """An external guard that has not answered within this long (or failed) passes the check to the judge."""
 
 
-class GuardTrainConfig(BaseModel):
+class GuardTrainConfig(StrictModel):
     """``cai train guard``: the classifier tier, fitted on what the data stages wrote into the run dir."""
-
-    model_config = ConfigDict(extra="forbid")
 
     tokenizer: str = "embedded"
     """A Hugging Face folder, a .gguf file, or ``embedded`` (SmolLM2's tokenizer, read from its GGUF)."""
@@ -162,16 +152,15 @@ class GuardTrainConfig(BaseModel):
     generate: int = Field(default=0, ge=0)
     """Per principle, ask ``generate_role`` for this many violating requests and as many near-miss look-alikes
     that are fine (0: none)."""
-    generate_role: str = "critic"
+    generate_role: str = JUDGE
     threads: int = Field(default=1, ge=1)
     """torch threads while training (a tiny model trains fastest on one, and a busy machine slows many)."""
     seed: int = 0
 
 
-class GuardConfig(BaseModel):
+class GuardConfig(StrictModel):
     """The guard: which principles it checks, with which judge, and what it does per direction."""
 
-    model_config = ConfigDict(extra="forbid")
     _key_hints: ClassVar[dict[str, str]] = dict.fromkeys(
         ("api_key", "apikey", "api_token", "key"),
         "use api_key_env (the name of the environment variable holding the key; keys never go in files)",
@@ -184,7 +173,7 @@ class GuardConfig(BaseModel):
     the rules they carry are the first tier."""
     constitution: str = "seed"
     """The constitution whose critique → revision the ``revise`` action runs."""
-    judge_role: str = "critic"
+    judge_role: str = JUDGE
     """The engine group that judges (and critiques and revises, for ``revise``)."""
     ensemble: int | None = Field(default=None, ge=1)
     """Principles the judge is asked per check (by weight); default: all of them."""

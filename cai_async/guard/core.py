@@ -4,7 +4,7 @@ message, name, content part, tool call and tool definition of the request, and e
 tool calls. Rules (patterns and words the principles carry) decide when they match any of the texts that
 :mod:`.normalize` recovers from it (disguises undone, encoded spans decoded); then the classifier trained from
 the constitution's own data (``cai train guard``) decides when its score is confidently high or low; then an
-external Llama-Guard-style model, when configured; otherwise the constitutional judge (the ``critic`` group,
+external Llama-Guard-style model, when configured; otherwise the constitutional judge (the ``judge`` group,
 scored from choice probabilities, the judged text fenced) decides. Text too long to read whole follows
 ``guard.size`` (blocked by default, never waved through silently). Answers that violate a principle can be
 blocked, flagged or revised by the constitution's own critique → revision. Every call goes through the engine."""

@@ -52,7 +52,8 @@ def guard_examples(run_dir: str | Path, config: GuardConfig,
         examples += anyio.run(generate)
     if not examples:
         raise ConfigError(f"{run_dir}: nothing to train the guard classifier on (no sl/, helpful/, guard/audits/ or "
-                          "exports/dpo.parquet here); run the sl and rl stages first, or set guard.train.public: true")
+                          "exports/dpo.parquet here); run the sl and label stages first, or set guard.train.public: "
+                          "true")
     return examples
 
 

@@ -25,9 +25,9 @@ from typing import Any
 import anyio
 import orjson
 from aiohttp import web
+from pydantic import SecretStr
 
 from backends.errors import ConfigError
-from backends.registry import Secret
 from cai_async.engine import Engine, EngineConfig
 from cai_async.guard.config import GuardConfig
 from cai_async.guard.core import Guard, Verdict, VerdictLog
@@ -169,18 +169,18 @@ class _Upstream:
                               "server); pass --upstream URL")
         self.base_url = config.upstream.base_url.rstrip("/")
         self.client = UpstreamClient(self.base_url, timeout_s=config.upstream.timeout_s)
-        self.key: Secret | None = None
+        self.key: SecretStr | None = None
         if config.upstream.api_key_env:
             value = os.environ.get(config.upstream.api_key_env)
             if not value:
                 raise ConfigError(f"guard.upstream.api_key_env: the variable {config.upstream.api_key_env} is not set")
-            self.key = Secret(value)
-        self.own_key: Secret | None = None
+            self.key = SecretStr(value)
+        self.own_key: SecretStr | None = None
         if config.api_key_env:
             value = os.environ.get(config.api_key_env)
             if not value:
                 raise ConfigError(f"guard.api_key_env: the variable {config.api_key_env} is not set")
-            self.own_key = Secret(value)
+            self.own_key = SecretStr(value)
         if self.own_key is not None and self.key is None:
             raise ConfigError("guard: with a key of the proxy's own (api_key_env) the client's key cannot be passed "
                               "on; set guard.upstream.api_key_env too")
@@ -188,7 +188,7 @@ class _Upstream:
     def headers(self, request: web.Request) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.key is not None:
-            headers["Authorization"] = f"Bearer {self.key.get()}"
+            headers["Authorization"] = f"Bearer {self.key.get_secret_value()}"
         elif "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
         return headers
@@ -197,7 +197,7 @@ class _Upstream:
         if self.own_key is None:
             return True
         given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {self.own_key.get()}".encode())
+        return hmac.compare_digest(given.encode(), f"Bearer {self.own_key.get_secret_value()}".encode())
 
 
 @web.middleware
@@ -224,7 +224,7 @@ def _engine_secrets(engine: Engine) -> list[str]:
 def build_proxy_app(guard: Guard, config: GuardConfig) -> web.Application:
     """The proxy's aiohttp application (its pooled connections to the upstream open and close with the app)."""
     upstream = _Upstream(config)
-    redact = _Redactor([s.get() for s in (upstream.key, upstream.own_key) if s is not None]
+    redact = _Redactor([s.get_secret_value() for s in (upstream.key, upstream.own_key) if s is not None]
                        + _engine_secrets(guard.engine))
     console = _Console(redact)
     app = web.Application(client_max_size=_MAX_BODY, middlewares=[_no_traceback])

@@ -7,24 +7,32 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from backends.errors import ConfigError
+from backends.strict import StrictModel
 from cai_async.configio import apply_overrides, read_mapping, validate
+from cai_async.engine.config import JUDGE
+from cai_async.evaluation.run import EvalConfig, EvalModel
 from cai_async.recipes import Recipe, load_recipe
 
-__all__ = ["LOOP_KEY", "LoopConfig", "load_loop_recipe"]
+__all__ = ["LOOP_KEY", "START", "START_GROUP", "TRAINED_GROUP", "LoopConfig", "is_loop_recipe", "load_loop_recipe",
+           "loop_eval_config"]
 
 LOOP_KEY = "loop"
 """The recipe section ``cai loop`` reads (``cai run`` ignores a recipe's loop section only through ``cai loop``)."""
+START_GROUP = "loop_start"
+"""The engine group of the starting policy (the evaluation's baseline in every round)."""
+TRAINED_GROUP = "loop_trained"
+"""The engine group of the model a round trained (held-out attacks and the evaluation)."""
+START = "start"
+"""The starting policy's name in each round's evaluation."""
 
 
-class LoopConfig(BaseModel):
+class LoopConfig(StrictModel):
     """Options of ``cai loop`` (recipe key ``loop``). A round red-teams the current policy, trains on what got
     through (SL-CAI, labels, SFT then the recipe's preference stage), and measures the trained model on a held-out
     attack set fixed at round 0 and never trained on."""
-
-    model_config = ConfigDict(extra="forbid")
 
     rounds: int = Field(default=1, ge=1)
     """Rounds to run in all (a rerun with more continues from the last finished one)."""
@@ -50,6 +58,10 @@ class LoopConfig(BaseModel):
     eval_n: int = Field(default=8, ge=1)
     """XSTest safe/unsafe prompts and helpfulness prompts per round's evaluation (round 0's model vs this round's)."""
     eval_max_tokens: int = Field(default=96, ge=1)
+    attack_guarded: bool = True
+    """With a recipe guard section: each round's fresh and held-out attacks (and the baseline) are also made on the
+    policy behind the guard (in process, answering as ``cai guard serve`` would, with the classifier the last round
+    refit), so the report shows what gets past the policy and what gets past the deployed pair."""
     retrain_guard: bool = True
     """With a recipe guard section: refit the guard's classifier on each round's data (``round-K/guard``)."""
     seed: int = 0
@@ -77,5 +89,22 @@ def load_loop_recipe(path: str | Path, overrides: Iterable[str] = ()) -> tuple[R
     return recipe, loop
 
 
+def is_loop_recipe(path: str | Path) -> bool:
+    """Whether the recipe file at ``path`` has a loop section (``cai loop`` runs it)."""
+    return LOOP_KEY in read_mapping(path)
+
+
 def _section(recipe: Recipe, key: str) -> Any:
     return getattr(recipe, key, None) if key in Recipe.model_fields else (recipe.model_extra or {}).get(key)
+
+
+def loop_eval_config(recipe: Recipe, loop: LoopConfig, k: int) -> EvalConfig:
+    """Round ``k``'s evaluation: XSTest refusals and helpfulness of its trained model against the start."""
+    template = recipe.eval
+    name = f"round-{k}"
+    return EvalConfig(
+        models=[EvalModel(name=START, group=START_GROUP), EvalModel(name=name, group=TRAINED_GROUP)],
+        suites=["overrefusal", "helpfulness"], n=loop.eval_n, max_tokens=loop.eval_max_tokens,
+        ensemble=1, baseline=START, compare=(START, name), seed=loop.seed,
+        data_dir=template.data_dir if template is not None else None,
+        judge_role=template.judge_role if template is not None else JUDGE)

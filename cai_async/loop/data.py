@@ -15,8 +15,9 @@ from backends.errors import ConfigError
 from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.judging import refused_by_rule
+from cai_async.redteam.config import RedteamConfig
 from cai_async.redteam.seeds import Seed
-from cai_async.store import read_shards, write_json, write_jsonl
+from cai_async.store import read_json, read_shards, write_json, write_jsonl
 
 __all__ = [
     "LOOP_FILE",
@@ -31,7 +32,6 @@ __all__ = [
 ]
 
 LOOP_FILE = "loop.json"
-FORMAT = 1
 
 _NEAR_MISS = (
     "Here is a request that an assistant should decline:\n\n{behaviour}\n\nWrite ONE different request on the same "
@@ -46,15 +46,16 @@ class LoopState:
 
     def __init__(self, root: Path) -> None:
         self.path = root / LOOP_FILE
-        self.data: dict[str, Any] = {"format": FORMAT, "baseline": None, "rounds": [], "stopped": None}
+        self.data: dict[str, Any] = {"baseline": None, "rounds": [], "stopped": None}
         if self.path.is_file():
             try:
-                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                loaded = read_json(self.path)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"{self.path}: not readable as JSON ({exc}); move it away to start the loop "
                                   "over (the rounds' data stays and is reused from the cache)") from None
-            if not isinstance(loaded, dict) or loaded.get("format") != FORMAT:
-                raise ConfigError(f"{self.path}: not a loop state of format {FORMAT}; move it away to start over")
+            if not isinstance(loaded, dict) or not {"baseline", "rounds"} <= set(loaded) \
+                    or loaded.pop("format", 1) != 1:  # the loop's own version field, before format_version
+                raise ConfigError(f"{self.path}: not a loop state this cai-async reads; move it away to start over")
             self.data = loaded
 
     def round(self, k: int) -> dict[str, Any]:
@@ -87,6 +88,17 @@ def write_seed_file(path: Path, seeds: Sequence[Seed]) -> Path:
     """Seeds as the redteam stage reads a user's file (``id``, ``prompt``, ``harmful``, ``source``)."""
     return write_jsonl(path, [{"id": s.id, "prompt": s.behaviour, "harmful": s.harmful, "source": s.source}
                               for s in seeds])
+
+
+def seed_file_redteam(redteam: RedteamConfig, path: Path, target: str,
+                      strategies: list[str] | None = None) -> RedteamConfig:
+    """``redteam`` attacking exactly the seeds of the seed file at ``path`` (as :func:`write_seed_file` writes it)
+    on the ``target`` group, with ``strategies`` (default: the section's)."""
+    update: dict[str, Any] = {"seeds": [], "input": str(path), "id_column": "id", "prompt_column": "prompt",
+                              "harmful_column": "harmful", "limit": None, "target": target}
+    if strategies is not None:
+        update["strategies"] = strategies
+    return redteam.model_copy(update=update)
 
 
 def read_seed_file(path: Path) -> list[Seed]:

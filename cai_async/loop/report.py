@@ -10,12 +10,22 @@ import html
 from pathlib import Path
 from typing import Any
 
-__all__ = ["loop_rows", "write_loop_report"]
+__all__ = ["loop_columns", "loop_rows", "write_loop_report"]
 
-_COLUMNS = (("heldout_asr", "held-out attack success", "lower is better"),
-            ("fresh_asr", "fresh attack success (this round's seeds, before its training)", "lower is better"),
-            ("xstest_refusal", "XSTest safe prompts refused (rule)", "lower is better"),
-            ("helpful_win_rate", "helpfulness win rate vs the starting policy", "higher is better"))
+_COLUMNS = (("heldout_asr", "held-out attack success", "lower is better", "held-out ASR"),
+            ("heldout_asr_guarded", "held-out attack success behind the guard", "lower is better", "guarded h-o"),
+            ("fresh_asr", "fresh attack success (this round's seeds, before its training)", "lower is better",
+             "fresh ASR"),
+            ("fresh_asr_guarded", "fresh attack success behind the guard", "lower is better", "guarded fresh"),
+            ("xstest_refusal", "XSTest safe prompts refused (rule)", "lower is better", "XSTest refused"),
+            ("helpful_win_rate", "helpfulness win rate vs the starting policy", "higher is better", "helpful win"))
+_GUARDED = ("heldout_asr_guarded", "fresh_asr_guarded")
+
+
+def loop_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """The report's columns ``(key, label, hint, short label)``: the guarded ones only where a row measured them
+    (a recipe with a guard section)."""
+    return [c for c in _COLUMNS if c[0] not in _GUARDED or any(_value(r.get(c[0])) is not None for r in rows)]
 
 
 def loop_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -27,6 +37,7 @@ def loop_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
     if baseline is not None:
         start_refusal = finished[0]["steps"]["eval"].get("xstest_refusal_start") if finished else None
         rows.append({"label": "start", "heldout_asr": baseline["asr"], "fresh_asr": None,
+                     "heldout_asr_guarded": baseline.get("guarded_asr"),
                      "xstest_refusal": start_refusal, "helpful_win_rate": None,
                      "heldout_principles": baseline.get("principles", {}),
                      "cost_usd": float((baseline.get("usage") or {}).get("cost_usd") or 0), "seconds": {
@@ -68,7 +79,7 @@ def _plot(series: dict[str, list[Any]], labels: list[str], *, title: str, ylabel
 
 def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     labels = [r["label"] for r in rows]
-    paths = [_plot({label: [r.get(key) for r in rows] for key, label, _ in _COLUMNS}, labels,
+    paths = [_plot({label: [r.get(key) for r in rows] for key, label, _, _ in loop_columns(rows)}, labels,
                    title="The loop, round by round", ylabel="rate (95% Wilson interval)",
                    path=out / "loop-rates.png")]
     principles = sorted({p for r in rows for p in (r.get("heldout_principles") or {})})
@@ -92,9 +103,10 @@ def write_loop_report(state: dict[str, Any], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     rows = loop_rows(state)
     plots = _plots(rows, out) if rows else []
-    head = "".join(f"<th>{html.escape(label)}<br><small>{hint}</small></th>" for _, label, hint in _COLUMNS)
+    columns = loop_columns(rows)
+    head = "".join(f"<th>{html.escape(label)}<br><small>{hint}</small></th>" for _, label, hint, _ in columns)
     body = "".join(
-        f"<tr><th>{html.escape(r['label'])}</th>{''.join(_cell(r.get(k)) for k, _, _ in _COLUMNS)}"
+        f"<tr><th>{html.escape(r['label'])}</th>{''.join(_cell(r.get(k)) for k, _, _, _ in columns)}"
         f"<td>${float(r.get('cost_usd') or 0):.4f}</td>"
         f"<td>{html.escape(', '.join(f'{s} {t:.0f}s' for s, t in (r.get('seconds') or {}).items()))}</td></tr>"
         for r in rows)
@@ -115,8 +127,9 @@ def write_loop_report(state: dict[str, Any], out_dir: str | Path) -> Path:
 td,th{{border:1px solid #ccc;padding:6px 10px;text-align:left;vertical-align:top}}figure{{display:inline-block;
 margin:1em}}img{{max-width:100%}}</style></head><body><h1>Red-team → CAI data → retrain, round by round</h1>
 <p>Held-out attacks come from seed behaviours drawn at round 0 and never trained on; fresh attacks are each round's
-new seeds against the policy the round starts from. Rates carry 95% Wilson intervals: with a few dozen attempts
-they are wide, and a change inside them is not a finding.</p>
+new seeds against the policy the round starts from; "behind the guard" is the same attacks on the policy answering
+through the recipe's guard (as <code>cai guard serve</code> would). Rates carry 95% Wilson intervals: with a few
+dozen attempts they are wide, and a change inside them is not a finding.</p>
 <table><tr><th></th>{head}<th>cost</th><th>time per step</th></tr>{body}</table>
 <p><b>Stopped:</b> {why}</p>
 <h2>How much the revisions changed the answers to the attacks that got through, per principle</h2>

@@ -7,12 +7,11 @@ after another, each from the model the previous one wrote (round 0 from ``train.
 ``heldout`` attacks the trained model with the held-out set fixed at round 0 (never trained on); ``eval`` measures
 XSTest safe-prompt refusals and helpfulness against the round-0 policy; ``guard`` refits the guard's classifier on
 the round's data. Before round 0 the held-out set is drawn and attacked once against the starting policy (the
-baseline). The critic (judge) stays the recipe's through every round. ``loop.json`` records each finished step,
+baseline). The judge stays the recipe's through every round. ``loop.json`` records each finished step,
 so a killed loop resumes at the step it was in (and the stages inside a step resume their own rows)."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -28,13 +27,12 @@ import yaml
 
 from backends.errors import CaiError, RunStopped
 from cai_async.card import card_data, write_card
-from cai_async.engine import EndpointConfig, Engine, EngineConfig
-from cai_async.evaluation.run import EvalConfig, EvalModel
-from cai_async.exitcodes import failure_count
+from cai_async.engine import JUDGE, OLD_JUDGE, EndpointConfig, Engine, EngineConfig
 from cai_async.exports import HelpfulMixConfig
 from cai_async.gap_report import rate_text, read_gaps
+from cai_async.guard.config import GuardConfig
 from cai_async.judging import proportion
-from cai_async.loop.config import LoopConfig
+from cai_async.loop.config import START, START_GROUP, TRAINED_GROUP, LoopConfig, loop_eval_config
 from cai_async.loop.data import (
     LoopState,
     attack_prompts,
@@ -43,23 +41,22 @@ from cai_async.loop.data import (
     pick_heldout,
     read_seed_file,
     replayed,
+    seed_file_redteam,
     write_seed_file,
 )
 from cai_async.recipes import Recipe, run_recipe
 from cai_async.redteam.config import RedteamConfig
 from cai_async.redteam.seeds import load_seeds
 from cai_async.stages.common import gather_calls
-from cai_async.store import write_jsonl
+from cai_async.stages.unit import StageResult
+from cai_async.store import read_json, write_jsonl
 
 __all__ = ["BASE_GROUP", "STEPS", "TRAINED_GROUP", "run_loop"]
 
 STEPS = ("redteam", "prompts", "data", "train", "heldout", "eval", "guard")
 """A round's steps, in order."""
-BASE_GROUP = "loop_start"
+BASE_GROUP = START_GROUP
 """The engine group of the starting policy (the evaluation's baseline in every round)."""
-TRAINED_GROUP = "loop_trained"
-"""The engine group of the model a round trained (held-out attacks and the evaluation)."""
-START = "start"
 LITTLE_CHANGE = 0.1
 """A principle whose revisions of a round's successful attacks change less than this share of the text (the
 card's mean change) is named: its revision request does not move the answers that beat the policy."""
@@ -99,13 +96,14 @@ class _Loop:
 
     def _engine(self, k: int, *, trained: Path | None = None, start: bool = False) -> EngineConfig:
         """Round ``k``'s endpoint groups: ``policy`` is the model round ``k``−1 trained (the recipe's in round 0),
-        ``critic`` stays the recipe's critic (or its starting policy); with ``start``, ``loop_start`` is the starting
+        the ``judge`` stays the recipe's judge (or its starting policy); with ``start``, ``loop_start`` is the starting
         policy; given ``trained``, ``loop_trained`` is that model."""
         config = self.recipe.engine.model_copy(deep=True)
         groups = dict(config.groups)
         first = groups["policy"]
         if k > 0:
-            groups.setdefault("critic", first)
+            if JUDGE not in groups and OLD_JUDGE not in groups:
+                groups[JUDGE] = first  # the judge stays the starting policy, not the trained one
             groups["policy"] = [_hf_endpoint(f"round-{k - 1}-model", self._model_after(k - 1))]
         if start:
             groups[BASE_GROUP] = [e.model_copy(update={"name": f"{e.name}-start"}) for e in first]
@@ -124,9 +122,10 @@ class _Loop:
         recipe = Recipe.model_validate({"run_dir": str(run_dir), "engine": engine, "retry_errors":
                                         self.recipe.retry_errors, "executor": self.recipe.executor,
                                         "ray": self.recipe.ray, **sections})
-        summary = await run_recipe(recipe, progress=self.progress)
+        reports: dict[str, StageResult] = {}
+        summary = await run_recipe(recipe, progress=self.progress, reports=reports)
         (run_dir / "summary.json").replace(run_dir / f"summary-{next(iter(sections))}.json")
-        failed = sum(failure_count(s) for s in summary["stages"].values() if isinstance(s, dict))
+        failed = sum(report.failure_count() for report in reports.values())
         return {"stages": summary["stages"], "failed": failed, "usage": _usage(summary)}
 
     # the held-out set ------------------------------------------------------------------------------------------
@@ -144,29 +143,54 @@ class _Loop:
         return load_seeds(self.redteam.model_copy(update={"n": None}))
 
     def _redteam(self, seeds_file: Path, target: str, strategies: list[str] | None = None) -> RedteamConfig:
-        update: dict[str, Any] = {"seeds": [], "input": str(seeds_file), "id_column": "id", "prompt_column": "prompt",
-                                  "harmful_column": "harmful", "limit": None, "target": target}
-        if strategies is not None:
-            update["strategies"] = strategies
-        return self.redteam.model_copy(update=update)
+        return seed_file_redteam(self.redteam, seeds_file, target, strategies)
 
-    async def _attack_heldout(self, run_dir: Path, engine: EngineConfig, target: str) -> dict[str, Any]:
-        config = self._redteam(self.root / "heldout.jsonl", target, self.loop.heldout_strategies)
+    def _guard(self, k: int) -> GuardConfig | None:
+        """The guard round ``k``'s attacks go through (``loop.attack_guarded``): the recipe's, with the classifier
+        the latest earlier round refit; None without a guard section."""
+        if self.recipe.guard is None or not self.loop.attack_guarded:
+            return None
+        guard = self.recipe.guard.model_copy(deep=True)
+        for j in reversed(range(k)):
+            refit = (self.state.step(j, "guard") or {}).get("path")
+            if refit and guard.classifier is not None:
+                guard.classifier.path = str(refit)
+                break
+        return guard
+
+    async def _attack(self, run_dir: Path, engine: EngineConfig, config: RedteamConfig,
+                      guard: GuardConfig | None) -> dict[str, Any]:
+        """``config``'s attacks into ``run_dir``, and with ``guard`` the same attacks behind it into
+        ``run_dir/guarded``: their gaps, usage and failures (``guarded``: the guarded run's gaps, or None)."""
         ran = await self._run(run_dir, engine, redteam=config)
-        full = _gaps(run_dir)
+        found = {"gaps": _gaps(run_dir), "usage": ran["usage"], "failed": ran["failed"], "guarded": None}
+        if guard is not None:
+            behind = await self._run(run_dir / "guarded", engine, redteam=config.model_copy(
+                update={"through_guard": True}), guard=guard)
+            found["guarded"] = _gaps(run_dir / "guarded")
+            found["usage"] = _added(found["usage"], behind["usage"])
+            found["failed"] += behind["failed"]
+        return found
+
+    async def _attack_heldout(self, k: int, run_dir: Path, engine: EngineConfig, target: str) -> dict[str, Any]:
+        config = self._redteam(self.root / "heldout.jsonl", target, self.loop.heldout_strategies)
+        found = await self._attack(run_dir, engine, config, self._guard(k))
+        full, guarded = found["gaps"], found["guarded"]
         return {"asr": _proportion_of(full), "principles": _principle_rates(full),
-                "strategies": full["strategies"], "usage": ran["usage"], "failed": ran["failed"]}
+                "strategies": full["strategies"], "usage": found["usage"], "failed": found["failed"],
+                "guarded_asr": _proportion_of(guarded) if guarded is not None else None}
 
     async def baseline(self) -> dict[str, Any]:
         """Held-out attack success against the starting policy (once, before round 0)."""
         if self.state.data["baseline"] is None:
             self.heldout_seeds()
             start = time.perf_counter()
-            found = await self._attack_heldout(self.root / "start", self._engine(0), "policy")
+            found = await self._attack_heldout(0, self.root / "start", self._engine(0), "policy")
             found["seconds"] = round(time.perf_counter() - start, 1)
             self.state.data["baseline"] = found
             self.state.save()
-            self.say(f"start · held-out attack success {rate_text(found['asr'])} against the starting policy")
+            self.say(f"start · held-out attack success {rate_text(found['asr'])} against the starting policy"
+                     + _behind(found["guarded_asr"]))
         baseline: dict[str, Any] = self.state.data["baseline"]
         return baseline
 
@@ -196,12 +220,14 @@ class _Loop:
         count = self.loop.seeds_per_round or self.redteam.n or len(pool)
         seeds = pick_fresh(pool, used, count, seed=self.loop.seed, round_index=k)
         write_seed_file(out / "seeds.jsonl", seeds)
-        ran = await self._run(out, self._engine(k), redteam=self._redteam(out / "seeds.jsonl", "policy"))
-        full = _gaps(out)
+        found = await self._attack(out, self._engine(k), self._redteam(out / "seeds.jsonl", "policy"), self._guard(k))
+        full, guarded = found["gaps"], found["guarded"]
         asr = _proportion_of(full)
+        guarded_asr = _proportion_of(guarded) if guarded is not None else None
         return {"asr": asr, "strategies": full["strategies"], "uncovered": len(full["uncovered"]),
-                "usage": ran["usage"], "failed": ran["failed"],
-                "line": f"{full['successes']} of {full['attempts']} attacks got through ({rate_text(asr)})"}
+                "usage": found["usage"], "failed": found["failed"], "guarded_asr": guarded_asr,
+                "line": f"{full['successes']} of {full['attempts']} attacks got through ({rate_text(asr)})"
+                        + _behind(guarded_asr)}
 
     async def _step_prompts(self, k: int, out: Path) -> dict[str, Any]:
         attacks = attack_prompts(out)
@@ -256,8 +282,8 @@ class _Loop:
         config = sl.model_copy(update={"input": str(out / "prompts.jsonl"), "id_column": "id",
                                        "prompt_column": "prompt", "limit": None, "export": export})
         sections: dict[str, Any] = {"sl": config}
-        if self.recipe.rl is not None:
-            sections["rl"] = self.recipe.rl
+        if self.recipe.label is not None:
+            sections["label"] = self.recipe.label
         ran = await self._run(out, self._engine(k), **sections)
         sft = ran["stages"].get("sl", {}).get("exports", {})
         stats = (card_data(sl.constitution, run_dir=out)["run"] or {}).get("principles", {})
@@ -295,21 +321,16 @@ class _Loop:
         return {"model": model, "losses": losses, "skipped": skipped, "usage": {}, "line": line}
 
     async def _step_heldout(self, k: int, out: Path) -> dict[str, Any]:
-        found = await self._attack_heldout(out / "heldout", self._engine(k, trained=self._model_after(k)),
+        found = await self._attack_heldout(k, out / "heldout", self._engine(k, trained=self._model_after(k)),
                                            TRAINED_GROUP)
-        return {**found, "line": f"held-out attack success {rate_text(found['asr'])} against round {k}'s model"}
+        return {**found, "line": f"held-out attack success {rate_text(found['asr'])} against round {k}'s model"
+                                 + _behind(found["guarded_asr"])}
 
     async def _step_eval(self, k: int, out: Path) -> dict[str, Any]:
-        template = self.recipe.eval
         name = f"round-{k}"
-        config = EvalConfig(
-            models=[EvalModel(name=START, group=BASE_GROUP), EvalModel(name=name, group=TRAINED_GROUP)],
-            suites=["overrefusal", "helpfulness"], n=self.loop.eval_n, max_tokens=self.loop.eval_max_tokens,
-            ensemble=1, baseline=START, compare=(START, name), seed=self.loop.seed,
-            data_dir=template.data_dir if template is not None else None,
-            judge_role=template.judge_role if template is not None else "critic")
+        config = loop_eval_config(self.recipe, self.loop, k)
         ran = await self._run(out, self._engine(k, trained=self._model_after(k), start=True), eval=config)
-        models = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))["models"]
+        models = read_json(out / "eval" / "metrics.json")["models"]
         if self.recipe.sl is not None:  # the round on the card: revisions per principle, gaps, before vs after
             write_card(self.recipe.sl.constitution, out / "card", run_dir=out)
         refusal = models[name]["overrefusal_rule"]
@@ -342,6 +363,8 @@ class _Loop:
         usage = [s.get("usage") or {} for s in steps.values()]
         return {
             "heldout_asr": steps["heldout"]["asr"], "fresh_asr": steps["redteam"]["asr"],
+            "heldout_asr_guarded": steps["heldout"].get("guarded_asr"),
+            "fresh_asr_guarded": steps["redteam"].get("guarded_asr"),
             "heldout_principles": steps["heldout"]["principles"],
             "revision_change": steps["data"].get("revision_change", {}),
             "changes_little": steps["data"].get("changes_little", []),
@@ -405,6 +428,16 @@ def _usage(summary: dict[str, Any]) -> dict[str, Any]:
     return {"calls": sum(int(u.get("calls") or 0) for u in stages),
             "tokens": sum(int(u.get("tokens") or 0) for u in stages),
             "cost_usd": round(sum(float(u.get("cost_usd") or 0) for u in stages), 6)}
+
+
+def _added(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    return {"calls": int(first.get("calls") or 0) + int(second.get("calls") or 0),
+            "tokens": int(first.get("tokens") or 0) + int(second.get("tokens") or 0),
+            "cost_usd": round(float(first.get("cost_usd") or 0) + float(second.get("cost_usd") or 0), 6)}
+
+
+def _behind(guarded: dict[str, Any] | None) -> str:
+    return f"; behind the guard {rate_text(guarded)}" if guarded is not None else ""
 
 
 def _gaps(run_dir: Path) -> dict[str, Any]:

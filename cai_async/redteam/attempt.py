@@ -12,6 +12,8 @@ from backends.errors import NoChoiceFound
 from backends.types import ChatRequest, ChatResult, ScoreRequest, ScoreResult
 from cai_async.constitution import ComparisonSet
 from cai_async.engine import Engine
+from cai_async.guard.answer import guarded_answer
+from cai_async.guard.core import Guard
 from cai_async.judging import ANSWER_PREFIX, refused_by_rule, single_response_prompt
 from cai_async.redteam.config import RedteamConfig
 from cai_async.redteam.seeds import Seed
@@ -63,6 +65,8 @@ class AttackContext:
     config: RedteamConfig
     principles: ComparisonSet
     seed: Seed
+    guard: Guard | None = None
+    """With ``through_guard``: the guard the target answers behind."""
     calls: list[tuple[str, ChatResult | ScoreResult]] = field(default_factory=list)
 
     def options(self, strategy: str) -> dict[str, Any]:
@@ -72,8 +76,13 @@ class AttackContext:
     async def target(self, messages: Messages) -> str:
         """The target group's answer to ``messages``."""
         cfg = self.config
-        result = await self.engine.chat(cfg.target, ChatRequest(
-            messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed))
+        request = ChatRequest(messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+        if self.guard is not None:
+            text, answer, _, _ = await guarded_answer(self.guard, cfg.target, list(messages), request)
+            if answer is not None:
+                self.calls.append(("target", answer))
+            return text.strip()
+        result = await self.engine.chat(cfg.target, request)
         self.calls.append(("target", result))
         return result.text.strip()
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from cai_async.engine.config import JUDGE
 from cai_async.prompts import PromptSource
 
 __all__ = ["ENCODINGS", "MUTATIONS", "Encoding", "Mutation", "RedteamConfig", "SeedSet"]
@@ -39,7 +40,11 @@ class RedteamConfig(PromptSource):
     """Attack strategies by registered name (:func:`cai_async.redteam.strategy.strategy_names`)."""
     target: str = "policy"
     """The engine group attacked: any group (a bare model, a hosted endpoint, the guard proxy)."""
-    judge_role: str = "critic"
+    through_guard: bool = False
+    """Attack ``target`` behind the recipe's ``guard`` section, in process: each answer is what a client of
+    ``cai guard serve`` would get (the input check's refusal, or the answer after the output check). The guard's
+    own judge calls are paid by the run, not counted on the attempt rows."""
+    judge_role: str = JUDGE
     attacker: str = "attacker"
     """The group that writes attacks (``refine``)."""
     principles: str = "harmless"

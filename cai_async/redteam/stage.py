@@ -12,9 +12,11 @@ from typing import Any
 import polars as pl
 from pydantic import field_validator
 
-from backends.errors import CaiError
+from backends.errors import CaiError, ConfigError
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine
+from cai_async.guard.config import GuardConfig
+from cai_async.guard.core import Guard
 from cai_async.public_data import HUB_DIR
 from cai_async.redteam.attempt import AttackContext
 from cai_async.redteam.config import RedteamConfig
@@ -25,19 +27,22 @@ from cai_async.redteam.written import written_seeds
 from cai_async.stages.common import MESSAGES, StageReport, write_rows
 from cai_async.stages.unit import (
     Count,
+    ItemExecutor,
+    RecipeView,
     StageCommand,
     StageContext,
     StageFlag,
     StageInput,
     StagePlan,
+    StageResult,
     StageUnit,
-    report_dict,
+    recipe_section,
     resolve_path,
 )
 from cai_async.store import ShardWriter, read_shards, write_json
 
-__all__ = ["ATTEMPT_SCHEMA", "STAGE", "CheckedRedteamConfig", "RedteamReport", "RedteamStage", "attempt_items",
-           "run_redteam"]
+__all__ = ["ATTEMPT_SCHEMA", "STAGE", "CheckedRedteamConfig", "RedteamReport", "RedteamStage", "RedteamStageReport",
+           "attempt_items", "run_redteam"]
 
 ATTEMPT_SCHEMA: dict[str, Any] = {
     "id": pl.String, "status": pl.String, "strategy": pl.String, "variant": pl.String, "seed_id": pl.String,
@@ -83,10 +88,36 @@ class RedteamReport(StageReport):
         return {"successes": self.successes, "uncovered": self.uncovered}
 
 
-async def run_redteam(engine: Engine, config: RedteamConfig, out_dir: str | Path) -> tuple[RedteamReport,
-                                                                                           dict[str, Any]]:
-    """Run every attempt not already in ``out_dir/attempts``; write and return the gaps over all of them."""
+@dataclass
+class RedteamStageReport(StageResult):
+    """What the redteam stage did (its ``summary.json`` entry ``redteam``): the attempts
+    (:class:`RedteamReport`) and where the gaps are, with their attempts and success rate per strategy."""
+
+    attempts: RedteamReport
+    gaps: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The attempts' counts, then ``gaps``."""
+        data = self.attempts.to_json()
+        data["gaps"] = self.gaps
+        return data
+
+    def failure_count(self) -> int:
+        """The attempts' failures."""
+        return self.attempts.failure_count()
+
+    def stopped_early(self) -> str | None:
+        """Why the attempts stopped early."""
+        return self.attempts.stopped_early()
+
+
+async def run_redteam(engine: Engine, config: RedteamConfig, out_dir: str | Path, *,
+                      guard: GuardConfig | None = None,
+                      executor: ItemExecutor | None = None) -> tuple[RedteamReport, dict[str, Any]]:
+    """Run every attempt not already in ``out_dir/attempts``; write and return the gaps over all of them. With
+    ``config.through_guard`` the target answers behind ``guard`` (the recipe's guard section)."""
     out = Path(out_dir)
+    behind = _guard(engine, config, guard)
     principles = load_comparison_set(config.principles)
     seeds = load_seeds(config)
     if "attacker" in config.seeds:
@@ -103,7 +134,7 @@ async def run_redteam(engine: Engine, config: RedteamConfig, out_dir: str | Path
     report = RedteamReport(total=len(items), skipped=len(items) - len(todo))
 
     async def attempt(item: _Item) -> dict[str, Any]:
-        context = AttackContext(engine, config, principles, item.seed)
+        context = AttackContext(engine, config, principles, item.seed, guard=behind)
         attack = await item.strategy.attack(context, item.seed, item.variant)
         verdict = attack.verdict
         prompt = next((m["content"] for m in reversed(attack.conversation) if m["role"] == "user"), "")
@@ -118,12 +149,23 @@ async def run_redteam(engine: Engine, config: RedteamConfig, out_dir: str | Path
             "iterations": attack.iterations, "steps": list(attack.steps), **context.usage(),
         }
 
-    await write_rows(engine, todo, attempt, writer, report, concurrency=engine.item_concurrency(*roles))
+    await write_rows(engine, todo, attempt, writer, report, concurrency=engine.item_concurrency(*roles),
+                     executor=executor)
     rows = read_shards(out / "attempts").to_dicts()
     gaps = principle_gaps(rows, [p.name for p in principles.principles])
     write_json(out / "gaps.json", gaps)
     report.successes, report.uncovered = gaps["successes"], len(gaps["uncovered"])
     return report, gaps
+
+
+def _guard(engine: Engine, config: RedteamConfig, guard: GuardConfig | None) -> Guard | None:
+    """The guard the target answers behind (``through_guard``), built before any call; None without it."""
+    if not config.through_guard:
+        return None
+    if guard is None:
+        raise ConfigError("redteam.through_guard: the recipe has no guard section to attack the target behind; "
+                          "add one (see recipes/guard.yaml) or drop through_guard")
+    return Guard(engine, guard)
 
 
 class CheckedRedteamConfig(RedteamConfig):
@@ -159,7 +201,7 @@ class RedteamStage(StageUnit[RedteamConfig]):
             StageFlag(name="target", key="redteam.target", help="The engine group to attack."),
         ),
         recipe_required=True,
-        recipe_help="Recipe with a redteam section and the engine (target, critic, attacker groups).",
+        recipe_help="Recipe with a redteam section and the engine (target, judge, attacker groups).",
         output="stage",
     )
 
@@ -168,19 +210,21 @@ class RedteamStage(StageUnit[RedteamConfig]):
         attacker = "attacker" in config.seeds or any(strategy(name).uses_attacker for name in config.strategies)
         return {config.target, config.judge_role} | ({config.attacker} if attacker else set())
 
-    async def run(self, context: StageContext, config: RedteamConfig, entry: str) -> dict[str, Any]:
+    async def run(self, context: StageContext, config: RedteamConfig, entry: str) -> RedteamStageReport:
         """Attempts into ``redteam/attempts/``, gaps into ``redteam/gaps.json``."""
         out = context.run_dir / "redteam"
-        report, gaps = await run_redteam(context.require_engine(), config, out)
-        data = report_dict(report)
-        data["gaps"] = {"path": str(out / "gaps.json"), "attempts": gaps["attempts"],
-                        "success_rate": {s: e["value"] for s, e in gaps["strategies"].items()}}
-        return data
+        report, gaps = await run_redteam(context.require_engine(), config, out,
+                                         guard=recipe_section(context.recipe, "guard", GuardConfig),
+                                         executor=context.executor)
+        return RedteamStageReport(report, {"path": str(out / "gaps.json"), "attempts": gaps["attempts"],
+                                           "success_rate": {s: e["value"] for s, e in gaps["strategies"].items()}})
 
-    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+    def plan(self, recipe: RecipeView, count: Count) -> list[StagePlan]:
         """Per attempt, at most: the strategy's target calls, attacker calls, and every principle's judge on each
         judged answer."""
-        config: RedteamConfig = recipe.redteam
+        config = self.config(recipe)
+        if config is None:
+            return []
         target = StagePlan("redteam", config.target)
         judge = StagePlan("redteam", config.judge_role)
         attacker = StagePlan("redteam", config.attacker)

@@ -1,11 +1,10 @@
 """``cai constitution suggest``: from the uncovered failures of a red-team run (successful attacks on seeds
-labelled harmful that no principle's judge flags, ``RUN_DIR/redteam/gaps.json``), ask the critic group to draft
+labelled harmful that no principle's judge flags, ``RUN_DIR/redteam/gaps.json``), ask the judge group to draft
 ONE new principle (a name, a critique request, a revision request), read its answer strictly, and write it to a
 file for a person to review. Nothing here changes a constitution: adding the principle is the reviewer's call."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from backends.atomic import read_json
 from backends.errors import ConfigError
 from backends.types import ChatRequest
 from cai_async.constitution import Principle
@@ -53,7 +53,7 @@ def uncovered_failures(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"{path}: not found; run `cai redteam` on this run directory first")
     try:
-        gaps = json.loads(path.read_text(encoding="utf-8"))
+        gaps = read_json(path)
         found = gaps["uncovered"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: not a redteam gaps file ({exc.__class__.__name__}: {exc})") from None

@@ -5,29 +5,29 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cai_async.engine import EngineConfig
+from cai_async.engine import Engine
 from cai_async.scale.config import Executor, RayConfig
+
+if TYPE_CHECKING:
+    from cai_async.stages.unit import ItemExecutor
 
 __all__ = ["Executor", "RayConfig", "executor_scope"]
 
 
 @asynccontextmanager
 async def executor_scope(
-    executor: Executor, ray: RayConfig, engine: EngineConfig, run_dir: Path
-) -> AsyncIterator[None]:
-    """While open, the stages' items run on ``executor``: nothing changes for ``local``; for ``ray`` a cluster is
-    joined (or a local one started) and every stage's per-item work goes to engine actors."""
+    executor: Executor, ray: RayConfig, engine: Engine, run_dir: Path
+) -> AsyncIterator[ItemExecutor]:
+    """The executor of the stages' items (for :attr:`StageContext.executor
+    <cai_async.stages.unit.StageContext.executor>`) while open: ``engine`` itself for ``local``; for ``ray`` a
+    cluster is joined (or a local one started) and every stage's per-item work goes to engine actors."""
     if executor == "local":
-        yield
+        yield engine
         return
     from cai_async.scale.ray_executor import RayRows, check_online, ray_session
-    from cai_async.stages.common import ITEM_EXECUTOR
 
-    check_online(engine)
+    check_online(engine.config)
     with ray_session(ray):
-        token = ITEM_EXECUTOR.set(RayRows(ray, engine, run_dir))
-        try:
-            yield
-        finally:
-            ITEM_EXECUTOR.reset(token)
+        yield RayRows(ray, engine, run_dir)

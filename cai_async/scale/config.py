@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from backends.strict import StrictModel
 
 __all__ = ["Executor", "RayConfig"]
 
@@ -13,10 +15,8 @@ Executor = Literal["local", "ray"]
 """Where a recipe's data stages run: this process's engine, or Ray Data pipelines over engine actors."""
 
 
-class RayConfig(BaseModel):
+class RayConfig(StrictModel):
     """How the data stages run on Ray (recipe key ``ray``, used with ``executor: ray``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     address: str | None = None
     """A running cluster (``auto``, ``HOST:6379``, ``ray://HOST:10001``); unset: a local cluster is started for

@@ -19,10 +19,10 @@ import os
 import pickle
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -35,6 +35,9 @@ from cai_async.engine.limits import EndpointLimits, TokenBucket
 from cai_async.scale.config import RayConfig
 
 __all__ = ["ACTORS_FILE", "RayRows", "actor_engine_config", "check_online", "ray_session"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 ACTORS_FILE = "ray_actors.jsonl"
 """In the run directory: one line per engine actor started (pid, host, time), to find and watch them."""
@@ -231,38 +234,40 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 class RayRows:
-    """Stands in for ``Engine.run_batch`` in the stages (see :func:`~cai_async.stages.common.run_items`): the
-    items run on Ray engine actors; each outcome comes back to ``on_result`` here, in the driver, which writes
-    the rows. Per-item functions it cannot send to an actor (closures over the engine) run on the driver."""
+    """The stages' :class:`~cai_async.stages.unit.ItemExecutor` under ``executor: ray`` (in the stage context, in
+    place of ``engine``, the driver's engine): the items run on Ray engine actors; each outcome comes back to
+    ``on_result`` here, in the driver, which writes the rows. Per-item functions it cannot send to an actor
+    (closures over the engine) run on the driver's engine."""
 
-    def __init__(self, ray: RayConfig, engine_config: EngineConfig, run_dir: Path) -> None:
+    def __init__(self, ray: RayConfig, engine: Engine, run_dir: Path) -> None:
         self.ray = ray
-        self.engine_config = actor_engine_config(engine_config, ray)
+        self.engine = engine
+        self.engine_config = actor_engine_config(engine.config, ray)
         self.run_dir = run_dir
         self.local_fallbacks: list[str] = []
 
-    async def __call__(
+    async def run_batch(
         self,
-        engine: Engine,
-        items: Iterable[Any],
-        call: Callable[[Any], Awaitable[Any]],
+        items: Iterable[T] | AsyncIterable[T],
+        call: Callable[[T], Awaitable[R]],
         *,
-        on_result: Callable[[Any, Any], Awaitable[None] | None],
+        on_result: Callable[[T, R | CaiError], Awaitable[None] | None],
         total: int | None = None,
         concurrency: int | None = None,
-    ) -> BatchReport[Any]:
+    ) -> BatchReport[T]:
         """The items read whole in the driver (a stage may stream them), run as a Ray Data pipeline."""
+        engine = self.engine
         try:
             worker = _Worker(call, self.engine_config, self.run_dir, 1.0 / self.ray.actors,
                              concurrency or self.engine_config.max_concurrency, node_cache=self.ray.cache == "node")
         except TypeError:
             self.local_fallbacks.append(getattr(call, "__qualname__", repr(call)))
             return await engine.run_batch(items, call, on_result=on_result, total=total, concurrency=concurrency)
-        items = list(items)
-        report: BatchReport[Any] = BatchReport()
-        engine.accounting.total = engine.accounting.done + engine.accounting.failed + len(items)
-        if items:
-            await anyio.to_thread.run_sync(self._drive, engine, list(items), worker, on_result, report)
+        whole = [item async for item in items] if isinstance(items, AsyncIterable) else list(items)
+        report: BatchReport[T] = BatchReport()
+        engine.accounting.total = engine.accounting.done + engine.accounting.failed + len(whole)
+        if whole:
+            await anyio.to_thread.run_sync(self._drive, engine, whole, worker, on_result, report)
         return report
 
     def _drive(self, engine: Engine, items: list[Any], worker: _Worker,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence, Sized
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -12,13 +12,13 @@ import anyio
 import polars as pl
 
 from backends.errors import CaiError
-from cai_async.engine import BatchReport, Engine
+from cai_async.engine import Engine
+from cai_async.stages.unit import ItemExecutor, StageResult
 from cai_async.store import CALL_FIELDS, MESSAGES, ShardWriter, call_fields, compact_shards, iter_shards, shard_columns
 
 __all__ = [
     "CALL_FIELDS",
     "HEALABLE",
-    "ITEM_EXECUTOR",
     "MESSAGES",
     "StageReport",
     "call_fields",
@@ -26,7 +26,6 @@ __all__ = [
     "error_fields",
     "finished_ids",
     "gather_calls",
-    "run_items",
     "write_rows",
 ]
 
@@ -66,32 +65,9 @@ def finished_ids(writer: ShardWriter, *, retry_errors: bool = False, column: str
 
 T = TypeVar("T")
 
-ITEM_EXECUTOR: ContextVar[Callable[..., Awaitable[BatchReport[Any]]] | None] = ContextVar(
-    "cai_item_executor", default=None)
-"""Set while a recipe runs with another executor (``executor: ray``, :mod:`cai_async.scale`): it takes
-``Engine.run_batch``'s arguments (and the engine first), runs the items elsewhere and hands each outcome to
-``on_result`` here."""
-
-
-async def run_items(
-    engine: Engine,
-    items: Iterable[Any],
-    call: Callable[[Any], Awaitable[Any]],
-    *,
-    on_result: Callable[[Any, Any], Awaitable[None] | None],
-    total: int | None = None,
-    concurrency: int | None = None,
-) -> BatchReport[Any]:
-    """``engine.run_batch`` over a stage's items, or, under :data:`ITEM_EXECUTOR`, the same on another executor
-    (which may read ``items`` whole)."""
-    executor = ITEM_EXECUTOR.get()
-    if executor is not None:
-        return await executor(engine, items, call, on_result=on_result, total=total, concurrency=concurrency)
-    return await engine.run_batch(items, call, on_result=on_result, total=total, concurrency=concurrency)
-
 
 @dataclass
-class StageReport:
+class StageReport(StageResult):
     """What a stage run did: rows asked for, already done (some of them kept errors), written, failed (not
     written: a rerun retries them, with reasons), why it stopped early (budget), and how long it took."""
 
@@ -109,6 +85,32 @@ class StageReport:
         """The report's own counts beyond the common ones, for the run's summary."""
         return {}
 
+    def to_json(self) -> dict[str, Any]:
+        """Its ``summary.json`` entry: the common counts, the first 50 failures and their classes, then
+        :meth:`counts`."""
+        data: dict[str, Any] = {
+            "total": self.total,
+            "skipped_already_done": self.skipped,
+            "errors_kept": self.errors_kept,
+            "written": self.written,
+            "failed": self.failed,
+            "failures": self.failures[:50],
+            "failure_classes": dict(Counter(f.get("class") or "error" for f in self.failures).most_common()),
+            "stopped": self.stopped,
+            "seconds": round(self.seconds, 3),
+        }
+        data.update(self.counts())
+        return data
+
+    def failure_count(self) -> int:
+        """Rows failed (not written) and error rows kept from earlier runs (a report that records error rows
+        adds them)."""
+        return self.failed + self.errors_kept
+
+    def stopped_early(self) -> str | None:
+        """Why the run stopped before its last row (a budget reached)."""
+        return self.stopped or None
+
 
 class _HasId(Protocol):
     @property
@@ -125,10 +127,13 @@ async def write_rows(
     count: Callable[[dict[str, Any]], None] = lambda row: None,
     concurrency: int | None = None,
     total: int | None = None,
+    executor: ItemExecutor | None = None,
 ) -> None:
     """Turn ``items`` into rows through the engine and write each as it finishes. A ``CaiError`` that ends
     an item is reported, not written (so a rerun retries it); ``count`` tallies the written rows. ``items`` may
-    be an iterator (pulled as workers free up), then with its ``total``."""
+    be an iterator (pulled as workers free up), then with its ``total``. ``executor``: where the items run
+    (:attr:`StageContext.executor <cai_async.stages.unit.StageContext.executor>`, which may read ``items`` whole);
+    default the engine."""
     start = time.perf_counter()
 
     def on_result(item: _HasId, outcome: dict[str, Any] | CaiError) -> None:
@@ -145,7 +150,8 @@ async def write_rows(
 
     try:
         size = total if total is not None else len(items) if isinstance(items, Sized) else None
-        batch = await run_items(engine, items, make_row, on_result=on_result, total=size, concurrency=concurrency)
+        runner: ItemExecutor = engine if executor is None else executor
+        batch = await runner.run_batch(items, make_row, on_result=on_result, total=size, concurrency=concurrency)
         report.stopped = batch.stopped
     finally:
         writer.flush()

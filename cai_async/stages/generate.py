@@ -13,13 +13,14 @@ from cai_async.prompts import PromptRow, PromptSource
 from cai_async.stages.common import StageReport, write_rows
 from cai_async.stages.unit import (
     Count,
+    ItemExecutor,
+    RecipeView,
     StageCommand,
     StageContext,
     StageFlag,
     StagePlan,
     StageUnit,
     load_prompt_texts,
-    report_dict,
     resolve_path,
 )
 from cai_async.store import ShardWriter
@@ -42,8 +43,10 @@ class GenerateReport(StageReport):
     """What a generate run did."""
 
 
-async def run_generate(engine: Engine, config: GenerateConfig, out_dir: str | Path) -> GenerateReport:
-    """Answer every prompt not already in ``out_dir``; finished rows are written as they arrive."""
+async def run_generate(engine: Engine, config: GenerateConfig, out_dir: str | Path, *,
+                       executor: ItemExecutor | None = None) -> GenerateReport:
+    """Answer every prompt not already in ``out_dir``; finished rows are written as they arrive (the items run on
+    ``executor``, default the engine)."""
     prompts = config.load()
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows)
     done = writer.existing_ids()
@@ -72,7 +75,8 @@ async def run_generate(engine: Engine, config: GenerateConfig, out_dir: str | Pa
             "cached": result.cached,
         }
 
-    await write_rows(engine, todo, answer, writer, report, concurrency=engine.item_concurrency(config.role))
+    await write_rows(engine, todo, answer, writer, report, concurrency=engine.item_concurrency(config.role),
+                     executor=executor)
     return report
 
 
@@ -91,13 +95,16 @@ class GenerateStage(StageUnit[GenerateConfig]):
         """The group that answers."""
         return {config.role}
 
-    async def run(self, context: StageContext, config: GenerateConfig, entry: str) -> dict[str, Any]:
+    async def run(self, context: StageContext, config: GenerateConfig, entry: str) -> GenerateReport:
         """Responses into ``generate/``."""
-        return report_dict(await run_generate(context.require_engine(), config, context.run_dir / "generate"))
+        return await run_generate(context.require_engine(), config, context.run_dir / "generate",
+                                  executor=context.executor)
 
-    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+    def plan(self, recipe: RecipeView, count: Count) -> list[StagePlan]:
         """One call a prompt."""
-        config: GenerateConfig = recipe.generate
+        config = self.config(recipe)
+        if config is None:
+            return []
         plan = StagePlan("generate", config.role)
         for text in load_prompt_texts(config):
             plan.add(1, count(text), config.max_tokens)

@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from backends.errors import CaiError, PermanentError
+from backends.strict import StrictModel
 from cai_async.constitution import ComparisonPrinciple, ComparisonSet, draw_principles
 from cai_async.constitution_io import load_comparison_set
-from cai_async.engine import Engine
+from cai_async.engine import JUDGE, Engine
 from cai_async.judging import ANSWER_PREFIX, CotConfig, Judgment, combine_orders, judge_pair
 from cai_async.stages.common import StageReport, error_fields, finished_ids, gather_calls, write_rows
 from cai_async.stages.pairs import PairRow
+from cai_async.stages.unit import ItemExecutor
 from cai_async.store import MESSAGES, ShardWriter
 
 __all__ = [
@@ -85,10 +87,8 @@ LABEL_SCHEMA: dict[str, pl.DataType] = {
 """One row per pair: every judgment (principle × order), each principle's swap-averaged P(A better), the
 ensemble mean, position consistency, and the chosen/rejected responses with their confidence."""
 
-class LabelConfig(BaseModel):
-    """Options of the feedback labeller (recipe key ``rl.label``)."""
-
-    model_config = ConfigDict(extra="forbid")
+class LabelConfig(StrictModel):
+    """Options of the feedback labeller (recipe key ``label.label``)."""
 
     principles: str = "harmless"
     """A built-in comparison set (``harmless``, ``helpful-harmless``) or a YAML/JSON/TOML file."""
@@ -99,7 +99,7 @@ class LabelConfig(BaseModel):
     cot: CotConfig = Field(default_factory=CotConfig)
     answer_prefix: str = ANSWER_PREFIX
     """Where the backend can continue an assistant turn (llama.cpp in-process; ``prefill`` endpoints)."""
-    critic_role: str = "critic"
+    critic_role: str = JUDGE
     seed: int = 0
     shard_rows: int = Field(default=64, ge=1)
     flush_every_s: float = Field(default=10.0, gt=0)
@@ -117,6 +117,10 @@ class LabelReport(StageReport):
     def counts(self) -> dict[str, int]:
         """Pairs labelled, abstained and recorded with an error."""
         return {"labelled": self.labelled, "abstained": self.abstained, "errors": self.errors}
+
+    def failure_count(self) -> int:
+        """Pairs failed, recorded with an error, or kept with one from an earlier run."""
+        return super().failure_count() + self.errors
 
 
 class Labeller:
@@ -191,13 +195,13 @@ def abstention_reason(config: LabelConfig, *, sampled: bool) -> str:
     """Why the critic's answers named no choice, and what to do, for the line that counts the pairs an export
     lost to abstentions. ``sampled``: the critic's endpoints sample answers (``score_fallback: sample``)."""
     if config.cot.enabled:
-        return ("the critic's reasoned answer named no choice (cot); raise rl.label.cot.max_tokens so it reaches "
+        return ("the critic's reasoned answer named no choice (cot); raise label.label.cot.max_tokens so it reaches "
                 "its answer, or use a bigger critic")
     if sampled:
         return ("the critic's sampled answer named no choice (score_fallback: sample); use an endpoint with "
                 "logprobs or a bigger critic")
     return ("no choice was among the critic's top logprobs; raise the endpoint's top_logprobs, check "
-            "rl.label.answer_prefix, or use a bigger critic")
+            "label.label.answer_prefix, or use a bigger critic")
 
 
 def dropped_pairs(labels_dir: str | Path, *, min_confidence: float = 0.5) -> dict[str, int]:
@@ -229,10 +233,12 @@ async def run_label(
 
 
 async def label_pairs(
-    labeller: Labeller, pairs: list[PairRow], out_dir: str | Path, *, retry_errors: bool = False
+    labeller: Labeller, pairs: list[PairRow], out_dir: str | Path, *, retry_errors: bool = False,
+    executor: ItemExecutor | None = None,
 ) -> LabelReport:
     """Label ``pairs`` with a ready :class:`Labeller` (built first, so a bad comparison set fails before any
-    pair is made); error rows are retried as :func:`~cai_async.stages.common.finished_ids` says."""
+    pair is made); error rows are retried as :func:`~cai_async.stages.common.finished_ids` says. The pairs are
+    labelled on ``executor`` (default the labeller's engine)."""
     engine, config = labeller.engine, labeller.config
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=LABEL_SCHEMA, flush_every_s=config.flush_every_s)
     done, kept = finished_ids(writer, retry_errors=retry_errors)
@@ -248,6 +254,6 @@ async def label_pairs(
             report.labelled += 1
 
     await write_rows(engine, todo, labeller.label, writer, report, count=count,
-                     concurrency=engine.item_concurrency(config.critic_role))
+                     concurrency=engine.item_concurrency(config.critic_role), executor=executor)
     return report
 

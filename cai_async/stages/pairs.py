@@ -19,7 +19,8 @@ from backends.errors import BudgetExceeded, CaiError, ConfigError
 from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.prompts import PromptRow, PromptSource
-from cai_async.stages.common import StageReport, compact, gather_calls, run_items
+from cai_async.stages.common import StageReport, compact, gather_calls
+from cai_async.stages.unit import ItemExecutor
 from cai_async.store import MESSAGES, ShardWriter, read_shards
 
 __all__ = [
@@ -64,7 +65,7 @@ def pair_id(prompt_id: str, a: str, b: str) -> str:
 
 
 class PairsConfig(PromptSource):
-    """Where pairs come from (recipe key ``rl.pairs``): ``input`` holds prompts (``generate``) or two response
+    """Where pairs come from (recipe key ``label.pairs``): ``input`` holds prompts (``generate``) or two response
     columns (``columns``)."""
 
     source: Literal["generate", "sl", "columns"] = "generate"
@@ -165,8 +166,10 @@ async def sample_responses(engine: Engine, config: PairsConfig, row: PromptRow) 
     return [o for o in outcomes if not isinstance(o, CaiError)]
 
 
-async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *, run_dir: str | Path) -> PairsReport:
-    """Write pairs into ``out_dir`` (Parquet shards), skipping prompts already done."""
+async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *, run_dir: str | Path,
+                    executor: ItemExecutor | None = None) -> PairsReport:
+    """Write pairs into ``out_dir`` (Parquet shards), skipping prompts already done; sampled pairs are sampled
+    on ``executor`` (default the engine)."""
     writer = ShardWriter(out_dir, shard_rows=config.shard_rows, schema=PAIR_SCHEMA, flush_every_s=config.flush_every_s)
     done = writer.existing_ids("prompt_id")
     report = PairsReport()
@@ -180,7 +183,7 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
             report.skipped = len(selected) - len({p.prompt_id for p in fresh})
             writer.extend(_record(p) for p in fresh)
         else:
-            await _generate_pairs(engine, config, writer, report, done, selected)
+            await _generate_pairs(engine, config, writer, report, done, selected, executor)
     except BudgetExceeded as exc:
         report.stopped = str(exc)
     finally:
@@ -193,7 +196,7 @@ async def run_pairs(engine: Engine, config: PairsConfig, out_dir: str | Path, *,
 
 
 async def _generate_pairs(engine: Engine, config: PairsConfig, writer: ShardWriter, report: PairsReport,
-                          done: set[str], selected: set[str]) -> None:
+                          done: set[str], selected: set[str], executor: ItemExecutor | None) -> None:
     """Sample ``k`` responses per prompt through the policy group and write their distinct pairs."""
     prompts = config.load()
     selected.update(p.id for p in prompts)
@@ -211,8 +214,9 @@ async def _generate_pairs(engine: Engine, config: PairsConfig, writer: ShardWrit
         report.identical_dropped += lost
         writer.extend(_record(p) for p in rows)
 
-    batch = await run_items(engine, todo, sample, on_result=on_result, total=len(todo),
-                            concurrency=engine.item_concurrency(config.policy_role))
+    runner: ItemExecutor = engine if executor is None else executor
+    batch = await runner.run_batch(todo, sample, on_result=on_result, total=len(todo),
+                                   concurrency=engine.item_concurrency(config.policy_role))
     report.stopped = batch.stopped
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from backends.errors import CaiError, PermanentError
+from backends.strict import StrictModel
 from backends.types import ChatResult
 from cai_async.constitution import Constitution, DrawMode, Principle, draw_passes
 from cai_async.constitution_io import load_constitution
-from cai_async.engine import Engine
+from cai_async.engine import JUDGE, Engine
 from cai_async.exports import (
     SL_COLUMNS,
     ExportConfig,
@@ -45,16 +46,18 @@ from cai_async.stages.common import (
     finished_ids,
     write_rows,
 )
-from cai_async.stages.generate import GenerateConfig, run_generate
+from cai_async.stages.generate import GenerateConfig, GenerateReport, run_generate
 from cai_async.stages.unit import (
     Count,
+    ItemExecutor,
+    RecipeView,
     StageCommand,
     StageContext,
     StageFlag,
     StagePlan,
+    StageResult,
     StageUnit,
     load_prompt_texts,
-    report_dict,
     resolve_path,
 )
 from cai_async.store import ShardWriter, iter_shards, read_shards, scan_shards
@@ -67,6 +70,7 @@ __all__ = [
     "SLConfig",
     "SLReport",
     "SLStage",
+    "SLStageReport",
     "gate_summary",
     "plan_sl",
     "run_sl",
@@ -137,10 +141,8 @@ retry); ``last_rejected``: the last rejected revision (what ``export.keep_failed
 no passing revision). ``final_response`` is the last revision taken (or the initial response)."""
 
 
-class EarlyStopConfig(BaseModel):
+class EarlyStopConfig(StrictModel):
     """Stop a chain when the critique finds nothing to fix: ``pattern`` is a case-insensitive regex."""
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
     pattern: str = NO_ISSUES_PATTERN
@@ -184,7 +186,7 @@ class SLConfig(PromptSource):
     seed: int = 0
     policy_role: str = "policy"
     """The group that writes the initial responses."""
-    critic_role: str = "critic"
+    critic_role: str = JUDGE
     """The group that writes the critiques (falls back to ``policy`` when the engine has no such group)."""
     revision_role: str | None = None
     """The group that writes the revisions; default: ``policy_role`` (a stronger critic, the policy revises)."""
@@ -208,6 +210,38 @@ class SLReport(StageReport):
     def counts(self) -> dict[str, int]:
         """Chains finished ok and recorded with an error."""
         return {"ok": self.ok, "errors": self.errors}
+
+    def failure_count(self) -> int:
+        """Chains failed, recorded with an error, or kept with one from an earlier run."""
+        return super().failure_count() + self.errors
+
+
+@dataclass
+class SLStageReport(StageResult):
+    """What the sl stage did (its ``summary.json`` entry ``sl``): the chains (:class:`SLReport`), the quality
+    gates' counts over them, the helpfulness responses it generated for the sft mix (when it did), the exports."""
+
+    chains: SLReport
+    gates: dict[str, Any]
+    exports: dict[str, Any]
+    helpful: GenerateReport | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The chains' counts, then ``gates``, ``helpful`` (when generated) and ``exports``."""
+        data = self.chains.to_json()
+        data["gates"] = self.gates
+        if self.helpful is not None:
+            data["helpful"] = self.helpful.to_json()
+        data["exports"] = self.exports
+        return data
+
+    def failure_count(self) -> int:
+        """The chains' failures and the helpfulness responses'."""
+        return self.chains.failure_count() + (self.helpful.failure_count() if self.helpful is not None else 0)
+
+    def stopped_early(self) -> str | None:
+        """Why the chains stopped early."""
+        return self.chains.stopped_early()
 
 
 class ChainRunner:
@@ -313,10 +347,12 @@ class ChainRunner:
 
 
 async def run_sl(
-    engine: Engine, config: SLConfig, out_dir: str | Path, *, run_id: str = "", retry_errors: bool = False
+    engine: Engine, config: SLConfig, out_dir: str | Path, *, run_id: str = "", retry_errors: bool = False,
+    executor: ItemExecutor | None = None,
 ) -> SLReport:
     """Run critique → revision chains for every prompt not already in ``out_dir`` (error rows are retried when
-    their class is endpoint-side, or all of them with ``retry_errors``)."""
+    their class is endpoint-side, or all of them with ``retry_errors``); the chains run on ``executor`` (default
+    the engine)."""
     constitution = load_constitution(config.constitution).with_weights(config.principle_weights)
     if config.few_shot > len(constitution.few_shot):
         raise CaiError(f"sl.few_shot={config.few_shot} but constitution {constitution.name!r} has "
@@ -342,19 +378,23 @@ async def run_sl(
     await write_rows(engine, todo, runner.run, writer, report, count=count, total=waiting,
                      concurrency=config.chain_concurrency
                      or engine.item_concurrency(config.policy_role, config.critic_role,
-                                                    config.revision_role or config.policy_role))
+                                                    config.revision_role or config.policy_role),
+                     executor=executor)
     return report
 
 
 async def run_sl_stage(
-    engine: Engine, config: SLConfig, run_dir: Path, *, retry_errors: bool = False
-) -> dict[str, Any]:
-    """Chains into ``sl/``, helpfulness responses into ``helpful/`` when the mix needs them, then exports."""
-    report = report_dict(await run_sl(engine, config, run_dir / "sl", run_id=run_dir.name,
-                                      retry_errors=retry_errors))
+    engine: Engine, config: SLConfig, run_dir: Path, *, retry_errors: bool = False,
+    executor: ItemExecutor | None = None,
+) -> SLStageReport:
+    """Chains into ``sl/``, helpfulness responses into ``helpful/`` when the mix needs them, then exports; the
+    items run on ``executor`` (default the engine)."""
+    chain_report = await run_sl(engine, config, run_dir / "sl", run_id=run_dir.name, retry_errors=retry_errors,
+                                executor=executor)
     helpful = config.export.helpful
     helpful_rows = None
-    report["gates"] = gate_summary(run_dir / "sl")
+    generated: GenerateReport | None = None
+    gates = gate_summary(run_dir / "sl")
     chains = scan_shards(run_dir / "sl", columns=SL_COLUMNS)  # streamed into the exports, never all in memory
     if helpful is not None:
         finished = 0 if chains is None else count_exportable(chains, config.export)
@@ -364,16 +404,15 @@ async def run_sl_stage(
             generated = await run_generate(engine, GenerateConfig(
                 input=helpful.input, prompt_column=helpful.prompt_column, id_column=helpful.id_column,
                 limit=limit, max_tokens=helpful.max_tokens, seed=config.seed, role=config.policy_role,
-            ), run_dir / "helpful")
-            report["helpful"] = report_dict(generated)
+            ), run_dir / "helpful", executor=executor)
             frame = read_shards(run_dir / "helpful")
         else:
             rows = load_prompts(helpful.input, column=helpful.prompt_column, id_column=helpful.id_column,
                                 response_column=helpful.response_column)[:limit]
             frame = pl.DataFrame([{"id": r.id, "messages": r.conversation(), "response": r.response} for r in rows])
         helpful_rows = conversations_with_response(frame)
-    report["exports"] = write_sl_exports(run_dir, chains, config.export, helpful_rows)
-    return report
+    exports = write_sl_exports(run_dir, chains, config.export, helpful_rows)
+    return SLStageReport(chains=chain_report, gates=gates, exports=exports, helpful=generated)
 
 
 def gate_summary(directory: str | Path) -> dict[str, Any]:
@@ -455,14 +494,15 @@ class SLStage(StageUnit[SLConfig]):
         """Policy, critic and reviser."""
         return {config.policy_role, config.critic_role, config.revision_role or ""}
 
-    async def run(self, context: StageContext, config: SLConfig, entry: str) -> dict[str, Any]:
+    async def run(self, context: StageContext, config: SLConfig, entry: str) -> SLStageReport:
         """See :func:`run_sl_stage`."""
         return await run_sl_stage(context.require_engine(), config, context.run_dir,
-                                  retry_errors=context.retry_errors)
+                                  retry_errors=context.retry_errors, executor=context.executor)
 
-    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+    def plan(self, recipe: RecipeView, count: Count) -> list[StagePlan]:
         """See :func:`plan_sl`."""
-        return plan_sl(recipe.sl, count)
+        config = self.config(recipe)
+        return plan_sl(config, count) if config is not None else []
 
     def resolve(self, config: SLConfig, base: Path) -> None:
         """The prompt file, the constitution, the helpfulness mix's prompts."""

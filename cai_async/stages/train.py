@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from cai_async.stages.unit import StageContext, StageInput, StageUnit
+from cai_async.stages.unit import StageContext, StageInput, StageResult, StageUnit
 from cai_async.train.config import TrainConfig
 
-__all__ = ["STAGE", "TrainStage"]
+__all__ = ["STAGE", "TrainReport", "TrainStage"]
 
 TRAINING_MODULES = ("torch", "transformers", "trl", "peft", "datasets")
 """What TRL training imports (the ``train`` extra)."""
 
-_DATA = {"sft": ("sft", "train.sft_data", "an sl section"), "reward": ("reward", "train.reward_data", "an rl section"),
-         "dpo": ("dpo", "train.dpo_data", "an rl section"), "rl": ("dpo", "train.dpo_data", "an rl section")}
+_DATA = {"sft": ("sft", "train.sft_data", "an sl section"),
+         "reward": ("reward", "train.reward_data", "a label section"),
+         "dpo": ("dpo", "train.dpo_data", "a label section"), "rl": ("dpo", "train.dpo_data", "a label section")}
 """Training stage → (the export it reads, the key that replaces it, the recipe section that writes it)."""
 
 
@@ -36,6 +38,22 @@ def _has_reward_model(folder: Path) -> bool:
     return (folder / "merged" / "config.json").is_file() or (folder / "config.json").is_file()
 
 
+@dataclass
+class TrainReport(StageResult):
+    """What one training stage did (its ``summary.json`` entry ``train/<stage>``): the summary the trainer
+    returned (steps, losses, timings, artefacts; PPO: how OpenRLHF exited)."""
+
+    summary: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The trainer's summary, as it is."""
+        return dict(self.summary)
+
+    def failure_count(self) -> int:
+        """None: training has no items that fail one by one (a failed training raises)."""
+        return 0
+
+
 class TrainStage(StageUnit[TrainConfig]):
     """The training stage: one summary entry ``train/<stage>`` per training stage."""
 
@@ -47,14 +65,14 @@ class TrainStage(StageUnit[TrainConfig]):
         """``train/sft``, ``train/dpo``, … in the order the recipe lists them."""
         return [f"train/{stage}" for stage in config.stages]
 
-    async def run(self, context: StageContext, config: TrainConfig, entry: str) -> dict[str, Any]:
+    async def run(self, context: StageContext, config: TrainConfig, entry: str) -> TrainReport:
         """Train one stage in a worker thread; its report (steps, losses, artefacts)."""
         from cai_async.train.run import run_training
 
         stage = entry.removeprefix("train/")
         result: dict[str, Any] = await anyio.to_thread.run_sync(functools.partial(
             run_training, stage, config, context.run_dir, engine_config=context.recipe.engine))
-        return result
+        return TrainReport(result)
 
     def outputs(self, config: TrainConfig, entry: str, run_dir: Path) -> list[Path]:
         """The stage's output folder (``train.output_dir/<stage>`` or ``RUN_DIR/train/<stage>``), and its ``merged``
@@ -107,8 +125,8 @@ class TrainStage(StageUnit[TrainConfig]):
             fix = ("train.output_dir puts the reward stage's model elsewhere; leave output_dir unset or set "
                    "train.reward_server.reward_model")
         else:
-            fix = ("list reward before rl in train.stages (with train.merge: true and an rl section for its data), "
-                   "or use reward_from: critic")
+            fix = ("list reward before rl in train.stages (with train.merge: true and a label section for its data), "
+                   "or use reward_from: judge")
         return StageInput(what="trained reward model", path=folder / "merged" if config.lora.enabled else folder,
                           ready=functools.partial(_has_reward_model, folder), fix=fix)
 
@@ -124,7 +142,7 @@ class TrainStage(StageUnit[TrainConfig]):
             prompts = StageInput(
                 what="prompts for PPO" if source else "the dpo export (PPO's prompts)",
                 path=source or run_dir / "exports" / "dpo.parquet",
-                fix="add an rl section to the recipe (its dpo export gives the prompts), or set train.rl_prompts "
+                fix="add a label section to the recipe (its dpo export gives the prompts), or set train.rl_prompts "
                     "or train.ppo.prompts")
         needs = [prompts]
         if ppo.reward_url is None and (config.reward_server.reward_from or config.reward_from) == "reward_model":

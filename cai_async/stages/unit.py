@@ -16,31 +16,34 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections import Counter
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel
 
 from backends.errors import CaiError, ConfigError
 
 if TYPE_CHECKING:
-    from cai_async.engine import Engine
-    from cai_async.stages.common import StageReport
+    from cai_async.engine import BatchReport, Engine, EngineConfig
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Count",
+    "ItemExecutor",
+    "RecipeView",
     "StageCommand",
     "StageContext",
     "StageFlag",
     "StageInput",
     "StagePlan",
+    "StageResult",
     "StageUnit",
     "load_prompt_texts",
+    "recipe_section",
     "register_stage",
     "report_dict",
     "resolve_path",
@@ -54,6 +57,9 @@ ENTRY_POINT_GROUP = "cai_async.stages"
 """Entry points in this group name a :class:`StageUnit` instance; each is registered when the registry loads."""
 
 C = TypeVar("C", bound=BaseModel)
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+R = TypeVar("R")
 
 Count = Callable[[str], int]
 """Prompt tokens of a text (with the model's tokenizer where one is at hand, else approximated)."""
@@ -142,14 +148,71 @@ class StageInput:
         return f"{entry}: {self.what} not found: {path} (and no earlier stage of this recipe writes it); {self.fix}"
 
 
+class RecipeView(Protocol):
+    """What a stage reads of the whole recipe besides its own section: the engine config (and, by name, other
+    sections: :func:`recipe_section`). :class:`~cai_async.recipes.Recipe` is one (it lives above the stages)."""
+
+    @property
+    def engine(self) -> EngineConfig:
+        """The endpoint groups and the engine's policies."""
+        ...
+
+
+def recipe_section(recipe: RecipeView, name: str, kind: type[M]) -> M | None:
+    """The section ``name`` of ``recipe`` (a stage's, the guard's) when the recipe has one of type ``kind``."""
+    value = getattr(recipe, name, None)
+    return value if isinstance(value, kind) else None
+
+
+class ItemExecutor(Protocol):
+    """Runs a stage's items: ``call`` over ``items``, each outcome (a result, or the ``CaiError`` that ended it)
+    handed to ``on_result`` here as soon as it is known; a reached budget stops it (``stopped``). This is
+    :meth:`Engine.run_batch <cai_async.engine.Engine.run_batch>`'s shape: the engine is the executor in this
+    process; ``executor: ray`` puts :class:`~cai_async.scale.ray_executor.RayRows` in the stage context."""
+
+    async def run_batch(
+        self,
+        items: Iterable[T] | AsyncIterable[T],
+        call: Callable[[T], Awaitable[R]],
+        *,
+        on_result: Callable[[T, R | CaiError], Awaitable[None] | None],
+        total: int | None = None,
+        concurrency: int | None = None,
+    ) -> BatchReport[T]:
+        """Run ``call`` over ``items`` (at most ``concurrency`` at once; ``total``: how many, for progress)."""
+        ...
+
+
+class StageResult(ABC):
+    """What one entry of a stage did, as :meth:`StageUnit.run` returns it: its ``summary.json`` entry
+    (:meth:`to_json`), how many of its items did not finish ok (:meth:`failure_count`) and whether it stopped
+    early (:meth:`stopped_early`); the run's exit code follows from these."""
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]:
+        """The entry's ``summary.json`` data."""
+
+    @abstractmethod
+    def failure_count(self) -> int:
+        """Items that did not finish ok: failed (not written), recorded errors (this run's, and earlier runs'
+        kept without a retry), and the same for its parts (pairs, helpfulness responses, evaluated models)."""
+
+    def stopped_early(self) -> str | None:
+        """Why the entry stopped before its last item (a budget reached); None when it ran to the end."""
+        return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class StageContext:
     """What a stage run gets besides its config: the run directory, the whole recipe (its engine config, other
-    stages' sections), the engine of its session (None for a stage that calls none) and ``retry_errors``."""
+    stages' sections), the engine of its session (None for a stage that calls none), the executor its items run
+    on and ``retry_errors``."""
 
     run_dir: Path
-    recipe: Any
+    recipe: RecipeView
     engine: Engine | None = None
+    executor: ItemExecutor | None = None
+    """Where the stage's items run (``executor: ray``: Ray engine actors); None: the engine, in this process."""
     retry_errors: bool = False
 
     def require_engine(self) -> Engine:
@@ -174,7 +237,7 @@ class StageUnit(Generic[C]):
     """The files the stage writes under ``RUN_DIR/exports/`` (names without ``.parquet``)."""
     command: ClassVar[StageCommand | None] = None
 
-    def config(self, recipe: Any) -> C | None:
+    def config(self, recipe: RecipeView) -> C | None:
         """The stage's section of ``recipe``; None when the recipe does not run the stage."""
         value: C | None = getattr(recipe, self.name, None)
         return value
@@ -192,11 +255,11 @@ class StageUnit(Generic[C]):
         """The summary entries the stage reports, run one after another (default: its name)."""
         return [self.name]
 
-    async def run(self, context: StageContext, config: C, entry: str) -> dict[str, Any]:
-        """Run one entry of the stage; its report for ``summary.json``."""
+    async def run(self, context: StageContext, config: C, entry: str) -> StageResult:
+        """Run one entry of the stage; its report (:meth:`StageResult.to_json`: its ``summary.json`` entry)."""
         raise NotImplementedError
 
-    def plan(self, recipe: Any, count: Count) -> list[StagePlan]:
+    def plan(self, recipe: RecipeView, count: Count) -> list[StagePlan]:
         """Estimated calls and tokens of the stage on each group it calls."""
         return []
 
@@ -262,21 +325,9 @@ def load_prompt_texts(source: Any) -> list[str]:
         return []
 
 
-def report_dict(report: StageReport) -> dict[str, Any]:
-    """A stage report as its ``summary.json`` entry."""
-    data = {
-        "total": report.total,
-        "skipped_already_done": report.skipped,
-        "errors_kept": report.errors_kept,
-        "written": report.written,
-        "failed": report.failed,
-        "failures": report.failures[:50],
-        "failure_classes": dict(Counter(f.get("class") or "error" for f in report.failures).most_common()),
-        "stopped": report.stopped,
-        "seconds": round(report.seconds, 3),
-    }
-    data.update(report.counts())
-    return data
+def report_dict(report: StageResult) -> dict[str, Any]:
+    """A stage report as its ``summary.json`` entry (:meth:`StageResult.to_json`)."""
+    return report.to_json()
 
 
 _BUILTIN = ("cai_async.redteam.stage",

@@ -4,11 +4,14 @@ TRL are not imported here."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from backends.deprecation import renamed
 from backends.errors import ConfigError
+from backends.strict import StrictModel
+from cai_async.engine.config import JUDGE, OLD_JUDGE
 
 __all__ = ["LoraSettings", "PPOSettings", "RLAlgorithm", "RewardServerConfig", "TrainConfig", "TrainStage"]
 
@@ -17,15 +20,25 @@ RLAlgorithm = Literal["dpo", "soft_dpo", "grpo", "rloo", "online_dpo", "ppo"]
 _ALGORITHMS: tuple[str, ...] = RLAlgorithm.__args__  # type: ignore[attr-defined]
 
 
-class RewardServerConfig(BaseModel):
-    """``cai reward serve`` (recipe key ``train.reward_server``): where it listens, what scores, how it batches."""
+RewardFrom = Literal["judge", "reward_model"]
+"""Where an online-RL reward comes from: the constitution through the judge group, or a trained reward model."""
 
-    model_config = ConfigDict(extra="forbid")
+
+def _judge_name(value: Any) -> Any:
+    """``critic``, the judge's former name, read as ``judge`` (with one line saying so)."""
+    if value == OLD_JUDGE:
+        renamed(OLD_JUDGE, JUDGE, where="reward_from")
+        return JUDGE
+    return value
+
+
+class RewardServerConfig(StrictModel):
+    """``cai reward serve`` (recipe key ``train.reward_server``): where it listens, what scores, how it batches."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=5000, ge=0, le=65535)
     """OpenRLHF's own reward server listens on 5000 too; 0 takes any free port."""
-    reward_from: Literal["critic", "reward_model"] | None = None
+    reward_from: RewardFrom | None = None
     """Default: ``train.reward_from``."""
     reward_model: str | None = None
     """A reward model folder (default: RUN_DIR/train/reward, its ``merged`` folder when there is one)."""
@@ -34,16 +47,19 @@ class RewardServerConfig(BaseModel):
     cache_size: int = Field(default=100_000, ge=0)
     """Rewards kept in memory by (prompt, response); 0 turns the in-memory cache off."""
 
+    @field_validator("reward_from", mode="before")
+    @classmethod
+    def _old_judge_name(cls, value: Any) -> Any:
+        return _judge_name(value)
+
     @property
     def url(self) -> str:
         """The URL OpenRLHF is given (``--reward.remote_url``)."""
         return f"http://{self.host}:{self.port}/get_reward"
 
 
-class PPOSettings(BaseModel):
+class PPOSettings(StrictModel):
     """OpenRLHF settings the rest of ``train`` does not say (recipe key ``train.ppo``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     reward_url: str | None = None
     """Default: ``cai reward serve`` on ``train.reward_server`` (started by ``cai train rl`` for the run)."""
@@ -71,10 +87,8 @@ class PPOSettings(BaseModel):
     """More ``train_ppo_ray`` flags, passed as given (they win over the ones above)."""
 
 
-class LoraSettings(BaseModel):
+class LoraSettings(StrictModel):
     """LoRA through peft (the default); ``enabled: false`` means full finetuning."""
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     r: int = Field(default=16, ge=1)
@@ -83,10 +97,8 @@ class LoraSettings(BaseModel):
     target_modules: str | list[str] = "all-linear"
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StrictModel):
     """What to train, on which data, and how."""
-
-    model_config = ConfigDict(extra="forbid")
 
     stages: list[TrainStage] = Field(default=["sft"])
     """Run by ``cai run`` in this order; ``cai train STAGE`` runs one."""
@@ -123,9 +135,9 @@ class TrainConfig(BaseModel):
     rl_principles: str = "harmless"
     """Online RL with the critic reward: the comparison set its questions come from."""
     rl_ensemble: int = Field(default=2, ge=1)
-    reward_from: Literal["critic", "reward_model"] = "critic"
-    """Online RL reward: the constitutional labeller through the engine's critic group, or a trained reward model
-    (``output_dir`` of the reward stage)."""
+    reward_from: RewardFrom = "judge"
+    """Online RL reward: the constitutional labeller through the engine's judge group (``critic``, its old name,
+    still works), or a trained reward model (``output_dir`` of the reward stage)."""
     assistant_only_loss: bool = True
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: bf16 on a GPU that supports it, fp32 on the CPU."""
@@ -135,6 +147,11 @@ class TrainConfig(BaseModel):
     logging_steps: int = Field(default=1, ge=1)
     save_steps: int = Field(default=0, ge=0)
     """Checkpoint every N steps (0: only at the end)."""
+
+    @field_validator("reward_from", mode="before")
+    @classmethod
+    def _old_judge_name(cls, value: Any) -> Any:
+        return _judge_name(value)
 
     @field_validator("rl_algorithm", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from backends.atomic import atomic_path
 from backends.errors import ConfigError, TrainerFailed
 from cai_async.engine.config import EngineConfig
 from cai_async.train.config import TrainConfig
@@ -38,13 +39,10 @@ def _prompts(config: TrainConfig, root: Path, out: Path) -> Path:
 
     dataset = load_training_data(config.rl_prompts or config.dpo_data or root / "exports" / "dpo.parquet", "rl")
     path = out / "prompts.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for prompt in dataset["prompt"]:
             turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
             handle.write(json.dumps({"input": turns}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path
 
 

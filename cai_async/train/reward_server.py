@@ -1,5 +1,5 @@
 """``cai reward serve``: OpenRLHF's remote reward protocol over HTTP, scored with the constitutional reward (the
-judging GRPO's online reward does, through the engine's critic group) or with a reward model the reward stage
+judging GRPO's online reward does, through the engine's judge group) or with a reward model the reward stage
 trained (a transformers sequence classifier folder).
 
 The protocol (OpenRLHF 0.11: ``openrlhf/utils/agent.py`` posts, ``openrlhf/cli/serve_rm.py`` answers):
@@ -24,9 +24,9 @@ from typing import Any
 import anyio
 import orjson
 from aiohttp import web
-from anyio.abc import TaskGroup
 
 from backends.errors import CaiError, ConfigError
+from backends.microbatch import MicroBatcher
 from cai_async.engine.config import EngineConfig
 from cai_async.exitcodes import leaves
 from cai_async.serving import freeze_startup_heap, stop_on_signal
@@ -75,17 +75,19 @@ def split_query(query: str, prompt: str | None) -> tuple[Any, str]:
     return (turns or _SPECIAL.sub("", head).strip()), _SPECIAL.sub("", response).strip()
 
 
-@dataclass
-class _Pending:
-    key: tuple[str, str]
-    prompt: Any
-    response: str
+@dataclass(eq=False)
+class _Shared:
+    """One query being scored, awaited by every request that asks it meanwhile."""
+
     done: anyio.Event
-    value: float | BaseException | None = None
+    value: float | None = None
+    error: BaseException | None = None
 
 
 class RewardService:
-    """Batches, caches and scores; counts what it did (``stats``)."""
+    """Batches (:class:`backends.microbatch.MicroBatcher`: ``max_batch`` queries, waiting at most
+    ``batch_wait_ms``; batches run concurrently, each in the task of the request that gathered it), caches and
+    scores; counts what it did (``stats``)."""
 
     def __init__(self, scorer: Scorer, config: RewardServerConfig, *,
                  close: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -93,70 +95,82 @@ class RewardService:
         self.config = config
         self.close = close
         self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()
-        self._inflight: dict[tuple[str, str], _Pending] = {}
-        self._send, self._receive = anyio.create_memory_object_stream[_Pending](max_buffer_size=1 << 20)
+        self._inflight: dict[tuple[str, str], _Shared] = {}
+        self._batcher: MicroBatcher[tuple[Any, str], float] = MicroBatcher(
+            self._score, max_batch=config.max_batch, window_s=config.batch_wait_ms / 1000)
         self.stats = {"requests": 0, "queries": 0, "cache_hits": 0, "scored": 0, "batches": 0, "errors": 0}
 
-    async def run(self, tg: TaskGroup) -> None:
-        """Gather queued queries into batches and score each batch in a task of its own (no batch waits for
-        the one before it); runs until cancelled."""
-        wait = self.config.batch_wait_ms / 1000
-        async with self._receive:
-            async for first in self._receive:
-                batch = [first]
-                with anyio.move_on_after(wait):
-                    while len(batch) < self.config.max_batch:
-                        batch.append(await self._receive.receive())
-                tg.start_soon(self._score, batch)
-
-    async def _score(self, batch: list[_Pending]) -> None:
+    async def _score(self, batch: list[tuple[Any, str]]) -> Sequence[float]:
         self.stats["batches"] += 1
+        self.stats["scored"] += len(batch)
+        error: BaseException | None = None
         try:
-            values: Sequence[float | BaseException] = await self.scorer([(p.prompt, p.response) for p in batch])
+            values = await self.scorer(batch)
             if len(values) != len(batch):
                 raise CaiError(f"the scorer returned {len(values)} rewards for {len(batch)} queries")
         except Exception as exc:  # every waiting request hears why (the first endpoint error, out of its group)
-            values = [next((e for e in leaves(exc) if isinstance(e, CaiError)), exc)] * len(batch)
+            error = next((e for e in leaves(exc) if isinstance(e, CaiError)), exc)
             self.stats["errors"] += 1
-        for pending, value in zip(batch, values, strict=True):
-            pending.value = value
-            self._inflight.pop(pending.key, None)
-            if isinstance(value, float | int) and self.config.cache_size:
-                self._cache[pending.key] = float(value)
-                if len(self._cache) > self.config.cache_size:
-                    self._cache.popitem(last=False)
-            self.stats["scored"] += 1
-            pending.done.set()
+        if error is not None:
+            raise error
+        return values
 
-    async def rewards(self, queries: list[str], prompts: list[str | None]) -> list[float]:
-        """One reward per query, in order."""
-        self.stats["requests"] += 1
-        self.stats["queries"] += len(queries)
-        waiting: list[_Pending | float] = []
-        for query, prompt in zip(queries, prompts, strict=True):
-            key = (prompt or "", query)
+    async def _reward(self, key: tuple[str, str], query: str, prompt: str | None) -> float:
+        """The reward of one query: from the cache, from a request already asking it, or scored in a batch."""
+        while True:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 self.stats["cache_hits"] += 1
-                waiting.append(self._cache[key])
-                continue
-            pending = self._inflight.get(key)
-            if pending is None:
-                head, response = split_query(query, prompt)
-                pending = self._inflight[key] = _Pending(key, head, response, anyio.Event())
-                await self._send.send(pending)
-            else:
+                return self._cache[key]
+            shared = self._inflight.get(key)
+            if shared is not None:
                 self.stats["cache_hits"] += 1
-            waiting.append(pending)
-        out: list[float] = []
-        for item in waiting:
-            if isinstance(item, _Pending):
-                await item.done.wait()
-                if isinstance(item.value, BaseException):
-                    raise item.value
-                item = float(item.value or 0.0)
-            out.append(item)
-        return out
+                await shared.done.wait()
+                if shared.error is not None:
+                    raise shared.error
+                if shared.value is not None:
+                    return shared.value
+                continue  # the request asking it was cancelled: ask again
+            shared = self._inflight[key] = _Shared(anyio.Event())
+            try:
+                value = shared.value = float(await self._batcher.submit(split_query(query, prompt)))
+            except Exception as exc:
+                shared.error = exc
+                raise
+            finally:
+                del self._inflight[key]
+                shared.done.set()
+            if self.config.cache_size:
+                self._cache[key] = value
+                if len(self._cache) > self.config.cache_size:
+                    self._cache.popitem(last=False)
+            return value
+
+    async def rewards(self, queries: list[str], prompts: list[str | None]) -> list[float]:
+        """One reward per query, in order; the first failed query's error."""
+        self.stats["requests"] += 1
+        self.stats["queries"] += len(queries)
+        out: list[float | BaseException] = [0.0] * len(queries)
+
+        async def one(index: int, key: tuple[str, str], query: str, prompt: str | None) -> None:
+            try:
+                out[index] = await self._reward(key, query, prompt)
+            except Exception as exc:
+                out[index] = exc
+
+        async with anyio.create_task_group() as tg:  # the queries of a request join the same batches
+            for index, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
+                key = (prompt or "", query)
+                if key in self._cache:  # no task for a hit
+                    self._cache.move_to_end(key)
+                    self.stats["cache_hits"] += 1
+                    out[index] = self._cache[key]
+                else:
+                    tg.start_soon(one, index, key, query, prompt)
+        for value in out:
+            if isinstance(value, BaseException):
+                raise value
+        return [float(v) for v in out if not isinstance(v, BaseException)]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -263,7 +277,7 @@ async def service_for(config: TrainConfig, run_dir: str | Path,
         folder = Path(server.reward_model) if server.reward_model else trained_reward_model(Path(run_dir))
         return RewardService(reward_model_scorer(folder, max_length=config.max_length), server)
     if engine_config is None:
-        raise ConfigError("the constitutional reward needs the recipe's engine (its critic group)")
+        raise ConfigError("the constitutional reward needs the recipe's engine (its judge group)")
     from cai_async.train.rewards import ConstitutionalReward
 
     reward = ConstitutionalReward(engine_config, run_dir, principles=config.rl_principles,
@@ -286,7 +300,7 @@ async def serve_rewards(service: RewardService, *, on_ready: Callable[[int], Non
         if on_ready is not None:
             on_ready(int(runner.addresses[0][1]))
         async with anyio.create_task_group() as tg:
-            tg.start_soon(service.run, tg)
+            tg.start_soon(anyio.sleep_forever)  # until a signal or ``stop`` cancels it
             if signals:
                 tg.start_soon(stop_on_signal, tg.cancel_scope)
             if stop is not None:

@@ -1,4 +1,4 @@
-"""A constitutional reward for online RL: each completion is put to the engine's ``critic`` group as a
+"""A constitutional reward for online RL: each completion is put to the engine's ``judge`` group as a
 multiple-choice question per comparison principle ("Judged by this principle, is the response a good one?
 (A) yes (B) no"), and the reward is the mean P(A). TRL's GRPO/RLOO trainers call it (async) on their own
 event loop; the engine is opened there on first use and its request cache makes repeated judgments free."""
@@ -15,7 +15,7 @@ from anyio.from_thread import BlockingPortal
 
 from backends.errors import ConfigError
 from cai_async.constitution_io import load_comparison_set
-from cai_async.engine import Engine, EngineConfig
+from cai_async.engine import JUDGE, Engine, EngineConfig
 from cai_async.judging import judge_response
 
 __all__ = ["ConstitutionalReward", "SyncReward"]
@@ -27,7 +27,7 @@ class ConstitutionalReward:
     __name__ = "constitutional_reward"
 
     def __init__(self, engine_config: EngineConfig, run_dir: str | Path, *, principles: str = "harmless",
-                 ensemble: int = 2, role: str = "critic", seed: int = 0) -> None:
+                 ensemble: int = 2, role: str = JUDGE, seed: int = 0) -> None:
         batched = [e.name for e in engine_config.group(role) if e.mode == "batch"]
         if batched:
             raise ConfigError(

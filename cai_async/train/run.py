@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio.from_thread
 
+from backends.atomic import write_atomic, write_json
 from backends.errors import ConfigError
 from cai_async.engine.config import EngineConfig
 from cai_async.train.config import TrainConfig
@@ -60,7 +61,7 @@ def _write_metrics(rows: list[dict[str, Any]], out: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "metrics.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    write_atomic(out / "metrics.json", json.dumps(rows, indent=1))
     losses = [(r["step"], float(r["loss"])) for r in rows if "loss" in r]
     if losses:
         import matplotlib
@@ -103,7 +104,7 @@ def run_training(
     stage: str, config: TrainConfig, run_dir: str | Path, *, engine_config: EngineConfig | None = None
 ) -> dict[str, Any]:
     """Train ``stage`` (sft | reward | dpo | rl) and return a summary (steps, losses, timings, artefacts).
-    Online RL with ``reward_from: critic`` judges completions through ``engine_config``'s critic group. Under
+    Online RL with ``reward_from: judge`` judges completions through ``engine_config``'s judge group. Under
     ``accelerate launch`` every process trains its share and only the main process writes the artefacts."""
     config.check_stage(stage)
     if stage == "rl" and config.rl_algorithm == "ppo":  # OpenRLHF, in processes of its own
@@ -181,7 +182,7 @@ def run_training(
         return summary
     _write_metrics(rows, out)
     summary["artefacts"] = sorted(p.name for p in out.iterdir())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -189,7 +190,7 @@ def _online_reward(config: TrainConfig, root: Path, engine_config: EngineConfig 
     if config.reward_from == "reward_model":
         return str(trained_reward_model(root))
     if engine_config is None:
-        raise ConfigError("online RL with reward_from: critic needs the recipe's engine (its critic group)")
+        raise ConfigError("online RL with reward_from: judge needs the recipe's engine (its judge group)")
     return ConstitutionalReward(engine_config, root, principles=config.rl_principles, ensemble=config.rl_ensemble,
                                 seed=config.seed)
 
