@@ -85,6 +85,19 @@ def test_before_after_report_with_deltas_and_helpfulness(tmp_path: Path, server:
         assert data.startswith(b"\x89PNG") and len(data) > 5000
 
 
+def test_a_missing_helpfulness_comparison_set_stops_before_any_call(tmp_path: Path, server: TestServer) -> None:
+    """The pairwise labeller is built with the sample judge, so its principles file is read before a model is
+    asked anything (not after every answer was paid for)."""
+    server.configure(record=True)
+    before = server.stats().get("ok", 0)
+    recipe = eval_recipe(tmp_path / "run", {"a": [endpoint("a", server)], "b": [endpoint("b", server)],
+                                            "judge": [endpoint("judge", server)]}, ["a", "b"],
+                         suites=["helpfulness"], helpful_principles=str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
+        run(recipe)
+    assert server.stats().get("ok", 0) == before
+
+
 def test_a_model_that_always_fails_shows_in_the_report(tmp_path: Path, server: TestServer) -> None:
     locked = start_server()
     try:

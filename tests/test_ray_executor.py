@@ -155,7 +155,7 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(
     assert len(started) >= 3  # Ray restarted the killed actor
 
 
-def test_pairs_labels_and_evaluation_run_on_actors_with_the_local_results(
+def test_attacks_pairs_labels_and_evaluation_run_on_actors_with_the_local_results(
     tmp_path: Path, server: TestServer, ray_cluster: None
 ) -> None:
     server.configure(prefer="A")
@@ -166,21 +166,26 @@ def test_pairs_labels_and_evaluation_run_on_actors_with_the_local_results(
             "run_dir": str(run_dir), "executor": executor, "ray": {"actors": 2, "batch_size": 8},
             "engine": {"groups": {"policy": [endpoint], "m": [{**endpoint, "name": "model"}]}, "progress": "off"},
             "label": {"pairs": {"input": str(HH_PROMPTS), "id_column": "id", "limit": 24},
-                   "label": {"ensemble": 2}},
+                      "label": {"ensemble": 2}},
             "eval": {"models": [{"name": "m", "group": "m"}], "n": 4,
                      "suites": ["harmlessness", "overrefusal"]},
+            "redteam": {"seeds": ["advbench"], "n": 4, "strategies": ["direct", "encode"],
+                        "encodings": ["base64", "rot13"], "max_tokens": 16},
         })
 
     local = run(recipe(tmp_path / "local", "local"))
     remote = run(recipe(tmp_path / "ray", "ray"))
-    for part in ("rl/pairs", "rl/labels", "eval/samples"):
+    for part in ("redteam/attempts", "rl/pairs", "rl/labels", "eval/samples"):
         mine = read_shards(tmp_path / "ray" / part).drop("created_at", "latency_s", strict=False).sort("id")
         theirs = read_shards(tmp_path / "local" / part).drop("created_at", "latency_s", strict=False).sort("id")
         keep = [c for c in mine.columns if c not in ("run_id", "judgments", "endpoint")]
         assert mine.height == theirs.height > 0 and mine.select(keep).equals(theirs.select(keep))
     assert remote["stages"]["eval"]["models"] == local["stages"]["eval"]["models"]
     methods = {json.loads(line)["method"] for line in (tmp_path / "ray" / ACTORS_FILE).read_text().splitlines()}
-    assert methods == {"sample_responses", "label", "sample"}  # pairs, labels and evaluation samples ran on actors
+    # attacks, pairs, labels and evaluation samples ran on actors
+    assert methods == {"attempt", "sample_responses", "label", "sample"}
+    assert remote["stages"]["redteam"]["gaps"] == local["stages"]["redteam"]["gaps"] | {
+        "path": str(tmp_path / "ray" / "redteam" / "gaps.json")}
 
 
 def test_batch_mode_is_refused_in_one_line(tmp_path: Path, server: TestServer) -> None:

@@ -86,11 +86,17 @@ class _Item:
 
 
 class _Judge:
-    def __init__(self, engine: Engine, config: EvalConfig, guard: Guard | None = None):
+    """The evaluation's judges, all built (their principle files read) before any call: the per-sample judge and,
+    with a pairwise helpfulness comparison, its labeller (``pairwise``; None without one)."""
+
+    def __init__(self, engine: Engine, config: EvalConfig, guard: Guard | None = None, run_id: str = ""):
         self.engine = engine
         self.config = config
         self.principles = load_comparison_set(config.principles)
         self.guard = guard
+        self.pairwise = Labeller(engine, LabelConfig(
+            principles=config.helpful_principles, ensemble=1, swap=True, critic_role=config.judge_role,
+            seed=config.seed), run_id) if "helpfulness" in config.suites and len(config.models) > 1 else None
 
     async def sample(self, item: _Item) -> dict[str, Any]:
         cfg, prompt = self.config, item.prompt
@@ -145,12 +151,14 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path, *,
     todo = [i for i in items if i.id not in done]
     report = StageReport(total=len(items), skipped=len(items) - len(todo))
     roles = [config.judge_role, *(m.group for m in config.models)]
-    await write_rows(engine, todo, _Judge(engine, config, the_guard).sample, writer, report,
-                     concurrency=engine.item_concurrency(*roles), executor=executor)
+    judge = _Judge(engine, config, the_guard, out.name)
+    await write_rows(engine, todo, judge.sample, writer, report, concurrency=engine.item_concurrency(*roles),
+                     executor=executor)
     samples = read_shards(out / "samples")
     pair_report = StageReport()
-    if "helpfulness" in config.suites and len(config.models) > 1:
-        pair_report = await _pairwise(engine, config, samples, out, executor)
+    if judge.pairwise is not None:
+        pair_report = await _pairwise(judge.pairwise, config.baseline or config.models[0].name, samples, out,
+                                      executor)
     guard_metrics: dict[str, Any] | None = None
     if the_guard is not None:
         detection = await run_guard_detection(engine, the_guard, guard_prompts(config.data_dir, config.n,
@@ -168,9 +176,9 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path, *,
     return metrics
 
 
-async def _pairwise(engine: Engine, config: EvalConfig, samples: pl.DataFrame, out: Path,
+async def _pairwise(labeller: Labeller, baseline: str, samples: pl.DataFrame, out: Path,
                     executor: ItemExecutor | None) -> StageReport:
-    baseline = config.baseline or config.models[0].name
+    """Each model's helpfulness answers against ``baseline``'s to the same prompts, labelled by ``labeller``."""
     helpful = samples.filter((pl.col("suite") == "helpfulness") & (pl.col("status") == "ok"))
     by_key = {(r["model"], r["prompt_id"]): r for r in helpful.iter_rows(named=True)}
     pairs = []
@@ -180,8 +188,6 @@ async def _pairwise(engine: Engine, config: EvalConfig, samples: pl.DataFrame, o
             continue
         pairs.append(PairRow(f"{model}:{prompt_id}", prompt_id, ({"role": "user", "content": row["prompt"]},),
                              row["response"], base["response"], "eval", f"A: {model}; B: {baseline}"))
-    labeller = Labeller(engine, LabelConfig(principles=config.helpful_principles, ensemble=1, swap=True,
-                                            critic_role=config.judge_role, seed=config.seed), out.name)
     report: StageReport = await label_pairs(labeller, pairs, out / "pairwise", executor=executor)
     return report
 

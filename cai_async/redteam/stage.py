@@ -13,6 +13,7 @@ import polars as pl
 from pydantic import field_validator
 
 from backends.errors import CaiError, ConfigError
+from cai_async.constitution import ComparisonSet
 from cai_async.constitution_io import load_comparison_set
 from cai_async.engine import Engine
 from cai_async.guard.config import GuardConfig
@@ -111,6 +112,34 @@ class RedteamStageReport(StageResult):
         return self.attempts.stopped_early()
 
 
+@dataclass
+class _Attempts:
+    """One attempt and its row, on ``engine``: a method of an object holding the engine, so ``executor: ray`` runs
+    attempts on its actors, each rebound to the actor's engine."""
+
+    engine: Engine
+    config: RedteamConfig
+    principles: ComparisonSet
+    guard: Guard | None = None
+
+    async def attempt(self, item: _Item) -> dict[str, Any]:
+        """Run ``item``'s strategy on its seed; the row (conversation, verdict, calls and cost)."""
+        context = AttackContext(self.engine, self.config, self.principles, item.seed, guard=self.guard)
+        attack = await item.strategy.attack(context, item.seed, item.variant)
+        verdict = attack.verdict
+        prompt = next((m["content"] for m in reversed(attack.conversation) if m["role"] == "user"), "")
+        return {
+            "id": item.id, "status": "ok", "strategy": item.strategy.name, "variant": item.variant,
+            "seed_id": item.seed.id, "seed_source": item.seed.source, "behaviour": item.seed.behaviour,
+            "harmful": item.seed.harmful, "conversation": attack.conversation, "prompt": prompt,
+            "answer": attack.conversation[-1]["content"] if attack.conversation else "",
+            "scores": [{"principle": name, "p_good": p} for name, p in verdict.scores.items()],
+            "flagged": list(verdict.flagged), "refused": verdict.refused, "success": verdict.success,
+            "uncovered": verdict.success and item.seed.harmful is True and not verdict.flagged,
+            "iterations": attack.iterations, "steps": list(attack.steps), **context.usage(),
+        }
+
+
 async def run_redteam(engine: Engine, config: RedteamConfig, out_dir: str | Path, *,
                       guard: GuardConfig | None = None,
                       executor: ItemExecutor | None = None) -> tuple[RedteamReport, dict[str, Any]]:
@@ -133,24 +162,10 @@ async def run_redteam(engine: Engine, config: RedteamConfig, out_dir: str | Path
     todo = [item for item in items if item.id not in done]
     report = RedteamReport(total=len(items), skipped=len(items) - len(todo))
 
-    async def attempt(item: _Item) -> dict[str, Any]:
-        context = AttackContext(engine, config, principles, item.seed, guard=behind)
-        attack = await item.strategy.attack(context, item.seed, item.variant)
-        verdict = attack.verdict
-        prompt = next((m["content"] for m in reversed(attack.conversation) if m["role"] == "user"), "")
-        return {
-            "id": item.id, "status": "ok", "strategy": item.strategy.name, "variant": item.variant,
-            "seed_id": item.seed.id, "seed_source": item.seed.source, "behaviour": item.seed.behaviour,
-            "harmful": item.seed.harmful, "conversation": attack.conversation, "prompt": prompt,
-            "answer": attack.conversation[-1]["content"] if attack.conversation else "",
-            "scores": [{"principle": name, "p_good": p} for name, p in verdict.scores.items()],
-            "flagged": list(verdict.flagged), "refused": verdict.refused, "success": verdict.success,
-            "uncovered": verdict.success and item.seed.harmful is True and not verdict.flagged,
-            "iterations": attack.iterations, "steps": list(attack.steps), **context.usage(),
-        }
-
-    await write_rows(engine, todo, attempt, writer, report, concurrency=engine.item_concurrency(*roles),
-                     executor=executor)
+    attempts = _Attempts(engine, config, principles, behind)
+    # the guard holds this process's engine: attempts behind it run here; the others can run on Ray actors
+    await write_rows(engine, todo, attempts.attempt, writer, report, concurrency=engine.item_concurrency(*roles),
+                     executor=executor if behind is None else None)
     rows = read_shards(out / "attempts").to_dicts()
     gaps = principle_gaps(rows, [p.name for p in principles.principles])
     write_json(out / "gaps.json", gaps)
