@@ -85,9 +85,10 @@ def renamed_sections(data: dict[str, Any], *, source: str, replace: bool = False
 
 
 def _deep_merge(base: Any, over: Any) -> Any:
+    """``over`` laid over ``base`` (plain data, as overrides see a recipe), key by key at every depth."""
     if not isinstance(over, dict):
         return over
-    merged = dict(base.model_dump(mode="json") if isinstance(base, BaseModel) else base or {})
+    merged = dict(base) if isinstance(base, dict) else {}
     for key, value in over.items():
         merged[key] = _deep_merge(merged.get(key), value) if isinstance(value, dict) else value
     return merged

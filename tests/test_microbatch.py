@@ -37,6 +37,12 @@ def run(main: Callable[[], Awaitable[Any]]) -> Any:
     return anyio.run(bounded)
 
 
+def held_first_batch() -> tuple[Recorder, MicroBatcher[Any, Any], dict[Any, Any]]:
+    """Batches of at most 4, one at a time, the first held at its gate; and the results by item."""
+    fn = Recorder(1)
+    return fn, MicroBatcher(fn, max_batch=4, limiter=anyio.CapacityLimiter(1)), {}
+
+
 async def collect(batcher: MicroBatcher[Any, Any], results: dict[Any, Any], item: Any) -> None:
     try:
         results[item] = await batcher.submit(item)
@@ -45,9 +51,7 @@ async def collect(batcher: MicroBatcher[Any, Any], results: dict[Any, Any], item
 
 
 def test_batches_hold_at_most_max_batch_items_and_each_caller_gets_its_own() -> None:
-    fn = Recorder(1)
-    batcher = MicroBatcher(fn, max_batch=4, limiter=anyio.CapacityLimiter(1))
-    results: dict[int, int] = {}
+    fn, batcher, results = held_first_batch()
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -131,9 +135,7 @@ def test_a_failed_batch_reaches_every_caller_and_an_items_own_error_only_its_cal
 
 
 def test_a_caller_cancelled_while_queued_leaves_the_queue() -> None:
-    fn = Recorder(1)
-    batcher = MicroBatcher(fn, max_batch=4, limiter=anyio.CapacityLimiter(1))
-    results: dict[int, int] = {}
+    fn, batcher, results = held_first_batch()
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:

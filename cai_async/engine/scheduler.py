@@ -224,7 +224,8 @@ class Engine:
         if role in self._groups:
             return self._groups[role]
         names = [e.name for e in self.config.group(role)]
-        return [self._endpoints[name] for name in names]
+        self._groups[role] = resolved = [self._endpoints[name] for name in names]  # looked up once per role
+        return resolved
 
     def item_concurrency(self, *roles: str) -> int:
         """How many multi-call items (chains, pairs) to keep in flight for ``roles``: the engine's cap; with a

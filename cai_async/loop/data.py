@@ -15,19 +15,23 @@ from backends.errors import ConfigError
 from backends.types import ChatRequest
 from cai_async.engine import Engine
 from cai_async.judging import refused_by_rule
+from cai_async.loop.config import LoopConfig
 from cai_async.redteam.config import RedteamConfig
-from cai_async.redteam.seeds import Seed
+from cai_async.redteam.seeds import Seed, load_seeds
 from cai_async.store import read_json, read_shards, write_json, write_jsonl
 
 __all__ = [
     "LOOP_FILE",
     "LoopState",
     "attack_prompts",
+    "fresh_seeds",
     "near_miss",
     "pick_fresh",
     "pick_heldout",
     "read_seed_file",
     "replayed",
+    "seed_file_redteam",
+    "seed_pool",
     "write_seed_file",
 ]
 
@@ -113,6 +117,22 @@ def pick_heldout(pool: Sequence[Seed], count: int, *, seed: int) -> list[Seed]:
         raise ConfigError(f"loop.heldout is {count}, but the redteam section gives {len(pool)} seed behaviours in "
                           "all: lower loop.heldout or add seeds (redteam.seeds, redteam.input, redteam.n: null)")
     return sorted(random.Random(f"heldout:{seed}").sample(list(pool), count), key=lambda s: s.id)
+
+
+def seed_pool(redteam: RedteamConfig) -> list[Seed]:
+    """Every seed behaviour the redteam section gives (each bundled set whole): the held-out and the fresh seeds
+    are drawn from it."""
+    return load_seeds(redteam.model_copy(update={"n": None}))
+
+
+def fresh_seeds(pool: Sequence[Seed], heldout: Sequence[Seed], used: set[str], loop: LoopConfig,
+                redteam: RedteamConfig, *, round_index: int) -> list[Seed]:
+    """Round ``round_index``'s fresh seeds: never a held-out one, ``loop.seeds_per_round`` (default
+    ``redteam.n``, else all) drawn from those no earlier round ``used``."""
+    held = {s.id for s in heldout}
+    rest = [s for s in pool if s.id not in held]
+    count = loop.seeds_per_round or redteam.n or len(rest)
+    return pick_fresh(rest, used, count, seed=loop.seed, round_index=round_index)
 
 
 def pick_fresh(pool: Sequence[Seed], used: set[str], count: int, *, seed: int, round_index: int) -> list[Seed]:

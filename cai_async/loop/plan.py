@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from cai_async.loop.config import TRAINED_GROUP, LoopConfig, loop_eval_config
-from cai_async.loop.data import pick_fresh, pick_heldout, seed_file_redteam, write_seed_file
+from cai_async.loop.data import fresh_seeds, pick_heldout, seed_file_redteam, seed_pool, write_seed_file
 from cai_async.plan import SUMMED, plan_recipe, plan_row
 from cai_async.recipes import Recipe
 from cai_async.redteam.config import RedteamConfig
-from cai_async.redteam.seeds import load_seeds
 from cai_async.redteam.stage import attempt_items
 from cai_async.stages.unit import StagePlan
 
@@ -42,25 +41,22 @@ def plan_loop(recipe: Recipe, loop: LoopConfig) -> dict[str, Any]:
     them (the held-out set, then round 0's fresh seeds)."""
     redteam: RedteamConfig = recipe.redteam  # type: ignore[attr-defined]  # a registered stage's section
     guarded = recipe.guard is not None and loop.attack_guarded
-    pool = load_seeds(redteam.model_copy(update={"n": None}))
+    pool = seed_pool(redteam)
     heldout_seeds = pick_heldout(pool, loop.heldout, seed=loop.seed)
-    held = {s.id for s in heldout_seeds}
-    rest = [s for s in pool if s.id not in held]
-    fresh_seeds = pick_fresh(rest, set(), loop.seeds_per_round or redteam.n or len(rest), seed=loop.seed,
-                             round_index=0)
+    round_seeds = fresh_seeds(pool, heldout_seeds, set(), loop, redteam, round_index=0)
     with tempfile.TemporaryDirectory() as folder:
         heldout = seed_file_redteam(redteam, write_seed_file(Path(folder) / "heldout.jsonl", heldout_seeds),
                                     redteam.target, loop.heldout_strategies)
-        fresh = seed_file_redteam(redteam, write_seed_file(Path(folder) / "seeds.jsonl", fresh_seeds),
+        fresh = seed_file_redteam(redteam, write_seed_file(Path(folder) / "seeds.jsonl", round_seeds),
                                   redteam.target)
         start = _attacks(recipe, "start", heldout, guarded)
         rows = _attacks(recipe, "round", fresh, guarded)
-    attempts = len(attempt_items(fresh, fresh_seeds))
+    attempts = len(attempt_items(fresh, round_seeds))
     if loop.near_misses:
         role = redteam.attacker if redteam.attacker in recipe.engine.groups else redteam.judge_role
         near = StagePlan("round/prompts", role, notes=["one benign near-miss per attacked behaviour"])
-        near.add(len(fresh_seeds), sum(len(s.behaviour) // 4 + 80 for s in fresh_seeds),
-                 len(fresh_seeds) * loop.near_miss_max_tokens)
+        near.add(len(round_seeds), sum(len(s.behaviour) // 4 + 80 for s in round_seeds),
+                 len(round_seeds) * loop.near_miss_max_tokens)
         rows.append(plan_row(near, recipe.engine.groups.get(role, [])))
     prompts = min(loop.max_attack_prompts or attempts, attempts)
     if recipe.sl is not None:

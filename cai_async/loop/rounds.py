@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -36,17 +36,17 @@ from cai_async.loop.config import START, START_GROUP, TRAINED_GROUP, LoopConfig,
 from cai_async.loop.data import (
     LoopState,
     attack_prompts,
+    fresh_seeds,
     near_miss,
-    pick_fresh,
     pick_heldout,
     read_seed_file,
     replayed,
     seed_file_redteam,
+    seed_pool,
     write_seed_file,
 )
 from cai_async.recipes import Recipe, run_recipe
 from cai_async.redteam.config import RedteamConfig
-from cai_async.redteam.seeds import load_seeds
 from cai_async.stages.common import gather_calls
 from cai_async.stages.unit import StageResult
 from cai_async.store import read_json, write_jsonl
@@ -135,12 +135,9 @@ class _Loop:
         path = self.root / "heldout.jsonl"
         if path.is_file():
             return read_seed_file(path)
-        heldout = pick_heldout(self._pool(), self.loop.heldout, seed=self.loop.seed)
+        heldout = pick_heldout(seed_pool(self.redteam), self.loop.heldout, seed=self.loop.seed)
         write_seed_file(path, heldout)
         return heldout
-
-    def _pool(self) -> list[Any]:
-        return load_seeds(self.redteam.model_copy(update={"n": None}))
 
     def _redteam(self, seeds_file: Path, target: str, strategies: list[str] | None = None) -> RedteamConfig:
         return seed_file_redteam(self.redteam, seeds_file, target, strategies)
@@ -168,7 +165,7 @@ class _Loop:
             behind = await self._run(run_dir / "guarded", engine, redteam=config.model_copy(
                 update={"through_guard": True}), guard=guard)
             found["guarded"] = _gaps(run_dir / "guarded")
-            found["usage"] = _added(found["usage"], behind["usage"])
+            found["usage"] = _summed([found["usage"], behind["usage"]])
             found["failed"] += behind["failed"]
         return found
 
@@ -215,10 +212,8 @@ class _Loop:
 
     async def _step_redteam(self, k: int, out: Path) -> dict[str, Any]:
         used = {s.id for j in range(k) for s in read_seed_file(self.root / f"round-{j}" / "seeds.jsonl")}
-        held = {s.id for s in self.heldout_seeds()}
-        pool = [s for s in self._pool() if s.id not in held]
-        count = self.loop.seeds_per_round or self.redteam.n or len(pool)
-        seeds = pick_fresh(pool, used, count, seed=self.loop.seed, round_index=k)
+        seeds = fresh_seeds(seed_pool(self.redteam), self.heldout_seeds(), used, self.loop, self.redteam,
+                            round_index=k)
         write_seed_file(out / "seeds.jsonl", seeds)
         found = await self._attack(out, self._engine(k), self._redteam(out / "seeds.jsonl", "policy"), self._guard(k))
         full, guarded = found["gaps"], found["guarded"]
@@ -360,7 +355,7 @@ class _Loop:
 
     def _metrics(self, k: int) -> dict[str, Any]:
         steps = self.state.round(k)["steps"]
-        usage = [s.get("usage") or {} for s in steps.values()]
+        usage = _summed(s.get("usage") or {} for s in steps.values())
         return {
             "heldout_asr": steps["heldout"]["asr"], "fresh_asr": steps["redteam"]["asr"],
             "heldout_asr_guarded": steps["heldout"].get("guarded_asr"),
@@ -369,8 +364,7 @@ class _Loop:
             "revision_change": steps["data"].get("revision_change", {}),
             "changes_little": steps["data"].get("changes_little", []),
             "xstest_refusal": steps["eval"]["xstest_refusal"], "helpful_win_rate": steps["eval"]["helpful_win_rate"],
-            "cost_usd": round(sum(float(u.get("cost_usd") or 0) for u in usage), 6),
-            "calls": sum(int(u.get("calls") or 0) for u in usage),
+            "cost_usd": usage["cost_usd"], "calls": usage["calls"],
             "seconds": {name: s["seconds"] for name, s in steps.items()},
             "model": steps["train"]["model"],
         }
@@ -423,17 +417,16 @@ def _helpful_rows(helpful: HelpfulMixConfig) -> list[Any]:
     return rows[: helpful.limit] if helpful.limit else rows
 
 
+def _summed(usages: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Calls, tokens and dollars of several usage records together."""
+    usages = list(usages)
+    return {"calls": sum(int(u.get("calls") or 0) for u in usages),
+            "tokens": sum(int(u.get("tokens") or 0) for u in usages),
+            "cost_usd": round(sum(float(u.get("cost_usd") or 0) for u in usages), 6)}
+
+
 def _usage(summary: dict[str, Any]) -> dict[str, Any]:
-    stages = [s.get("usage") or {} for s in summary["stages"].values() if isinstance(s, dict)]
-    return {"calls": sum(int(u.get("calls") or 0) for u in stages),
-            "tokens": sum(int(u.get("tokens") or 0) for u in stages),
-            "cost_usd": round(sum(float(u.get("cost_usd") or 0) for u in stages), 6)}
-
-
-def _added(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    return {"calls": int(first.get("calls") or 0) + int(second.get("calls") or 0),
-            "tokens": int(first.get("tokens") or 0) + int(second.get("tokens") or 0),
-            "cost_usd": round(float(first.get("cost_usd") or 0) + float(second.get("cost_usd") or 0), 6)}
+    return _summed(s.get("usage") or {} for s in summary["stages"].values() if isinstance(s, dict))
 
 
 def _behind(guarded: dict[str, Any] | None) -> str:
