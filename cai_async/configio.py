@@ -236,11 +236,12 @@ def _problems(model: type[BaseModel], exc: ValidationError) -> list[str]:
     return lines
 
 
-def validate(model: type[M], data: Mapping[str, Any], *, source: str = "config") -> M:
-    """Validate ``data`` into ``model``; every problem is listed with its key path (the first
-    :data:`MAX_ERRORS`, then how many more)."""
+def validate(model: type[M], data: Mapping[str, Any], *, source: str = "config",
+             context: Mapping[str, Any] | None = None) -> M:
+    """Validate ``data`` into ``model`` (``context``: pydantic's validation context); every problem is listed
+    with its key path (the first :data:`MAX_ERRORS`, then how many more)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         lines = _problems(model, exc)
         if len(lines) > MAX_ERRORS:

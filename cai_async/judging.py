@@ -1,4 +1,4 @@
-"""Judging with a critic model: the multiple-choice questions (a pair of responses, or one response), the answer
+"""Judging with a judge model: the multiple-choice questions (a pair of responses, or one response), the answer
 prefix, reading a chain-of-thought answer, the position swap, pairwise and single-response scoring through the
 engine, Wilson intervals for the rates judged, and the rule-based refusal check (an XSTest-style string match).
 The labeller, label quality, evaluation, red-teaming and online rewards all judge through this module, so a
@@ -61,7 +61,7 @@ _COT_INSTRUCTION = (
 
 
 class CotConfig(StrictModel):
-    """Chain-of-thought labels: the critic reasons, then answers; the answer is clamped to ``band``."""
+    """Chain-of-thought labels: the judge reasons, then answers; the answer is clamped to ``band``."""
 
     enabled: bool = False
     band: tuple[float, float] = (0.4, 0.6)
@@ -198,7 +198,7 @@ def combine_orders(p_ab: float | None, p_ba: float | None) -> tuple[float | None
 
 @dataclass
 class Judgment:
-    """One pairwise question put to the critic: the principle, the order the responses were shown in
+    """One pairwise question put to the judge: the principle, the order the responses were shown in
     (``AB`` or ``BA``), P(A better) re-mapped to the pair's own order (``None``: abstained), P(first shown),
     how it was read (the backend's scoring method, ``cot`` or ``abstained``), the reasoning and the call."""
 

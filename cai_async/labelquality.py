@@ -169,7 +169,7 @@ def _markdown(metrics: dict[str, Any], model: str) -> str:
     main = metrics["variants"][0]
     if main["chance_level"]:
         lines += ["", f"**The labels are indistinguishable from chance**: 50% lies inside the 95% interval of the "
-                      f"accuracy ({main['accuracy']:.1%}). Expected from a very small model; use a stronger critic "
+                      f"accuracy ({main['accuracy']:.1%}). Expected from a very small model; use a stronger judge "
                       "before training on these labels."]
     else:
         lines += ["", f"Accuracy {main['accuracy']:.1%} is above chance (the 95% interval excludes 50%)."]

@@ -83,13 +83,14 @@ HUB = {
 """The sliced files' full sets on the Hub, by the bundled file's relative path."""
 
 
-def hub_frame(relpath: str, *, what: str) -> pl.DataFrame:
-    """The full set behind the bundled ``relpath``, loaded by name through ``datasets`` (cached by it)."""
+def hub_frame(relpath: str, *, what: str, key: str = "eval.data_dir") -> pl.DataFrame:
+    """The full set behind the bundled ``relpath``, loaded by name through ``datasets`` (cached by it); ``key``
+    is the recipe key that chose the Hub, named in the errors."""
     import polars as pl
 
     spec = HUB.get(relpath)
     if spec is None:
-        raise ConfigError(f"{what}: no Hugging Face Hub copy of {relpath} is known; set eval.data_dir to a folder "
+        raise ConfigError(f"{what}: no Hugging Face Hub copy of {relpath} is known; set {key} to a folder "
                           f"holding it ({SOURCES.get(relpath, relpath)})")
     try:
         import datasets
@@ -100,7 +101,7 @@ def hub_frame(relpath: str, *, what: str) -> pl.DataFrame:
     except Exception as exc:  # network, authentication, a moved set: all end the same way for the user
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ConfigError(f"{what}: could not load {spec.repo} from the Hugging Face Hub ({type(exc).__name__}: "
-                          f"{reason}); check the network, or set eval.data_dir to a folder with "
+                          f"{reason}); check the network, or set {key} to a folder with "
                           f"{SOURCES[relpath]}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
@@ -112,18 +113,26 @@ def hub_frame(relpath: str, *, what: str) -> pl.DataFrame:
     return spec.derive(frame) if spec.derive is not None else frame
 
 
-def read_public(relpath: str, data_dir: str | Path | None, *, what: str) -> pl.DataFrame:
+def read_public(relpath: str, data_dir: str | Path | None, *, what: str, columns: tuple[str, ...] = (),
+                key: str = "eval.data_dir") -> pl.DataFrame:
     """The file ``relpath`` of a data folder: the bundled slice (``data_dir`` None), the full set from the Hub
-    (``hub``; files bundled whole come from the bundle), or ``data_dir/relpath`` (JSONL or CSV). A missing file
-    is one line naming ``what`` and how to get it."""
+    (``hub``; files bundled whole come from the bundle), or ``data_dir/relpath`` (JSONL or CSV). A missing file,
+    or one without the ``columns`` the caller reads, is one line naming ``what``, the recipe ``key`` that chose
+    the folder, and how to get the file."""
     import polars as pl
 
     if data_dir == HUB_DIR and relpath not in WHOLE:
-        return hub_frame(relpath, what=what)
-    root = BUNDLED if data_dir is None or data_dir == HUB_DIR else Path(data_dir)
-    path = root / relpath
-    if not path.is_file():
-        raise ConfigError(f"{what}: {path} not found; put {SOURCES.get(relpath, relpath)} there, set "
-                          "eval.data_dir: hub (the full sets from the Hugging Face Hub), or leave eval.data_dir "
-                          "unset (the slices bundled with cai-async)")
-    return pl.read_ndjson(path) if path.name.endswith(".jsonl") else pl.read_csv(path)
+        frame = hub_frame(relpath, what=what, key=key)
+    else:
+        root = BUNDLED if data_dir is None or data_dir == HUB_DIR else Path(data_dir)
+        path = root / relpath
+        if not path.is_file():
+            raise ConfigError(f"{what}: {path} not found; put {SOURCES.get(relpath, relpath)} there, set "
+                              f"{key}: hub (the full sets from the Hugging Face Hub), or leave {key} unset (the "
+                              "slices bundled with cai-async)")
+        frame = pl.read_ndjson(path) if path.name.endswith(".jsonl") else pl.read_csv(path)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"{what}: {relpath} needs the columns {', '.join(columns)}; missing {', '.join(missing)} "
+                          f"(the layout of {SOURCES.get(relpath, relpath)})")
+    return frame

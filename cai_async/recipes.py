@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from backends.deprecation import renamed
+from backends.deprecation import OVERRIDES, renamed
 from backends.errors import ConfigError, RunStopped
 from cai_async.configio import apply_overrides, read_mapping, validate
 from cai_async.engine import JUDGE, OLD_JUDGE, Engine, EngineConfig
@@ -199,7 +199,8 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = (), *, witho
             recipe.guard.constitution = resolve_path(base, recipe.guard.constitution)
     if overrides:
         data = apply_overrides(recipe.model_dump(mode="json"), overrides)
-        recipe = validate(Recipe, lift_method_keys(data, source=str(path), replace=True), source=str(path))
+        recipe = validate(Recipe, lift_method_keys(data, source=str(path), replace=True), source=str(path),
+                          context={OVERRIDES: True})
     return recipe
 
 

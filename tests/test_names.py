@@ -54,7 +54,7 @@ def test_every_role_that_judges_defaults_to_the_judge_group() -> None:
     recipe = Recipe.model_validate({"sl": {"input": "p.jsonl"}, "label": {}, "redteam": {}, "guard": {},
                                     "eval": {"models": [{"name": "m", "group": "policy"}]}})
     assert recipe.sl is not None and recipe.label is not None and recipe.eval is not None and recipe.guard
-    assert {recipe.sl.critic_role, recipe.label.label.critic_role, recipe.eval.judge_role,
+    assert {recipe.sl.critic_role, recipe.label.label.judge_role, recipe.eval.judge_role,
             recipe.redteam.judge_role, recipe.guard.judge_role, recipe.guard.train.generate_role} == {JUDGE}
     assert TrainConfig().reward_from == JUDGE
 
@@ -92,3 +92,23 @@ def test_the_label_key_and_its_old_name_rl(tmp_path: Path, caplog: pytest.LogCap
         assert overridden.label.pairs.source == "sl"
     in_code = Recipe.model_validate({"rl": section})  # the Python API reads the old key too
     assert in_code.label == new.label and in_code.rl is in_code.label
+
+
+def test_the_labellers_judge_role_and_its_old_name_critic_role(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    section = {"pairs": {"source": "sl"}, "label": {"critic_role": "big"}}
+    with caplog.at_level(logging.WARNING, logger="backends.deprecation"):
+        old = load_recipe(write(tmp_path, {"label": section}))
+        assert old.label is not None and old.label.label.judge_role == "big"
+        assert renamed_lines(caplog) == [
+            "label.label: 'critic_role' is now called 'judge_role'; the old name still works (rename it to silence "
+            "this line)"]
+        new = load_recipe(write(tmp_path, {"label": {**section, "label": {"judge_role": "big"}}}))
+        assert new.label == old.label and "critic_role" not in new.model_dump()["label"]["label"]
+        overridden = load_recipe(write(tmp_path, {"label": {"pairs": {"source": "sl"}}}),
+                                 ["label.label.critic_role=other"])  # --set under the old name
+        assert overridden.label is not None and overridden.label.label.judge_role == "other"
+    assert len(renamed_lines(caplog)) == 1  # once per process
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, {"label": {**section, "label": {"critic_role": "a", "judge_role": "b"}}}))
+    assert "label.label" in str(info.value) and "critic_role and judge_role are both given" in str(info.value)

@@ -117,3 +117,28 @@ def test_missing_suite_data_is_one_line_naming_the_suite(tmp_path: Path, server:
     assert "eval suite 'overrefusal'" in line and f"{tmp_path / 'empty' / 'xstest' / 'xstest_prompts.csv'}" in line
     assert "eval.data_dir: hub" in line and "Traceback" not in out.stderr
     assert server.stats().get("requests", 0) == 0  # nothing was asked of a model
+
+
+def test_redteam_data_folder_with_wrong_columns_is_one_line_naming_its_key(tmp_path: Path) -> None:
+    """A red-team data folder whose files miss the columns read (or the files) is one ConfigError that names the
+    columns and ``redteam.data_dir``, not a polars error from deep inside the seed draw."""
+    from cai_async.redteam.config import RedteamConfig
+    from cai_async.redteam.seeds import load_seeds
+    from cai_async.redteam.transforms import jailbreak_templates
+
+    (tmp_path / "advbench").mkdir()
+    (tmp_path / "advbench" / "harmful_behaviors.csv").write_text("behaviour,target\nx,y\n")
+    with pytest.raises(ConfigError) as info:
+        load_seeds(RedteamConfig(data_dir=str(tmp_path)))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("redteam seeds: advbench/harmful_behaviors.csv needs the "
+                                                      "columns goal; missing goal")
+    (tmp_path / "gptfuzz").mkdir()
+    (tmp_path / "gptfuzz" / "GPTFuzzer.csv").write_text("id,template\n1,x\n")
+    with pytest.raises(ConfigError, match=re.escape("redteam strategy 'template': gptfuzz/GPTFuzzer.csv needs the "
+                                                    "columns text; missing text")):
+        jailbreak_templates(str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        load_seeds(RedteamConfig(data_dir=str(tmp_path), seeds=["hh_rlhf"]))
+    message = str(info.value)
+    assert "not found" in message and "set redteam.data_dir: hub" in message and "eval.data_dir" not in message

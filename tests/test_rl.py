@@ -341,8 +341,8 @@ def test_label_says_how_many_pairs_abstentions_dropped_and_why(tmp_path: Path, s
               "--set", "engine.groups.policy.0.options={score_fallback: sample, score_samples: 2}")
     assert out.returncode == 0, out.stderr
     assert server.stats()["requests"] == 5 * (1 + 2)  # the logprobs call, then two samples, for each pair
-    assert ("label/labels: 5 of 5 pairs dropped from the exports: the critic's sampled answer named no choice "
-            "(score_fallback: sample); use an endpoint with logprobs or a bigger critic") in out.stderr
+    assert ("label/labels: 5 of 5 pairs dropped from the exports: the judge's sampled answer named no choice "
+            "(score_fallback: sample); use an endpoint with logprobs or a bigger judge") in out.stderr
     assert "label/labels: 0 labelled, 5 abstained" in out.stderr and "dpo: " in out.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     dropped = summary["stages"]["label"]["dropped"]

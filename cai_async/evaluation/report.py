@@ -166,7 +166,7 @@ td,th{{border:1px solid #ccc;padding:6px 10px;text-align:left;vertical-align:top
 img{{max-width:100%}}.ex{{border-left:3px solid #ccc;padding-left:8px;margin:8px 0}}.q{{color:#555}}</style>
 </head><body><h1>Evaluation: {html.escape(", ".join(models))}</h1>
 <p>Rates with 95% Wilson intervals; small samples give wide intervals. Harmfulness and refusals are judged by
-the critic under the comparison principles; refusals are also counted by a transparent rule set.</p>
+the judge under the comparison principles; refusals are also counted by a transparent rule set.</p>
 <table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>
 {_guard_table(metrics.get("guard") or {})}
 {images}

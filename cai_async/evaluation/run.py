@@ -95,7 +95,7 @@ class _Judge:
         self.principles = load_comparison_set(config.principles)
         self.guard = guard
         self.pairwise = Labeller(engine, LabelConfig(
-            principles=config.helpful_principles, ensemble=1, swap=True, critic_role=config.judge_role,
+            principles=config.helpful_principles, ensemble=1, swap=True, judge_role=config.judge_role,
             seed=config.seed), run_id) if "helpfulness" in config.suites and len(config.models) > 1 else None
 
     async def sample(self, item: _Item) -> dict[str, Any]:

@@ -38,12 +38,7 @@ def _id(*parts: str) -> str:
 
 
 def _need(data_dir: str | Path | None, relpath: str, suite: str, columns: tuple[str, ...]) -> pl.DataFrame:
-    frame = read_public(relpath, data_dir, what=f"eval suite {suite!r}")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ConfigError(f"eval suite {suite!r}: {relpath} needs the columns {', '.join(columns)}; "
-                          f"missing {', '.join(missing)}")
-    return frame
+    return read_public(relpath, data_dir, what=f"eval suite {suite!r}", columns=columns)
 
 
 def _sample(items: list[EvalPrompt], n: int | None, seed: int) -> list[EvalPrompt]:

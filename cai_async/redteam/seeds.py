@@ -51,11 +51,13 @@ def load_seeds(config: RedteamConfig) -> list[Seed]:
     seeds: list[Seed] = []
     what = "redteam seeds"
     if "advbench" in config.seeds:
-        goals = read_public("advbench/harmful_behaviors.csv", config.data_dir, what=what)["goal"].to_list()
+        goals = read_public("advbench/harmful_behaviors.csv", config.data_dir, what=what,
+                            columns=("goal",), key="redteam.data_dir")["goal"].to_list()
         seeds += _sample([Seed(seed_id("advbench", g), g, True, "advbench") for g in dict.fromkeys(goals)],
                          config.n, config.seed)
     if "hh_rlhf" in config.seeds:
-        turns = read_public(HH_TURNS, config.data_dir, what=what)["prompt"].to_list()
+        turns = read_public(HH_TURNS, config.data_dir, what=what, columns=("prompt",),
+                            key="redteam.data_dir")["prompt"].to_list()
         seeds += _sample([Seed(seed_id("hh", t), t, None, "hh-rlhf") for t in dict.fromkeys(turns)],
                          config.n, config.seed)
     if config.input:

@@ -69,7 +69,7 @@ def _clip(text: Any) -> str:
 
 def suggestion_request(failures: list[dict[str, Any]], principles: list[tuple[str, str]] | None = None, *,
                        examples: int = 20) -> list[dict[str, str]]:
-    """The critic's messages: the constitution's principles (name, question), the first ``examples`` failures
+    """The drafter's messages: the constitution's principles (name, question), the first ``examples`` failures
     (behaviour, attack, answer), and the answer format (one YAML block)."""
     lines = [
         "You help maintain the constitution of an AI assistant: principles, each with a critique request (asks "
@@ -114,16 +114,16 @@ def parse_principle(text: str) -> Principle:
     except yaml.YAMLError:
         data = None
     if not isinstance(data, dict):
-        raise ConfigError(f"the critic's answer is not a YAML/JSON principle (name, critique, revision): {excerpt}")
+        raise ConfigError(f"the drafter's answer is not a YAML/JSON principle (name, critique, revision): {excerpt}")
     named = {_ALIASES.get(str(key), str(key)): value for key, value in data.items()}
     missing = [key for key in _KEYS if key not in named]
     extra = sorted(set(named) - set(_KEYS))
     if missing or extra or len(named) != len(data):
         problem = ", ".join([*(f"no {k}" for k in missing), *(f"unknown key {k}" for k in extra)]) or "a key twice"
-        raise ConfigError(f"the critic's principle is malformed ({problem}): {excerpt}")
+        raise ConfigError(f"the drafter's principle is malformed ({problem}): {excerpt}")
     blank = [key for key in _KEYS if not isinstance(named[key], str) or not named[key].strip()]
     if blank:
-        raise ConfigError(f"the critic's principle is malformed ({', '.join(blank)} not a non-blank text): "
+        raise ConfigError(f"the drafter's principle is malformed ({', '.join(blank)} not a non-blank text): "
                           f"{excerpt}")
     name, critique, revision = (" ".join(str(named[key]).split()) for key in _KEYS)
     return Principle(name=name, critique=critique, revision=revision)

@@ -58,9 +58,8 @@ PERSONAS = {
 @lru_cache(maxsize=8)
 def jailbreak_templates(data_dir: str | None) -> tuple[str, ...]:
     """The GPTFuzz jailbreak templates (``gptfuzz/GPTFuzzer.csv``, column ``text``) of a data folder."""
-    frame = read_public("gptfuzz/GPTFuzzer.csv", data_dir, what="redteam strategy 'template'")
-    if "text" not in frame.columns:
-        raise ConfigError("redteam strategy 'template': gptfuzz/GPTFuzzer.csv has no text column")
+    frame = read_public("gptfuzz/GPTFuzzer.csv", data_dir, what="redteam strategy 'template'",
+                        columns=("text",), key="redteam.data_dir")
     return tuple(t for t in frame["text"].to_list() if PLACEHOLDER in t)
 
 

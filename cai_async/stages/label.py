@@ -1,7 +1,7 @@
-"""AI-feedback preference labels (RL-CAI): each pair is put to the ``critic`` group as a multiple-choice
+"""AI-feedback preference labels (RL-CAI): each pair is put to the ``judge`` group as a multiple-choice
 question per comparison principle, P(A) and P(B) are read from the backend's choice scoring (logprobs or
 logits; sampling where an endpoint has none, said in the row), both orders are scored and averaged
-(position swap), and M principles are ensembled. In chain-of-thought mode the critic reasons first; its
+(position swap), and M principles are ensembled. In chain-of-thought mode the judge reasons first; its
 parsed answer becomes a probability clamped to a band, and an unparseable answer is an abstention."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 
+from backends.deprecation import renamed_keys
 from backends.errors import CaiError, PermanentError
 from backends.strict import StrictModel
 from cai_async.constitution import ComparisonPrinciple, ComparisonSet, draw_principles
@@ -99,10 +100,16 @@ class LabelConfig(StrictModel):
     cot: CotConfig = Field(default_factory=CotConfig)
     answer_prefix: str = ANSWER_PREFIX
     """Where the backend can continue an assistant turn (llama.cpp in-process; ``prefill`` endpoints)."""
-    critic_role: str = JUDGE
+    judge_role: str = JUDGE
+    """The group that judges the pairs (``critic_role``: its old name, still read with one line)."""
     seed: int = 0
     shard_rows: int = Field(default=64, ge=1)
     flush_every_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any, info: ValidationInfo) -> Any:
+        return renamed_keys(data, {"critic_role": "judge_role"}, where="label.label", context=info.context)
 
 
 @dataclass
@@ -134,7 +141,7 @@ class Labeller:
 
     async def _judge(self, pair: PairRow, principle: ComparisonPrinciple, order: str) -> Judgment:
         cfg = self.config
-        return await judge_pair(self.engine, cfg.critic_role, pair.messages, principle, pair.response_a,
+        return await judge_pair(self.engine, cfg.judge_role, pair.messages, principle, pair.response_a,
                                 pair.response_b, order, cot=cfg.cot, answer_prefix=cfg.answer_prefix, seed=cfg.seed)
 
     def _base(self, pair: PairRow) -> dict[str, Any]:
@@ -155,7 +162,7 @@ class Labeller:
                                 mode="weighted" if self.principles.draw != "priority" else "priority")
         slots = [(principle, order) for principle in drawn for order in (("AB", "BA") if cfg.swap else ("AB",))]
         outcomes = await gather_calls([partial(self._judge, pair, *slot) for slot in slots],
-                                      together=self.engine.item_concurrency(cfg.critic_role) > 1)
+                                      together=self.engine.item_concurrency(cfg.judge_role) > 1)
         errors = [o for o in outcomes if isinstance(o, CaiError)]
         for error in errors:
             if not isinstance(error, PermanentError):
@@ -192,16 +199,16 @@ class Labeller:
 
 
 def abstention_reason(config: LabelConfig, *, sampled: bool) -> str:
-    """Why the critic's answers named no choice, and what to do, for the line that counts the pairs an export
-    lost to abstentions. ``sampled``: the critic's endpoints sample answers (``score_fallback: sample``)."""
+    """Why the judge's answers named no choice, and what to do, for the line that counts the pairs an export
+    lost to abstentions. ``sampled``: the judge's endpoints sample answers (``score_fallback: sample``)."""
     if config.cot.enabled:
-        return ("the critic's reasoned answer named no choice (cot); raise label.label.cot.max_tokens so it reaches "
-                "its answer, or use a bigger critic")
+        return ("the judge's reasoned answer named no choice (cot); raise label.label.cot.max_tokens so it reaches "
+                "its answer, or use a bigger judge")
     if sampled:
-        return ("the critic's sampled answer named no choice (score_fallback: sample); use an endpoint with "
-                "logprobs or a bigger critic")
-    return ("no choice was among the critic's top logprobs; raise the endpoint's top_logprobs, check "
-            "label.label.answer_prefix, or use a bigger critic")
+        return ("the judge's sampled answer named no choice (score_fallback: sample); use an endpoint with "
+                "logprobs or a bigger judge")
+    return ("no choice was among the judge's top logprobs; raise the endpoint's top_logprobs, check "
+            "label.label.answer_prefix, or use a bigger judge")
 
 
 def dropped_pairs(labels_dir: str | Path, *, min_confidence: float = 0.5) -> dict[str, int]:
@@ -254,6 +261,6 @@ async def label_pairs(
             report.labelled += 1
 
     await write_rows(engine, todo, labeller.label, writer, report, count=count,
-                     concurrency=engine.item_concurrency(config.critic_role), executor=executor)
+                     concurrency=engine.item_concurrency(config.judge_role), executor=executor)
     return report
 

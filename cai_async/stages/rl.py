@@ -98,8 +98,8 @@ async def run_rl_stage(
     report = RLStageReport(labels=label_report, pairs=pairs_report,
                            exports=write_rl_exports(run_dir, labels, config.export))
     if config.export.dpo or config.export.reward:
-        critics = engine.config.group(config.label.critic_role)
-        sampled = any(e.options.get("score_fallback") == "sample" for e in critics)
+        judges = engine.config.group(config.label.judge_role)
+        sampled = any(e.options.get("score_fallback") == "sample" for e in judges)
         drops: dict[str, Any] = dropped_pairs(run_dir / "rl" / "labels", min_confidence=config.export.min_confidence)
         line = dropped_line(drops, config, sampled=sampled, exported=max(
             (int(e.get("rows") or 0) for e in report.exports.values()), default=0))
@@ -110,7 +110,7 @@ async def run_rl_stage(
 
 
 def dropped_line(drops: dict[str, Any], config: RLConfig, *, sampled: bool, exported: int) -> str | None:
-    """One line saying how many labelled pairs the dpo/reward exports left out and why: always when the critic
+    """One line saying how many labelled pairs the dpo/reward exports left out and why: always when the judge
     abstained (its answer named no choice), else when nothing was exported at all (ties, below
     ``export.min_confidence``); None when there is nothing to say."""
     pairs, abstained, other = drops["pairs"], drops["abstained"], drops["ties"] + drops["unsure"]
@@ -130,7 +130,7 @@ def plan_rl(recipe: RecipeView, count: Count) -> list[StagePlan]:
     rl, sl = recipe_section(recipe, "label", RLConfig), recipe_section(recipe, "sl", SLConfig)
     if rl is None:
         return []
-    pairs_plan, label_plan = StagePlan("label", rl.pairs.policy_role), StagePlan("label", rl.label.critic_role)
+    pairs_plan, label_plan = StagePlan("label", rl.pairs.policy_role), StagePlan("label", rl.label.judge_role)
     if rl.pairs.source == "generate":
         prompts = load_prompt_texts(rl.pairs)
         for text in prompts:
@@ -176,8 +176,8 @@ class RLStage(StageUnit[RLConfig]):
     )
 
     def roles(self, config: RLConfig) -> set[str]:
-        """The policy that samples pairs and the critic that labels them."""
-        return {config.pairs.policy_role, config.label.critic_role}
+        """The policy that samples pairs and the judge that labels them."""
+        return {config.pairs.policy_role, config.label.judge_role}
 
     async def run(self, context: StageContext, config: RLConfig, entry: str) -> RLStageReport:
         """See :func:`run_rl_stage`."""
