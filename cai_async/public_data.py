@@ -130,7 +130,14 @@ def read_public(relpath: str, data_dir: str | Path | None, *, what: str, columns
             raise ConfigError(f"{what}: {path} not found; put {SOURCES.get(relpath, relpath)} there, set "
                               f"{key}: hub (the full sets from the Hugging Face Hub), or leave {key} unset (the "
                               "slices bundled with cai-async)")
-        frame = pl.read_ndjson(path) if path.name.endswith(".jsonl") else pl.read_csv(path)
+        lines = path.name.endswith(".jsonl")
+        try:
+            frame = pl.read_ndjson(path) if lines else pl.read_csv(path)
+        except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"{what}: {path} is not readable as {'JSON lines' if lines else 'CSV'} ({reason}); put "
+                              f"{SOURCES.get(relpath, relpath)} there, or leave {key} unset (the slices bundled with "
+                              "cai-async)") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ConfigError(f"{what}: {relpath} needs the columns {', '.join(columns)}; missing {', '.join(missing)} "

@@ -142,3 +142,11 @@ def test_redteam_data_folder_with_wrong_columns_is_one_line_naming_its_key(tmp_p
         load_seeds(RedteamConfig(data_dir=str(tmp_path), seeds=["hh_rlhf"]))
     message = str(info.value)
     assert "not found" in message and "set redteam.data_dir: hub" in message and "eval.data_dir" not in message
+    (tmp_path / "advbench" / "harmful_behaviors.csv").write_bytes(b'\x00\xff garbage\n"unterminated,\n')
+    (tmp_path / "hh_rlhf").mkdir()
+    (tmp_path / HH_TURNS).write_text('{"prompt": "a"}\n{not json\n')
+    for seeds, kind in ((["advbench"], "CSV"), (["hh_rlhf"], "JSON lines")):  # unreadable files: one line each
+        with pytest.raises(ConfigError) as info:
+            load_seeds(RedteamConfig(data_dir=str(tmp_path), seeds=seeds))
+        message = str(info.value)
+        assert "\n" not in message and f"is not readable as {kind} (" in message and "redteam.data_dir" in message
