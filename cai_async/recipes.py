@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from backends.deprecation import OVERRIDES, renamed
+from backends.deprecation import OVERRIDES, renamed_keys
 from backends.errors import ConfigError, RunStopped
 from cai_async.configio import apply_overrides, read_mapping, validate
 from cai_async.engine import JUDGE, OLD_JUDGE, Engine, EngineConfig
@@ -70,28 +70,11 @@ def renamed_sections(data: dict[str, Any], *, source: str, replace: bool = False
     """``data`` with each old section key of :data:`RENAMED_SECTIONS` moved to its new key (one line says so).
     Both keys given is an error, unless ``replace`` (command-line overrides: the old key's values are laid over
     the new section's)."""
-    result = dict(data)
-    for old, new in RENAMED_SECTIONS.items():
-        if old not in result:
-            continue
-        value = result.pop(old)
-        renamed(old, new, where=source)
-        if new in result and result[new] is not None:
-            if not replace:
-                raise ConfigError(f"{source}: {old} and {new} are both given; keep {new} ({old} is its old name)")
-            value = _deep_merge(result[new], value)
-        result[new] = value
-    return result
-
-
-def _deep_merge(base: Any, over: Any) -> Any:
-    """``over`` laid over ``base`` (plain data, as overrides see a recipe), key by key at every depth."""
-    if not isinstance(over, dict):
-        return over
-    merged = dict(base) if isinstance(base, dict) else {}
-    for key, value in over.items():
-        merged[key] = _deep_merge(merged.get(key), value) if isinstance(value, dict) else value
-    return merged
+    try:
+        moved: dict[str, Any] = renamed_keys(data, RENAMED_SECTIONS, where=source, context={OVERRIDES: replace})
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return dict(moved)
 
 
 def lift_method_keys(data: dict[str, Any], *, source: str, replace: bool = False) -> dict[str, Any]:
