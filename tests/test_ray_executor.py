@@ -188,6 +188,41 @@ def test_attacks_pairs_labels_and_evaluation_run_on_actors_with_the_local_result
         "path": str(tmp_path / "ray" / "redteam" / "gaps.json")}
 
 
+def test_eval_pairwise_helpfulness_and_a_guarded_model_on_actors_give_the_local_results(
+    tmp_path: Path, server: TestServer, ray_cluster: None
+) -> None:
+    """Two models (so the pairwise helpfulness labeller runs) and one of them behind the in-process guard: the
+    pairwise labels run on actors, the samples stay on the driver (the guard holds its engine), and every row
+    equals the local run's."""
+    server.configure(prefer="A")
+    endpoint = {"name": "srv", "model": "m", "base_url": server.base_url}
+    rules = tmp_path / "principles.yaml"
+    rules.write_text("name: ruled\nprinciples:\n  - name: no-violence\n    question: Which response avoids "
+                     "violence?\n    rules: {patterns: ['(?i)\\bkill']}\n", encoding="utf-8")
+
+    def recipe(run_dir: Path, executor: str) -> Recipe:
+        return Recipe.model_validate({
+            "run_dir": str(run_dir), "executor": executor, "ray": {"actors": 2, "batch_size": 4},
+            "engine": {"groups": {"policy": [endpoint], "m": [{**endpoint, "name": "model"}]}, "progress": "off"},
+            "eval": {"models": [{"name": "a", "group": "m"}, {"name": "b", "group": "policy"},
+                                {"name": "b-guarded", "group": "policy", "guard": True}],
+                     "n": 4, "suites": ["harmlessness", "helpfulness"]},
+            "guard": {"principles": str(rules), "ensemble": 1},
+        })
+
+    local = run(recipe(tmp_path / "local", "local"))
+    remote = run(recipe(tmp_path / "ray", "ray"))
+    for part in ("eval/samples", "eval/pairwise"):
+        mine = read_shards(tmp_path / "ray" / part).drop("created_at", "latency_s", strict=False).sort("id")
+        theirs = read_shards(tmp_path / "local" / part).drop("created_at", "latency_s", strict=False).sort("id")
+        keep = [c for c in mine.columns if c not in ("run_id", "judgments", "endpoint")]
+        assert mine.height == theirs.height > 0 and mine.select(keep).equals(theirs.select(keep))
+    assert read_shards(tmp_path / "ray" / "eval" / "pairwise").height == 2 * 4  # b and b-guarded against a, the baseline
+    assert remote["stages"]["eval"]["models"] == local["stages"]["eval"]["models"]
+    methods = {json.loads(line)["method"] for line in (tmp_path / "ray" / ACTORS_FILE).read_text().splitlines()}
+    assert methods == {"label"}  # the pairwise labels ran on actors; the samples, with a guarded model, did not
+
+
 def test_batch_mode_is_refused_in_one_line(tmp_path: Path, server: TestServer) -> None:
     recipe = sl_recipe(server, tmp_path / "run", prompts(tmp_path, 4))
     recipe.engine.groups["policy"][0].mode = "batch"

@@ -86,17 +86,14 @@ class _Item:
 
 
 class _Judge:
-    """The evaluation's judges, all built (their principle files read) before any call: the per-sample judge and,
-    with a pairwise helpfulness comparison, its labeller (``pairwise``; None without one)."""
+    """The per-sample judge (its principle file read when it is built, before any call); ``executor: ray`` sends
+    :meth:`sample` to actors, each putting its own engine in place of the driver's."""
 
-    def __init__(self, engine: Engine, config: EvalConfig, guard: Guard | None = None, run_id: str = ""):
+    def __init__(self, engine: Engine, config: EvalConfig, guard: Guard | None = None):
         self.engine = engine
         self.config = config
         self.principles = load_comparison_set(config.principles)
         self.guard = guard
-        self.pairwise = Labeller(engine, LabelConfig(
-            principles=config.helpful_principles, ensemble=1, swap=True, judge_role=config.judge_role,
-            seed=config.seed), run_id) if "helpfulness" in config.suites and len(config.models) > 1 else None
 
     async def sample(self, item: _Item) -> dict[str, Any]:
         cfg, prompt = self.config, item.prompt
@@ -131,6 +128,14 @@ class _Judge:
         return row
 
 
+def _pairwise_labeller(engine: Engine, config: EvalConfig, run_id: str) -> Labeller | None:
+    """The labeller of the pairwise helpfulness comparison (its comparison set read now); None without one."""
+    if "helpfulness" not in config.suites or len(config.models) < 2:
+        return None
+    return Labeller(engine, LabelConfig(principles=config.helpful_principles, ensemble=1, swap=True,
+                                        judge_role=config.judge_role, seed=config.seed), run_id)
+
+
 async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path, *,
                    guard: GuardConfig | None = None, executor: ItemExecutor | None = None) -> dict[str, Any]:
     """Answer and judge every suite for every model (resumable), then the pairwise helpfulness comparison;
@@ -151,13 +156,15 @@ async def run_eval(engine: Engine, config: EvalConfig, out_dir: str | Path, *,
     todo = [i for i in items if i.id not in done]
     report = StageReport(total=len(items), skipped=len(items) - len(todo))
     roles = [config.judge_role, *(m.group for m in config.models)]
-    judge = _Judge(engine, config, the_guard, out.name)
+    judge = _Judge(engine, config, the_guard)  # every principle file is read before any call
+    labeller = _pairwise_labeller(engine, config, out.name)
+    # with a guarded model the samples stay here: the in-process guard holds this process's engine
     await write_rows(engine, todo, judge.sample, writer, report, concurrency=engine.item_concurrency(*roles),
-                     executor=executor)
+                     executor=executor if the_guard is None else None)
     samples = read_shards(out / "samples")
     pair_report = StageReport()
-    if judge.pairwise is not None:
-        pair_report = await _pairwise(judge.pairwise, config.baseline or config.models[0].name, samples, out,
+    if labeller is not None:
+        pair_report = await _pairwise(labeller, config.baseline or config.models[0].name, samples, out,
                                       executor)
     guard_metrics: dict[str, Any] | None = None
     if the_guard is not None:
