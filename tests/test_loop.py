@@ -309,3 +309,8 @@ def test_cai_plan_counts_the_baseline_once_and_each_round(tmp_path: Path, server
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "round/heldout" in out.stdout and f"{start + 3 * each} calls" in out.stdout.replace("  ", " ")
+    assert "(batch)" not in out.stdout
+    batched = subprocess.run([*CAI, "plan", str(path), "--batch"], capture_output=True, text=True, timeout=120)
+    assert batched.returncode == 0, batched.stderr
+    rows = [line for line in batched.stdout.splitlines() if line.startswith("start/redteam ")]
+    assert rows and all("(batch)" in line for line in rows)  # --batch prices the loop's hosted calls in batch mode

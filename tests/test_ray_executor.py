@@ -217,7 +217,7 @@ def test_eval_pairwise_helpfulness_and_a_guarded_model_on_actors_give_the_local_
         theirs = read_shards(tmp_path / "local" / part).drop("created_at", "latency_s", strict=False).sort("id")
         keep = [c for c in mine.columns if c not in ("run_id", "judgments", "endpoint")]
         assert mine.height == theirs.height > 0 and mine.select(keep).equals(theirs.select(keep))
-    assert read_shards(tmp_path / "ray" / "eval" / "pairwise").height == 2 * 4  # b and b-guarded against a, the baseline
+    assert read_shards(tmp_path / "ray" / "eval" / "pairwise").height == 2 * 4  # b and b-guarded vs the baseline a
     assert remote["stages"]["eval"]["models"] == local["stages"]["eval"]["models"]
     methods = {json.loads(line)["method"] for line in (tmp_path / "ray" / ACTORS_FILE).read_text().splitlines()}
     assert methods == {"label"}  # the pairwise labels ran on actors; the samples, with a guarded model, did not

@@ -210,10 +210,8 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], 
 def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")], batch: BatchOpt = False,
          sets: SetOpt = None) -> None:
     """Estimate a recipe's calls, tokens, dollars and rate-limited time before spending anything."""
-    from cai_async.plan import plan_recipe
-
-    extra, _ = flag_values(shared("batch"), {"batch": batch})
     from cai_async.loop.config import is_loop_recipe
+    from cai_async.plan import plan_recipe
 
     if is_loop_recipe(recipe):  # the baseline once and every round (cai loop)
         from cai_async.loop import load_loop_recipe
@@ -221,10 +219,11 @@ def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML/JSON/TOML.")],
         from cai_async.recipes import Recipe
 
         loop_recipe, loop = load_loop_recipe(recipe, sets or [])
-        if extra.get("batch"):
+        if batch:
             loop_recipe = Recipe.model_validate(use_batch(loop_recipe.model_dump(mode="json")))
         estimate = plan_loop(loop_recipe, loop)
     else:
+        extra, _ = flag_values(shared("batch"), {"batch": batch})
         estimate = plan_recipe(load_with_flags(recipe, sets or [], extra, {}))
     wide = max([8, *(len(row["stage"]) for row in estimate["stages"])])
     for row in estimate["stages"]:
