@@ -55,5 +55,5 @@ def _laid_over(base: Any, over: Any) -> Any:
         return over
     merged = dict(base) if isinstance(base, Mapping) else {}
     for key, value in over.items():
-        merged[key] = _laid_over(merged.get(key), value) if isinstance(value, Mapping) else value
+        merged[key] = _laid_over(merged.get(key), value)
     return merged

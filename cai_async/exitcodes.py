@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-__all__ = ["FAILED_ROWS", "OK", "STOPPED", "USER_ERROR", "exit_code", "failure_count", "leaves", "outcome_code"]
+__all__ = [
+    "FAILED_ROWS", "OK", "STOPPED", "USER_ERROR", "Outcome", "exit_code", "failed_items", "failure_count", "leaves",
+    "outcome_code", "reports_code",
+]
 
 OK = 0
 """Every selected item finished ok."""
@@ -40,6 +44,30 @@ def outcome_code(*, stopped: bool, failed: int) -> int:
     if stopped:
         return STOPPED
     return FAILED_ROWS if failed else OK
+
+
+class Outcome(Protocol):
+    """What a run's entry reports (:class:`~cai_async.stages.unit.StageResult` is one)."""
+
+    def failure_count(self) -> int:
+        """Items that did not finish ok."""
+        ...
+
+    def stopped_early(self) -> object:
+        """Whether (truthy: why) the entry stopped before its end."""
+        ...
+
+
+def failed_items(reports: Iterable[Outcome]) -> int:
+    """Items of a run's entries that did not finish ok."""
+    return sum(report.failure_count() for report in reports)
+
+
+def reports_code(reports: Iterable[Outcome]) -> int:
+    """The exit code of a run from its entries' reports (a run that stopped raised before): see
+    :func:`outcome_code`."""
+    kept = list(reports)
+    return outcome_code(stopped=any(bool(r.stopped_early()) for r in kept), failed=failed_items(kept))
 
 
 def exit_code(summary: dict[str, Any]) -> int:

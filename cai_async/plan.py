@@ -12,7 +12,7 @@ from typing import Any, Literal
 from backends.errors import CaiError
 from cai_async.stages.unit import Count, StagePlan, stage_units
 
-__all__ = ["StagePlan", "plan_recipe"]
+__all__ = ["StagePlan", "plan_recipe", "token_counter"]
 
 _PER_MESSAGE = 4
 
@@ -21,7 +21,7 @@ def _approximate(text: str) -> int:
     return len(text) // 4 + _PER_MESSAGE
 
 
-def _token_counter(recipe: Any) -> tuple[Count, str]:
+def token_counter(recipe: Any) -> tuple[Count, str]:
     """The tokenizer of the first group served wholly by one local GGUF model, else the approximation."""
     for endpoints in recipe.engine.groups.values():
         models = {e.model for e in endpoints if e.backend == "llamacpp"}
@@ -74,9 +74,10 @@ def plan_row(plan: StagePlan, endpoints: list[Any]) -> dict[str, Any]:
             "min_minutes_by_rate_limits": round(minutes, 2) if minutes else None, "notes": notes}
 
 
-def plan_recipe(recipe: Any) -> dict[str, Any]:
-    """Estimated calls, tokens, dollars and rate-limited minutes per stage and group, and in total."""
-    count, method = _token_counter(recipe)
+def plan_recipe(recipe: Any, *, counter: tuple[Count, str] | None = None) -> dict[str, Any]:
+    """Estimated calls, tokens, dollars and rate-limited minutes per stage and group, and in total; ``counter``:
+    the recipe's :func:`token_counter` when the caller has it (a GGUF vocabulary loads once)."""
+    count, method = counter or token_counter(recipe)
     plans = [plan for unit in stage_units() if unit.config(recipe) is not None for plan in unit.plan(recipe, count)]
     rows: list[dict[str, Any]] = []
     total: dict[str, float] = dict.fromkeys(SUMMED, 0)

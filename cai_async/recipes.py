@@ -17,7 +17,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from backends.deprecation import OVERRIDES, renamed_keys
 from backends.errors import ConfigError, RunStopped
 from cai_async.configio import apply_overrides, read_mapping, validate
-from cai_async.engine import JUDGE, OLD_JUDGE, Engine, EngineConfig
+from cai_async.engine import ALWAYS_USED, Engine, EngineConfig
 from cai_async.evaluation.run import EvalConfig
 from cai_async.evaluation.stage import run_eval_stage
 from cai_async.exitcodes import leaves
@@ -253,7 +253,7 @@ Present = list[tuple[StageUnit[Any], Any]]
 def _session_engine(config: EngineConfig, session: str, group: Present, present: Present) -> EngineConfig:
     """The engine of one session has every group but those only later stages name and that may not exist yet
     (a model the run trains: :meth:`StageUnit.late_groups`)."""
-    used = {"policy", JUDGE, OLD_JUDGE}.union(*(unit.roles(c) for unit, c in group))
+    used = set(ALWAYS_USED).union(*(unit.roles(c) for unit, c in group))
     late = set[str]().union(*(unit.late_groups(c) for unit, c in present if unit.session != session))
     if not late - used:
         return config

@@ -22,7 +22,7 @@ from cai_async.cli.flags import (
     shared,
 )
 from cai_async.cli.summary import run_and_report
-from cai_async.engine.config import JUDGE, OLD_JUDGE
+from cai_async.engine.config import ALWAYS_USED
 from cai_async.stages.unit import StageFlag, StageUnit, stage_units
 
 __all__ = ["add_stage_commands", "only_stage", "stage_command"]
@@ -59,7 +59,7 @@ def only_stage(recipe_obj: Any, unit: StageUnit[Any], source: str) -> Any:
     message = unit.missing(kept, source)
     if message is not None:
         raise ConfigError(message)
-    late -= {"policy", JUDGE, OLD_JUDGE} | unit.roles(kept)
+    late -= ALWAYS_USED | unit.roles(kept)
     groups = recipe_obj.engine.groups
     if late & set(groups):
         recipe_obj.engine = recipe_obj.engine.model_copy(

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from cai_async.cli.console import console
-from cai_async.exitcodes import STOPPED, outcome_code
+from cai_async.exitcodes import STOPPED, failed_items, reports_code
 
 if TYPE_CHECKING:
     from cai_async.stages.unit import StageResult
@@ -41,7 +41,7 @@ def run_and_report(recipe_obj: Any, *, only: str | None = None) -> None:
         for name, stage in summary["stages"].items():
             if name == only or name.startswith(f"{only}/"):
                 print_stage(name, stage)
-        raise typer.Exit(_exit_code(reports))
+        raise typer.Exit(reports_code(reports.values()))
     run_dir = Path(summary["run_dir"])
     for name, stage in summary["stages"].items():
         print_stage(name, stage)
@@ -51,18 +51,12 @@ def run_and_report(recipe_obj: Any, *, only: str | None = None) -> None:
         _print_example(run_dir / "generate")
     _print_summary_table(summary, reports)
     _print_next(run_dir, summary)
-    code = _exit_code(reports)
+    code = reports_code(reports.values())
     if code:
-        failed = sum(report.failure_count() for report in reports.values())
+        failed = failed_items(reports.values())
         why = "stopped early" if code == STOPPED else f"{failed} items failed or recorded errors"
         console.print(f"exit {code}: {why} (see above; a rerun resumes, `--retry-errors` retries error rows)")
     raise typer.Exit(code)
-
-
-def _exit_code(reports: Mapping[str, StageResult]) -> int:
-    """The run's exit code from its entries' reports (a run that stopped raised before)."""
-    return outcome_code(stopped=any(r.stopped_early() for r in reports.values()),
-                        failed=sum(r.failure_count() for r in reports.values()))
 
 
 def _gate_cell(stage: dict[str, Any]) -> str:
@@ -182,8 +176,8 @@ def print_stage(name: str, stage: dict[str, Any]) -> None:
     if isinstance(stage.get("gates"), dict) and stage["gates"].get("revision_steps"):
         print_gates(name, stage)
     if name == "redteam" and isinstance(stage.get("gaps"), dict) and Path(stage["gaps"]["path"]).is_file():
-        from backends.atomic import read_json
         from cai_async.redteam.gaps import gap_lines
+        from cai_async.store import read_json
 
         for line in gap_lines(read_json(stage["gaps"]["path"])):
             console.print(escape(line), highlight=False)

@@ -3,7 +3,9 @@
 from cai_async.engine.accounting import Accounting, EndpointStats
 from cai_async.engine.cache import RequestCache, request_key
 from cai_async.engine.config import (
+    ALWAYS_USED,
     JUDGE,
+    JUDGE_NAMES,
     OLD_JUDGE,
     BreakerConfig,
     CacheConfig,
@@ -17,7 +19,9 @@ from cai_async.engine.retry import retry_policy, retry_wait
 from cai_async.engine.scheduler import BatchReport, Engine, estimate_tokens
 
 __all__ = [
+    "ALWAYS_USED",
     "JUDGE",
+    "JUDGE_NAMES",
     "OLD_JUDGE",
     "Accounting",
     "BatchReport",

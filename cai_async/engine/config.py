@@ -14,8 +14,8 @@ from backends.options import BatchOptions, parse_options
 from backends.registry import DEFAULT_BACKEND, BackendSettings, batch_backend, batch_capable, options_model
 from backends.strict import StrictModel
 
-__all__ = ["JUDGE", "OLD_JUDGE", "BatchOptions", "BreakerConfig", "CacheConfig", "EndpointConfig", "EngineConfig",
-           "RetryConfig"]
+__all__ = ["ALWAYS_USED", "JUDGE", "JUDGE_NAMES", "OLD_JUDGE", "BatchOptions", "BreakerConfig", "CacheConfig",
+           "EndpointConfig", "EngineConfig", "RetryConfig"]
 
 
 class EndpointConfig(StrictModel):
@@ -165,6 +165,10 @@ JUDGE = "judge"
 """The group that critiques, labels and judges (the AI feedback); without one, the policy does."""
 OLD_JUDGE = "critic"
 """The judge group's former name, still accepted."""
+JUDGE_NAMES = (JUDGE, OLD_JUDGE)
+"""Either name of the judge group."""
+ALWAYS_USED = frozenset({"policy", *JUDGE_NAMES})
+"""The groups a stage may ask without naming them: the policy, and the judge (which falls back to it)."""
 
 
 class EngineConfig(StrictModel):
@@ -203,7 +207,7 @@ class EngineConfig(StrictModel):
         other, with one line saying so) falls back to ``policy`` when not configured."""
         if role in self.groups:
             return self.groups[role]
-        if role in (JUDGE, OLD_JUDGE):
+        if role in JUDGE_NAMES:
             if OLD_JUDGE in self.groups:
                 renamed(OLD_JUDGE, JUDGE, where="engine.groups")
                 return self.groups[OLD_JUDGE]

@@ -297,7 +297,6 @@ class ScoreBatcher:
 
     def __init__(self, score: Callable[[Sequence[str]], list[float]], *, max_batch: int = 32) -> None:
         self._score = score
-        self.max_batch = max_batch
         self._batcher: MicroBatcher[str, float] = MicroBatcher(
             self._pass, max_batch=max_batch, limiter=anyio.CapacityLimiter(1), shield=True)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,12 @@ def seed_file_redteam(redteam: RedteamConfig, path: Path, target: str,
     if strategies is not None:
         update["strategies"] = strategies
     return redteam.model_copy(update=update)
+
+
+def near_miss_role(redteam: RedteamConfig, groups: Mapping[str, Any]) -> str:
+    """The engine group that writes a round's benign near-miss prompts: the red-team's ``attacker`` where the
+    engine has that group, else its judge."""
+    return redteam.attacker if redteam.attacker in groups else redteam.judge_role
 
 
 def read_seed_file(path: Path) -> list[Seed]:

@@ -77,9 +77,9 @@ def _plot(series: dict[str, list[Any]], labels: list[str], *, title: str, ylabel
     return path
 
 
-def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+def _plots(rows: list[dict[str, Any]], columns: list[tuple[str, str, str, str]], out: Path) -> list[Path]:
     labels = [r["label"] for r in rows]
-    paths = [_plot({label: [r.get(key) for r in rows] for key, label, _, _ in loop_columns(rows)}, labels,
+    paths = [_plot({label: [r.get(key) for r in rows] for key, label, _, _ in columns}, labels,
                    title="The loop, round by round", ylabel="rate (95% Wilson interval)",
                    path=out / "loop-rates.png")]
     principles = sorted({p for r in rows for p in (r.get("heldout_principles") or {})})
@@ -102,8 +102,8 @@ def write_loop_report(state: dict[str, Any], out_dir: str | Path) -> Path:
     """Write ``loop.html`` and its plots into ``out_dir``; return the HTML path."""
     out = Path(out_dir)
     rows = loop_rows(state)
-    plots = _plots(rows, out) if rows else []
     columns = loop_columns(rows)
+    plots = _plots(rows, columns, out) if rows else []
     head = "".join(f"<th>{html.escape(label)}<br><small>{hint}</small></th>" for _, label, hint, _ in columns)
     body = "".join(
         f"<tr><th>{html.escape(r['label'])}</th>{''.join(_cell(r.get(k)) for k, _, _, _ in columns)}"

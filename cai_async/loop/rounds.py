@@ -27,7 +27,8 @@ import yaml
 
 from backends.errors import CaiError, RunStopped
 from cai_async.card import card_data, write_card
-from cai_async.engine import JUDGE, OLD_JUDGE, EndpointConfig, Engine, EngineConfig
+from cai_async.engine import JUDGE, JUDGE_NAMES, EndpointConfig, Engine, EngineConfig
+from cai_async.exitcodes import failed_items
 from cai_async.exports import HelpfulMixConfig
 from cai_async.gap_report import rate_text, read_gaps
 from cai_async.guard.config import GuardConfig
@@ -38,6 +39,7 @@ from cai_async.loop.data import (
     attack_prompts,
     fresh_seeds,
     near_miss,
+    near_miss_role,
     pick_heldout,
     read_seed_file,
     replayed,
@@ -51,12 +53,10 @@ from cai_async.stages.common import gather_calls
 from cai_async.stages.unit import StageResult
 from cai_async.store import read_json, write_jsonl
 
-__all__ = ["BASE_GROUP", "STEPS", "TRAINED_GROUP", "run_loop"]
+__all__ = ["STEPS", "TRAINED_GROUP", "run_loop"]
 
 STEPS = ("redteam", "prompts", "data", "train", "heldout", "eval", "guard")
 """A round's steps, in order."""
-BASE_GROUP = START_GROUP
-"""The engine group of the starting policy (the evaluation's baseline in every round)."""
 LITTLE_CHANGE = 0.1
 """A principle whose revisions of a round's successful attacks change less than this share of the text (the
 card's mean change) is named: its revision request does not move the answers that beat the policy."""
@@ -102,11 +102,11 @@ class _Loop:
         groups = dict(config.groups)
         first = groups["policy"]
         if k > 0:
-            if JUDGE not in groups and OLD_JUDGE not in groups:
+            if not any(name in groups for name in JUDGE_NAMES):
                 groups[JUDGE] = first  # the judge stays the starting policy, not the trained one
             groups["policy"] = [_hf_endpoint(f"round-{k - 1}-model", self._model_after(k - 1))]
         if start:
-            groups[BASE_GROUP] = [e.model_copy(update={"name": f"{e.name}-start"}) for e in first]
+            groups[START_GROUP] = [e.model_copy(update={"name": f"{e.name}-start"}) for e in first]
         if trained is not None:
             groups[TRAINED_GROUP] = [_hf_endpoint(f"round-{k}-model", trained)]
         return EngineConfig.model_validate({**config.model_dump(), "groups": {
@@ -125,8 +125,7 @@ class _Loop:
         reports: dict[str, StageResult] = {}
         summary = await run_recipe(recipe, progress=self.progress, reports=reports)
         (run_dir / "summary.json").replace(run_dir / f"summary-{next(iter(sections))}.json")
-        failed = sum(report.failure_count() for report in reports.values())
-        return {"stages": summary["stages"], "failed": failed, "usage": _usage(summary)}
+        return {"stages": summary["stages"], "failed": failed_items(reports.values()), "usage": _usage(summary)}
 
     # the held-out set ------------------------------------------------------------------------------------------
 
@@ -138,9 +137,6 @@ class _Loop:
         heldout = pick_heldout(seed_pool(self.redteam), self.loop.heldout, seed=self.loop.seed)
         write_seed_file(path, heldout)
         return heldout
-
-    def _redteam(self, seeds_file: Path, target: str, strategies: list[str] | None = None) -> RedteamConfig:
-        return seed_file_redteam(self.redteam, seeds_file, target, strategies)
 
     def _guard(self, k: int) -> GuardConfig | None:
         """The guard round ``k``'s attacks go through (``loop.attack_guarded``): the recipe's, with the classifier
@@ -170,7 +166,8 @@ class _Loop:
         return found
 
     async def _attack_heldout(self, k: int, run_dir: Path, engine: EngineConfig, target: str) -> dict[str, Any]:
-        config = self._redteam(self.root / "heldout.jsonl", target, self.loop.heldout_strategies)
+        config = seed_file_redteam(self.redteam, self.root / "heldout.jsonl", target,
+                                   self.loop.heldout_strategies)
         found = await self._attack(run_dir, engine, config, self._guard(k))
         full, guarded = found["gaps"], found["guarded"]
         return {"asr": _proportion_of(full), "principles": _principle_rates(full),
@@ -214,8 +211,8 @@ class _Loop:
         used = {s.id for j in range(k) for s in read_seed_file(self.root / f"round-{j}" / "seeds.jsonl")}
         seeds = fresh_seeds(seed_pool(self.redteam), self.heldout_seeds(), used, self.loop, self.redteam,
                             round_index=k)
-        write_seed_file(out / "seeds.jsonl", seeds)
-        found = await self._attack(out, self._engine(k), self._redteam(out / "seeds.jsonl", "policy"), self._guard(k))
+        fresh = seed_file_redteam(self.redteam, write_seed_file(out / "seeds.jsonl", seeds), "policy")
+        found = await self._attack(out, self._engine(k), fresh, self._guard(k))
         full, guarded = found["gaps"], found["guarded"]
         asr = _proportion_of(full)
         guarded_asr = _proportion_of(guarded) if guarded is not None else None
@@ -239,8 +236,7 @@ class _Loop:
         misses: list[str] = []
         usage: dict[str, Any] = {}
         if self.loop.near_misses:
-            role = self.redteam.attacker if self.redteam.attacker in self.recipe.engine.groups \
-                else self.redteam.judge_role
+            role = near_miss_role(self.redteam, self.recipe.engine.groups)
             behaviours = list(dict.fromkeys(str(a["behaviour"]) for a in attacks))
             async with Engine(self._engine(k), run_dir=out) as engine:
                 before = engine.accounting.cost_usd

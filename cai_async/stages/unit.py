@@ -45,7 +45,6 @@ __all__ = [
     "load_prompt_texts",
     "recipe_section",
     "register_stage",
-    "report_dict",
     "resolve_path",
     "stage_unit",
     "stage_units",
@@ -323,11 +322,6 @@ def load_prompt_texts(source: Any) -> list[str]:
         return [r.prompt for r in source.iter()]  # the texts only, not a row object each
     except CaiError:
         return []
-
-
-def report_dict(report: StageResult) -> dict[str, Any]:
-    """A stage report as its ``summary.json`` entry (:meth:`StageResult.to_json`)."""
-    return report.to_json()
 
 
 _BUILTIN = ("cai_async.redteam.stage",

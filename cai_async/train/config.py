@@ -4,9 +4,9 @@ TRL are not imported here."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from backends.deprecation import renamed
 from backends.errors import ConfigError
@@ -20,16 +20,17 @@ RLAlgorithm = Literal["dpo", "soft_dpo", "grpo", "rloo", "online_dpo", "ppo"]
 _ALGORITHMS: tuple[str, ...] = RLAlgorithm.__args__  # type: ignore[attr-defined]
 
 
-RewardFrom = Literal["judge", "reward_model"]
-"""Where an online-RL reward comes from: the constitution through the judge group, or a trained reward model."""
-
-
 def _judge_name(value: Any) -> Any:
     """``critic``, the judge's former name, read as ``judge`` (with one line saying so)."""
     if value == OLD_JUDGE:
         renamed(OLD_JUDGE, JUDGE, where="reward_from")
         return JUDGE
     return value
+
+
+RewardFrom = Annotated[Literal["judge", "reward_model"], BeforeValidator(_judge_name)]
+"""Where an online-RL reward comes from: the constitution through the judge group (``critic``, its old name, still
+read), or a trained reward model."""
 
 
 class RewardServerConfig(StrictModel):
@@ -46,11 +47,6 @@ class RewardServerConfig(StrictModel):
     batch_wait_ms: float = Field(default=5.0, ge=0)
     cache_size: int = Field(default=100_000, ge=0)
     """Rewards kept in memory by (prompt, response); 0 turns the in-memory cache off."""
-
-    @field_validator("reward_from", mode="before")
-    @classmethod
-    def _old_judge_name(cls, value: Any) -> Any:
-        return _judge_name(value)
 
     @property
     def url(self) -> str:
@@ -147,11 +143,6 @@ class TrainConfig(StrictModel):
     logging_steps: int = Field(default=1, ge=1)
     save_steps: int = Field(default=0, ge=0)
     """Checkpoint every N steps (0: only at the end)."""
-
-    @field_validator("reward_from", mode="before")
-    @classmethod
-    def _old_judge_name(cls, value: Any) -> Any:
-        return _judge_name(value)
 
     @field_validator("rl_algorithm", mode="before")
     @classmethod
