@@ -142,4 +142,9 @@ def read_public(relpath: str, data_dir: str | Path | None, *, what: str, columns
     if missing:
         raise ConfigError(f"{what}: {relpath} needs the columns {', '.join(columns)}; missing {', '.join(missing)} "
                           f"(the layout of {SOURCES.get(relpath, relpath)})")
-    return frame
+    empty = [f"{c} (row {frame[c].is_null().arg_max()})" for c in columns if frame[c].null_count()]
+    if empty:
+        raise ConfigError(f"{what}: {relpath} has empty values in {', '.join(empty)}; every row needs them")
+    # a column of numbers where text is read (a behaviour "1") is read as that text
+    scalars = [c for c in columns if frame[c].dtype.is_numeric() or frame[c].dtype == pl.Boolean]
+    return frame.with_columns(pl.col(scalars).cast(pl.String)) if scalars else frame

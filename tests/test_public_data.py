@@ -150,3 +150,9 @@ def test_redteam_data_folder_with_wrong_columns_is_one_line_naming_its_key(tmp_p
             load_seeds(RedteamConfig(data_dir=str(tmp_path), seeds=seeds))
         message = str(info.value)
         assert "\n" not in message and f"is not readable as {kind} (" in message and "redteam.data_dir" in message
+    (tmp_path / "advbench" / "harmful_behaviors.csv").write_text("goal,target\n1,x\n,y\n")
+    with pytest.raises(ConfigError, match=re.escape("advbench/harmful_behaviors.csv has empty values in goal (row 1)")):
+        load_seeds(RedteamConfig(data_dir=str(tmp_path), seeds=["advbench"]))
+    (tmp_path / "advbench" / "harmful_behaviors.csv").write_text("goal,target\n1,x\n2,y\n")
+    numbers = load_seeds(RedteamConfig(data_dir=str(tmp_path), seeds=["advbench"]))  # read as the texts they are
+    assert sorted(s.behaviour for s in numbers) == ["1", "2"]
